@@ -1,0 +1,139 @@
+"""Vocabulary shared by every module: resources and the enums of DESIGN.md section 2."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "AbortReason",
+    "BarrierPolicy",
+    "Hook",
+    "OperationKind",
+    "Resource",
+    "ResourceKey",
+    "ResourceStatus",
+    "RunStatus",
+]
+
+ResourceKey = tuple[str, str]
+"""A resource's identity: ``(type, id)``."""
+
+
+def _freeze_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return MappingProxyType({})
+    if isinstance(value, MappingProxyType):
+        return value
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen(order=False)
+class Resource:
+    """A thing to protect. Identity is ``(type, id)``; ``name`` and ``extra`` are descriptive."""
+
+    type: str
+    id: str
+    name: str = ""
+    extra: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_freeze_mapping, eq=False, hash=False
+    )
+
+    @property
+    def key(self) -> ResourceKey:
+        return (self.type, self.id)
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.id}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "id": self.id, "name": self.name, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Resource:
+        return cls(
+            type=str(data["type"]),
+            id=str(data["id"]),
+            name=str(data.get("name", "")),
+            extra=data.get("extra") or {},
+        )
+
+
+class OperationKind(enum.Enum):
+    """What a run does to its resources. All use the same hooks and ordering rules."""
+
+    PROTECT = "protect"
+    RESTORE = "restore"
+    DELETE = "delete"
+
+
+class Hook(enum.Enum):
+    """The four hooks of Karbor's protocol, in per-resource order."""
+
+    PREPARE_BEGIN = "on_prepare_begin"
+    PREPARE_FINISH = "on_prepare_finish"
+    MAIN = "on_main"
+    COMPLETE = "on_complete"
+
+
+class BarrierPolicy(enum.Enum):
+    """How strictly a consistency group's phases are separated (DESIGN.md section 4)."""
+
+    NONE = "none"
+    MAIN = "main"
+    CUT = "cut"
+
+    @property
+    def strictness(self) -> int:
+        return _STRICTNESS[self]
+
+    @classmethod
+    def stricter(cls, a: BarrierPolicy, b: BarrierPolicy) -> BarrierPolicy:
+        return a if a.strictness >= b.strictness else b
+
+
+_STRICTNESS = {BarrierPolicy.NONE: 0, BarrierPolicy.MAIN: 1, BarrierPolicy.CUT: 2}
+
+
+class AbortReason(enum.Enum):
+    """Why an ``on_prepare_finish`` is being called to thaw rather than cut."""
+
+    FAILURE = "failure"
+    """Another hook of the consistency group failed during prepare."""
+    CANCELLED = "cancelled"
+    """The run was cancelled."""
+    TIMEOUT = "timeout"
+    """The run exceeded its time limit."""
+    BUDGET = "budget"
+    """This resource was frozen longer than its quiesce budget."""
+    RECOVERY = "recovery"
+    """An engine restarted after a crash and thaws what may still be frozen."""
+
+
+class RunStatus(enum.Enum):
+    """How a run (protect, restore or delete) ended, or that it is still running."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ResourceStatus(enum.Enum):
+    """Where one resource of a run stands."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    """A hook could not run because a resource it depends on failed."""
+    ABORTED = "aborted"
+    """Its consistency group aborted during prepare; it was thawed if it had been frozen."""
+    CANCELLED = "cancelled"
+    THAW_FAILED = "thaw_failed"
+    """It may still be frozen: every thaw attempt failed. An alert was raised."""

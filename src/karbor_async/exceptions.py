@@ -1,0 +1,131 @@
+"""The exceptions karbor-async raises, named by what the caller does about them.
+
+Everything derives from :class:`KarborError`. Input mistakes (:class:`PlanError`,
+:class:`GraphError`, :class:`PluginConflictError`, :class:`SecretError`) are raised
+before any hook runs. A run that fails or is cancelled raises :class:`RunError`, an
+exception group that carries the run's outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from karbor_async._types import Hook, Resource
+    from karbor_async.store import RunOutcome
+
+__all__ = [
+    "BankKeyError",
+    "CheckpointNotFoundError",
+    "GraphError",
+    "HookError",
+    "HookTimeoutError",
+    "IllegalTransitionError",
+    "KarborError",
+    "LeaseLostError",
+    "PlanError",
+    "PluginConflictError",
+    "PluginError",
+    "RunCancelledError",
+    "RunError",
+    "SecretError",
+    "StoreError",
+    "ThawFailedError",
+]
+
+
+class KarborError(Exception):
+    """Base of every error karbor-async raises on purpose."""
+
+
+class PlanError(KarborError):
+    """The plan is wrong: fix the plan (the message names the resource, key and what is expected)."""
+
+
+class GraphError(KarborError):
+    """The resource graph cannot be built: a cycle, an unknown type, or a failing protectable."""
+
+
+class PluginError(KarborError):
+    """A plugin is missing or misdeclared: install or fix the plugin."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins claim the same resource type: pass ``prefer=`` to say which wins."""
+
+
+class SecretError(KarborError):
+    """A secret parameter could not be resolved: give the engine a resolver that knows it."""
+
+
+class StoreError(KarborError):
+    """The checkpoint store refused an operation."""
+
+
+class CheckpointNotFoundError(StoreError):
+    """No checkpoint or run has that id."""
+
+
+class IllegalTransitionError(StoreError):
+    """A state change the lifecycle does not allow (nothing was changed)."""
+
+
+class LeaseLostError(StoreError):
+    """Another engine owns this run now; this engine must stop writing to it."""
+
+
+class BankKeyError(KarborError, ValueError):
+    """A bank key is malformed or escapes its section."""
+
+
+class HookError(KarborError):
+    """A plugin hook raised; ``__cause__`` is the plugin's own exception."""
+
+    def __init__(self, resource: Resource, hook: Hook, message: str) -> None:
+        super().__init__(f"{resource} {hook.value}: {message}")
+        self.resource = resource
+        self.hook = hook
+
+
+class HookTimeoutError(HookError):
+    """A plugin hook ran past its time limit and was stopped."""
+
+
+class ThawFailedError(HookError):
+    """Every attempt to thaw a frozen resource failed: it may still be frozen."""
+
+
+class RunCancelledError(KarborError):
+    """The run was cancelled (by :meth:`Run.cancel` or its time limit)."""
+
+
+class RunError(KarborError, ExceptionGroup[Exception]):
+    """A run failed or was cancelled.
+
+    ``outcome`` holds the run's status and every resource's outcome;
+    ``checkpoint_id`` names the checkpoint (for a protect run, the run's own id).
+    The grouped exceptions are the hook failures (:class:`HookError` with the
+    plugin's exception as ``__cause__``) or a :class:`RunCancelledError`.
+    """
+
+    outcome: RunOutcome
+
+    def __new__(
+        cls, message: str, exceptions: Sequence[Exception], outcome: RunOutcome
+    ) -> Self:
+        self = super().__new__(cls, message, exceptions)
+        self.outcome = outcome
+        return self
+
+    def __init__(
+        self, message: str, exceptions: Sequence[Exception], outcome: RunOutcome
+    ) -> None:
+        super().__init__(message, exceptions)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.outcome.checkpoint_id
+
+    def derive(self, excs: Sequence[Exception]) -> RunError:
+        return RunError(self.message, excs, self.outcome)

@@ -1,0 +1,263 @@
+"""The vendor-facing plugin contract (Karbor's four-hook protocol on ``async`` coroutines).
+
+A *protection plugin* declares the resource types it handles and, per operation
+(protect, restore, delete) and type, returns an operation object with up to four
+optional hook coroutines::
+
+    class VolumeProtect:
+        async def on_prepare_finish(self, ctx: HookContext) -> None: ...  # the cut
+        async def on_main(self, ctx: HookContext) -> None: ...            # the copy
+
+A *protectable* finds the dependents of a resource, so a plan that names a server
+also protects its volumes. Both are found through entry points
+(``karbor_async.protections`` and ``karbor_async.protectables``) or passed to the
+engine explicitly. See ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import attrs
+
+from karbor_async._types import AbortReason, Hook, OperationKind, Resource, ResourceKey
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+__all__ = [
+    "Bank",
+    "BankSection",
+    "HookContext",
+    "Param",
+    "Protectable",
+    "ProtectionPlugin",
+    "ResourceType",
+    "SecretResolver",
+]
+
+SecretResolver = Callable[[str], Awaitable[str]]
+"""The application's way to turn a secret reference (a name) into its value."""
+
+_PARAM_KINDS: tuple[type, ...] = (str, int, float, bool, list, dict)
+
+
+@attrs.frozen
+class Param:
+    """One parameter a plugin accepts for a resource type.
+
+    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``list``, ``dict``.
+    A parameter with no ``default`` is optional unless ``required`` is set.
+    A ``secret`` parameter holds a reference (a name) in the plan; the engine
+    resolves it through the application's resolver just before the hook runs,
+    and the value never reaches logs, events or the stored plan.
+    """
+
+    kind: type = attrs.field(default=str)
+    default: Any = None
+    required: bool = False
+    secret: bool = False
+    description: str = ""
+
+    @kind.validator
+    def _check_kind(self, _attribute: object, value: type) -> None:
+        if value not in _PARAM_KINDS:
+            names = ", ".join(k.__name__ for k in _PARAM_KINDS)
+            raise TypeError(f"Param kind must be one of {names}, not {value!r}")
+
+
+@attrs.frozen
+class ResourceType:
+    """A resource type a protection plugin handles.
+
+    ``quiesces``: its protect ``on_prepare_begin`` freezes the resource, so the
+    engine commits a record before calling it (recovery then knows what to thaw)
+    and measures its quiesce window. ``snapshots``: the type takes a cut; a server
+    that only quiesces sets this to ``False``. ``parameters``: what the plan may
+    set for this type (``None`` accepts anything, unchecked).
+    """
+
+    name: str
+    quiesces: bool = False
+    snapshots: bool = True
+    parameters: Mapping[str, Param] | None = None
+
+
+class ProtectionPlugin:
+    """Base class for protection plugins. Subclass and override what you need.
+
+    ``get_protect_operation`` (and restore, delete) return an object whose
+    ``on_prepare_begin``, ``on_prepare_finish``, ``on_main`` and ``on_complete``
+    coroutines the engine calls; any hook the object lacks is a no-op, and
+    ``None`` means the operation does nothing for that type.
+    """
+
+    name: ClassVar[str] = ""
+    """Unique plugin name (used in plans for limits and timeouts). Defaults to the class name."""
+    types: ClassVar[tuple[ResourceType, ...]] = ()
+    hook_timeout: ClassVar[float | None] = None
+    """This plugin's default time limit per hook, in seconds; a plan may override it."""
+
+    def get_protect_operation(self, resource_type: str) -> object | None:
+        return None
+
+    def get_restore_operation(self, resource_type: str) -> object | None:
+        return None
+
+    def get_delete_operation(self, resource_type: str) -> object | None:
+        return None
+
+    def get_operation(self, kind: OperationKind, resource_type: str) -> object | None:
+        if kind is OperationKind.PROTECT:
+            return self.get_protect_operation(resource_type)
+        if kind is OperationKind.RESTORE:
+            return self.get_restore_operation(resource_type)
+        return self.get_delete_operation(resource_type)
+
+    @classmethod
+    def plugin_name(cls) -> str:
+        return cls.name or cls.__name__
+
+
+@runtime_checkable
+class Protectable(Protocol):
+    """Finds the dependents of one type under a parent (Karbor's protectable plugin).
+
+    ``dependents(parent)`` is called for every resource whose type is in
+    ``parent_types`` and returns the resources of ``resource_type`` that the
+    parent depends on (the volumes attached to a server).
+    """
+
+    resource_type: str
+    parent_types: tuple[str, ...]
+
+    async def dependents(self, parent: Resource) -> Iterable[Resource]: ...
+
+
+class BankSection(Protocol):
+    """One resource's part of a checkpoint in the bank (an object-store API).
+
+    Keys are relative paths (``"data/0001"``); ``..``, absolute paths and empty
+    parts are refused with :class:`~karbor_async.exceptions.BankKeyError`.
+    Writes are atomic. A restore gets a read-only section.
+    """
+
+    @property
+    def read_only(self) -> bool: ...
+
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> int: ...
+
+    async def get(self, key: str) -> bytes: ...
+
+    def get_stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]: ...
+
+    async def list(self, prefix: str = "") -> list[str]: ...
+
+    async def delete(self, key: str) -> None: ...
+
+
+class Bank(Protocol):
+    """Where plugins keep the data they save, sectioned per checkpoint and resource."""
+
+    def section(
+        self, checkpoint_id: str, resource: ResourceKey, *, read_only: bool = False
+    ) -> BankSection: ...
+
+    async def delete_checkpoint(self, checkpoint_id: str) -> None: ...
+
+
+class _HookHandle(Protocol):
+    """What the engine gives a context to act on (private; vendors use HookContext)."""
+
+    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]: ...
+    def save_info(self, info: Mapping[str, Any]) -> None: ...
+    def progress(
+        self, fraction: float | None, done: int | None, total: int | None, message: str | None
+    ) -> None: ...
+    def mark(self, what: str, at: float | None) -> None: ...
+    async def report_restored(self, new_id: str) -> None: ...
+    def restored_id(self, key: ResourceKey) -> str | None: ...
+
+
+@attrs.frozen(eq=False)
+class HookContext:
+    """Everything a hook gets, in one frozen object (new fields never break a plugin).
+
+    ``aborting`` is set when ``on_prepare_finish`` is called to thaw without
+    cutting (the run failed, was cancelled, timed out, the quiesce budget ran
+    out, or a restarted engine is recovering); ``abort_error`` is the failure
+    that caused it, if any. ``attempt`` starts at 1 and grows each time a
+    recovered run re-runs the hook: hooks must be idempotent per attempt.
+    """
+
+    resource: Resource
+    parameters: Mapping[str, Any]
+    operation: OperationKind
+    hook: Hook
+    run_id: str
+    checkpoint_id: str
+    attempt: int
+    bank: BankSection
+    children: tuple[Resource, ...]
+    parents: tuple[Resource, ...]
+    log: FilteringBoundLogger
+    aborting: AbortReason | None = None
+    abort_error: BaseException | None = None
+    _handle: _HookHandle = attrs.field(default=None, alias="handle", repr=False)
+
+    @property
+    def recovering(self) -> bool:
+        """True when a restarted engine is finishing or thawing what a crashed one left."""
+        return self.aborting is AbortReason.RECOVERY
+
+    # -- saved info ----------------------------------------------------------------
+    @property
+    def saved(self) -> Mapping[str, Any]:
+        """This resource's saved info (what earlier hooks or attempts stored)."""
+        return self._handle.saved_info(self.resource.key)
+
+    def saved_info(self, resource: Resource | ResourceKey) -> Mapping[str, Any]:
+        """The saved info of any resource of the checkpoint (empty if none)."""
+        key = resource.key if isinstance(resource, Resource) else resource
+        return self._handle.saved_info(key)
+
+    def save(self, **info: Any) -> None:
+        """Merge ``info`` (JSON-serialisable values) into this resource's saved info."""
+        self._handle.save_info(info)
+
+    # -- progress and consistency marks --------------------------------------------
+    def report_progress(
+        self,
+        fraction: float | None = None,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Report progress; cheap enough to call for every chunk copied."""
+        self._handle.progress(fraction, done, total, message)
+
+    def mark_cut(self, at: float | None = None) -> None:
+        """Record the instant this resource's consistent image was taken (default: now)."""
+        self._handle.mark("cut", at)
+
+    def mark_quiesced(self, at: float | None = None) -> None:
+        """Record the instant the resource became frozen (default: now)."""
+        self._handle.mark("quiesced", at)
+
+    def mark_thawed(self, at: float | None = None) -> None:
+        """Record the instant the resource was thawed (default: now)."""
+        self._handle.mark("thawed", at)
+
+    # -- restore ---------------------------------------------------------------------
+    async def report_restored(self, new_id: str) -> None:
+        """Report the id of what this restore hook created; durable when this returns."""
+        await self._handle.report_restored(new_id)
+
+    def restored_id(self, resource: Resource | ResourceKey) -> str | None:
+        """The new id a finished restore hook reported for ``resource`` (or ``None``)."""
+        key = resource.key if isinstance(resource, Resource) else resource
+        return self._handle.restored_id(key)

@@ -1,0 +1,333 @@
+"""The checkpoint store port: records, lifecycle and the protocol stores implement.
+
+The engine depends only on :class:`Store`. ``MemoryStore`` (in this package) keeps
+everything in the process; the SQLite store persists it. Writes of the per-hook
+path (:meth:`Store.append`, :meth:`Store.save_info`) are synchronous and written
+behind; :meth:`Store.commit` waits until everything appended so far is durable.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from karbor_async._types import (
+    AbortReason,
+    BarrierPolicy,
+    Hook,
+    OperationKind,
+    Resource,
+    ResourceKey,
+    ResourceStatus,
+    RunStatus,
+)
+from karbor_async.events import Event
+from karbor_async.exceptions import IllegalTransitionError
+
+__all__ = [
+    "CheckpointRecord",
+    "CheckpointStatus",
+    "GroupOutcome",
+    "ResourceOutcome",
+    "RunOutcome",
+    "RunRecord",
+    "Store",
+    "check_checkpoint_transition",
+    "key_from_str",
+    "key_to_str",
+]
+
+
+def key_to_str(key: ResourceKey) -> str:
+    """``("OS::Cinder::Volume", "v1")`` -> ``"OS::Cinder::Volume#v1"`` (the plan's override syntax)."""
+    return f"{key[0]}#{key[1]}"
+
+
+def key_from_str(text: str) -> ResourceKey:
+    rtype, sep, rid = text.partition("#")
+    if not sep:
+        raise ValueError(f"not a resource key (TYPE#ID): {text!r}")
+    return (rtype, rid)
+
+
+class CheckpointStatus(enum.Enum):
+    PROTECTING = "protecting"
+    AVAILABLE = "available"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    ERROR_DELETING = "error_deleting"
+
+
+_CHECKPOINT_TRANSITIONS: Mapping[CheckpointStatus, frozenset[CheckpointStatus]] = {
+    CheckpointStatus.PROTECTING: frozenset(
+        {CheckpointStatus.AVAILABLE, CheckpointStatus.ERROR, CheckpointStatus.CANCELLED}
+    ),
+    CheckpointStatus.AVAILABLE: frozenset({CheckpointStatus.DELETING}),
+    CheckpointStatus.ERROR: frozenset({CheckpointStatus.DELETING}),
+    CheckpointStatus.CANCELLED: frozenset({CheckpointStatus.DELETING}),
+    CheckpointStatus.ERROR_DELETING: frozenset({CheckpointStatus.DELETING}),
+    CheckpointStatus.DELETING: frozenset(
+        {CheckpointStatus.DELETED, CheckpointStatus.ERROR_DELETING}
+    ),
+    CheckpointStatus.DELETED: frozenset(),
+}
+
+
+def check_checkpoint_transition(old: CheckpointStatus, new: CheckpointStatus) -> None:
+    """Raise :class:`IllegalTransitionError` unless DESIGN.md section 5 allows ``old -> new``."""
+    if new not in _CHECKPOINT_TRANSITIONS[old]:
+        allowed = ", ".join(sorted(s.value for s in _CHECKPOINT_TRANSITIONS[old])) or "nothing"
+        raise IllegalTransitionError(
+            f"checkpoint cannot go from {old.value} to {new.value} (from {old.value}: {allowed})"
+        )
+
+
+@attrs.frozen
+class ResourceOutcome:
+    """How one resource fared in a run, with its consistency instants (engine clock)."""
+
+    resource: Resource
+    group: str
+    status: ResourceStatus
+    hooks_run: tuple[Hook, ...] = ()
+    failed_hook: Hook | None = None
+    error: str | None = None
+    """The exception chain, formatted (plugin exception last)."""
+    cut_at: float | None = None
+    quiesced_at: float | None = None
+    thawed_at: float | None = None
+    crash_consistent: bool = False
+    thawed_early: bool = False
+    attempt: int = 1
+
+    @property
+    def quiesce_window(self) -> float | None:
+        if self.quiesced_at is None or self.thawed_at is None:
+            return None
+        return self.thawed_at - self.quiesced_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resource": self.resource.to_json(),
+            "group": self.group,
+            "status": self.status.value,
+            "hooks_run": [h.value for h in self.hooks_run],
+            "failed_hook": self.failed_hook.value if self.failed_hook else None,
+            "error": self.error,
+            "cut_at": self.cut_at,
+            "quiesced_at": self.quiesced_at,
+            "thawed_at": self.thawed_at,
+            "crash_consistent": self.crash_consistent,
+            "thawed_early": self.thawed_early,
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResourceOutcome:
+        return cls(
+            resource=Resource.from_json(data["resource"]),
+            group=data["group"],
+            status=ResourceStatus(data["status"]),
+            hooks_run=tuple(Hook(h) for h in data.get("hooks_run", ())),
+            failed_hook=Hook(data["failed_hook"]) if data.get("failed_hook") else None,
+            error=data.get("error"),
+            cut_at=data.get("cut_at"),
+            quiesced_at=data.get("quiesced_at"),
+            thawed_at=data.get("thawed_at"),
+            crash_consistent=bool(data.get("crash_consistent", False)),
+            thawed_early=bool(data.get("thawed_early", False)),
+            attempt=int(data.get("attempt", 1)),
+        )
+
+
+@attrs.frozen
+class GroupOutcome:
+    """A consistency group's barrier, measured skew and abort reason."""
+
+    name: str
+    barrier: BarrierPolicy
+    resources: int
+    cuts: int
+    skew: float | None
+    """Latest cut minus earliest cut over the group's resources that cut (seconds)."""
+    aborted: AbortReason | None = None
+    crash_consistent: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "barrier": self.barrier.value,
+            "resources": self.resources,
+            "cuts": self.cuts,
+            "skew": self.skew,
+            "aborted": self.aborted.value if self.aborted else None,
+            "crash_consistent": self.crash_consistent,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GroupOutcome:
+        return cls(
+            name=data["name"],
+            barrier=BarrierPolicy(data["barrier"]),
+            resources=int(data["resources"]),
+            cuts=int(data["cuts"]),
+            skew=data.get("skew"),
+            aborted=AbortReason(data["aborted"]) if data.get("aborted") else None,
+            crash_consistent=bool(data.get("crash_consistent", False)),
+        )
+
+
+@attrs.frozen
+class RunOutcome:
+    """The result of one run: status, every resource's outcome, skew and quiesce windows."""
+
+    run_id: str
+    checkpoint_id: str
+    operation: OperationKind
+    status: RunStatus
+    started_wall: float
+    ended_wall: float
+    duration: float
+    resources: Mapping[ResourceKey, ResourceOutcome]
+    groups: Mapping[str, GroupOutcome]
+    restored: Mapping[ResourceKey, str] = attrs.field(factory=dict)
+    error: str | None = None
+
+    @property
+    def crash_consistent(self) -> bool:
+        """True when some resource was captured without a held quiesce."""
+        return any(g.crash_consistent for g in self.groups.values())
+
+    @property
+    def skew(self) -> float | None:
+        """The largest skew of any group (``None`` when nothing cut)."""
+        skews = [g.skew for g in self.groups.values() if g.skew is not None]
+        return max(skews) if skews else None
+
+    @property
+    def quiesce_windows(self) -> dict[ResourceKey, float]:
+        return {
+            k: w for k, r in self.resources.items() if (w := r.quiesce_window) is not None
+        }
+
+    def by_status(self, status: ResourceStatus) -> list[ResourceKey]:
+        return [k for k, r in self.resources.items() if r.status is status]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "checkpoint_id": self.checkpoint_id,
+            "operation": self.operation.value,
+            "status": self.status.value,
+            "started_wall": self.started_wall,
+            "ended_wall": self.ended_wall,
+            "duration": self.duration,
+            "resources": [r.to_json() for r in self.resources.values()],
+            "groups": [g.to_json() for g in self.groups.values()],
+            "restored": [[k[0], k[1], v] for k, v in self.restored.items()],
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunOutcome:
+        resources = [ResourceOutcome.from_json(r) for r in data["resources"]]
+        groups = [GroupOutcome.from_json(g) for g in data["groups"]]
+        return cls(
+            run_id=data["run_id"],
+            checkpoint_id=data["checkpoint_id"],
+            operation=OperationKind(data["operation"]),
+            status=RunStatus(data["status"]),
+            started_wall=float(data["started_wall"]),
+            ended_wall=float(data["ended_wall"]),
+            duration=float(data["duration"]),
+            resources={r.resource.key: r for r in resources},
+            groups={g.name: g for g in groups},
+            restored={(t, i): v for t, i, v in data.get("restored", [])},
+            error=data.get("error"),
+        )
+
+
+@attrs.frozen
+class RunRecord:
+    """One protect, restore or delete run as stored."""
+
+    run_id: str
+    operation: OperationKind
+    checkpoint_id: str
+    plan: Mapping[str, Any]
+    """The plan as JSON; secret parameters hold references, never values."""
+    graph: Mapping[str, Any]
+    """The resource graph as JSON (restore and delete walk this, not a fresh discovery)."""
+    status: RunStatus
+    started_wall: float
+    outcome: RunOutcome | None = None
+
+
+@attrs.frozen
+class CheckpointRecord:
+    """A checkpoint: the durable record of one protect run."""
+
+    id: str
+    plan_name: str
+    status: CheckpointStatus
+    created_wall: float
+    plan: Mapping[str, Any]
+    graph: Mapping[str, Any]
+    outcome: RunOutcome | None = None
+
+
+class Store(Protocol):
+    """Where runs, checkpoints, events and saved info live."""
+
+    async def create_run(self, record: RunRecord) -> None:
+        """Record a new run (a protect run also creates its checkpoint, ``protecting``)."""
+
+    def append(self, event: Event) -> None:
+        """Append a lifecycle event to its run's log (written behind, in order)."""
+
+    def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
+        """Replace a resource's saved info (written behind, ordered with events)."""
+
+    def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
+        """Record the id a restore hook created (the engine commits right after)."""
+
+    async def commit(self) -> None:
+        """Return when everything written so far is durable."""
+
+    async def finish_run(self, outcome: RunOutcome) -> None:
+        """Store a run's outcome and move its checkpoint to its end state; commits."""
+
+    async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
+        """Move a checkpoint along its lifecycle; an illegal transition raises and changes nothing."""
+
+    async def get_run(self, run_id: str) -> RunRecord: ...
+
+    async def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord: ...
+
+    async def list_checkpoints(
+        self,
+        *,
+        plan_name: str | None = None,
+        status: CheckpointStatus | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        before_id: str | None = None,
+    ) -> Sequence[CheckpointRecord]:
+        """Newest first; page with ``before_id`` (the last id of the previous page)."""
+
+    async def list_runs(
+        self, *, checkpoint_id: str | None = None, limit: int = 100
+    ) -> Sequence[RunRecord]: ...
+
+    async def load_saved_info(self, checkpoint_id: str) -> dict[ResourceKey, dict[str, Any]]: ...
+
+    async def load_restored(self, run_id: str) -> dict[ResourceKey, str]: ...
+
+    async def read_events(self, run_id: str, since: int = 0) -> Sequence[Event]:
+        """Lifecycle events of a run with ``seq > since``, in order."""
