@@ -1,0 +1,59 @@
+"""karbor-async: application-consistent protection of resource graphs on anyio.
+
+Vendors write plugins against :mod:`karbor_async.plugin`; applications build a
+:class:`Plan` and call :meth:`Engine.protect`, :meth:`Engine.restore` and
+:meth:`Engine.delete`. See ``README.md`` and ``docs/``.
+"""
+
+from karbor_async._engine import Engine
+from karbor_async._memory import MemoryBank, MemoryStore
+from karbor_async._plan import ConsistencyGroup, Plan, Timeouts
+from karbor_async._graph import ResourceGraph
+from karbor_async._scheduler import Run
+from karbor_async._types import (
+    AbortReason,
+    BarrierPolicy,
+    Hook,
+    OperationKind,
+    Resource,
+    ResourceKey,
+    ResourceStatus,
+    RunStatus,
+)
+from karbor_async.events import Event, EventKind, Progress
+from karbor_async.exceptions import KarborError, RunError
+from karbor_async.plugin import HookContext, Param, Protectable, ProtectionPlugin, ResourceType
+from karbor_async.store import CheckpointStatus, RunOutcome
+
+__all__ = [
+    "AbortReason",
+    "BarrierPolicy",
+    "CheckpointStatus",
+    "ConsistencyGroup",
+    "Engine",
+    "Event",
+    "EventKind",
+    "Hook",
+    "HookContext",
+    "KarborError",
+    "MemoryBank",
+    "MemoryStore",
+    "OperationKind",
+    "Param",
+    "Plan",
+    "Progress",
+    "Protectable",
+    "ProtectionPlugin",
+    "Resource",
+    "ResourceGraph",
+    "ResourceKey",
+    "ResourceStatus",
+    "ResourceType",
+    "Run",
+    "RunError",
+    "RunOutcome",
+    "RunStatus",
+    "Timeouts",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,233 @@
+"""The engine: builds validated runs and executes them (the package's front door)."""
+
+from __future__ import annotations
+
+import secrets as _secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import structlog
+
+from karbor_async._graph import ResourceGraph, assign_groups, check_types, discover
+from karbor_async._memory import MemoryBank, MemoryStore
+from karbor_async._params import check_secrets, merge_parameters
+from karbor_async._plan import Plan, Timeouts
+from karbor_async._registry import PluginRegistry, TypeBinding
+from karbor_async._scheduler import ProgressListener, Run, RunSpec
+from karbor_async._types import BarrierPolicy, OperationKind, ResourceKey, RunStatus
+from karbor_async.events import Event
+from karbor_async.exceptions import CheckpointNotFoundError, PlanError, RunError
+from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
+from karbor_async.store import CheckpointStatus, RunOutcome, RunRecord, Store
+
+__all__ = ["Engine", "new_run_id"]
+
+_log = structlog.get_logger("karbor_async")
+
+_DEFAULT_BARRIER = {
+    OperationKind.PROTECT: BarrierPolicy.MAIN,
+    OperationKind.RESTORE: BarrierPolicy.NONE,
+    OperationKind.DELETE: BarrierPolicy.NONE,
+}
+
+
+def new_run_id() -> str:
+    """A sortable, readable id: UTC time plus random hex (``20261125T003012-9f2c1a``)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + _secrets.token_hex(3)
+
+
+class Engine:
+    """Protects, restores and deletes checkpoints of resource graphs.
+
+    Plugins come from entry points (``discover=True``) and/or are passed in.
+    ``store`` and ``bank`` default to in-memory ones; ``secrets`` resolves the
+    references that secret parameters hold. The engine runs inside the caller's
+    event loop (asyncio or trio) and starts no task outside the runs it executes.
+    """
+
+    def __init__(
+        self,
+        protections: Iterable[ProtectionPlugin] = (),
+        protectables: Iterable[Protectable] = (),
+        *,
+        store: Store | None = None,
+        bank: Bank | None = None,
+        secrets: SecretResolver | None = None,
+        discover: bool = True,
+        prefer: Mapping[str, str] | None = None,
+        record_events: bool = True,
+        event_listener: Callable[[Event], None] | None = None,
+        progress_listener: ProgressListener | None = None,
+    ) -> None:
+        self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
+        self.store: Store = store if store is not None else MemoryStore()
+        self.bank: Bank = bank if bank is not None else MemoryBank()
+        self._secrets = secrets
+        self._record_events = record_events
+        self._event_listener = event_listener
+        self._progress_listener = progress_listener
+
+    # -- building runs ------------------------------------------------------------------
+    async def build_protect(self, plan: Plan) -> Run:
+        """Discover the graph, validate plan, parameters and secrets; return a ready run.
+
+        Nothing is stored and no hook runs until :meth:`Run.execute`.
+        """
+        graph = await discover(plan, self.registry)
+        return await self._build(OperationKind.PROTECT, plan, graph, new_run_id(), None)
+
+    async def build_restore(
+        self,
+        checkpoint_id: str,
+        *,
+        parameters: Mapping[str, Mapping[str, Any]] | None = None,
+        barrier: BarrierPolicy | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> Run:
+        """A restore of an ``available`` checkpoint over its stored graph.
+
+        ``parameters`` (``"Type"`` / ``"Type#id"``) are merged over the plan's.
+        """
+        cp = await self.store.get_checkpoint(checkpoint_id)
+        if cp.status is not CheckpointStatus.AVAILABLE:
+            raise PlanError(
+                f"checkpoint {checkpoint_id} is {cp.status.value}; only an available "
+                "checkpoint can be restored"
+            )
+        plan = Plan.from_json(cp.plan)
+        merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in plan.parameters.items()}
+        for key, values in (parameters or {}).items():
+            merged.setdefault(key, {}).update(values)
+        plan = attrs.evolve(
+            plan,
+            parameters=merged,
+            barrier=barrier,
+            groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups) if barrier else plan.groups,
+            timeouts=timeouts or plan.timeouts,
+        )
+        graph = ResourceGraph.from_json(cp.graph)
+        return await self._build(OperationKind.RESTORE, plan, graph, new_run_id(), cp.id)
+
+    async def build_delete(self, checkpoint_id: str) -> Run:
+        """A delete of a checkpoint over its stored graph (any end state but deleted)."""
+        cp = await self.store.get_checkpoint(checkpoint_id)
+        if cp.status in (CheckpointStatus.DELETED, CheckpointStatus.PROTECTING, CheckpointStatus.DELETING):
+            raise PlanError(
+                f"checkpoint {checkpoint_id} is {cp.status.value}; it cannot be deleted now"
+            )
+        plan = Plan.from_json(cp.plan)
+        plan = attrs.evolve(plan, barrier=None, groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups))
+        graph = ResourceGraph.from_json(cp.graph)
+        return await self._build(OperationKind.DELETE, plan, graph, new_run_id(), cp.id)
+
+    async def _build(
+        self,
+        op: OperationKind,
+        plan: Plan,
+        graph: ResourceGraph,
+        run_id: str,
+        checkpoint_id: str | None,
+    ) -> Run:
+        check_types(graph, self.registry)
+        bindings: list[TypeBinding] = []
+        for res in graph.resources:
+            binding = self.registry.binding(res.type)
+            assert binding is not None  # check_types guarantees it
+            bindings.append(binding)
+        assignment = assign_groups(graph, plan, _DEFAULT_BARRIER[op])
+        params = merge_parameters(plan, graph, self.registry)
+        await check_secrets(graph, params, self._secrets)
+        saved: Mapping[ResourceKey, Mapping[str, Any]] = {}
+        if checkpoint_id is not None:
+            saved = await self.store.load_saved_info(checkpoint_id)
+        spec = RunSpec(
+            run_id=run_id,
+            checkpoint_id=checkpoint_id or run_id,
+            operation=op,
+            plan=plan,
+            graph=graph,
+            group_of=assignment.group_of,
+            groups=assignment.barriers,
+            bindings=tuple(bindings),
+            params=tuple(params),
+            saved=saved,
+            restored={},
+        )
+        return Run(
+            spec,
+            store=self.store,
+            after_finish=self._after_delete if op is OperationKind.DELETE else None,
+            bank=self.bank,
+            secrets=self._secrets,
+            record_events=self._record_events,
+            progress_listener=self._progress_listener,
+            event_listener=self._event_listener,
+        )
+
+    # -- one-call operations ------------------------------------------------------------
+    async def protect(self, plan: Plan) -> RunOutcome:
+        """Protect ``plan``'s resources into a new checkpoint; raise RunError if it fails."""
+        run = await self.build_protect(plan)
+        try:
+            return await self.execute(run)
+        except RunError:
+            if plan.delete_on_failure:
+                await self._cleanup_failed(run.checkpoint_id)
+            raise
+
+    async def restore(
+        self,
+        checkpoint_id: str,
+        *,
+        parameters: Mapping[str, Mapping[str, Any]] | None = None,
+        barrier: BarrierPolicy | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> RunOutcome:
+        run = await self.build_restore(
+            checkpoint_id, parameters=parameters, barrier=barrier, timeouts=timeouts
+        )
+        return await self.execute(run)
+
+    async def delete(self, checkpoint_id: str) -> RunOutcome:
+        run = await self.build_delete(checkpoint_id)
+        return await self.execute(run)
+
+    async def execute(self, run: Run) -> RunOutcome:
+        """Record the run in the store and execute it (delete also moves the checkpoint)."""
+        spec = run.spec
+        await self.store.create_run(
+            RunRecord(
+                run_id=spec.run_id,
+                operation=spec.operation,
+                checkpoint_id=spec.checkpoint_id,
+                plan=spec.plan.to_json(),
+                graph=spec.graph.to_json(),
+                status=RunStatus.RUNNING,
+                started_wall=time.time(),
+            )
+        )
+        if spec.operation is OperationKind.DELETE:
+            await self.store.set_checkpoint_status(spec.checkpoint_id, CheckpointStatus.DELETING)
+        return await run.execute()
+
+    async def _cleanup_failed(self, checkpoint_id: str) -> None:
+        try:
+            await self.delete(checkpoint_id)
+        except RunError as exc:
+            _log.error("cleanup_failed", checkpoint_id=checkpoint_id, error=str(exc))
+
+    async def _after_delete(self, outcome: RunOutcome) -> None:
+        if outcome.status is RunStatus.SUCCEEDED:
+            await self.bank.delete_checkpoint(outcome.checkpoint_id)
+            status = CheckpointStatus.DELETED
+        else:
+            status = CheckpointStatus.ERROR_DELETING
+        await self.store.set_checkpoint_status(outcome.checkpoint_id, status)
+
+    async def checkpoint_outcome(self, checkpoint_id: str) -> RunOutcome:
+        cp = await self.store.get_checkpoint(checkpoint_id)
+        if cp.outcome is None:
+            raise CheckpointNotFoundError(f"checkpoint {checkpoint_id} has no finished run yet")
+        return cp.outcome

@@ -1,0 +1,924 @@
+"""The four-phase scheduler: Karbor's ordering rules, phase barriers and the guarantees.
+
+One task per resource walks the four hooks. Edges are counters: when a hook
+finishes it decrements the counters of the resources waiting on it and sets
+their event only when it reaches zero, so a resource with nothing to wait for
+never touches an event. A barrier is one ``anyio.Event`` per consistency
+group; the tasks it holds are already parked on it and wake together when it
+is set. Each consistency group runs in its own task group, so aborting a group
+is cancelling one scope; every resource task then thaws what it froze in a
+shielded, bounded scope (DESIGN.md section 4, guarantee 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+import structlog
+
+from karbor_async._graph import ResourceGraph
+from karbor_async._params import NodeParams, resolve_secrets
+from karbor_async._plan import Plan
+from karbor_async._registry import TypeBinding
+from karbor_async._types import (
+    AbortReason,
+    BarrierPolicy,
+    Hook,
+    OperationKind,
+    Resource,
+    ResourceKey,
+    ResourceStatus,
+    RunStatus,
+)
+from karbor_async.events import Event, EventKind, Progress
+from karbor_async.exceptions import (
+    HookError,
+    HookTimeoutError,
+    RunCancelledError,
+    RunError,
+    ThawFailedError,
+)
+from karbor_async.plugin import Bank, BankSection, HookContext, SecretResolver
+from karbor_async.store import GroupOutcome, ResourceOutcome, RunOutcome, Store
+
+__all__ = ["GroupSpec", "Run", "RunSpec"]
+
+_log = structlog.get_logger("karbor_async")
+
+HookFn = Callable[[HookContext], Awaitable[None]]
+ProgressListener = Callable[[Event], None]
+
+_THAW_FIRST_DELAY = 0.05
+_THAW_MAX_DELAY = 2.0
+
+
+def format_error(exc: BaseException) -> str:
+    """The exception chain, outermost first, one line each, plus the innermost traceback."""
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+@attrs.define(eq=False, slots=True)
+class _Group:
+    name: str
+    policy: BarrierPolicy
+    nodes: list[_Node] = attrs.Factory(list)
+    pending_pb: int = 0
+    pending_pf: int = 0
+    cut_released: anyio.Event = attrs.Factory(anyio.Event)
+    main_released: anyio.Event = attrs.Factory(anyio.Event)
+    scope: anyio.CancelScope | None = None
+    aborting: AbortReason | None = None
+    abort_error: BaseException | None = None
+
+
+@attrs.define(eq=False, slots=True)
+class _Node:
+    """Mutable per-resource state; also the handle a HookContext acts through."""
+
+    run: Run
+    resource: Resource
+    group: _Group
+    binding: TypeBinding
+    params: NodeParams
+    pb: HookFn | None
+    pf: HookFn | None
+    main: HookFn | None
+    complete: HookFn | None
+    timeout: float | None
+    budget: float | None
+    quiesces: bool
+    cuts: bool
+    limiters: tuple[anyio.CapacityLimiter, ...] = ()
+    parents: list[_Node] = attrs.Factory(list)
+    children: list[_Node] = attrs.Factory(list)
+    wait_pb: int = 0
+    wait_pf: int = 0
+    wait_cp: int = 0
+    ev_pb: anyio.Event | None = None
+    ev_pf: anyio.Event | None = None
+    ev_cp: anyio.Event | None = None
+    signalled_pb: bool = False
+    signalled_pf: bool = False
+    signalled_cp: bool = False
+    child_failed: bool = False
+    status: ResourceStatus = ResourceStatus.PENDING
+    hooks_run: list[Hook] = attrs.Factory(list)
+    failed_hook: Hook | None = None
+    error: BaseException | None = None
+    pb_started: bool = False
+    pf_started: bool = False
+    thaw_done: bool = False
+    frozen: bool = False
+    thawed_early: bool = False
+    crash_consistent: bool = False
+    cut_at: float | None = None
+    quiesced_at: float | None = None
+    thawed_at: float | None = None
+    budget_scope: anyio.CancelScope | None = None
+    attempt: int = 1
+    section: BankSection | None = None
+    ticks: int = 0
+
+    # -- the _HookHandle protocol (what HookContext calls) -----------------------------
+    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
+        return self.run.saved_info(key)
+
+    def save_info(self, info: Mapping[str, Any]) -> None:
+        self.run.save_info(self.resource.key, info)
+
+    def progress(
+        self, fraction: float | None, done: int | None, total: int | None, message: str | None
+    ) -> None:
+        self.ticks += 1
+        listener = self.run.progress_listener
+        if listener is not None:
+            listener(self.run.make_event(EventKind.PROGRESS, self, None, progress=Progress(
+                fraction, done, total, message), tick=self.ticks, lifecycle=False))
+
+    def mark(self, what: str, at: float | None) -> None:
+        when = anyio.current_time() if at is None else at
+        if what == "cut":
+            self.cut_at = when
+        elif what == "quiesced":
+            self.quiesced_at = when
+            scope = self.budget_scope
+            if scope is not None and self.budget is not None:
+                scope.deadline = when + self.budget
+        elif what == "thawed":
+            self.thawed_at = when
+        else:  # pragma: no cover - HookContext only sends the three above
+            raise ValueError(what)
+
+    async def report_restored(self, new_id: str) -> None:
+        await self.run.report_restored(self, new_id)
+
+    def restored_id(self, key: ResourceKey) -> str | None:
+        return self.run.restored.get(key)
+
+
+@attrs.frozen
+class GroupSpec:
+    name: str
+    policy: BarrierPolicy
+
+
+@attrs.frozen
+class RunSpec:
+    """Everything a run needs, validated by the engine before the run exists."""
+
+    run_id: str
+    checkpoint_id: str
+    operation: OperationKind
+    plan: Plan
+    graph: ResourceGraph
+    group_of: tuple[str, ...]
+    groups: Mapping[str, BarrierPolicy]
+    bindings: tuple[TypeBinding, ...]
+    params: tuple[NodeParams, ...]
+    saved: Mapping[ResourceKey, Mapping[str, Any]]
+    restored: Mapping[ResourceKey, str]
+    attempts: Mapping[ResourceKey, int] = attrs.Factory(dict)
+    done_hooks: Mapping[ResourceKey, frozenset[Hook]] = attrs.Factory(dict)
+    """Hooks whose finish was committed by an earlier attempt (recovery skips them)."""
+    first_seq: int = 0
+
+
+class Run:
+    """One protect, restore or delete run, built and validated by the engine.
+
+    Start it with :meth:`execute`; stop it from another task with :meth:`cancel`.
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        *,
+        store: Store,
+        bank: Bank,
+        secrets: SecretResolver | None,
+        record_events: bool = True,
+        progress_listener: ProgressListener | None = None,
+        event_listener: Callable[[Event], None] | None = None,
+        after_finish: Callable[[RunOutcome], Awaitable[None]] | None = None,
+    ) -> None:
+        self.spec = spec
+        self._after_finish = after_finish
+        self.run_id = spec.run_id
+        self.checkpoint_id = spec.checkpoint_id
+        self.operation = spec.operation
+        self._store = store
+        self._bank = bank
+        self._secrets = secrets
+        self._record = record_events
+        self.progress_listener = progress_listener
+        self._event_listener = event_listener
+        self._seq = spec.first_seq
+        self._saved: dict[ResourceKey, dict[str, Any]] = {
+            k: dict(v) for k, v in spec.saved.items()
+        }
+        self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
+        self.restored: dict[ResourceKey, str] = dict(spec.restored)
+        self._abort_reason: AbortReason | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._started = False
+        self._log = _log.bind(run_id=spec.run_id, operation=spec.operation.value)
+        self.groups: dict[str, _Group] = {
+            name: _Group(name, policy) for name, policy in spec.groups.items()
+        }
+        self.nodes: list[_Node] = self._build_nodes()
+
+    # -- construction ------------------------------------------------------------------
+    def _build_nodes(self) -> list[_Node]:
+        spec = self.spec
+        plan = spec.plan
+        op = spec.operation
+        limiters: dict[str, anyio.CapacityLimiter] = {
+            name: anyio.CapacityLimiter(n) for name, n in sorted(plan.limits.items())
+        }
+        nodes: list[_Node] = []
+        ops_cache: dict[str, tuple[HookFn | None, ...]] = {}
+        for i, res in enumerate(spec.graph.resources):
+            binding = spec.bindings[i]
+            hooks = ops_cache.get(res.type)
+            if hooks is None:
+                opobj = binding.plugin.get_operation(op, res.type)
+                hooks = tuple(
+                    getattr(opobj, h.value, None) if opobj is not None else None for h in Hook
+                )
+                ops_cache[res.type] = hooks
+            pb, pf, main, complete = hooks
+            done = spec.done_hooks.get(res.key, frozenset())
+            if done:
+                # Recovery: hooks whose finish was committed are not run again.
+                pb = None if Hook.PREPARE_BEGIN in done else pb
+                pf = None if Hook.PREPARE_FINISH in done else pf
+                main = None if Hook.MAIN in done else main
+                complete = None if Hook.COMPLETE in done else complete
+            group = self.groups[spec.group_of[i]]
+            node_limits = tuple(
+                limiters[name]
+                for name in sorted({binding.plugin.plugin_name(), res.type})
+                if name in limiters
+            )
+            node = _Node(
+                run=self,
+                resource=res,
+                group=group,
+                binding=binding,
+                params=spec.params[i],
+                pb=pb,
+                pf=pf,
+                main=main,
+                complete=complete,
+                timeout=self._hook_timeout(binding, res),
+                budget=self._budget(res),
+                quiesces=op is OperationKind.PROTECT and binding.spec.quiesces and pb is not None,
+                cuts=op is OperationKind.PROTECT and binding.spec.snapshots,
+                limiters=node_limits,
+                attempt=spec.attempts.get(res.key, 1),
+            )
+            nodes.append(node)
+            group.nodes.append(node)
+        for p, c in spec.graph.edges:
+            parent, child = nodes[p], nodes[c]
+            parent.children.append(child)
+            child.parents.append(parent)
+        for node in nodes:
+            node.wait_pb = len(node.parents)
+            node.wait_pf = len(node.children)
+            node.wait_cp = len(node.children)
+        for group in self.groups.values():
+            group.pending_pb = group.pending_pf = len(group.nodes)
+        return nodes
+
+    def _hook_timeout(self, binding: TypeBinding, res: Resource) -> float | None:
+        t = self.spec.plan.timeouts
+        if res.type in t.per_type:
+            return t.per_type[res.type]
+        name = binding.plugin.plugin_name()
+        if name in t.per_plugin:
+            return t.per_plugin[name]
+        if binding.plugin.hook_timeout is not None:
+            return binding.plugin.hook_timeout
+        return t.hook
+
+    def _budget(self, res: Resource) -> float | None:
+        t = self.spec.plan.timeouts
+        per = t.quiesce_budget_per_type
+        return per.get(f"{res.type}#{res.id}", per.get(res.type, t.quiesce_budget))
+
+    # -- events --------------------------------------------------------------------------
+    def make_event(
+        self,
+        kind: EventKind,
+        node: _Node | None,
+        hook: Hook | None,
+        *,
+        progress: Progress | None = None,
+        tick: int = 0,
+        lifecycle: bool = True,
+        **data: Any,
+    ) -> Event:
+        if lifecycle:
+            self._seq += 1
+        return Event(
+            run_id=self.run_id,
+            seq=self._seq,
+            kind=kind,
+            operation=self.operation,
+            wall=time.time(),
+            mono=anyio.current_time(),
+            resource=node.resource.key if node is not None else None,
+            hook=hook,
+            group=node.group.name if node is not None else data.pop("group", None),
+            attempt=node.attempt if node is not None else 1,
+            progress=progress,
+            tick=tick,
+            data=data,
+        )
+
+    def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
+        if not self._record:
+            return
+        event = self.make_event(kind, node, hook, **data)
+        self._store.append(event)
+        if self._event_listener is not None:
+            self._event_listener(event)
+
+    # -- saved info and restore mapping -----------------------------------------------------
+    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
+        own = self._own_saved.get(key)
+        base = self._saved.get(key, {})
+        return {**base, **own} if own else base
+
+    def save_info(self, key: ResourceKey, info: Mapping[str, Any]) -> None:
+        if self.operation is OperationKind.PROTECT:
+            merged = self._saved.setdefault(key, {})
+            merged.update(info)
+            self._store.save_info(self.checkpoint_id, key, merged)
+        else:
+            merged = self._own_saved.setdefault(key, {})
+            merged.update(info)
+            self._store.save_info(self.run_id, key, merged)
+
+    async def report_restored(self, node: _Node, new_id: str) -> None:
+        key = node.resource.key
+        self.restored[key] = new_id
+        self._store.record_restored(self.run_id, key, new_id)
+        self._emit(EventKind.RESTORED, node, None, new_id=new_id)
+        await self._store.commit()
+
+    # -- public control -----------------------------------------------------------------
+    def cancel(self) -> None:
+        """Cancel the run from another task: frozen resources are thawed, the run ends cancelled."""
+        self._abort_all(AbortReason.CANCELLED)
+
+    def _abort_all(self, reason: AbortReason) -> None:
+        if self._abort_reason is None:
+            self._abort_reason = reason
+        for group in self.groups.values():
+            self._abort_group(group, reason, None)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _abort_group(
+        self, group: _Group, reason: AbortReason, error: BaseException | None
+    ) -> None:
+        if group.aborting is not None:
+            return
+        group.aborting = reason
+        group.abort_error = error
+        self._log.warning("group_aborting", group=group.name, reason=reason.value)
+        self._emit(EventKind.GROUP_ABORTING, None, None, group=group.name, reason=reason.value)
+        if group.scope is not None:
+            group.scope.cancel()
+
+    # -- running -------------------------------------------------------------------------
+    async def execute(self) -> RunOutcome:
+        """Run every hook under the ordering rules; return the outcome or raise RunError."""
+        if self._started:
+            raise RuntimeError("a Run executes once; build a new one with the engine")
+        self._started = True
+        started_wall = time.time()
+        started = anyio.current_time()
+        self._log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
+        self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                if self._abort_reason is not None:
+                    tg.cancel_scope.cancel()
+                run_limit = self.spec.plan.timeouts.run
+                if run_limit is not None:
+                    tg.start_soon(self._watchdog, run_limit)
+                async with anyio.create_task_group() as groups_tg:
+                    for group in self.groups.values():
+                        groups_tg.start_soon(self._run_group, group)
+                tg.cancel_scope.cancel()  # stops the watchdog
+        except anyio.get_cancelled_exc_class():
+            # The caller cancelled us: record the run as cancelled, then let it propagate.
+            if self._abort_reason is None:
+                self._abort_reason = AbortReason.CANCELLED
+            with anyio.CancelScope(shield=True):
+                await self._finish(started_wall, started)
+            raise
+        outcome, errors = await self._finish(started_wall, started)
+        if outcome.status is RunStatus.SUCCEEDED:
+            return outcome
+        word = "was cancelled" if outcome.status is RunStatus.CANCELLED else "failed"
+        raise RunError(
+            f"{self.operation.value} run {self.run_id} {word}: {outcome.error}", errors, outcome
+        )
+
+    async def _watchdog(self, limit: float) -> None:
+        await anyio.sleep(limit)
+        self._log.warning("run_timeout", limit=limit)
+        self._abort_all(AbortReason.TIMEOUT)
+
+    async def _run_group(self, group: _Group) -> None:
+        async with anyio.create_task_group() as gtg:
+            group.scope = gtg.cancel_scope
+            if group.aborting is not None:
+                gtg.cancel_scope.cancel()
+            for node in group.nodes:
+                gtg.start_soon(self._run_node, node)
+
+    async def _run_node(self, n: _Node) -> None:
+        try:
+            if await self._prepare(n):
+                await self._main_and_complete(n)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._on_cancelled(n)
+            raise
+        finally:
+            self._settle(n)
+
+    # -- prepare: begin, barriers, finish -----------------------------------------------
+    async def _prepare(self, n: _Node) -> bool:
+        g = n.group
+        if n.wait_pb:
+            n.ev_pb = anyio.Event()
+            await n.ev_pb.wait()
+        if self._aborting(n):
+            return await self._stop_aborted(n)
+        with anyio.CancelScope() as budget_scope:
+            n.budget_scope = budget_scope
+            if n.pb is not None:
+                n.status = ResourceStatus.RUNNING
+                if n.quiesces:
+                    # Commit point 1: recovery must know this resource may be frozen.
+                    self._emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
+                    await self._store.commit()
+                    n.pb_started = True
+                    err = await self._call(n, Hook.PREPARE_BEGIN, n.pb, started=True)
+                else:
+                    n.pb_started = True
+                    err = await self._call(n, Hook.PREPARE_BEGIN, n.pb)
+                if err is not None:
+                    self._fail(n, Hook.PREPARE_BEGIN, err)
+                    self._abort_group(g, AbortReason.FAILURE, err)
+                    n.budget_scope = None
+                    with anyio.CancelScope(shield=True):
+                        await self._thaw(n, AbortReason.FAILURE, err)
+                    return False
+                if n.quiesces:
+                    n.frozen = True
+                    if n.quiesced_at is None:
+                        n.quiesced_at = anyio.current_time()
+                    if n.budget is not None:
+                        budget_scope.deadline = n.quiesced_at + n.budget
+                    self._emit(EventKind.QUIESCED, n, None, at=n.quiesced_at)
+            self._signal_pb(n)
+            if g.policy is BarrierPolicy.CUT and not g.cut_released.is_set():
+                await g.cut_released.wait()
+            if n.wait_pf:
+                n.ev_pf = anyio.Event()
+                await n.ev_pf.wait()
+            n.budget_scope = None
+        if budget_scope.cancelled_caught:
+            return await self._budget_exceeded(n)
+        if self._aborting(n):
+            # A task that had not reached an await when its group aborted: cuts not
+            # yet started are not started.
+            return await self._stop_aborted(n)
+        if n.pf is not None:
+            if not await self._finish_prepare(n):
+                return False
+        await self._signal_pf(n)
+        return True
+
+    def _aborting(self, n: _Node) -> bool:
+        return n.group.aborting is not None or self._abort_reason is not None
+
+    async def _stop_aborted(self, n: _Node) -> bool:
+        with anyio.CancelScope(shield=True):
+            await self._on_cancelled(n)
+        return False
+
+    async def _finish_prepare(self, n: _Node) -> bool:
+        """Call the non-aborting on_prepare_finish (the cut; a server's thaw), shielded."""
+        assert n.pf is not None
+        g = n.group
+        n.pf_started = True
+        n.status = ResourceStatus.RUNNING
+        start = anyio.current_time()
+        if n.cuts:
+            n.crash_consistent = not self._quiesce_held(n)
+        err = await self._call(n, Hook.PREPARE_FINISH, n.pf, shield=True)
+        if err is not None:
+            self._fail(n, Hook.PREPARE_FINISH, err)
+            self._abort_group(g, AbortReason.FAILURE, err)
+            if n.quiesces:
+                with anyio.CancelScope(shield=True):
+                    await self._thaw(n, AbortReason.FAILURE, err, after_failed_finish=True)
+            return False
+        if n.cuts:
+            if n.cut_at is None:
+                n.cut_at = start
+            self._emit(EventKind.CUT, n, None, at=n.cut_at, crash_consistent=n.crash_consistent)
+        if n.quiesces:
+            n.frozen = False
+            n.thaw_done = True
+            if n.thawed_at is None:
+                n.thawed_at = anyio.current_time()
+            self._emit(EventKind.THAWED, n, None, at=n.thawed_at)
+        return True
+
+    def _quiesce_held(self, n: _Node) -> bool:
+        """Whether some ancestor-or-self quiesced and every quiescing one is still frozen."""
+        seen: set[int] = set()
+        stack = [n]
+        guards = 0
+        while stack:
+            cur = stack.pop()
+            if cur.quiesces:
+                guards += 1
+                if not cur.frozen:
+                    return False
+            for p in cur.parents:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    stack.append(p)
+        return guards > 0
+
+    async def _budget_exceeded(self, n: _Node) -> bool:
+        """The resource was frozen past its quiesce budget: thaw it now (guarantee 2)."""
+        g = n.group
+        n.thawed_early = True
+        self._log.warning(
+            "quiesce_budget_exceeded", resource=str(n.resource), budget=n.budget, group=g.name
+        )
+        with anyio.CancelScope(shield=True):
+            await self._thaw(n, AbortReason.BUDGET, None)
+        if not self.spec.plan.crash_consistent_fallback:
+            self._abort_group(g, AbortReason.BUDGET, None)
+            return False
+        self._signal_pb(n)
+        await self._signal_pf(n)
+        return True
+
+    async def _thaw(
+        self,
+        n: _Node,
+        reason: AbortReason,
+        error: BaseException | None,
+        *,
+        after_failed_finish: bool = False,
+    ) -> None:
+        """Aborting on_prepare_finish: shielded, bounded, retried with backoff if it quiesces."""
+        if n.pf is None or n.thaw_done or not n.pb_started:
+            return
+        if n.pf_started and not after_failed_finish:
+            return
+        n.pf_started = True
+        deadline = anyio.current_time() + self.spec.plan.timeouts.abort
+        delay = _THAW_FIRST_DELAY
+        last: HookError | None = None
+        with anyio.CancelScope(shield=True, deadline=deadline):
+            while True:
+                # Not shielded itself: the enclosing scope shields it from the run and
+                # bounds it (with retries) by the abort deadline.
+                last = await self._call(
+                    n, Hook.PREPARE_FINISH, n.pf, aborting=reason, abort_error=error
+                )
+                if last is None:
+                    n.thaw_done = True
+                    if n.quiesces:
+                        n.frozen = False
+                        if n.thawed_at is None:
+                            n.thawed_at = anyio.current_time()
+                        self._emit(EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value)
+                    return
+                if not n.quiesces:
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _THAW_MAX_DELAY)
+        if not n.quiesces:
+            return
+        # Every thaw attempt failed or the abort deadline passed: never pretend.
+        cause = last or HookTimeoutError(
+            n.resource, Hook.PREPARE_FINISH, "thaw did not finish before the abort deadline"
+        )
+        exc = ThawFailedError(
+            n.resource, Hook.PREPARE_FINISH, f"every thaw attempt failed; it may still be frozen"
+        )
+        exc.__cause__ = cause
+        n.status = ResourceStatus.THAW_FAILED
+        n.failed_hook = Hook.PREPARE_FINISH
+        n.error = exc
+        self._log.error("thaw_failed", resource=str(n.resource), error=repr(cause))
+        self._emit(EventKind.THAW_FAILED, n, Hook.PREPARE_FINISH, error=format_error(exc))
+
+    # -- main and complete ------------------------------------------------------------
+    async def _main_and_complete(self, n: _Node) -> None:
+        g = n.group
+        if g.policy is not BarrierPolicy.NONE and not g.main_released.is_set():
+            await g.main_released.wait()
+        if self._aborting(n):
+            await self._stop_aborted(n)
+            return
+        if n.main is not None:
+            n.status = ResourceStatus.RUNNING
+            err = await self._call_limited(n, Hook.MAIN, n.main)
+            if err is not None:
+                self._fail(n, Hook.MAIN, err)
+                self._emit(EventKind.SKIPPED, n, Hook.COMPLETE, because="own_main_failed")
+                self._signal_cp(n, failed=True)
+                return
+        if n.wait_cp:
+            n.ev_cp = anyio.Event()
+            await n.ev_cp.wait()
+        if n.child_failed:
+            if n.status is not ResourceStatus.THAW_FAILED:
+                n.status = ResourceStatus.SKIPPED
+            self._emit(EventKind.SKIPPED, n, Hook.COMPLETE, because="dependent_failed")
+            self._signal_cp(n, failed=True)
+            return
+        if n.complete is not None:
+            n.status = ResourceStatus.RUNNING
+            err = await self._call_limited(n, Hook.COMPLETE, n.complete)
+            if err is not None:
+                self._fail(n, Hook.COMPLETE, err)
+                self._signal_cp(n, failed=True)
+                return
+        if n.status is not ResourceStatus.THAW_FAILED:
+            n.status = ResourceStatus.SUCCEEDED
+        self._signal_cp(n, failed=False)
+
+    async def _call_limited(self, n: _Node, hook: Hook, fn: HookFn) -> HookError | None:
+        if not n.limiters:
+            return await self._call(n, hook, fn)
+        taken: list[anyio.CapacityLimiter] = []
+        try:
+            for limiter in n.limiters:  # always in name order, so limits cannot deadlock
+                await limiter.acquire()
+                taken.append(limiter)
+            return await self._call(n, hook, fn)
+        finally:
+            for limiter in reversed(taken):
+                limiter.release()
+
+    # -- calling one hook ---------------------------------------------------------------
+    async def _call(
+        self,
+        n: _Node,
+        hook: Hook,
+        fn: HookFn,
+        *,
+        shield: bool = False,
+        started: bool = False,
+        aborting: AbortReason | None = None,
+        abort_error: BaseException | None = None,
+    ) -> HookError | None:
+        params = n.params.values
+        if n.params.secrets:
+            params = await resolve_secrets(n.params, self._secrets)
+        section = n.section
+        if section is None:
+            section = n.section = self._bank.section(
+                self.checkpoint_id,
+                n.resource.key,
+                read_only=self.operation is OperationKind.RESTORE,
+            )
+        ctx = HookContext(
+            resource=n.resource,
+            parameters=params,
+            operation=self.operation,
+            hook=hook,
+            run_id=self.run_id,
+            checkpoint_id=self.checkpoint_id,
+            attempt=n.attempt,
+            bank=section,
+            children=tuple(c.resource for c in n.children),
+            parents=tuple(p.resource for p in n.parents),
+            log=self._log.bind(resource=str(n.resource), hook=hook.value),
+            aborting=aborting,
+            abort_error=abort_error,
+            handle=n,
+        )
+        if not started:
+            self._emit(EventKind.STARTED, n, hook, aborting=aborting.value if aborting else None)
+        deadline = math.inf if n.timeout is None else anyio.current_time() + n.timeout
+        try:
+            with anyio.CancelScope(deadline=deadline, shield=shield) as scope:
+                await fn(ctx)
+        except Exception as exc:
+            err = HookError(n.resource, hook, f"{type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            self._emit(EventKind.FAILED, n, hook, error=format_error(err))
+            return err
+        if scope.cancelled_caught:
+            err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
+            self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
+            return err
+        if aborting is None:
+            n.hooks_run.append(hook)
+        self._emit(EventKind.FINISHED, n, hook)
+        return None
+
+    def _fail(self, n: _Node, hook: Hook, err: HookError) -> None:
+        if n.error is None:
+            n.error = err
+            n.failed_hook = hook
+        n.status = ResourceStatus.FAILED
+        self._log.warning(
+            "hook_failed", resource=str(n.resource), hook=hook.value, error=str(err)
+        )
+
+    # -- signalling the edges ---------------------------------------------------------------
+    def _signal_pb(self, n: _Node) -> None:
+        if n.signalled_pb:
+            return
+        n.signalled_pb = True
+        for c in n.children:
+            c.wait_pb -= 1
+            if c.wait_pb == 0 and c.ev_pb is not None:
+                c.ev_pb.set()
+        g = n.group
+        g.pending_pb -= 1
+        if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT:
+            g.cut_released.set()
+            self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
+
+    async def _signal_pf(self, n: _Node) -> None:
+        if n.signalled_pf:
+            return
+        n.signalled_pf = True
+        for p in n.parents:
+            p.wait_pf -= 1
+            if p.wait_pf == 0 and p.ev_pf is not None:
+                p.ev_pf.set()
+        g = n.group
+        g.pending_pf -= 1
+        if g.pending_pf == 0 and g.aborting is None:
+            if self.operation is OperationKind.PROTECT:
+                # Commit point 2: the group's cuts are all durable before its main wave.
+                with anyio.CancelScope(shield=True):
+                    await self._store.commit()
+            if g.policy is not BarrierPolicy.NONE:
+                g.main_released.set()
+                self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="main")
+
+    def _signal_cp(self, n: _Node, *, failed: bool) -> None:
+        if n.signalled_cp:
+            return
+        n.signalled_cp = True
+        for p in n.parents:
+            p.wait_cp -= 1
+            if failed:
+                p.child_failed = True
+            if p.wait_cp == 0 and p.ev_cp is not None:
+                p.ev_cp.set()
+
+    def _settle(self, n: _Node) -> None:
+        """A node that leaves early still releases what others wait on (never a hang)."""
+        if not n.signalled_pb:
+            n.signalled_pb = True
+            for c in n.children:
+                c.wait_pb -= 1
+                if c.wait_pb == 0 and c.ev_pb is not None:
+                    c.ev_pb.set()
+        if not n.signalled_pf:
+            n.signalled_pf = True
+            for p in n.parents:
+                p.wait_pf -= 1
+                if p.wait_pf == 0 and p.ev_pf is not None:
+                    p.ev_pf.set()
+        self._signal_cp(n, failed=True)
+
+    async def _on_cancelled(self, n: _Node) -> None:
+        g = n.group
+        reason = g.aborting or self._abort_reason or AbortReason.CANCELLED
+        if g.aborting is None:
+            g.aborting = reason
+        if n.pb_started and not n.pf_started:
+            await self._thaw(n, reason, g.abort_error)
+        if n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING, ResourceStatus.SUCCEEDED):
+            if reason in (AbortReason.CANCELLED, AbortReason.TIMEOUT):
+                n.status = ResourceStatus.CANCELLED
+            else:
+                n.status = ResourceStatus.ABORTED
+            self._emit(EventKind.ABORTED, n, None, reason=reason.value)
+
+    # -- the end ---------------------------------------------------------------------------
+    async def _finish(self, started_wall: float, started: float) -> tuple[RunOutcome, list[Exception]]:
+        errors: list[Exception] = []
+        resources: dict[ResourceKey, ResourceOutcome] = {}
+        for n in self.nodes:
+            if n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING):
+                n.status = (
+                    ResourceStatus.CANCELLED
+                    if self._abort_reason is not None
+                    else ResourceStatus.ABORTED
+                )
+            if n.error is not None and isinstance(n.error, Exception):
+                errors.append(n.error)
+            resources[n.resource.key] = ResourceOutcome(
+                resource=n.resource,
+                group=n.group.name,
+                status=n.status,
+                hooks_run=tuple(n.hooks_run),
+                failed_hook=n.failed_hook,
+                error=format_error(n.error) if n.error is not None else None,
+                cut_at=n.cut_at,
+                quiesced_at=n.quiesced_at,
+                thawed_at=n.thawed_at,
+                crash_consistent=n.crash_consistent and n.cut_at is not None,
+                thawed_early=n.thawed_early,
+                attempt=n.attempt,
+            )
+        groups: dict[str, GroupOutcome] = {}
+        for g in self.groups.values():
+            cuts = [n.cut_at for n in g.nodes if n.cut_at is not None]
+            groups[g.name] = GroupOutcome(
+                name=g.name,
+                barrier=g.policy,
+                resources=len(g.nodes),
+                cuts=len(cuts),
+                skew=(max(cuts) - min(cuts)) if cuts else None,
+                aborted=g.aborting,
+                crash_consistent=any(
+                    n.crash_consistent and n.cut_at is not None for n in g.nodes
+                ),
+            )
+        if self._abort_reason is AbortReason.CANCELLED:
+            status = RunStatus.CANCELLED
+            errors.append(RunCancelledError(f"run {self.run_id} was cancelled"))
+        elif self._abort_reason is AbortReason.TIMEOUT:
+            status = RunStatus.FAILED
+            errors.append(
+                RunCancelledError(
+                    f"run {self.run_id} exceeded its time limit of "
+                    f"{self.spec.plan.timeouts.run} s"
+                )
+            )
+        elif errors or any(n.status is not ResourceStatus.SUCCEEDED for n in self.nodes):
+            status = RunStatus.FAILED
+        else:
+            status = RunStatus.SUCCEEDED
+        if status is RunStatus.FAILED and not errors:
+            errors.append(RunCancelledError(f"run {self.run_id} aborted"))
+        summary = None
+        if status is not RunStatus.SUCCEEDED:
+            counts: dict[str, int] = {}
+            for r in resources.values():
+                counts[r.status.value] = counts.get(r.status.value, 0) + 1
+            summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            if errors:
+                summary = f"{summary}; first error: {errors[0]}"
+        outcome = RunOutcome(
+            run_id=self.run_id,
+            checkpoint_id=self.checkpoint_id,
+            operation=self.operation,
+            status=status,
+            started_wall=started_wall,
+            ended_wall=time.time(),
+            duration=anyio.current_time() - started,
+            resources=resources,
+            groups=groups,
+            restored=dict(self.restored),
+            error=summary,
+        )
+        self._emit(EventKind.RUN_FINISHED, None, None, status=status.value)
+        await self._store.finish_run(outcome)
+        if self._after_finish is not None:
+            await self._after_finish(outcome)
+        self._log.info(
+            "run_finished",
+            status=status.value,
+            duration=round(outcome.duration, 6),
+            skew=outcome.skew,
+        )
+        return outcome, errors
+
+
+def node_errors(nodes: Sequence[_Node]) -> list[BaseException]:
+    return [n.error for n in nodes if n.error is not None]

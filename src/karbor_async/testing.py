@@ -1,0 +1,282 @@
+"""Helpers for testing plugins and the engine: recording plugins, scripted faults, fakes.
+
+A vendor tests a plugin by running its hooks the way the engine does::
+
+    outcome = await run_hooks(MyPlugin(), Resource("OS::Cinder::Volume", "v1"))
+
+and tests ordering with :class:`RecordingPlugin`, whose ``trace`` has every
+hook's resource, start, end and outcome, with scripted delays, raises, hangs
+and run cancellations (:class:`Fault`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from karbor_async._engine import Engine
+from karbor_async._memory import MemoryBank, MemoryStore
+from karbor_async._plan import Plan, Timeouts
+from karbor_async._types import AbortReason, Hook, OperationKind, Resource, ResourceKey
+from karbor_async.plugin import HookContext, ProtectionPlugin, ResourceType
+from karbor_async.store import RunOutcome
+
+__all__ = [
+    "Fault",
+    "HookRun",
+    "InjectedError",
+    "MapProtectable",
+    "RecordingPlugin",
+    "TraceEntry",
+    "protectables_for",
+    "run_hooks",
+]
+
+
+class Fault(enum.Enum):
+    """What a scripted hook does instead of returning."""
+
+    RAISE = "raise"
+    """Raise :class:`InjectedError`."""
+    HANG = "hang"
+    """Sleep forever (until its timeout or a cancellation stops it)."""
+    CANCEL_RUN = "cancel_run"
+    """Call the plugin's ``cancel_run`` callback (tests set it to ``run.cancel``), then wait."""
+
+
+class InjectedError(RuntimeError):
+    """The exception a :attr:`Fault.RAISE` hook raises."""
+
+
+@attrs.define
+class TraceEntry:
+    """One hook call as a :class:`RecordingPlugin` saw it (times on the engine clock)."""
+
+    resource: ResourceKey
+    hook: Hook
+    operation: OperationKind
+    start: float
+    end: float | None = None
+    outcome: str = "running"
+    """``ok``, ``error``, ``cancelled`` (stopped by cancellation or its timeout) or ``running``."""
+    aborting: AbortReason | None = None
+    attempt: int = 1
+
+
+ScriptKey = tuple[str, Hook]
+"""``("OS::Nova::Server#s1", hook)`` for one resource or ``("OS::Nova::Server", hook)`` for a type."""
+
+
+class _RecordingOp:
+    def __init__(self, plugin: RecordingPlugin) -> None:
+        self._plugin = plugin
+
+    async def on_prepare_begin(self, ctx: HookContext) -> None:
+        await self._plugin.record(ctx)
+
+    async def on_prepare_finish(self, ctx: HookContext) -> None:
+        await self._plugin.record(ctx)
+
+    async def on_main(self, ctx: HookContext) -> None:
+        await self._plugin.record(ctx)
+
+    async def on_complete(self, ctx: HookContext) -> None:
+        await self._plugin.record(ctx)
+
+
+class RecordingPlugin(ProtectionPlugin):
+    """Implements all four hooks of every operation for the given types, recording each call.
+
+    ``delays`` and ``faults`` are keyed by ``(TYPE#ID or TYPE, hook)``; a delay may be
+    a number of seconds or a callable returning one. Types that quiesce mark
+    ``quiesced`` in ``on_prepare_begin`` and ``thawed`` in ``on_prepare_finish``.
+    Faults apply to non-aborting calls unless ``fault_thaws`` is set.
+    """
+
+    name = "recording"
+
+    def __init__(
+        self,
+        types: Iterable[ResourceType | str],
+        *,
+        name: str | None = None,
+        delays: Mapping[ScriptKey, float | Callable[[], float]] | None = None,
+        faults: Mapping[ScriptKey, Fault] | None = None,
+        fault_thaws: bool = False,
+        cancel_run: Callable[[], None] | None = None,
+        restore_ids: bool = True,
+    ) -> None:
+        self.types = tuple(  # type: ignore[misc]
+            t if isinstance(t, ResourceType) else ResourceType(t) for t in types
+        )
+        if name is not None:
+            self.name = name  # type: ignore[misc]
+        self.delays = dict(delays or {})
+        self.faults = dict(faults or {})
+        self.fault_thaws = fault_thaws
+        self.cancel_run = cancel_run
+        self.restore_ids = restore_ids
+        self.trace: list[TraceEntry] = []
+        self._op = _RecordingOp(self)
+        self._quiesces = {t.name for t in self.types if t.quiesces}
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return self._op
+
+    def get_restore_operation(self, resource_type: str) -> object:
+        return self._op
+
+    def get_delete_operation(self, resource_type: str) -> object:
+        return self._op
+
+    def _lookup(self, table: Mapping[ScriptKey, Any], res: Resource, hook: Hook) -> Any:
+        found = table.get((f"{res.type}#{res.id}", hook))
+        return found if found is not None else table.get((res.type, hook))
+
+    async def record(self, ctx: HookContext) -> None:
+        res = ctx.resource
+        entry = TraceEntry(
+            resource=res.key,
+            hook=ctx.hook,
+            operation=ctx.operation,
+            start=anyio.current_time(),
+            aborting=ctx.aborting,
+            attempt=ctx.attempt,
+        )
+        self.trace.append(entry)
+        try:
+            await self._behave(ctx)
+        except anyio.get_cancelled_exc_class():
+            entry.outcome = "cancelled"
+            entry.end = anyio.current_time()
+            raise
+        except BaseException:
+            entry.outcome = "error"
+            entry.end = anyio.current_time()
+            raise
+        entry.outcome = "ok"
+        entry.end = anyio.current_time()
+
+    async def _behave(self, ctx: HookContext) -> None:
+        res, hook = ctx.resource, ctx.hook
+        delay = self._lookup(self.delays, res, hook)
+        if callable(delay):
+            delay = delay()
+        fault = None
+        if ctx.aborting is None or self.fault_thaws:
+            fault = self._lookup(self.faults, res, hook)
+        if ctx.operation is OperationKind.PROTECT and res.type in self._quiesces:
+            if hook is Hook.PREPARE_BEGIN and delay:
+                await anyio.sleep(delay / 2)
+                ctx.mark_quiesced()
+                delay /= 2
+        if delay:
+            await anyio.sleep(delay)
+        if fault is Fault.RAISE:
+            raise InjectedError(f"injected failure in {hook.value} of {res}")
+        if fault is Fault.HANG:
+            await anyio.sleep_forever()
+        if fault is Fault.CANCEL_RUN:
+            if self.cancel_run is None:
+                raise RuntimeError("Fault.CANCEL_RUN needs cancel_run= (for example run.cancel)")
+            self.cancel_run()
+            await anyio.sleep_forever()
+        if ctx.operation is OperationKind.PROTECT and hook is Hook.MAIN:
+            await ctx.bank.put("data", f"{res.type}:{res.id}".encode())
+            ctx.save(copied=True, attempt=ctx.attempt)
+        if ctx.operation is OperationKind.RESTORE and hook is Hook.MAIN and self.restore_ids:
+            if ctx.restored_id(res) is None:
+                await ctx.report_restored(f"restored-{res.id}")
+
+    # -- trace queries ---------------------------------------------------------------------
+    def calls(
+        self, resource: ResourceKey | None = None, hook: Hook | None = None
+    ) -> list[TraceEntry]:
+        return [
+            e
+            for e in self.trace
+            if (resource is None or e.resource == resource) and (hook is None or e.hook is hook)
+        ]
+
+
+class MapProtectable:
+    """A protectable answering from a fixed map of parent key -> dependents of one type."""
+
+    def __init__(
+        self,
+        resource_type: str,
+        parent_types: Sequence[str],
+        children: Mapping[ResourceKey, Sequence[Resource]],
+        *,
+        fail_on: ResourceKey | None = None,
+    ) -> None:
+        self.resource_type = resource_type
+        self.parent_types = tuple(parent_types)
+        self._children = {k: list(v) for k, v in children.items()}
+        self._fail_on = fail_on
+
+    async def dependents(self, parent: Resource) -> list[Resource]:
+        await anyio.lowlevel.checkpoint()
+        if parent.key == self._fail_on:
+            raise InjectedError(f"injected discovery failure under {parent}")
+        return self._children.get(parent.key, [])
+
+
+def protectables_for(
+    edges: Iterable[tuple[Resource, Resource]],
+) -> list[MapProtectable]:
+    """Protectables that reproduce the given ``(parent, child)`` edges, one per child type."""
+    by_type: dict[str, dict[ResourceKey, list[Resource]]] = {}
+    parents: dict[str, set[str]] = {}
+    for parent, child in edges:
+        by_type.setdefault(child.type, {}).setdefault(parent.key, []).append(child)
+        parents.setdefault(child.type, set()).add(parent.type)
+    return [MapProtectable(t, sorted(parents[t]), m) for t, m in by_type.items()]
+
+
+@attrs.frozen
+class HookRun:
+    """What :func:`run_hooks` observed: the outcomes, the saved info and the bank's objects."""
+
+    protect: RunOutcome
+    restore: RunOutcome | None
+    delete: RunOutcome | None
+    saved: Mapping[ResourceKey, Mapping[str, Any]]
+    bank_objects: Mapping[str, bytes]
+
+
+async def run_hooks(
+    plugin: ProtectionPlugin,
+    resource: Resource,
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    restore: bool = False,
+    delete: bool = False,
+    secrets: Callable[[str], Any] | None = None,
+    timeouts: Timeouts | None = None,
+) -> HookRun:
+    """Run one plugin's hooks for one resource exactly as the engine does.
+
+    Protects the resource (all four hooks, in order, with the real engine, an
+    in-memory store and bank), then optionally restores and deletes the
+    checkpoint. Raises :class:`~karbor_async.exceptions.RunError` if a run fails.
+    """
+    store = MemoryStore()
+    bank = MemoryBank()
+    engine = Engine([plugin], store=store, bank=bank, discover=False, secrets=secrets)
+    plan = Plan(
+        name=f"test-{plugin.plugin_name()}",
+        resources=[resource],
+        parameters={resource.type: dict(parameters or {})} if parameters else {},
+        timeouts=timeouts or Timeouts(),
+    )
+    protected = await engine.protect(plan)
+    saved = await store.load_saved_info(protected.checkpoint_id)
+    objects = dict(bank.objects)
+    restored = await engine.restore(protected.checkpoint_id) if restore else None
+    deleted = await engine.delete(protected.checkpoint_id) if delete else None
+    return HookRun(protected, restored, deleted, saved, objects)
