@@ -1,0 +1,33 @@
+"""The engine names this package uses, imported in one place.
+
+Everything here comes from karbor-async's public API (the package root and
+``karbor_async.plugin``).
+"""
+
+from __future__ import annotations
+
+from karbor_async import AbortReason, Hook, OperationKind, Resource, ResourceKey
+from karbor_async.plugin import (
+    Bank,
+    BankSection,
+    HookContext,
+    Param,
+    Protectable,
+    ProtectionPlugin,
+    ResourceType,
+)
+
+__all__ = [
+    "AbortReason",
+    "Bank",
+    "BankSection",
+    "Hook",
+    "HookContext",
+    "OperationKind",
+    "Param",
+    "Protectable",
+    "ProtectionPlugin",
+    "Resource",
+    "ResourceKey",
+    "ResourceType",
+]

@@ -1,0 +1,235 @@
+"""Call plugin hooks directly, without the engine: a test harness and a one-at-a-time baseline.
+
+:class:`DirectRunner` builds each :class:`HookContext` itself (saved info,
+marks, progress and restored ids live in plain dicts) and calls one hook at a
+time. It implements none of the engine's guarantees (no barrier, no timeouts,
+no abort handling): it exists to test plugins in isolation and to measure how
+hooks run "resource after resource", as pre/post-hook tools run them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import attrs
+import structlog
+
+from karbor_simcloud._compat import (
+    AbortReason,
+    Bank,
+    Hook,
+    HookContext,
+    OperationKind,
+    Protectable,
+    ProtectionPlugin,
+    Resource,
+    ResourceKey,
+)
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+__all__ = ["DirectGraph", "DirectRunner", "HookCall"]
+
+_log = structlog.get_logger("karbor_simcloud.direct")
+
+
+@attrs.define
+class DirectGraph:
+    """Resources and their parent -> child edges, found through protectables."""
+
+    resources: list[Resource]
+    children: dict[ResourceKey, list[Resource]]
+    parents: dict[ResourceKey, list[Resource]]
+
+    @classmethod
+    async def discover(
+        cls, roots: Iterable[Resource], protectables: Iterable[Protectable]
+    ) -> DirectGraph:
+        """Expand ``roots`` breadth-first through ``protectables`` (a node reached twice is one)."""
+        finders: dict[str, list[Protectable]] = {}
+        for finder in protectables:
+            for parent_type in finder.parent_types:
+                finders.setdefault(parent_type, []).append(finder)
+        graph = cls([], {}, {})
+        seen: set[ResourceKey] = set()
+        queue: list[Resource] = []
+        for root in roots:
+            if root.key not in seen:
+                seen.add(root.key)
+                queue.append(root)
+        index = 0
+        while index < len(queue):
+            node = queue[index]
+            index += 1
+            graph.resources.append(node)
+            graph.children.setdefault(node.key, [])
+            graph.parents.setdefault(node.key, [])
+            for finder in finders.get(node.type, ()):
+                for child in await finder.dependents(node):
+                    graph.children[node.key].append(child)
+                    graph.parents.setdefault(child.key, []).append(node)
+                    if child.key not in seen:
+                        seen.add(child.key)
+                        queue.append(child)
+        return graph
+
+    @property
+    def roots(self) -> list[Resource]:
+        return [r for r in self.resources if not self.parents.get(r.key)]
+
+    def edges(self) -> list[tuple[ResourceKey, ResourceKey]]:
+        return [(p, c.key) for p, kids in self.children.items() for c in kids]
+
+
+@attrs.frozen
+class HookCall:
+    """One hook the runner called (in call order)."""
+
+    operation: OperationKind
+    hook: Hook
+    resource: ResourceKey
+    aborting: AbortReason | None = None
+
+
+class _Handle:
+    """The runner's side of a context (the engine's private handle protocol)."""
+
+    def __init__(self, runner: DirectRunner, resource: Resource) -> None:
+        self._runner = runner
+        self._key = resource.key
+
+    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
+        return self._runner.saved.get(key, {})
+
+    def save_info(self, info: Mapping[str, Any]) -> None:
+        self._runner.saved.setdefault(self._key, {}).update(info)
+
+    def progress(
+        self, fraction: float | None, done: int | None, total: int | None, message: str | None
+    ) -> None:
+        self._runner.progress.setdefault(self._key, []).append(fraction)
+
+    def mark(self, what: str, at: float | None) -> None:
+        if at is None:
+            import anyio
+
+            at = anyio.current_time()
+        self._runner.marks.setdefault(self._key, {})[what] = at
+
+    async def report_restored(self, new_id: str) -> None:
+        self._runner.restored[self._key] = new_id
+
+    def restored_id(self, key: ResourceKey) -> str | None:
+        return self._runner.restored.get(key)
+
+
+@attrs.define
+class DirectRunner:
+    """Runs plugin hooks one at a time, keeping the checkpoint's state in dicts."""
+
+    plugins: Sequence[ProtectionPlugin]
+    bank: Bank
+    checkpoint_id: str = "direct-checkpoint"
+    run_id: str = "direct-run"
+    parameters: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    saved: dict[ResourceKey, dict[str, Any]] = attrs.field(factory=dict)
+    restored: dict[ResourceKey, str] = attrs.field(factory=dict)
+    marks: dict[ResourceKey, dict[str, float]] = attrs.field(factory=dict)
+    progress: dict[ResourceKey, list[float | None]] = attrs.field(factory=dict)
+    calls: list[HookCall] = attrs.field(factory=list)
+    _by_type: dict[str, ProtectionPlugin] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        for plugin in self.plugins:
+            for spec in plugin.types:
+                self._by_type[spec.name] = plugin
+
+    def params_for(self, resource: Resource) -> dict[str, Any]:
+        """Defaults of the type's declared parameters, then ``Type``, then ``Type#id``."""
+        merged: dict[str, Any] = {}
+        plugin = self._by_type.get(resource.type)
+        if plugin is not None:
+            for spec in plugin.types:
+                if spec.name == resource.type and spec.parameters:
+                    merged.update({k: p.default for k, p in spec.parameters.items()})
+        merged.update(self.parameters.get(resource.type, {}))
+        merged.update(self.parameters.get(f"{resource.type}#{resource.id}", {}))
+        return merged
+
+    async def call(
+        self,
+        operation: OperationKind,
+        hook: Hook,
+        resource: Resource,
+        graph: DirectGraph | None = None,
+        *,
+        attempt: int = 1,
+        aborting: AbortReason | None = None,
+        checkpoint_id: str | None = None,
+    ) -> bool:
+        """Call one hook; ``False`` if the plugin does not implement it."""
+        plugin = self._by_type.get(resource.type)
+        if plugin is None:
+            raise LookupError(f"no plugin handles {resource.type!r}")
+        op = plugin.get_operation(operation, resource.type)
+        method = getattr(op, hook.value, None) if op is not None else None
+        if method is None:
+            return False
+        children = tuple(graph.children.get(resource.key, ())) if graph else ()
+        parents = tuple(graph.parents.get(resource.key, ())) if graph else ()
+        cid = checkpoint_id or self.checkpoint_id
+        ctx = HookContext(
+            resource=resource,
+            parameters=self.params_for(resource),
+            operation=operation,
+            hook=hook,
+            run_id=self.run_id,
+            checkpoint_id=cid,
+            attempt=attempt,
+            bank=self.bank.section(cid, resource.key, read_only=operation is OperationKind.RESTORE),
+            children=children,
+            parents=parents,
+            log=cast("FilteringBoundLogger", _log),
+            aborting=aborting,
+            handle=_Handle(self, resource),
+        )
+        self.calls.append(HookCall(operation, hook, resource.key, aborting))
+        await method(ctx)
+        return True
+
+    async def run_one_at_a_time(self, operation: OperationKind, graph: DirectGraph) -> None:
+        """Every hook, one at a time, subtree after subtree, as pre/post-hook tools do.
+
+        Prepare walks the graph depth first: ``prepare_begin(P)``, then each
+        child's prepare (recursively), then ``prepare_finish(P)``; so a server
+        is quiesced only while its own volumes cut. Then ``main`` and
+        ``complete`` walk it again, children first. A shared child is handled
+        under the first parent that reaches it (so the rule "a shared child
+        waits for all of its parents" is not kept: this is a baseline).
+        """
+        owned: dict[ResourceKey, list[Resource]] = {}
+        claimed: set[ResourceKey] = set()
+
+        async def prepare(node: Resource) -> None:
+            await self.call(operation, Hook.PREPARE_BEGIN, node, graph)
+            mine = [c for c in graph.children.get(node.key, ()) if c.key not in claimed]
+            claimed.update(c.key for c in mine)
+            owned[node.key] = mine
+            for child in mine:
+                await prepare(child)
+            await self.call(operation, Hook.PREPARE_FINISH, node, graph)
+
+        async def post(node: Resource) -> None:
+            for child in owned.get(node.key, ()):
+                await post(child)
+            await self.call(operation, Hook.MAIN, node, graph)
+            await self.call(operation, Hook.COMPLETE, node, graph)
+
+        roots = graph.roots
+        claimed.update(r.key for r in roots)
+        for root in roots:
+            await prepare(root)
+        for root in roots:
+            await post(root)

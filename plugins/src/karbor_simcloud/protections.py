@@ -1,0 +1,557 @@
+"""Protection plugins of the SIMULATED cloud, written as a vendor would (public API only).
+
+Protect follows Karbor's example: a server quiesces in ``on_prepare_begin``;
+each volume takes its snapshot (the cut) in ``on_prepare_finish``; the server,
+whose ``on_prepare_finish`` runs after its volumes', thaws; ``on_main`` copies
+data to the bank in chunks, reporting progress; a volume's ``on_complete``
+drops the temporary snapshot. Restore recreates volumes, images and networks
+in ``on_main`` and each server in ``on_complete`` from its restored children.
+Delete removes what protect saved (bank objects and any snapshot left).
+
+Every hook first asks the cloud's fault injector whether to fail, and is
+idempotent per attempt: a volume that already cut (saved ``snapshot_id``)
+reuses its snapshot, a copy skips chunks already in the bank, and a restore
+adopts what it (or a crashed attempt) already created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from karbor_simcloud._cloud import (
+    IMAGE,
+    NETWORK,
+    PROJECT,
+    SERVER,
+    VOLUME,
+    Origin,
+    SimCloud,
+    SimCloudError,
+)
+from karbor_simcloud._compat import (
+    BankSection,
+    HookContext,
+    OperationKind,
+    Param,
+    ProtectionPlugin,
+    ResourceType,
+)
+from karbor_simcloud._config import current_cloud
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ImageProtection",
+    "NetworkProtection",
+    "ProjectProtection",
+    "RestoreError",
+    "ServerProtection",
+    "VolumeProtection",
+    "all_protections",
+]
+
+DEFAULT_CHUNK_SIZE = 1024
+META_KEY = "meta.json"
+DATA_PREFIX = "data/"
+
+_TARGET_PROJECT = Param(
+    str, default=None, description="restore: the project to recreate into (default: original's)"
+)
+
+
+class RestoreError(RuntimeError):
+    """A simulated restore cannot proceed (missing bank data or an unrestored child)."""
+
+
+def _chunk_key(index: int) -> str:
+    return f"{DATA_PREFIX}{index:06d}"
+
+
+async def _put_json(bank: BankSection, key: str, value: Mapping[str, Any]) -> None:
+    await bank.put(key, json.dumps(value, sort_keys=True).encode())
+
+
+async def _get_json(bank: BankSection, key: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(await bank.get(key))
+    return data
+
+
+class _SimPlugin(ProtectionPlugin):
+    """Resolves the cloud lazily (see :mod:`karbor_simcloud._config`) and hands out operations."""
+
+    _protect: ClassVar[type[_SimOperation] | None] = None
+    _restore: ClassVar[type[_SimOperation] | None] = None
+    _delete: ClassVar[type[_SimOperation] | None] = None
+
+    def __init__(self, cloud: SimCloud | None = None) -> None:
+        self._cloud = cloud
+        self._ops: dict[OperationKind, _SimOperation | None] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.plugin_name()!r} (simulated cloud)>"
+
+    @property
+    def cloud(self) -> SimCloud:
+        return self._cloud if self._cloud is not None else current_cloud()
+
+    def _op(self, kind: OperationKind, resource_type: str) -> _SimOperation | None:
+        if resource_type not in {t.name for t in self.types}:
+            return None
+        if kind not in self._ops:
+            cls = {
+                OperationKind.PROTECT: self._protect,
+                OperationKind.RESTORE: self._restore,
+                OperationKind.DELETE: self._delete,
+            }[kind]
+            self._ops[kind] = cls(self) if cls is not None else None
+        return self._ops[kind]
+
+    def get_protect_operation(self, resource_type: str) -> object | None:
+        return self._op(OperationKind.PROTECT, resource_type)
+
+    def get_restore_operation(self, resource_type: str) -> object | None:
+        return self._op(OperationKind.RESTORE, resource_type)
+
+    def get_delete_operation(self, resource_type: str) -> object | None:
+        return self._op(OperationKind.DELETE, resource_type)
+
+
+class _SimOperation:
+    """All four hooks, each a fault-injection point; subclasses add the work."""
+
+    def __init__(self, plugin: _SimPlugin) -> None:
+        self._plugin = plugin
+
+    @property
+    def cloud(self) -> SimCloud:
+        return self._plugin.cloud
+
+    async def _enter(self, ctx: HookContext) -> SimCloud:
+        cloud = self.cloud
+        await cloud.faults.check(ctx.operation, ctx.hook, ctx.resource)
+        return cloud
+
+    async def on_prepare_begin(self, ctx: HookContext) -> None:
+        await self._enter(ctx)
+
+    async def on_prepare_finish(self, ctx: HookContext) -> None:
+        await self._enter(ctx)
+
+    async def on_main(self, ctx: HookContext) -> None:
+        await self._enter(ctx)
+
+    async def on_complete(self, ctx: HookContext) -> None:
+        await self._enter(ctx)
+
+
+# -- shared pieces -----------------------------------------------------------------------
+
+
+async def _copy_chunks(
+    ctx: HookContext, cloud: SimCloud, content: str, size: int, chunk_size: int
+) -> str:
+    """Copy simulated data to the bank in chunks under a copy slot; return its digest.
+
+    A re-run (``attempt > 1``) skips chunks already in the bank.
+    """
+    existing: set[str] = set()
+    if ctx.attempt > 1:
+        existing = set(await ctx.bank.list(DATA_PREFIX))
+    digest = hashlib.blake2b(digest_size=16)
+    total_chunks = max(1, -(-size // chunk_size))
+    async with cloud.storage.copy_slot():
+        done = 0
+        for index in range(total_chunks):
+            length = min(chunk_size, size - index * chunk_size)
+            key = _chunk_key(index)
+            if key in existing:
+                data = await ctx.bank.get(key)
+            else:
+                data = await cloud.storage.read_chunk(content, index, length)
+                await ctx.bank.put(key, data)
+            digest.update(data)
+            done += length
+            ctx.report_progress(done / size if size else 1.0, done=done, total=size)
+    return digest.hexdigest()
+
+
+async def _read_chunks(ctx: HookContext, size: int) -> str:
+    """Read a resource's data back from the bank with progress; return its digest."""
+    keys = await ctx.bank.list(DATA_PREFIX)
+    digest = hashlib.blake2b(digest_size=16)
+    done = 0
+    for key in keys:
+        data = await ctx.bank.get(key)
+        digest.update(data)
+        done += len(data)
+        ctx.report_progress(done / size if size else 1.0, done=done, total=size)
+    if done != size:
+        raise RestoreError(f"{ctx.resource}: the bank holds {done} bytes, protect saved {size}")
+    return digest.hexdigest()
+
+
+def _origin(ctx: HookContext) -> Origin:
+    return Origin(ctx.checkpoint_id, ctx.resource.id)
+
+
+async def _adopt(ctx: HookContext, cloud: SimCloud) -> bool:
+    """Skip a restore already done: reported before, or created by a crashed attempt."""
+    if ctx.restored_id(ctx.resource) is not None:
+        return True
+    existing = cloud.find_restored(ctx.resource.type, _origin(ctx))
+    if existing is None:
+        return False
+    await ctx.report_restored(existing)
+    return True
+
+
+def _target_project(ctx: HookContext, meta: Mapping[str, Any], cloud: SimCloud) -> str:
+    target = ctx.parameters.get("target_project") or meta["project_id"]
+    return cloud.ensure_project(str(target)).id
+
+
+class _WipeOperation(_SimOperation):
+    """Delete: remove every bank object protect wrote for this resource."""
+
+    async def on_main(self, ctx: HookContext) -> None:
+        await self._enter(ctx)
+        for key in await ctx.bank.list():
+            await ctx.bank.delete(key)
+
+
+# -- project -----------------------------------------------------------------------------
+
+
+class _ProjectProtect(_SimOperation):
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        project = cloud.project(ctx.resource.id)
+        await _put_json(ctx.bank, META_KEY, {"id": project.id, "name": project.name})
+
+
+class _ProjectRestore(_SimOperation):
+    async def on_complete(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if ctx.restored_id(ctx.resource) is not None:
+            return
+        target = ctx.parameters.get("target_project") or ctx.resource.id
+        await ctx.report_restored(cloud.ensure_project(str(target)).id)
+
+
+class ProjectProtection(_SimPlugin):
+    """Simulated Keystone projects: records the project; a restore maps it to a target."""
+
+    name = "simcloud-project"
+    types = (
+        ResourceType(
+            PROJECT,
+            quiesces=False,
+            snapshots=False,
+            parameters={"target_project": _TARGET_PROJECT},
+        ),
+    )
+    _protect = _ProjectProtect
+    _restore = _ProjectRestore
+    _delete = _WipeOperation
+
+
+# -- server ------------------------------------------------------------------------------
+
+
+class _ServerProtect(_SimOperation):
+    async def on_prepare_begin(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if not ctx.parameters.get("quiesce", True):
+            return
+        server = await cloud.quiesce(ctx.resource.id)
+        ctx.mark_quiesced(server.frozen_at)
+
+    async def on_prepare_finish(self, ctx: HookContext) -> None:
+        # Called after every child cut, or to thaw when the run aborts (ctx.aborting):
+        # either way the work is the same, thaw, and it is safe if never frozen.
+        cloud = await self._enter(ctx)
+        if await cloud.thaw(ctx.resource.id):
+            ctx.mark_thawed(cloud.server(ctx.resource.id).thawed_at)
+
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        server = cloud.server(ctx.resource.id)
+        await _put_json(
+            ctx.bank,
+            META_KEY,
+            {
+                "id": server.id,
+                "name": server.name,
+                "project_id": server.project_id,
+                "flavor": server.flavor,
+                "image_id": server.image_id,
+                "volume_ids": server.volume_ids,
+                "network_ids": server.network_ids,
+            },
+        )
+
+
+class _ServerRestore(_SimOperation):
+    async def on_complete(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if await _adopt(ctx, cloud):
+            return
+        meta = await _get_json(ctx.bank, META_KEY)
+        children = {c.key for c in ctx.children}
+        volumes: list[str] = []
+        for vid in meta["volume_ids"]:
+            new = ctx.restored_id((VOLUME, vid))
+            if new is None:
+                raise RestoreError(
+                    f"{ctx.resource}: its volume {vid} was not restored"
+                    + ("" if (VOLUME, vid) in children else " (it is not in the checkpoint)")
+                )
+            volumes.append(new)
+        image = ctx.restored_id((IMAGE, meta["image_id"])) or meta["image_id"]
+        if image not in cloud.images:
+            raise RestoreError(f"{ctx.resource}: its image {meta['image_id']} was not restored")
+        networks = [ctx.restored_id((NETWORK, n)) or n for n in meta["network_ids"]]
+        networks = [n for n in networks if n in cloud.networks]
+        server = await cloud.create_server(
+            _target_project(ctx, meta, cloud),
+            f"{meta['name']}-restored",
+            str(ctx.parameters.get("flavor") or meta["flavor"]),
+            image,
+            volumes,
+            networks,
+            _origin(ctx),
+        )
+        await ctx.report_restored(server.id)
+
+
+class ServerProtection(_SimPlugin):
+    """Simulated Nova servers: quiesce, thaw after the volumes cut, recreate on restore."""
+
+    name = "simcloud-server"
+    types = (
+        ResourceType(
+            SERVER,
+            quiesces=True,
+            snapshots=False,
+            parameters={
+                "quiesce": Param(bool, default=True, description="freeze file systems first"),
+                "flavor": Param(str, default=None, description="restore: flavor override"),
+                "target_project": _TARGET_PROJECT,
+            },
+        ),
+    )
+    _protect = _ServerProtect
+    _restore = _ServerRestore
+    _delete = _WipeOperation
+
+
+# -- volume ------------------------------------------------------------------------------
+
+
+class _VolumeProtect(_SimOperation):
+    async def on_prepare_finish(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if ctx.aborting is not None:
+            return  # never cut while the run aborts
+        previous = ctx.saved.get("snapshot_id")
+        if previous is not None:
+            record = cloud.storage.get_snapshot(str(previous))
+            if record is not None:
+                ctx.mark_cut(record.taken_at)
+                return
+        record = await cloud.storage.snapshot(ctx.resource.id)
+        ctx.save(snapshot_id=record.id, taken_at=record.taken_at)
+        ctx.mark_cut(record.taken_at)
+
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if ctx.saved.get("copied"):
+            return
+        snapshot_id = ctx.saved.get("snapshot_id")
+        record = cloud.storage.get_snapshot(str(snapshot_id)) if snapshot_id else None
+        if record is None:
+            raise SimCloudError(f"{ctx.resource}: no snapshot to copy (saved {snapshot_id!r})")
+        volume = cloud.volume(ctx.resource.id)
+        chunk_size = int(ctx.parameters.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+        digest = await _copy_chunks(ctx, cloud, record.content, volume.size, chunk_size)
+        meta = {
+            "id": volume.id,
+            "name": volume.name,
+            "project_id": volume.project_id,
+            "size": volume.size,
+            "content": record.content,
+            "digest": digest,
+            "snapshot_id": record.id,
+        }
+        await _put_json(ctx.bank, META_KEY, meta)
+        ctx.save(copied=True, digest=digest)
+
+    async def on_complete(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        snapshot_id = ctx.saved.get("snapshot_id")
+        if snapshot_id and not ctx.parameters.get("keep_snapshot", False):
+            cloud.storage.delete_snapshot(str(snapshot_id))
+
+
+class _DataRestore(_SimOperation):
+    """Restore of a volume or an image: read the bank back, verify, recreate (on_main)."""
+
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if await _adopt(ctx, cloud):
+            return
+        meta = await _get_json(ctx.bank, META_KEY)
+        digest = await _read_chunks(ctx, int(meta["size"]))
+        if digest != meta["digest"]:
+            raise RestoreError(f"{ctx.resource}: bank data does not match the saved digest")
+        project = _target_project(ctx, meta, cloud)
+        name = f"{meta['name']}-restored"
+        if ctx.resource.type == VOLUME:
+            new_id = (
+                await cloud.create_volume(
+                    project, name, int(meta["size"]), str(meta["content"]), _origin(ctx)
+                )
+            ).id
+        else:
+            new_id = (
+                await cloud.create_image(
+                    project, name, int(meta["size"]), str(meta["content"]), _origin(ctx)
+                )
+            ).id
+        await ctx.report_restored(new_id)
+
+
+class _VolumeDelete(_WipeOperation):
+    async def on_main(self, ctx: HookContext) -> None:
+        snapshot_id = ctx.saved.get("snapshot_id")
+        await super().on_main(ctx)
+        if snapshot_id:
+            self.cloud.storage.delete_snapshot(str(snapshot_id))
+
+
+class VolumeProtection(_SimPlugin):
+    """Simulated Cinder volumes: snapshot at the cut, copy to the bank, recreate on restore."""
+
+    name = "simcloud-volume"
+    types = (
+        ResourceType(
+            VOLUME,
+            quiesces=False,
+            snapshots=True,
+            parameters={
+                "chunk_size": Param(int, default=DEFAULT_CHUNK_SIZE, description="copy chunk"),
+                "keep_snapshot": Param(bool, default=False, description="keep after the copy"),
+                "target_project": _TARGET_PROJECT,
+            },
+        ),
+    )
+    _protect = _VolumeProtect
+    _restore = _DataRestore
+    _delete = _VolumeDelete
+
+
+# -- image -------------------------------------------------------------------------------
+
+
+class _ImageProtect(_SimOperation):
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if ctx.saved.get("copied"):
+            return
+        image = cloud.image(ctx.resource.id)
+        chunk_size = int(ctx.parameters.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+        digest = await _copy_chunks(ctx, cloud, image.content, image.size, chunk_size)
+        meta = {
+            "id": image.id,
+            "name": image.name,
+            "project_id": image.project_id,
+            "size": image.size,
+            "content": image.content,
+            "digest": digest,
+        }
+        await _put_json(ctx.bank, META_KEY, meta)
+        ctx.save(copied=True, digest=digest)
+
+
+class ImageProtection(_SimPlugin):
+    """Simulated Glance images: immutable, so no cut; copied to the bank in ``on_main``."""
+
+    name = "simcloud-image"
+    types = (
+        ResourceType(
+            IMAGE,
+            quiesces=False,
+            snapshots=False,
+            parameters={
+                "chunk_size": Param(int, default=DEFAULT_CHUNK_SIZE, description="copy chunk"),
+                "target_project": _TARGET_PROJECT,
+            },
+        ),
+    )
+    _protect = _ImageProtect
+    _restore = _DataRestore
+    _delete = _WipeOperation
+
+
+# -- network -----------------------------------------------------------------------------
+
+
+class _NetworkProtect(_SimOperation):
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        network = cloud.network(ctx.resource.id)
+        await _put_json(
+            ctx.bank,
+            META_KEY,
+            {
+                "id": network.id,
+                "name": network.name,
+                "project_id": network.project_id,
+                "cidr": network.cidr,
+            },
+        )
+
+
+class _NetworkRestore(_SimOperation):
+    async def on_main(self, ctx: HookContext) -> None:
+        cloud = await self._enter(ctx)
+        if await _adopt(ctx, cloud):
+            return
+        meta = await _get_json(ctx.bank, META_KEY)
+        network = await cloud.create_network(
+            _target_project(ctx, meta, cloud),
+            f"{meta['name']}-restored",
+            str(meta["cidr"]),
+            _origin(ctx),
+        )
+        await ctx.report_restored(network.id)
+
+
+class NetworkProtection(_SimPlugin):
+    """Simulated Neutron networks: definition saved in ``on_main``, recreated on restore."""
+
+    name = "simcloud-network"
+    types = (
+        ResourceType(
+            NETWORK,
+            quiesces=False,
+            snapshots=False,
+            parameters={"target_project": _TARGET_PROJECT},
+        ),
+    )
+    _protect = _NetworkProtect
+    _restore = _NetworkRestore
+    _delete = _WipeOperation
+
+
+def all_protections(cloud: SimCloud | None = None) -> list[ProtectionPlugin]:
+    """One plugin per simulated type, bound to ``cloud`` (or resolved at call time)."""
+    return [
+        ProjectProtection(cloud),
+        ServerProtection(cloud),
+        VolumeProtection(cloud),
+        ImageProtection(cloud),
+        NetworkProtection(cloud),
+    ]
