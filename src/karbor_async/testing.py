@@ -31,6 +31,7 @@ __all__ = [
     "InjectedError",
     "MapProtectable",
     "RecordingPlugin",
+    "ScriptKey",
     "TraceEntry",
     "protectables_for",
     "run_hooks",
@@ -94,7 +95,8 @@ class RecordingPlugin(ProtectionPlugin):
     ``delays`` and ``faults`` are keyed by ``(TYPE#ID or TYPE, hook)``; a delay may be
     a number of seconds or a callable returning one. Types that quiesce mark
     ``quiesced`` in ``on_prepare_begin`` and ``thawed`` in ``on_prepare_finish``.
-    Faults apply to non-aborting calls unless ``fault_thaws`` is set.
+    Faults apply to non-aborting calls of ``fault_operations`` (protect by default),
+    and to aborting calls too when ``fault_thaws`` is set.
     """
 
     name = "recording"
@@ -109,6 +111,7 @@ class RecordingPlugin(ProtectionPlugin):
         fault_thaws: bool = False,
         cancel_run: Callable[[], None] | None = None,
         restore_ids: bool = True,
+        fault_operations: Iterable[OperationKind] = (OperationKind.PROTECT,),
     ) -> None:
         self.types = tuple(  # type: ignore[misc]
             t if isinstance(t, ResourceType) else ResourceType(t) for t in types
@@ -120,6 +123,7 @@ class RecordingPlugin(ProtectionPlugin):
         self.fault_thaws = fault_thaws
         self.cancel_run = cancel_run
         self.restore_ids = restore_ids
+        self.fault_operations = frozenset(fault_operations)
         self.trace: list[TraceEntry] = []
         self._op = _RecordingOp(self)
         self._quiesces = {t.name for t in self.types if t.quiesces}
@@ -167,7 +171,7 @@ class RecordingPlugin(ProtectionPlugin):
         if callable(delay):
             delay = delay()
         fault = None
-        if ctx.aborting is None or self.fault_thaws:
+        if ctx.operation in self.fault_operations and (ctx.aborting is None or self.fault_thaws):
             fault = self._lookup(self.faults, res, hook)
         if ctx.operation is OperationKind.PROTECT and res.type in self._quiesces:
             if hook is Hook.PREPARE_BEGIN and delay:

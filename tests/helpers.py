@@ -1,0 +1,61 @@
+"""Building small Karbor graphs for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from karbor_async import BarrierPolicy, Engine, MemoryStore, Plan, Resource, ResourceType, Timeouts
+from karbor_async.testing import Fault, RecordingPlugin, ScriptKey, protectables_for
+
+SERVER = "OS::Nova::Server"
+VOLUME = "OS::Cinder::Volume"
+PROJECT = "OS::Keystone::Project"
+
+TYPES = (
+    ResourceType(PROJECT, quiesces=False, snapshots=False),
+    ResourceType(SERVER, quiesces=True, snapshots=False),
+    ResourceType(VOLUME),
+)
+QUIESCING = {SERVER}
+
+
+def res(name: str) -> Resource:
+    """``"s1"`` -> a server, ``"v1"`` -> a volume, ``"p1"`` -> a project, else a volume."""
+    kind = {"s": SERVER, "p": PROJECT}.get(name[0], VOLUME)
+    return Resource(kind, name, name=name)
+
+
+def key(name: str) -> tuple[str, str]:
+    return res(name).key
+
+
+def sk(name: str) -> str:
+    """Script key for one resource."""
+    r = res(name)
+    return f"{r.type}#{r.id}"
+
+
+def setup(
+    edges: Iterable[tuple[str, str]],
+    roots: Iterable[str],
+    *,
+    barrier: BarrierPolicy | None = None,
+    delays: Mapping[ScriptKey, Any] | None = None,
+    faults: Mapping[ScriptKey, Fault] | None = None,
+    fault_thaws: bool = False,
+    timeouts: Timeouts | None = None,
+    store: MemoryStore | None = None,
+    **plan_kw: Any,
+) -> tuple[Engine, RecordingPlugin, Plan]:
+    plugin = RecordingPlugin(TYPES, delays=delays, faults=faults, fault_thaws=fault_thaws)
+    pairs = [(res(a), res(b)) for a, b in edges]
+    engine = Engine([plugin], protectables_for(pairs), store=store or MemoryStore(), discover=False)
+    plan = Plan(
+        name="test",
+        resources=[res(r) for r in roots],
+        barrier=barrier,
+        timeouts=timeouts or Timeouts(hook=30),
+        **plan_kw,
+    )
+    return engine, plugin, plan
