@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import anyio
 import attrs
 import structlog
 
@@ -113,8 +114,6 @@ class _Handle:
 
     def mark(self, what: str, at: float | None) -> None:
         if at is None:
-            import anyio
-
             at = anyio.current_time()
         self._runner.marks.setdefault(self._key, {})[what] = at
 

@@ -8,10 +8,9 @@ image. Listing dependents costs the profile's ``api`` latency (zero by default).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
 
 from karbor_simcloud._cloud import IMAGE, NETWORK, PROJECT, SERVER, VOLUME, SimCloud
-from karbor_simcloud._compat import Resource
+from karbor_simcloud._compat import Protectable, Resource
 from karbor_simcloud._config import current_cloud
 
 __all__ = [
@@ -25,8 +24,10 @@ __all__ = [
 
 
 class _SimProtectable:
-    resource_type: ClassVar[str]
-    parent_types: ClassVar[tuple[str, ...]]
+    # Plain class attributes (not ClassVar): the Protectable protocol declares them as
+    # attributes, and each subclass sets them once.
+    resource_type: str
+    parent_types: tuple[str, ...]
 
     def __init__(self, cloud: SimCloud | None = None) -> None:
         self._cloud = cloud
@@ -50,8 +51,8 @@ class _SimProtectable:
 class ProjectProtectable(_SimProtectable):
     """Projects are roots: nothing lists them as dependents."""
 
-    resource_type = PROJECT
-    parent_types = ()
+    resource_type: str = PROJECT
+    parent_types: tuple[str, ...] = ()
 
     def _ids(self, cloud: SimCloud, parent: Resource) -> Iterable[str]:
         return ()
@@ -60,8 +61,8 @@ class ProjectProtectable(_SimProtectable):
 class ServerProtectable(_SimProtectable):
     """The servers of a project."""
 
-    resource_type = SERVER
-    parent_types = (PROJECT,)
+    resource_type: str = SERVER
+    parent_types: tuple[str, ...] = (PROJECT,)
 
     def _ids(self, cloud: SimCloud, parent: Resource) -> Iterable[str]:
         return [s.id for s in cloud.servers.values() if s.project_id == parent.id]
@@ -70,8 +71,8 @@ class ServerProtectable(_SimProtectable):
 class NetworkProtectable(_SimProtectable):
     """The networks of a project."""
 
-    resource_type = NETWORK
-    parent_types = (PROJECT,)
+    resource_type: str = NETWORK
+    parent_types: tuple[str, ...] = (PROJECT,)
 
     def _ids(self, cloud: SimCloud, parent: Resource) -> Iterable[str]:
         return [n.id for n in cloud.networks.values() if n.project_id == parent.id]
@@ -80,8 +81,8 @@ class NetworkProtectable(_SimProtectable):
 class VolumeProtectable(_SimProtectable):
     """A server's attached volumes; a project's volumes that no server uses."""
 
-    resource_type = VOLUME
-    parent_types = (SERVER, PROJECT)
+    resource_type: str = VOLUME
+    parent_types: tuple[str, ...] = (SERVER, PROJECT)
 
     def _ids(self, cloud: SimCloud, parent: Resource) -> Iterable[str]:
         if parent.type == SERVER:
@@ -94,8 +95,8 @@ class VolumeProtectable(_SimProtectable):
 class ImageProtectable(_SimProtectable):
     """A server's image; a project's images that no server uses."""
 
-    resource_type = IMAGE
-    parent_types = (SERVER, PROJECT)
+    resource_type: str = IMAGE
+    parent_types: tuple[str, ...] = (SERVER, PROJECT)
 
     def _ids(self, cloud: SimCloud, parent: Resource) -> Iterable[str]:
         if parent.type == SERVER:
@@ -106,7 +107,7 @@ class ImageProtectable(_SimProtectable):
         ]
 
 
-def all_protectables(cloud: SimCloud | None = None) -> list[_SimProtectable]:
+def all_protectables(cloud: SimCloud | None = None) -> list[Protectable]:
     """One protectable per simulated type, bound to ``cloud`` (or resolved at call time)."""
     return [
         ProjectProtectable(cloud),
