@@ -99,8 +99,7 @@ _V1: tuple[str, ...] = (
     "CREATE INDEX checkpoints_by_date ON checkpoints (created_wall, id)",
     "CREATE INDEX checkpoints_by_plan ON checkpoints (plan_name, created_wall, id)",
     "CREATE INDEX checkpoints_by_status ON checkpoints (status, created_wall, id)",
-    "CREATE INDEX checkpoints_by_plan_status"
-    " ON checkpoints (plan_name, status, created_wall, id)",
+    "CREATE INDEX checkpoints_by_plan_status ON checkpoints (plan_name, status, created_wall, id)",
     # Each resource's end state in a run (from the run's outcome).
     """CREATE TABLE resource_outcomes (
         run_id TEXT NOT NULL,
@@ -118,22 +117,6 @@ _V1: tuple[str, ...] = (
         attempt INTEGER NOT NULL,
         PRIMARY KEY (run_id, rtype, rid)
     ) WITHOUT ROWID""",
-    # Per hook and attempt, derived from the lifecycle events as they are written.
-    """CREATE TABLE hooks (
-        run_id TEXT NOT NULL,
-        rtype TEXT NOT NULL,
-        rid TEXT NOT NULL,
-        hook TEXT NOT NULL,
-        attempt INTEGER NOT NULL,
-        grp TEXT,
-        status TEXT NOT NULL,
-        started_wall REAL,
-        ended_wall REAL,
-        error TEXT,
-        first_seq INTEGER NOT NULL,
-        last_seq INTEGER NOT NULL,
-        PRIMARY KEY (run_id, rtype, rid, hook, attempt)
-    ) WITHOUT ROWID""",
     """CREATE TABLE saved_info (
         checkpoint_id TEXT NOT NULL,
         rtype TEXT NOT NULL,
@@ -148,14 +131,45 @@ _V1: tuple[str, ...] = (
         new_id TEXT NOT NULL,
         PRIMARY KEY (run_id, rtype, rid)
     ) WITHOUT ROWID""",
-    # The lifecycle log, numbered by the engine in commit order.
+    # The lifecycle log, numbered by the engine in commit order. Stored as
+    # columns (``data``: JSON, NULL when empty) so that writing an event costs
+    # no JSON encoding in the common case and the log can be queried.
     """CREATE TABLE events (
         run_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
         kind TEXT NOT NULL,
-        body TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        wall REAL NOT NULL,
+        mono REAL NOT NULL,
+        rtype TEXT,
+        rid TEXT,
+        hook TEXT,
+        grp TEXT,
+        attempt INTEGER NOT NULL,
+        data TEXT,
+        progress TEXT,
         PRIMARY KEY (run_id, seq)
     ) WITHOUT ROWID""",
+    # Per hook call and attempt, derived from the lifecycle events: a view, so
+    # recording a hook transition costs one event row and nothing more. The
+    # status is the kind of the call's latest event.
+    """CREATE VIEW hook_records AS
+    SELECT g.run_id, g.rtype, g.rid, g.hook, g.attempt, g.grp, e.kind AS status,
+           g.started_wall, g.ended_wall,
+           CASE WHEN e.kind IN ('failed', 'thaw_failed')
+                THEN json_extract(e.data, '$.error') END AS error,
+           g.first_seq, g.last_seq
+    FROM (
+        SELECT run_id, rtype, rid, hook, attempt, MAX(grp) AS grp,
+               MIN(CASE WHEN kind = 'started' THEN wall END) AS started_wall,
+               MAX(CASE WHEN kind <> 'started' THEN wall END) AS ended_wall,
+               MIN(seq) AS first_seq, MAX(seq) AS last_seq
+        FROM events
+        WHERE hook IS NOT NULL AND rtype IS NOT NULL
+          AND kind IN ('started', 'finished', 'failed', 'skipped', 'aborted', 'thaw_failed')
+        GROUP BY run_id, rtype, rid, hook, attempt
+    ) AS g
+    JOIN events AS e ON e.run_id = g.run_id AND e.seq = g.last_seq""",
     # Progress ticks, coalesced: the latest per run and resource.
     """CREATE TABLE progress (
         run_id TEXT NOT NULL,
@@ -264,4 +278,3 @@ def _inspect(conn: sqlite3.Connection, path: Path, *, check: bool) -> int:
 def migration_statements(from_version: int) -> Sequence[tuple[int, tuple[str, ...]]]:
     """The steps to run from ``from_version``, each with the version it produces."""
     return [(i + 1, MIGRATIONS[i]) for i in range(from_version, len(MIGRATIONS))]
-
