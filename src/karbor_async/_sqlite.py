@@ -523,7 +523,9 @@ class SqliteStore:
         self._closed = False
         self._held: dict[str, _Held] = {}
         self._held_by_checkpoint: dict[str, str] = {}
-        self._lost: set[str] = set()
+        self._lost: dict[str, str] = {}
+        """Runs another owner took from this store, with their checkpoint ids."""
+        self._lost_by_checkpoint: dict[str, str] = {}
         self._unreported: StoreError | None = None
         self._transactions = 0
         self._events_written = 0
@@ -703,23 +705,32 @@ class SqliteStore:
         self._events_written += len(batch.events)
 
     async def _fence(self, batch: _Batch) -> None:
-        """Drop the writes of runs whose lease another owner took (under the write lock)."""
-        if not self._held:
+        """Drop the writes of runs another owner took over (checked under the write lock).
+
+        A run is dropped if it was already known lost (its lease may have been found
+        taken after its records were enqueued) or if the token in the file is no
+        longer the one this store was given.
+        """
+        if not self._held and not self._lost:
             return
-        runs = batch.run_ids(self._held_by_checkpoint) & self._held.keys()
-        if not runs:
-            return
-        marks = ", ".join("?" * len(runs))
-        rows = await self._writer.execute_fetchall(
-            f"SELECT run_id, lease_token FROM runs WHERE run_id IN ({marks})",
-            tuple(runs),
+        by_checkpoint = (
+            {**self._lost_by_checkpoint, **self._held_by_checkpoint} if batch.saved else {}
         )
-        tokens = {str(r[0]): int(r[1]) for r in rows}
-        lost = {r for r in runs if tokens.get(r) != self._held[r].token}
+        touched = batch.run_ids(by_checkpoint)
+        lost = touched & self._lost.keys()
+        check = touched & self._held.keys()
+        if check:
+            marks = ", ".join("?" * len(check))
+            rows = await self._writer.execute_fetchall(
+                f"SELECT run_id, lease_token FROM runs WHERE run_id IN ({marks})",
+                tuple(check),
+            )
+            tokens = {str(r[0]): int(r[1]) for r in rows}
+            taken = {r for r in check if tokens.get(r) != self._held[r].token}
+            self._mark_lost(taken)
+            lost |= taken
         if lost:
-            checkpoint_of = {r: self._held[r].checkpoint_id for r in lost}
-            self._mark_lost(lost)
-            batch.drop_runs(lost, checkpoint_of)
+            batch.drop_runs(lost, {r: self._lost[r] for r in lost})
             batch.lost |= lost
 
     async def _write_records(self, batch: _Batch) -> None:
@@ -802,15 +813,19 @@ class SqliteStore:
     def _mark_lost(self, runs: Iterable[str]) -> None:
         for run_id in runs:
             held = self._held.pop(run_id, None)
-            if held is not None:
-                self._held_by_checkpoint.pop(held.checkpoint_id, None)
-            self._lost.add(run_id)
+            if held is None:
+                continue
+            if self._held_by_checkpoint.get(held.checkpoint_id) == run_id:
+                del self._held_by_checkpoint[held.checkpoint_id]
+            self._lost[run_id] = held.checkpoint_id
+            self._lost_by_checkpoint[held.checkpoint_id] = run_id
             _log.warning("lease_lost", run_id=run_id, owner=self._owner, path=str(self._path))
 
     def _hold(self, run_id: str, token: int, checkpoint_id: str) -> None:
         self._held[run_id] = _Held(token=token, checkpoint_id=checkpoint_id)
         self._held_by_checkpoint[checkpoint_id] = run_id
-        self._lost.discard(run_id)
+        if self._lost.pop(run_id, None) is not None:
+            self._lost_by_checkpoint.pop(checkpoint_id, None)
 
     def _unhold(self, run_id: str) -> None:
         held = self._held.pop(run_id, None)
@@ -872,7 +887,13 @@ class SqliteStore:
             except StoreError as exc:
                 _log.error("lease_renew_failed", path=str(self._path), error=str(exc))
                 continue
-            self._mark_lost(r for r in held if r not in renewed and r in self._held)
+            self._mark_lost(
+                [
+                    r
+                    for r, token in held.items()
+                    if r not in renewed and r in self._held and self._held[r].token == token
+                ]
+            )
 
     async def _renew_op(self, held: Mapping[str, int], conn: aiosqlite.Connection) -> set[str]:
         expires = time.time() + self._lease_seconds
@@ -903,8 +924,8 @@ class SqliteStore:
     def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
         """Enqueue a resource's saved info (encoded now: later mutation does not leak in)."""
         self._check_open()
-        run_id = self._held_by_checkpoint.get(checkpoint_id, checkpoint_id)
-        self._check_lease(run_id)
+        if self._lost:
+            self._check_lease(self._lost_by_checkpoint.get(checkpoint_id, checkpoint_id))
         self._pending.saved[(checkpoint_id, key[0], key[1])] = _encode(dict(info))
         self._poke()
 
