@@ -138,6 +138,9 @@ class DirectRunner:
     marks: dict[ResourceKey, dict[str, float]] = attrs.field(factory=dict)
     progress: dict[ResourceKey, list[float | None]] = attrs.field(factory=dict)
     calls: list[HookCall] = attrs.field(factory=list)
+    record_starts: bool = False
+    """Keep the clock time at which each hook was called in ``starts`` (benchmarks)."""
+    starts: dict[tuple[ResourceKey, Hook], float] = attrs.field(factory=dict)
     _by_type: dict[str, ProtectionPlugin] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
@@ -195,6 +198,8 @@ class DirectRunner:
             handle=_Handle(self, resource),
         )
         self.calls.append(HookCall(operation, hook, resource.key, aborting))
+        if self.record_starts:
+            self.starts[(resource.key, hook)] = anyio.current_time()
         await method(ctx)
         return True
 
