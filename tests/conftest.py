@@ -43,3 +43,24 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 def virtual_time(anyio_backend: Any) -> bool:
     """True when the clock is virtual, so tests may use long (simulated) delays."""
     return bool(anyio_backend[0] == "trio")
+
+
+def _route_structlog_to_stdlib() -> None:
+    """Tests are an application: send the library's structlog events through stdlib
+    logging so pytest captures them (the library itself never configures structlog)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.KeyValueRenderer(key_order=["event"]),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+
+
+_route_structlog_to_stdlib()

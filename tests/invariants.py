@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 
 from karbor_async import BarrierPolicy, Hook, ResourceGraph, ResourceStatus, RunOutcome, RunStatus
-from karbor_async._types import AbortReason, ResourceKey
+from karbor_async._types import ResourceKey
+from karbor_async.events import Event, EventKind
 from karbor_async.testing import TraceEntry
 
 ORDER = [Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH, Hook.MAIN, Hook.COMPLETE]
@@ -17,6 +19,8 @@ def check_run(
     graph: ResourceGraph,
     outcome: RunOutcome,
     quiescing: set[str],
+    events: Sequence[Event] = (),
+    done_before: frozenset[ResourceKey] = frozenset(),
 ) -> None:
     """Assert every ordering rule, barrier, exactly-once on success and the thaw invariant."""
     calls: dict[ResourceKey, list[TraceEntry]] = defaultdict(list)
@@ -25,6 +29,7 @@ def check_run(
     keys = [r.key for r in graph.resources]
     group_of = {k: outcome.resources[k].group for k in keys}
     groups = outcome.groups
+    abort_times = {str(e.group): e.mono for e in events if e.kind is EventKind.GROUP_ABORTING}
 
     def normal(key: ResourceKey, hook: Hook) -> list[TraceEntry]:
         return [e for e in calls[key] if e.hook is hook and e.aborting is None]
@@ -40,7 +45,7 @@ def check_run(
             assert len(got) <= 1, f"{key} {hook.value} ran {len(got)} times"
             if got:
                 starts.append((hook, got[0]))
-        for (h1, e1), (h2, e2) in zip(starts, starts[1:], strict=False):
+        for (h1, e1), (h2, e2) in itertools.pairwise(starts):
             assert ORDER.index(h1) < ORDER.index(h2)
             assert e1.end is not None and e1.end <= e2.start, f"{key}: {h1.value} before {h2.value}"
 
@@ -84,11 +89,13 @@ def check_run(
                 for k in ks:
                     for e in normal(k, Hook.PREPARE_BEGIN):
                         assert e.end is not None and e.end <= first_pf, f"cut barrier {name}: {k}"
-        if group.aborted is not None and group.aborted is not AbortReason.BUDGET:
-            if group.barrier is not BarrierPolicy.NONE:
-                assert not mains, f"main ran in aborted group {name}"
+        aborted_at = abort_times.get(name)
+        if aborted_at is not None:
+            # Once a group is aborting, no main/complete and no cut starts in it.
             for k in ks:
-                assert outcome.resources[k].status is not ResourceStatus.SUCCEEDED
+                for e in calls[k]:
+                    if e.aborting is None and e.hook is not Hook.PREPARE_BEGIN:
+                        assert e.start <= aborted_at, f"{k} {e.hook.value} started after abort"
 
     # Guarantee 1: every resource whose on_prepare_begin started gets on_prepare_finish;
     # the thaw invariant: every quiesce start has a thaw end or a thaw_failed record.
@@ -104,6 +111,15 @@ def check_run(
         assert thawed or status is ResourceStatus.THAW_FAILED, (
             f"{key} quiesced and was never thawed (status {status.value}, pf calls {pfs})"
         )
+
+    # A resource reported succeeded ran every hook it has (or was thawed early).
+    for key in keys:
+        r = outcome.resources[key]
+        if r.status is ResourceStatus.SUCCEEDED and not r.thawed_early:
+            for hook in ORDER:
+                if key in done_before:
+                    break
+                assert len(normal(key, hook)) == 1, f"{key} succeeded without {hook.value}"
 
     # Exactly once on success.
     if outcome.status is RunStatus.SUCCEEDED:

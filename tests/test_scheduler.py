@@ -11,16 +11,19 @@ from karbor_async import (
     AbortReason,
     BarrierPolicy,
     CheckpointStatus,
+    Engine,
     Hook,
+    Plan,
     ResourceGraph,
     ResourceStatus,
     RunError,
+    RunOutcome,
     RunStatus,
     Timeouts,
 )
 from karbor_async.events import EventKind
 from karbor_async.exceptions import HookError, HookTimeoutError, RunCancelledError, ThawFailedError
-from karbor_async.testing import Fault
+from karbor_async.testing import Fault, RecordingPlugin
 
 PB, PF, MAIN, CP = Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH, Hook.MAIN, Hook.COMPLETE
 
@@ -33,9 +36,17 @@ KARBOR_CASES = {
 }
 
 
-async def graph_of(engine, plan) -> ResourceGraph:  # type: ignore[no-untyped-def]
+async def graph_of(engine: Engine, plan: Plan) -> ResourceGraph:
     run = await engine.build_protect(plan)
-    return run.spec.graph  # type: ignore[no-any-return]
+    return run.spec.graph
+
+
+async def verify(
+    engine: Engine, plugin: RecordingPlugin, outcome: RunOutcome, graph: ResourceGraph
+) -> None:
+    """Check every rule on the recorded trace, with the run's stored events."""
+    events = await engine.store.read_events(outcome.run_id)
+    check_run(plugin.trace, graph, outcome, QUIESCING, events)
 
 
 @pytest.mark.parametrize("policy", list(BarrierPolicy))
@@ -47,7 +58,7 @@ async def test_karbor_cases_follow_every_ordering_rule(case: str, policy: Barrie
     engine, plugin, plan = setup(edges, roots, barrier=policy, delays=delays)
     outcome = await engine.protect(plan)
     assert outcome.status is RunStatus.SUCCEEDED
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
     assert len(plugin.trace) == 4 * len(outcome.resources)
 
 
@@ -79,7 +90,7 @@ async def test_cut_barrier_releases_cuts_after_every_quiesce() -> None:
     first_cut = min(e.start for e in plugin.calls(hook=PF))
     assert last_quiesce <= first_cut
     assert outcome.skew is not None and outcome.skew < 0.02
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_skew_and_quiesce_windows_are_recorded() -> None:
@@ -130,7 +141,7 @@ async def test_failure_in_prepare_aborts_group_and_thaws_servers() -> None:
     assert "InjectedError" in (outcome.resources[key("v2")].error or "")
     cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
     assert cp.status is CheckpointStatus.ERROR
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_hook_hanging_past_its_timeout_fails_and_thaws(virtual_time: bool) -> None:
@@ -144,7 +155,7 @@ async def test_hook_hanging_past_its_timeout_fails_and_thaws(virtual_time: bool)
         await engine.protect(plan)
     assert any(isinstance(e, HookTimeoutError) for e in info.value.exceptions)
     assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.FAILURE
-    check_run(plugin.trace, await graph_of(engine, plan), info.value.outcome, QUIESCING)
+    await verify(engine, plugin, info.value.outcome, await graph_of(engine, plan))
 
 
 async def test_running_cut_is_not_cancelled_by_another_failure(virtual_time: bool) -> None:
@@ -152,9 +163,7 @@ async def test_running_cut_is_not_cancelled_by_another_failure(virtual_time: boo
     slow = 5.0 if virtual_time else 0.05
     delays = {(sk("v1"), PF): slow, (sk("v2"), PF): slow / 10}
     faults = {(sk("v2"), PF): Fault.RAISE}
-    engine, plugin, plan = setup(
-        [("s1", "v1"), ("s1", "v2")], ["s1"], delays=delays, faults=faults
-    )
+    engine, plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"], delays=delays, faults=faults)
     with pytest.raises(RunError) as info:
         await engine.protect(plan)
     (v1_cut,) = plugin.calls(key("v1"), PF)
@@ -163,7 +172,7 @@ async def test_running_cut_is_not_cancelled_by_another_failure(virtual_time: boo
     assert server_pf[-1].aborting is AbortReason.FAILURE
     # The aborting thaw does not wait for the children's prepare_finish.
     assert server_pf[-1].start < (v1_cut.end or 0)
-    check_run(plugin.trace, await graph_of(engine, plan), info.value.outcome, QUIESCING)
+    await verify(engine, plugin, info.value.outcome, await graph_of(engine, plan))
 
 
 async def test_failure_in_main_lets_unrelated_resources_finish() -> None:
@@ -188,7 +197,7 @@ async def test_failure_in_main_lets_unrelated_resources_finish() -> None:
     assert outcome.groups["default"].aborted is None
     cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
     assert cp.status is CheckpointStatus.ERROR
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_cancel_from_another_task_thaws_and_ends_cancelled() -> None:
@@ -209,7 +218,7 @@ async def test_cancel_from_another_task_thaws_and_ends_cancelled() -> None:
     assert all(r.status is not ResourceStatus.SUCCEEDED for r in outcome.resources.values())
     cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
     assert cp.status is CheckpointStatus.CANCELLED
-    check_run(plugin.trace, run.spec.graph, outcome, QUIESCING)
+    await verify(engine, plugin, outcome, run.spec.graph)
 
 
 async def test_callers_cancellation_propagates_after_cleanup(virtual_time: bool) -> None:
@@ -264,7 +273,7 @@ async def test_quiesce_budget_aborts_group_without_fallback(virtual_time: bool) 
     window = outcome.resources[key("s1")].quiesce_window
     assert window is not None and window < 5 * unit
     assert not [e for e in plugin.calls(key("v1"), PF) if e.aborting is None]
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_quiesce_budget_with_fallback_cuts_crash_consistent(virtual_time: bool) -> None:
@@ -286,7 +295,7 @@ async def test_quiesce_budget_with_fallback_cuts_crash_consistent(virtual_time: 
     s1_pf = plugin.calls(key("s1"), PF)[0]
     v1_pf = plugin.calls(key("v1"), PF)[0]
     assert s1_pf.aborting is AbortReason.BUDGET and s1_pf.start < v1_pf.start
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_thaw_that_keeps_failing_is_recorded_never_silent(virtual_time: bool) -> None:
@@ -307,21 +316,21 @@ async def test_thaw_that_keeps_failing_is_recorded_never_silent(virtual_time: bo
     assert len(plugin.calls(key("s1"), PF)) > 1, "the thaw is retried"
     events = await engine.store.read_events(outcome.run_id)
     assert any(e.kind is EventKind.THAW_FAILED for e in events)
-    check_run(plugin.trace, await graph_of(engine, plan), outcome, QUIESCING)
+    await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_main_limit_bounds_concurrency(virtual_time: bool) -> None:
     """A limit of 2 on volumes' on_main never lets a third copy run."""
     unit = 1.0 if virtual_time else 0.005
     edges = [("s1", f"v{i}") for i in range(6)]
-    engine, plugin, plan = setup(
-        edges, ["s1"], delays={(VOLUME, MAIN): unit}, limits={VOLUME: 2}
-    )
+    engine, plugin, plan = setup(edges, ["s1"], delays={(VOLUME, MAIN): unit}, limits={VOLUME: 2})
     await engine.protect(plan)
     mains = plugin.calls(hook=MAIN)
-    points = sorted([(e.start, 1) for e in mains if e.resource[0] == VOLUME]
-                    + [(e.end or 0, -1) for e in mains if e.resource[0] == VOLUME],
-                    key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(e.start, 1) for e in mains if e.resource[0] == VOLUME]
+        + [(e.end or 0, -1) for e in mains if e.resource[0] == VOLUME],
+        key=lambda p: (p[0], p[1]),
+    )
     running = peak = 0
     for _, d in points:
         running += d
@@ -368,7 +377,9 @@ async def test_commit_points_are_awaited() -> None:
 async def test_failed_run_is_cleaned_up_when_plan_asks() -> None:
     """delete_on_failure runs the delete operation over what a failed protect saved."""
     engine, _plugin, plan = setup(
-        [("s1", "v1"), ("s1", "v2")], ["s1"], faults={(sk("v2"), MAIN): Fault.RAISE},
+        [("s1", "v1"), ("s1", "v2")],
+        ["s1"],
+        faults={(sk("v2"), MAIN): Fault.RAISE},
         delete_on_failure=True,
     )
     with pytest.raises(RunError) as info:

@@ -6,9 +6,9 @@ Vendors write plugins against :mod:`karbor_async.plugin`; applications build a
 """
 
 from karbor_async._engine import Engine
+from karbor_async._graph import ResourceGraph
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._plan import ConsistencyGroup, Plan, Timeouts
-from karbor_async._graph import ResourceGraph
 from karbor_async._scheduler import Run
 from karbor_async._types import (
     AbortReason,

@@ -104,7 +104,9 @@ class Engine:
             plan,
             parameters=merged,
             barrier=barrier,
-            groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups) if barrier else plan.groups,
+            groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups)
+            if barrier
+            else plan.groups,
             timeouts=timeouts or plan.timeouts,
         )
         graph = ResourceGraph.from_json(cp.graph)
@@ -113,12 +115,18 @@ class Engine:
     async def build_delete(self, checkpoint_id: str) -> Run:
         """A delete of a checkpoint over its stored graph (any end state but deleted)."""
         cp = await self.store.get_checkpoint(checkpoint_id)
-        if cp.status in (CheckpointStatus.DELETED, CheckpointStatus.PROTECTING, CheckpointStatus.DELETING):
+        if cp.status in (
+            CheckpointStatus.DELETED,
+            CheckpointStatus.PROTECTING,
+            CheckpointStatus.DELETING,
+        ):
             raise PlanError(
                 f"checkpoint {checkpoint_id} is {cp.status.value}; it cannot be deleted now"
             )
         plan = Plan.from_json(cp.plan)
-        plan = attrs.evolve(plan, barrier=None, groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups))
+        plan = attrs.evolve(
+            plan, barrier=None, groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups)
+        )
         graph = ResourceGraph.from_json(cp.graph)
         return await self._build(OperationKind.DELETE, plan, graph, new_run_id(), cp.id)
 

@@ -179,9 +179,7 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
                 order.append(kid)
         i += 1
     index = {k: n for n, k in enumerate(order)}
-    pairs = tuple(
-        (index[p], index[c]) for p in order for c in sorted(edges.get(p, ())) if p != c
-    )
+    pairs = tuple((index[p], index[c]) for p in order for c in sorted(edges.get(p, ())) if p != c)
     for p in order:
         if p in edges.get(p, ()):
             raise GraphError(f"the resource graph has a cycle: {p[0]}#{p[1]} -> {p[0]}#{p[1]}")
@@ -267,6 +265,8 @@ def assign_groups(
     for g, policy in barriers.items():
         name = final_name[g]
         final_barrier[name] = BarrierPolicy.stricter(final_barrier.get(name, policy), policy)
-    group_of = tuple(final_name[next(iter(sorted(r)))] if r else final_name[DEFAULT_GROUP] for r in reach)
+    group_of = tuple(
+        final_name[next(iter(sorted(r)))] if r else final_name[DEFAULT_GROUP] for r in reach
+    )
     used = set(group_of)
     return GroupAssignment(group_of, {g: b for g, b in final_barrier.items() if g in used})

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from karbor_async._bankkeys import validate_key
-from karbor_async._types import ResourceKey, RunStatus
+from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event
 from karbor_async.exceptions import BankKeyError, CheckpointNotFoundError
 from karbor_async.store import (
@@ -19,7 +19,6 @@ from karbor_async.store import (
     RunRecord,
     check_checkpoint_transition,
 )
-from karbor_async._types import OperationKind
 
 __all__ = ["MemoryBank", "MemoryStore"]
 

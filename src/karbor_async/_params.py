@@ -36,7 +36,9 @@ class NodeParams:
         self.secrets = secrets
 
 
-def merge_parameters(plan: Plan, graph: ResourceGraph, registry: PluginRegistry) -> list[NodeParams]:
+def merge_parameters(
+    plan: Plan, graph: ResourceGraph, registry: PluginRegistry
+) -> list[NodeParams]:
     """Each node's parameters: declared defaults, then ``"Type"``, then ``"Type#id"``."""
     keys = {f"{r.type}#{r.id}" for r in graph.resources}
     types = {r.type for r in graph.resources}
@@ -83,10 +85,8 @@ def _merge_one(
         param = declared.get(key)
         if param is None:
             accepted = ", ".join(sorted(declared)) or "no parameters"
-            raise PlanError(
-                f"{where}: unknown parameter {key!r}; {binding.plugin.plugin_name() if binding else '?'} "
-                f"accepts {accepted}"
-            )
+            owner = binding.plugin.plugin_name() if binding else "its plugin"
+            raise PlanError(f"{where}: unknown parameter {key!r}; {owner} accepts {accepted}")
         if param.secret:
             if not isinstance(value, str) or not value:
                 raise PlanError(

@@ -21,12 +21,16 @@ def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value or {}))
 
 
-def _frozen_params(value: Mapping[str, Mapping[str, Any]] | None) -> Mapping[str, Mapping[str, Any]]:
+def _frozen_params(
+    value: Mapping[str, Mapping[str, Any]] | None,
+) -> Mapping[str, Mapping[str, Any]]:
     return MappingProxyType({k: MappingProxyType(dict(v)) for k, v in (value or {}).items()})
 
 
 def _positive(name: str, value: float | None) -> None:
-    if value is not None and (not isinstance(value, int | float) or value <= 0 or math.isnan(value)):
+    if value is not None and (
+        not isinstance(value, int | float) or value <= 0 or math.isnan(value)
+    ):
         raise PlanError(f"timeouts.{name} must be a positive number of seconds, not {value!r}")
 
 
@@ -39,6 +43,14 @@ def _to_key(item: Resource | ResourceKey | str) -> ResourceKey:
             raise PlanError(f"group member {item!r} must be written TYPE#ID")
         return (rtype, rid)
     return (str(item[0]), str(item[1]))
+
+
+def _resources(items: Iterable[Resource]) -> tuple[Resource, ...]:
+    return tuple(items)
+
+
+def _groups(items: Iterable[ConsistencyGroup]) -> tuple[ConsistencyGroup, ...]:
+    return tuple(items)
 
 
 def _keys(items: Iterable[Resource | ResourceKey | str]) -> tuple[ResourceKey, ...]:
@@ -111,12 +123,12 @@ class Plan:
     """
 
     name: str
-    resources: tuple[Resource, ...] = attrs.field(converter=tuple)
+    resources: tuple[Resource, ...] = attrs.field(converter=_resources)
     parameters: Mapping[str, Mapping[str, Any]] = attrs.field(
         factory=dict, converter=_frozen_params
     )
     barrier: BarrierPolicy | None = None
-    groups: tuple[ConsistencyGroup, ...] = attrs.field(default=(), converter=tuple)
+    groups: tuple[ConsistencyGroup, ...] = attrs.field(default=(), converter=_groups)
     merge_groups: bool = False
     """Merge groups that share a resource (taking the stricter barrier) instead of failing."""
     timeouts: Timeouts = attrs.field(factory=Timeouts)

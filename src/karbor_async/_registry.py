@@ -90,7 +90,9 @@ class PluginRegistry:
             self.types[rtype] = chosen[0]
         for rtype, name in prefer.items():
             if name not in self.plugins:
-                raise PluginError(f"prefer names plugin {name!r} for {rtype!r}, but it is not loaded")
+                raise PluginError(
+                    f"prefer names plugin {name!r} for {rtype!r}, but it is not loaded"
+                )
         self.protectables: dict[str, list[Protectable]] = {}
         for finder in finders:
             if not isinstance(finder, Protectable):

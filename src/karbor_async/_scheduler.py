@@ -64,6 +64,10 @@ def format_error(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
 
+class _Aborted(Exception):
+    """The node's group began aborting before its next hook could start."""
+
+
 @attrs.define(eq=False, slots=True)
 class _Group:
     name: str
@@ -139,8 +143,16 @@ class _Node:
         self.ticks += 1
         listener = self.run.progress_listener
         if listener is not None:
-            listener(self.run.make_event(EventKind.PROGRESS, self, None, progress=Progress(
-                fraction, done, total, message), tick=self.ticks, lifecycle=False))
+            listener(
+                self.run.make_event(
+                    EventKind.PROGRESS,
+                    self,
+                    None,
+                    progress=Progress(fraction, done, total, message),
+                    tick=self.ticks,
+                    lifecycle=False,
+                )
+            )
 
     def mark(self, what: str, at: float | None) -> None:
         when = anyio.current_time() if at is None else at
@@ -220,9 +232,7 @@ class Run:
         self.progress_listener = progress_listener
         self._event_listener = event_listener
         self._seq = spec.first_seq
-        self._saved: dict[ResourceKey, dict[str, Any]] = {
-            k: dict(v) for k, v in spec.saved.items()
-        }
+        self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in spec.saved.items()}
         self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
         self.restored: dict[ResourceKey, str] = dict(spec.restored)
         self._abort_reason: AbortReason | None = None
@@ -388,9 +398,7 @@ class Run:
         if self._scope is not None:
             self._scope.cancel()
 
-    def _abort_group(
-        self, group: _Group, reason: AbortReason, error: BaseException | None
-    ) -> None:
+    def _abort_group(self, group: _Group, reason: AbortReason, error: BaseException | None) -> None:
         if group.aborting is not None:
             return
         group.aborting = reason
@@ -454,6 +462,8 @@ class Run:
         try:
             if await self._prepare(n):
                 await self._main_and_complete(n)
+        except _Aborted:
+            await self._stop_aborted(n)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._on_cancelled(n)
@@ -477,6 +487,8 @@ class Run:
                     # Commit point 1: recovery must know this resource may be frozen.
                     self._emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
                     await self._store.commit()
+                    if self._aborting(n):
+                        raise _Aborted
                     n.pb_started = True
                     err = await self._call(n, Hook.PREPARE_BEGIN, n.pb, started=True)
                 else:
@@ -487,7 +499,7 @@ class Run:
                     self._abort_group(g, AbortReason.FAILURE, err)
                     n.budget_scope = None
                     with anyio.CancelScope(shield=True):
-                        await self._thaw(n, AbortReason.FAILURE, err)
+                        await self._thaw(n, g.aborting or AbortReason.FAILURE, err)
                     return False
                 if n.quiesces:
                     n.frozen = True
@@ -509,9 +521,8 @@ class Run:
             # A task that had not reached an await when its group aborted: cuts not
             # yet started are not started.
             return await self._stop_aborted(n)
-        if n.pf is not None:
-            if not await self._finish_prepare(n):
-                return False
+        if n.pf is not None and not await self._finish_prepare(n):
+            return False
         await self._signal_pf(n)
         return True
 
@@ -537,8 +548,9 @@ class Run:
             self._fail(n, Hook.PREPARE_FINISH, err)
             self._abort_group(g, AbortReason.FAILURE, err)
             if n.quiesces:
+                reason = g.aborting or AbortReason.FAILURE
                 with anyio.CancelScope(shield=True):
-                    await self._thaw(n, AbortReason.FAILURE, err, after_failed_finish=True)
+                    await self._thaw(n, reason, err, after_failed_finish=True)
             return False
         if n.cuts:
             if n.cut_at is None:
@@ -628,7 +640,7 @@ class Run:
             n.resource, Hook.PREPARE_FINISH, "thaw did not finish before the abort deadline"
         )
         exc = ThawFailedError(
-            n.resource, Hook.PREPARE_FINISH, f"every thaw attempt failed; it may still be frozen"
+            n.resource, Hook.PREPARE_FINISH, "every thaw attempt failed; it may still be frozen"
         )
         exc.__cause__ = cause
         n.status = ResourceStatus.THAW_FAILED
@@ -642,11 +654,7 @@ class Run:
         g = n.group
         if g.policy is not BarrierPolicy.NONE and not g.main_released.is_set():
             await g.main_released.wait()
-        if self._aborting(n):
-            await self._stop_aborted(n)
-            return
         if n.main is not None:
-            n.status = ResourceStatus.RUNNING
             err = await self._call_limited(n, Hook.MAIN, n.main)
             if err is not None:
                 self._fail(n, Hook.MAIN, err)
@@ -663,7 +671,6 @@ class Run:
             self._signal_cp(n, failed=True)
             return
         if n.complete is not None:
-            n.status = ResourceStatus.RUNNING
             err = await self._call_limited(n, Hook.COMPLETE, n.complete)
             if err is not None:
                 self._fail(n, Hook.COMPLETE, err)
@@ -674,13 +681,24 @@ class Run:
         self._signal_cp(n, failed=False)
 
     async def _call_limited(self, n: _Node, hook: Hook, fn: HookFn) -> HookError | None:
+        """Call on_main/on_complete under the node's limits, unless its group is aborting.
+
+        A task woken just before an abort may resume before the cancellation reaches
+        it, so the abort is checked right before the hook starts, after every wait.
+        """
         if not n.limiters:
+            if self._aborting(n):
+                raise _Aborted
+            n.status = ResourceStatus.RUNNING
             return await self._call(n, hook, fn)
         taken: list[anyio.CapacityLimiter] = []
         try:
             for limiter in n.limiters:  # always in name order, so limits cannot deadlock
                 await limiter.acquire()
                 taken.append(limiter)
+            if self._aborting(n):
+                raise _Aborted
+            n.status = ResourceStatus.RUNNING
             return await self._call(n, hook, fn)
         finally:
             for limiter in reversed(taken):
@@ -749,9 +767,7 @@ class Run:
             n.error = err
             n.failed_hook = hook
         n.status = ResourceStatus.FAILED
-        self._log.warning(
-            "hook_failed", resource=str(n.resource), hook=hook.value, error=str(err)
-        )
+        self._log.warning("hook_failed", resource=str(n.resource), hook=hook.value, error=str(err))
 
     # -- signalling the edges ---------------------------------------------------------------
     def _signal_pb(self, n: _Node) -> None:
@@ -817,8 +833,7 @@ class Run:
     async def _on_cancelled(self, n: _Node) -> None:
         g = n.group
         reason = g.aborting or self._abort_reason or AbortReason.CANCELLED
-        if g.aborting is None:
-            g.aborting = reason
+        self._abort_group(g, reason, None)
         if n.pb_started and not n.pf_started:
             await self._thaw(n, reason, g.abort_error)
         if n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING, ResourceStatus.SUCCEEDED):
@@ -829,7 +844,9 @@ class Run:
             self._emit(EventKind.ABORTED, n, None, reason=reason.value)
 
     # -- the end ---------------------------------------------------------------------------
-    async def _finish(self, started_wall: float, started: float) -> tuple[RunOutcome, list[Exception]]:
+    async def _finish(
+        self, started_wall: float, started: float
+    ) -> tuple[RunOutcome, list[Exception]]:
         errors: list[Exception] = []
         resources: dict[ResourceKey, ResourceOutcome] = {}
         for n in self.nodes:
@@ -865,9 +882,7 @@ class Run:
                 cuts=len(cuts),
                 skew=(max(cuts) - min(cuts)) if cuts else None,
                 aborted=g.aborting,
-                crash_consistent=any(
-                    n.crash_consistent and n.cut_at is not None for n in g.nodes
-                ),
+                crash_consistent=any(n.crash_consistent and n.cut_at is not None for n in g.nodes),
             )
         if self._abort_reason is AbortReason.CANCELLED:
             status = RunStatus.CANCELLED
@@ -876,8 +891,7 @@ class Run:
             status = RunStatus.FAILED
             errors.append(
                 RunCancelledError(
-                    f"run {self.run_id} exceeded its time limit of "
-                    f"{self.spec.plan.timeouts.run} s"
+                    f"run {self.run_id} exceeded its time limit of {self.spec.plan.timeouts.run} s"
                 )
             )
         elif errors or any(n.status is not ResourceStatus.SUCCEEDED for n in self.nodes):

@@ -40,7 +40,7 @@ class KarborError(Exception):
 
 
 class PlanError(KarborError):
-    """The plan is wrong: fix the plan (the message names the resource, key and what is expected)."""
+    """The plan is wrong: fix it (the message names the resource, key and what is expected)."""
 
 
 class GraphError(KarborError):
@@ -111,21 +111,14 @@ class RunError(KarborError, ExceptionGroup[Exception]):
 
     outcome: RunOutcome
 
-    def __new__(
-        cls, message: str, exceptions: Sequence[Exception], outcome: RunOutcome
-    ) -> Self:
+    def __new__(cls, message: str, exceptions: Sequence[Exception], outcome: RunOutcome) -> Self:
         self = super().__new__(cls, message, exceptions)
         self.outcome = outcome
         return self
 
-    def __init__(
-        self, message: str, exceptions: Sequence[Exception], outcome: RunOutcome
-    ) -> None:
+    def __init__(self, message: str, exceptions: Sequence[Exception], outcome: RunOutcome) -> None:
         super().__init__(message, exceptions)
 
     @property
     def checkpoint_id(self) -> str:
         return self.outcome.checkpoint_id
-
-    def derive(self, excs: Sequence[Exception]) -> RunError:
-        return RunError(self.message, excs, self.outcome)

@@ -42,7 +42,7 @@ __all__ = [
 
 
 def key_to_str(key: ResourceKey) -> str:
-    """``("OS::Cinder::Volume", "v1")`` -> ``"OS::Cinder::Volume#v1"`` (the plan's override syntax)."""
+    """``("OS::Cinder::Volume", "v1")`` -> ``"OS::Cinder::Volume#v1"`` (as in plan overrides)."""
     return f"{key[0]}#{key[1]}"
 
 
@@ -211,9 +211,7 @@ class RunOutcome:
 
     @property
     def quiesce_windows(self) -> dict[ResourceKey, float]:
-        return {
-            k: w for k, r in self.resources.items() if (w := r.quiesce_window) is not None
-        }
+        return {k: w for k, r in self.resources.items() if (w := r.quiesce_window) is not None}
 
     def by_status(self, status: ResourceStatus) -> list[ResourceKey]:
         return [k for k, r in self.resources.items() if r.status is status]
@@ -303,7 +301,7 @@ class Store(Protocol):
         """Store a run's outcome and move its checkpoint to its end state; commits."""
 
     async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
-        """Move a checkpoint along its lifecycle; an illegal transition raises and changes nothing."""
+        """Move a checkpoint along its lifecycle; an illegal transition raises, changing nothing."""
 
     async def get_run(self, run_id: str) -> RunRecord: ...
 

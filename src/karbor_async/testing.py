@@ -69,7 +69,7 @@ class TraceEntry:
 
 
 ScriptKey = tuple[str, Hook]
-"""``("OS::Nova::Server#s1", hook)`` for one resource or ``("OS::Nova::Server", hook)`` for a type."""
+"""``("OS::Nova::Server#s1", hook)`` for one resource, ``("OS::Nova::Server", hook)`` for a type."""
 
 
 class _RecordingOp:
@@ -173,11 +173,11 @@ class RecordingPlugin(ProtectionPlugin):
         fault = None
         if ctx.operation in self.fault_operations and (ctx.aborting is None or self.fault_thaws):
             fault = self._lookup(self.faults, res, hook)
-        if ctx.operation is OperationKind.PROTECT and res.type in self._quiesces:
-            if hook is Hook.PREPARE_BEGIN and delay:
-                await anyio.sleep(delay / 2)
-                ctx.mark_quiesced()
-                delay /= 2
+        quiescing = ctx.operation is OperationKind.PROTECT and res.type in self._quiesces
+        if quiescing and hook is Hook.PREPARE_BEGIN and delay:
+            await anyio.sleep(delay / 2)
+            ctx.mark_quiesced()
+            delay /= 2
         if delay:
             await anyio.sleep(delay)
         if fault is Fault.RAISE:
@@ -192,9 +192,9 @@ class RecordingPlugin(ProtectionPlugin):
         if ctx.operation is OperationKind.PROTECT and hook is Hook.MAIN:
             await ctx.bank.put("data", f"{res.type}:{res.id}".encode())
             ctx.save(copied=True, attempt=ctx.attempt)
-        if ctx.operation is OperationKind.RESTORE and hook is Hook.MAIN and self.restore_ids:
-            if ctx.restored_id(res) is None:
-                await ctx.report_restored(f"restored-{res.id}")
+        restoring = ctx.operation is OperationKind.RESTORE and hook is Hook.MAIN
+        if restoring and self.restore_ids and ctx.restored_id(res) is None:
+            await ctx.report_restored(f"restored-{res.id}")
 
     # -- trace queries ---------------------------------------------------------------------
     def calls(
