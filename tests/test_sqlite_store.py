@@ -318,6 +318,23 @@ async def test_asyncio_only(db: Path) -> None:
     assert not _exists(db)
 
 
+async def test_errors_of_the_block_come_out_unwrapped(db: Path) -> None:
+    """What the caller's block raises leaves the store as it is, not in an exception group,
+    and what was written before is flushed."""
+
+    async def block_that_fails() -> None:
+        async with SqliteStore.open(db) as store:
+            await store.create_run(run_record("cp-1"))
+            store.append(event("cp-1", 1))
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        await block_that_fails()
+    async with SqliteStore.open(db) as store:
+        assert await store.last_seq("cp-1") == 1
+        assert [r.run_id for r in await store.unfinished_runs()] == ["cp-1"]
+
+
 async def test_closed_store_refuses_writes(db: Path) -> None:
     async with SqliteStore.open(db) as store:
         pass

@@ -34,6 +34,7 @@ Leases and fencing
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
@@ -422,6 +423,11 @@ async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
     return conn
 
 
+async def _close(conn: aiosqlite.Connection) -> None:
+    with anyio.CancelScope(shield=True):
+        await conn.close()
+
+
 async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Sequence[object] = ()) -> Any:
     async with conn.execute(sql, params) as cur:
         return await cur.fetchone()
@@ -568,12 +574,16 @@ class SqliteStore:
         inspected = await anyio.to_thread.run_sync(
             functools.partial(inspect_file, db_path, check=check)
         )
-        writer = await _connect(db_path, read_only=False)
+        body_error: BaseException | None = None
         try:
-            version = await _prepare(writer, db_path, inspected)
-            reader = await _connect(db_path, read_only=True)
-            checkpointer = await _connect(db_path, read_only=False)
-            try:
+            async with contextlib.AsyncExitStack() as connections:
+                writer = await _connect(db_path, read_only=False)
+                connections.push_async_callback(_close, writer)
+                version = await _prepare(writer, db_path, inspected)
+                reader = await _connect(db_path, read_only=True)
+                connections.push_async_callback(_close, reader)
+                checkpointer = await _connect(db_path, read_only=False)
+                connections.push_async_callback(_close, checkpointer)
                 store = cls(
                     path=db_path,
                     writer=writer,
@@ -595,19 +605,22 @@ class SqliteStore:
                         tg.start_soon(store._renew_loop)
                     try:
                         yield store
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
                     finally:
                         with anyio.CancelScope(
                             shield=True, deadline=anyio.current_time() + _CLOSE_TIMEOUT
                         ):
                             await store._shutdown()
                         tg.cancel_scope.cancel()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await checkpointer.close()
-                    await reader.close()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await writer.close()
+        except BaseExceptionGroup as group:
+            # The task group wraps what the caller's block raised; give it back as it
+            # was (the store's own tasks only end by cancellation).
+            if body_error is None or list(group.exceptions) != [body_error]:
+                raise
+        if body_error is not None:
+            raise body_error
         _log.info("sqlite_store_closed", path=str(db_path))
 
     # -- properties ----------------------------------------------------------------------
