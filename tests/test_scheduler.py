@@ -203,7 +203,10 @@ async def test_failure_in_main_lets_unrelated_resources_finish() -> None:
 async def test_cancel_from_another_task_thaws_and_ends_cancelled() -> None:
     """Run.cancel() during the cut: frozen servers are thawed; the run ends cancelled."""
     engine, plugin, plan = setup(
-        [("s1", "v1"), ("s2", "v2")], ["s1", "s2"], faults={(sk("v1"), PB): Fault.CANCEL_RUN}
+        [("s1", "v1"), ("s2", "v2")],
+        ["s1", "s2"],
+        barrier=BarrierPolicy.CUT,
+        faults={(sk("v1"), PB): Fault.CANCEL_RUN},
     )
     run = await engine.build_protect(plan)
     plugin.cancel_run = run.cancel

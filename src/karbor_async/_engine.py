@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets as _secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -15,9 +15,8 @@ from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._registry import PluginRegistry, TypeBinding
-from karbor_async._scheduler import ProgressListener, Run, RunSpec
+from karbor_async._scheduler import Run, RunSpec
 from karbor_async._types import BarrierPolicy, OperationKind, ResourceKey, RunStatus
-from karbor_async.events import Event
 from karbor_async.exceptions import CheckpointNotFoundError, PlanError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
 from karbor_async.store import CheckpointStatus, RunOutcome, RunRecord, Store
@@ -58,16 +57,12 @@ class Engine:
         discover: bool = True,
         prefer: Mapping[str, str] | None = None,
         record_events: bool = True,
-        event_listener: Callable[[Event], None] | None = None,
-        progress_listener: ProgressListener | None = None,
     ) -> None:
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
         self._secrets = secrets
         self._record_events = record_events
-        self._event_listener = event_listener
-        self._progress_listener = progress_listener
 
     # -- building runs ------------------------------------------------------------------
     async def build_protect(self, plan: Plan) -> Run:
@@ -170,8 +165,6 @@ class Engine:
             bank=self.bank,
             secrets=self._secrets,
             record_events=self._record_events,
-            progress_listener=self._progress_listener,
-            event_listener=self._event_listener,
         )
 
     # -- one-call operations ------------------------------------------------------------

@@ -48,12 +48,11 @@ from karbor_async.exceptions import (
 from karbor_async.plugin import Bank, BankSection, HookContext, SecretResolver
 from karbor_async.store import GroupOutcome, ResourceOutcome, RunOutcome, Store
 
-__all__ = ["GroupSpec", "Run", "RunSpec"]
+__all__ = ["GroupSpec", "Run", "RunSpec", "RunStatistics"]
 
 _log = structlog.get_logger("karbor_async")
 
 HookFn = Callable[[HookContext], Awaitable[None]]
-ProgressListener = Callable[[Event], None]
 
 _THAW_FIRST_DELAY = 0.05
 _THAW_MAX_DELAY = 2.0
@@ -129,6 +128,8 @@ class _Node:
     attempt: int = 1
     section: BankSection | None = None
     ticks: int = 0
+    current: Hook | None = None
+    last_progress: Progress | None = None
 
     # -- the _HookHandle protocol (what HookContext calls) -----------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
@@ -141,18 +142,7 @@ class _Node:
         self, fraction: float | None, done: int | None, total: int | None, message: str | None
     ) -> None:
         self.ticks += 1
-        listener = self.run.progress_listener
-        if listener is not None:
-            listener(
-                self.run.make_event(
-                    EventKind.PROGRESS,
-                    self,
-                    None,
-                    progress=Progress(fraction, done, total, message),
-                    tick=self.ticks,
-                    lifecycle=False,
-                )
-            )
+        self.last_progress = Progress(fraction, done, total, message)
 
     def mark(self, what: str, at: float | None) -> None:
         when = anyio.current_time() if at is None else at
@@ -173,6 +163,30 @@ class _Node:
 
     def restored_id(self, key: ResourceKey) -> str | None:
         return self.run.restored.get(key)
+
+
+@attrs.frozen
+class RunStatistics:
+    """A frozen snapshot of a running run (cheap enough to take ten times a second)."""
+
+    run_id: str
+    operation: OperationKind
+    elapsed: float
+    resources: int
+    by_status: Mapping[ResourceStatus, int]
+    running: Mapping[Hook, int]
+    """How many hooks of each kind are executing now."""
+    hooks_finished: int
+    cuts: int
+    frozen: int
+    """Resources quiesced and not yet thawed."""
+    skew: float | None
+    """Spread of the cuts so far, over all groups."""
+    barriers_released: tuple[str, ...]
+    bytes_done: int
+    bytes_total: int
+    active: tuple[tuple[Resource, Hook, Progress | None], ...]
+    """Up to ``limit`` resources with a hook running, and their last progress."""
 
 
 @attrs.frozen
@@ -216,8 +230,6 @@ class Run:
         bank: Bank,
         secrets: SecretResolver | None,
         record_events: bool = True,
-        progress_listener: ProgressListener | None = None,
-        event_listener: Callable[[Event], None] | None = None,
         after_finish: Callable[[RunOutcome], Awaitable[None]] | None = None,
     ) -> None:
         self.spec = spec
@@ -229,8 +241,6 @@ class Run:
         self._bank = bank
         self._secrets = secrets
         self._record = record_events
-        self.progress_listener = progress_listener
-        self._event_listener = event_listener
         self._seq = spec.first_seq
         self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in spec.saved.items()}
         self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
@@ -238,6 +248,7 @@ class Run:
         self._abort_reason: AbortReason | None = None
         self._scope: anyio.CancelScope | None = None
         self._started = False
+        self._t0: float | None = None
         self._log = _log.bind(run_id=spec.run_id, operation=spec.operation.value)
         self.groups: dict[str, _Group] = {
             name: _Group(name, policy) for name, policy in spec.groups.items()
@@ -357,10 +368,7 @@ class Run:
     def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
         if not self._record:
             return
-        event = self.make_event(kind, node, hook, **data)
-        self._store.append(event)
-        if self._event_listener is not None:
-            self._event_listener(event)
+        self._store.append(self.make_event(kind, node, hook, **data))
 
     # -- saved info and restore mapping -----------------------------------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
@@ -384,6 +392,54 @@ class Run:
         self._store.record_restored(self.run_id, key, new_id)
         self._emit(EventKind.RESTORED, node, None, new_id=new_id)
         await self._store.commit()
+
+    # -- observing -------------------------------------------------------------------------
+    def statistics(self, *, limit: int = 20) -> RunStatistics:
+        """A frozen snapshot of where the run stands (for progress displays)."""
+        by_status: dict[ResourceStatus, int] = {}
+        running: dict[Hook, int] = {}
+        active: list[tuple[Resource, Hook, Progress | None]] = []
+        hooks = cuts = frozen = done = total = 0
+        first: float | None = None
+        last: float | None = None
+        for n in self.nodes:
+            by_status[n.status] = by_status.get(n.status, 0) + 1
+            hooks += len(n.hooks_run)
+            if n.current is not None:
+                running[n.current] = running.get(n.current, 0) + 1
+                if len(active) < limit:
+                    active.append((n.resource, n.current, n.last_progress))
+            if n.cut_at is not None:
+                cuts += 1
+                first = n.cut_at if first is None else min(first, n.cut_at)
+                last = n.cut_at if last is None else max(last, n.cut_at)
+            frozen += n.frozen
+            p = n.last_progress
+            if p is not None and p.total:
+                total += p.total
+                done += p.done or 0
+        released = tuple(
+            f"{g.name}:{b}"
+            for g in self.groups.values()
+            for b, ev in (("cut", g.cut_released), ("main", g.main_released))
+            if ev.is_set()
+        )
+        return RunStatistics(
+            run_id=self.run_id,
+            operation=self.operation,
+            elapsed=anyio.current_time() - self._t0 if self._t0 is not None else 0.0,
+            resources=len(self.nodes),
+            by_status=by_status,
+            running=running,
+            hooks_finished=hooks,
+            cuts=cuts,
+            frozen=frozen,
+            skew=(last - first) if first is not None and last is not None else None,
+            barriers_released=released,
+            bytes_done=done,
+            bytes_total=total,
+            active=tuple(active),
+        )
 
     # -- public control -----------------------------------------------------------------
     def cancel(self) -> None:
@@ -415,7 +471,7 @@ class Run:
             raise RuntimeError("a Run executes once; build a new one with the engine")
         self._started = True
         started_wall = time.time()
-        started = anyio.current_time()
+        started = self._t0 = anyio.current_time()
         self._log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
         self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
         try:
@@ -745,6 +801,7 @@ class Run:
         if not started:
             self._emit(EventKind.STARTED, n, hook, aborting=aborting.value if aborting else None)
         deadline = math.inf if n.timeout is None else anyio.current_time() + n.timeout
+        n.current = hook
         try:
             with anyio.CancelScope(deadline=deadline, shield=shield) as scope:
                 await fn(ctx)
@@ -753,6 +810,8 @@ class Run:
             err.__cause__ = exc
             self._emit(EventKind.FAILED, n, hook, error=format_error(err))
             return err
+        finally:
+            n.current = None
         if scope.cancelled_caught:
             err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
             self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)

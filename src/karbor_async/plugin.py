@@ -115,9 +115,9 @@ class ProtectionPlugin:
             return self.get_restore_operation(resource_type)
         return self.get_delete_operation(resource_type)
 
-    @classmethod
-    def plugin_name(cls) -> str:
-        return cls.name or cls.__name__
+    def plugin_name(self) -> str:
+        """The plugin's name: ``name`` if set, else the class name."""
+        return self.name or type(self).__name__
 
 
 @runtime_checkable
