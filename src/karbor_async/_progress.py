@@ -1,0 +1,158 @@
+"""Rendering a run's progress and outcome for people (rich on a terminal, plain lines otherwise)."""
+
+from __future__ import annotations
+
+import statistics as stats
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import anyio
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from karbor_async._scheduler import Run, RunStatistics
+from karbor_async._types import Hook, ResourceStatus
+from karbor_async.events import Event, EventKind
+from karbor_async.store import RunOutcome
+
+__all__ = ["follow_run", "outcome_tables", "phase_table"]
+
+T = TypeVar("T")
+
+_HOOK_SHORT = {
+    Hook.PREPARE_BEGIN: "prepare_begin",
+    Hook.PREPARE_FINISH: "prepare_finish",
+    Hook.MAIN: "main",
+    Hook.COMPLETE: "complete",
+}
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+def _stats_line(s: RunStatistics) -> str:
+    done = sum(
+        v
+        for k, v in s.by_status.items()
+        if k not in (ResourceStatus.PENDING, ResourceStatus.RUNNING)
+    )
+    running = ", ".join(f"{_HOOK_SHORT[h]} {n}" for h, n in s.running.items()) or "idle"
+    skew = f" skew {_ms(s.skew)}" if s.skew is not None else ""
+    data = ""
+    if s.bytes_total:
+        data = f" data {s.bytes_done / max(s.bytes_total, 1):.0%}"
+    barriers = f" barriers [{', '.join(s.barriers_released)}]" if s.barriers_released else ""
+    return (
+        f"{s.operation.value} {s.elapsed:6.2f}s  {done}/{s.resources} done  running: {running}  "
+        f"frozen {s.frozen}  cuts {s.cuts}{skew}{data}{barriers}"
+    )
+
+
+def _live_view(s: RunStatistics) -> Group:
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    table.add_column("resource")
+    table.add_column("hook")
+    table.add_column("progress", justify="right")
+    for res, hook, prog in s.active[:12]:
+        pct = ""
+        if prog is not None:
+            if prog.fraction is not None:
+                pct = f"{prog.fraction:.0%}"
+            elif prog.total:
+                pct = f"{(prog.done or 0) / prog.total:.0%}"
+        table.add_row(f"{res.type} {res.id}", _HOOK_SHORT[hook], pct)
+    return Group(Text(_stats_line(s), style="cyan"), table)
+
+
+async def follow_run(
+    run: Run,
+    execute: Callable[[], Awaitable[T]],
+    console: Console,
+    *,
+    live: bool,
+    interval: float = 0.1,
+) -> T:
+    """Execute the run while showing its statistics (a live view, or a line per second)."""
+    result: list[T] = []
+
+    async def runner(tg_cancel: Callable[[], None]) -> None:
+        try:
+            result.append(await execute())
+        finally:
+            tg_cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner, tg.cancel_scope.cancel)
+        if live:
+            with Live(console=console, refresh_per_second=10, transient=True) as view:
+                while True:
+                    view.update(_live_view(run.statistics()))
+                    await anyio.sleep(interval)
+        else:
+            while True:
+                await anyio.sleep(1.0)
+                console.print(_stats_line(run.statistics()), highlight=False)
+    return result[0]
+
+
+def phase_table(events: Sequence[Event]) -> Table:
+    """What each phase did: hooks run, first start, last end, relative to the run's start."""
+    t0 = events[0].mono if events else 0.0
+    spans: dict[Hook, list[float]] = {}
+    counts: dict[Hook, int] = {}
+    releases: list[str] = []
+    for e in events:
+        if e.hook is not None and e.kind in (EventKind.STARTED, EventKind.FINISHED):
+            span = spans.setdefault(e.hook, [e.mono, e.mono])
+            span[0] = min(span[0], e.mono)
+            span[1] = max(span[1], e.mono)
+            if e.kind is EventKind.FINISHED:
+                counts[e.hook] = counts.get(e.hook, 0) + 1
+        if e.kind is EventKind.BARRIER_RELEASED:
+            releases.append(f"{e.data.get('barrier')} barrier of {e.group} at {_ms(e.mono - t0)}")
+    table = Table(title="What each phase did", caption="; ".join(releases) or None)
+    table.add_column("phase")
+    table.add_column("hooks run", justify="right")
+    table.add_column("first start", justify="right")
+    table.add_column("last end", justify="right")
+    for hook in Hook:
+        if hook in spans:
+            first, last = spans[hook]
+            table.add_row(hook.value, str(counts.get(hook, 0)), _ms(first - t0), _ms(last - t0))
+    return table
+
+
+def outcome_tables(outcome: RunOutcome) -> list[Table]:
+    """Per-type status counts, and per-group skew and quiesce windows."""
+    by_type: dict[str, dict[ResourceStatus, int]] = {}
+    for r in outcome.resources.values():
+        row = by_type.setdefault(r.resource.type, {})
+        row[r.status] = row.get(r.status, 0) + 1
+    statuses = [s for s in ResourceStatus if any(s in row for row in by_type.values())]
+    kinds = Table(title=f"{outcome.operation.value} {outcome.run_id}: {outcome.status.value}")
+    kinds.add_column("resource type")
+    for s in statuses:
+        kinds.add_column(s.value, justify="right")
+    for rtype, row in sorted(by_type.items()):
+        kinds.add_row(rtype, *(str(row.get(s, 0)) for s in statuses))
+    tables = [kinds]
+    if any(g.cuts for g in outcome.groups.values()):
+        groups = Table(title="Consistency")
+        for col in ("group", "barrier", "cuts", "skew", "quiesce windows (median / max)", "mode"):
+            groups.add_column(col)
+        windows_by_group: dict[str, list[float]] = {}
+        for r in outcome.resources.values():
+            if r.quiesce_window is not None:
+                windows_by_group.setdefault(r.group, []).append(r.quiesce_window)
+        for g in outcome.groups.values():
+            w = windows_by_group.get(g.name, [])
+            wtext = f"{_ms(stats.median(w))} / {_ms(max(w))} ({len(w)})" if w else "-"
+            mode = "crash-consistent" if g.crash_consistent else "application-consistent"
+            if g.aborted is not None:
+                mode = f"aborted ({g.aborted.value})"
+            groups.add_row(g.name, g.barrier.value, str(g.cuts), _ms(g.skew), wtext, mode)
+        tables.append(groups)
+    return tables
