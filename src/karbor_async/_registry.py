@@ -7,7 +7,6 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import attrs
-import structlog
 
 from karbor_async.exceptions import PluginConflictError, PluginError
 from karbor_async.plugin import Protectable, ProtectionPlugin, ResourceType
@@ -16,8 +15,6 @@ __all__ = ["PROTECTABLES_GROUP", "PROTECTIONS_GROUP", "PluginRegistry"]
 
 PROTECTIONS_GROUP = "karbor_async.protections"
 PROTECTABLES_GROUP = "karbor_async.protectables"
-
-_log = structlog.get_logger("karbor_async.plugins")
 
 
 def _load_group(group: str) -> list[Any]:
@@ -102,12 +99,6 @@ class PluginRegistry:
                 )
             for parent in finder.parent_types:
                 self.protectables.setdefault(parent, []).append(finder)
-        _log.debug(
-            "plugins_loaded",
-            plugins=sorted(self.plugins),
-            types=sorted(self.types),
-            protectables=sorted(f.resource_type for f in finders),
-        )
 
     def binding(self, rtype: str) -> TypeBinding | None:
         return self.types.get(rtype)
