@@ -34,6 +34,7 @@ Leases and fencing
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import functools
@@ -59,7 +60,6 @@ from typing import Any, Generic, TypeVar, cast
 import aiosqlite
 import anyio
 import attrs
-import sniffio
 import structlog
 from anyio.abc import TaskStatus
 
@@ -560,14 +560,12 @@ class SqliteStore:
         so another engine can recover unfinished runs at once.
         """
         try:
-            library = sniffio.current_async_library()
-        except sniffio.AsyncLibraryNotFoundError:
-            library = "none"
-        if library != "asyncio":
+            asyncio.get_running_loop()
+        except RuntimeError:
             raise StoreError(
-                f"SqliteStore runs on asyncio only (aiosqlite), not {library}; "
+                "SqliteStore runs on asyncio only (aiosqlite resolves asyncio futures); "
                 "use MemoryStore or run the engine on asyncio"
-            )
+            ) from None
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         db_path = Path(path)
