@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml plugins/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,cli,bench]' -e ./plugins
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' -e ./plugins
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -76,12 +76,6 @@ async def store(impl: tuple[str, str], tmp_path: Path) -> AsyncIterator[Store]:
             yield sqlite_store
 
 
-def memory_differs(store: Store, request: pytest.FixtureRequest, why: str) -> None:
-    """Mark a test as an expected failure of MemoryStore (reported to the lead, not fixed here)."""
-    if isinstance(store, MemoryStore):
-        request.applymarker(pytest.mark.xfail(reason=f"MemoryStore: {why}", strict=True))
-
-
 # -- builders ------------------------------------------------------------------------
 
 
@@ -240,9 +234,8 @@ async def test_unknown_ids_raise_not_found(store: Store) -> None:
         await store.finish_run(outcome(run_record("nope")))
 
 
-async def test_duplicate_run_id_is_refused(store: Store, request: pytest.FixtureRequest) -> None:
+async def test_duplicate_run_id_is_refused(store: Store) -> None:
     """Creating a run whose id exists raises and keeps the first run."""
-    memory_differs(store, request, "create_run silently replaces an existing run")
     first = run_record("cp-1", plan_name="first")
     await store.create_run(first)
     with pytest.raises(StoreError):
@@ -291,11 +284,8 @@ async def test_outcome_round_trips_exactly(store: Store) -> None:
     assert stored.resources[VOLUME.key].resource.extra == {"size": 10}
 
 
-async def test_finishing_a_finished_protect_run_raises(
-    store: Store, request: pytest.FixtureRequest
-) -> None:
+async def test_finishing_a_finished_protect_run_raises(store: Store) -> None:
     """A protect run ends once: finishing it again raises and changes nothing."""
-    memory_differs(store, request, "finish_run replaces the run's outcome before it checks")
     run = run_record("cp-1")
     await store.create_run(run)
     first = outcome(run)
@@ -306,11 +296,8 @@ async def test_finishing_a_finished_protect_run_raises(
     assert (await store.get_run("cp-1")).outcome == first
 
 
-async def test_finishing_a_finished_restore_run_raises(
-    store: Store, request: pytest.FixtureRequest
-) -> None:
+async def test_finishing_a_finished_restore_run_raises(store: Store) -> None:
     """Restore records go in_progress -> succeeded | failed | cancelled, once."""
-    memory_differs(store, request, "finish_run does not check the run's own status")
     await store.create_run(run_record("cp-1"))
     restore = run_record("rs-1", operation=OperationKind.RESTORE, checkpoint_id="cp-1")
     await store.create_run(restore)
@@ -320,9 +307,8 @@ async def test_finishing_a_finished_restore_run_raises(
     assert (await store.get_run("rs-1")).status is RunStatus.CANCELLED
 
 
-async def test_finishing_as_running_raises(store: Store, request: pytest.FixtureRequest) -> None:
+async def test_finishing_as_running_raises(store: Store) -> None:
     """A run cannot 'finish' with status running."""
-    memory_differs(store, request, "finish_run accepts RunStatus.RUNNING (KeyError for protect)")
     run = run_record("cp-1")
     await store.create_run(run)
     with pytest.raises(IllegalTransitionError):
@@ -636,7 +622,6 @@ async def _compare(ops: list[tuple[Any, ...]], path: Path) -> None:
     async with SqliteStore.open(path) as sqlite_store:
         for op in ops:
             run_id = f"cp-{op[1]}" if op[0] != "list" else ""
-            # Stay clear of the MemoryStore gaps marked xfail above.
             if op[0] == "create" and run_id in created:
                 continue
             if op[0] == "finish" and (run_id in finished or run_id not in created):

@@ -6,10 +6,12 @@ Vendors write plugins against :mod:`karbor_async.plugin`; applications build a
 """
 
 from karbor_async._engine import Engine
+from karbor_async._fsbank import FsBank
 from karbor_async._graph import ResourceGraph
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._plan import ConsistencyGroup, Plan, Timeouts
-from karbor_async._scheduler import Run
+from karbor_async._scheduler import Run, RunStatistics
+from karbor_async._sqlite import SqliteStore
 from karbor_async._types import (
     AbortReason,
     BarrierPolicy,
@@ -32,6 +34,7 @@ __all__ = [
     "ConsistencyGroup",
     "Engine",
     "Event",
+    "FsBank",
     "EventKind",
     "Hook",
     "HookContext",
@@ -52,7 +55,9 @@ __all__ = [
     "Run",
     "RunError",
     "RunOutcome",
+    "RunStatistics",
     "RunStatus",
+    "SqliteStore",
     "Timeouts",
 ]
 

@@ -11,7 +11,12 @@ import attrs
 from karbor_async._bankkeys import validate_key
 from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event
-from karbor_async.exceptions import BankKeyError, CheckpointNotFoundError
+from karbor_async.exceptions import (
+    BankKeyError,
+    CheckpointNotFoundError,
+    IllegalTransitionError,
+    StoreError,
+)
 from karbor_async.store import (
     CheckpointRecord,
     CheckpointStatus,
@@ -42,6 +47,8 @@ class MemoryStore:
         """How many times :meth:`commit` was awaited (tests check the commit points)."""
 
     async def create_run(self, record: RunRecord) -> None:
+        if record.run_id in self._runs:
+            raise StoreError(f"a run with id {record.run_id!r} already exists")
         self._runs[record.run_id] = record
         self._events.setdefault(record.run_id, [])
         if record.operation is OperationKind.PROTECT:
@@ -68,12 +75,18 @@ class MemoryStore:
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         run = self._run(outcome.run_id)
-        self._runs[run.run_id] = attrs.evolve(run, status=outcome.status, outcome=outcome)
+        if outcome.status is RunStatus.RUNNING:
+            raise IllegalTransitionError(f"run {run.run_id} cannot finish as running")
+        if run.status is not RunStatus.RUNNING:
+            raise IllegalTransitionError(
+                f"run {run.run_id} already ended {run.status.value}; a run ends once"
+            )
         if run.operation is OperationKind.PROTECT:
             cp = self._checkpoint(run.checkpoint_id)
             new = _END_STATUS[outcome.status]
             check_checkpoint_transition(cp.status, new)
             self._checkpoints[cp.id] = attrs.evolve(cp, status=new, outcome=outcome)
+        self._runs[run.run_id] = attrs.evolve(run, status=outcome.status, outcome=outcome)
 
     async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
         cp = self._checkpoint(checkpoint_id)
