@@ -26,14 +26,8 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from karbor_async import _sqlite_schema as schema
-from karbor_async._sqlite import HookStatus, LeaseHeldError, SqliteStore
-from karbor_async._sqlite_schema import (
-    APPLICATION_ID,
-    CorruptStoreError,
-    ForeignFileError,
-    NewerSchemaError,
-    StoreFileError,
-)
+from karbor_async._sqlite import HookStatus, SqliteStore
+from karbor_async._sqlite_schema import APPLICATION_ID
 from karbor_async._types import (
     BarrierPolicy,
     Hook,
@@ -42,7 +36,16 @@ from karbor_async._types import (
     RunStatus,
 )
 from karbor_async.events import Event, EventKind, Progress
-from karbor_async.exceptions import IllegalTransitionError, LeaseLostError, StoreError
+from karbor_async.exceptions import (
+    CorruptStoreError,
+    ForeignFileError,
+    IllegalTransitionError,
+    LeaseHeldError,
+    LeaseLostError,
+    NewerSchemaError,
+    StoreError,
+    StoreFileError,
+)
 from karbor_async.store import (
     CheckpointRecord,
     CheckpointStatus,

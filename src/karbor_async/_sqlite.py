@@ -66,8 +66,6 @@ from anyio.abc import TaskStatus
 from karbor_async._sqlite_schema import (
     APPLICATION_ID,
     MAGIC,
-    ForeignFileError,
-    NewerSchemaError,
     inspect_file,
     migration_statements,
     schema_version,
@@ -76,8 +74,11 @@ from karbor_async._types import Hook, OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event, EventKind, Progress
 from karbor_async.exceptions import (
     CheckpointNotFoundError,
+    ForeignFileError,
     IllegalTransitionError,
+    LeaseHeldError,
     LeaseLostError,
+    NewerSchemaError,
     StoreError,
 )
 from karbor_async.store import (
@@ -121,10 +122,6 @@ _IMPORT_RUN_STATUS = {
     CheckpointStatus.ERROR: RunStatus.FAILED,
     CheckpointStatus.CANCELLED: RunStatus.CANCELLED,
 }
-
-
-class LeaseHeldError(StoreError):
-    """Another live owner holds this run's lease: leave the run to it."""
 
 
 class HookStatus(enum.Enum):

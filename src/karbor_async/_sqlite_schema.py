@@ -19,16 +19,17 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from karbor_async.exceptions import StoreError
+from karbor_async.exceptions import (
+    CorruptStoreError,
+    ForeignFileError,
+    NewerSchemaError,
+    StoreFileError,
+)
 
 __all__ = [
     "APPLICATION_ID",
     "MAGIC",
     "MIGRATIONS",
-    "CorruptStoreError",
-    "ForeignFileError",
-    "NewerSchemaError",
-    "StoreFileError",
     "inspect_file",
     "schema_version",
 ]
@@ -40,22 +41,6 @@ MAGIC = "karbor-async-store"
 """``meta.magic``: says the file is ours even if the header field were lost."""
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-class StoreFileError(StoreError):
-    """The store file cannot be used; it was left untouched."""
-
-
-class ForeignFileError(StoreFileError):
-    """The file is not a karbor-async store: point the engine at its own file."""
-
-
-class NewerSchemaError(StoreFileError):
-    """The file was written by a newer karbor-async: upgrade this one."""
-
-
-class CorruptStoreError(StoreFileError):
-    """The file is a karbor-async store but is damaged: restore it from a copy."""
 
 
 _V1: tuple[str, ...] = (

@@ -18,12 +18,16 @@ if TYPE_CHECKING:
 __all__ = [
     "BankKeyError",
     "CheckpointNotFoundError",
+    "CorruptStoreError",
+    "ForeignFileError",
     "GraphError",
     "HookError",
     "HookTimeoutError",
     "IllegalTransitionError",
     "KarborError",
+    "LeaseHeldError",
     "LeaseLostError",
+    "NewerSchemaError",
     "PlanError",
     "PluginConflictError",
     "PluginError",
@@ -31,6 +35,7 @@ __all__ = [
     "RunError",
     "SecretError",
     "StoreError",
+    "StoreFileError",
     "ThawFailedError",
 ]
 
@@ -61,6 +66,26 @@ class SecretError(KarborError):
 
 class StoreError(KarborError):
     """The checkpoint store refused an operation."""
+
+
+class StoreFileError(StoreError):
+    """The store file cannot be used; it was left untouched."""
+
+
+class ForeignFileError(StoreFileError):
+    """The file is not a karbor-async store: point the engine at its own file."""
+
+
+class NewerSchemaError(StoreFileError):
+    """The file was written by a newer karbor-async: upgrade this one."""
+
+
+class CorruptStoreError(StoreFileError):
+    """The file is a karbor-async store but is damaged: restore it from a copy."""
+
+
+class LeaseHeldError(StoreError):
+    """Another live owner holds this run's lease: leave the run to it."""
 
 
 class CheckpointNotFoundError(StoreError):
