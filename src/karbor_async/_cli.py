@@ -1,43 +1,471 @@
-"""The ``karbor-async`` command line."""
+"""The ``karbor-async`` command line (``docs/cli.md`` is its manual).
+
+Every command opens the embedded defaults (a SQLite store, ``--db``, and a
+file-system bank, ``--bank``) on asyncio, the only backend the SQLite store
+supports. Commands that run hooks (protect, restore, delete, prune, recover)
+show live progress and cancel cleanly on Ctrl-C; the others only read the store.
+A user's mistake (a bad plan file, an unknown id, an unusable store file) ends in
+one message and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+import signal
+import sqlite3
 import sys
-from contextlib import AsyncExitStack
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import anyio
+import attrs
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from karbor_async._engine import Engine
 from karbor_async._fsbank import FsBank
 from karbor_async._plan import Plan, Timeouts
-from karbor_async._progress import follow_run, outcome_tables, phase_table
+from karbor_async._planfile import load_plan_file
+from karbor_async._progress import Display, follow_run, outcome_tables, phase_table
+from karbor_async._report import write_report
+from karbor_async._scheduler import Run
+from karbor_async._secrets_cli import CliSecrets
 from karbor_async._sqlite import SqliteStore
-from karbor_async._types import BarrierPolicy
-from karbor_async.exceptions import KarborError, RunError
-from karbor_async.store import RunOutcome, Store
+from karbor_async._types import BarrierPolicy, ResourceStatus, RunStatus
+from karbor_async.events import Event, EventKind
+from karbor_async.exceptions import (
+    BankKeyError,
+    CheckpointNotFoundError,
+    GraphError,
+    IllegalTransitionError,
+    KarborError,
+    PlanError,
+    PluginError,
+    RunError,
+    SecretError,
+    StoreFileError,
+)
+from karbor_async.plugin import SecretResolver
+from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord
 
-__all__ = ["app", "main"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_CANCELLED",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "app",
+    "main",
+]
+
+EXIT_OK = 0
+"""The command did what was asked."""
+EXIT_FAILED = 1
+"""A run failed (its checkpoint or run record says why), or a prune/recover step failed."""
+EXIT_BAD_INPUT = 2
+"""Bad input: plan file, options, unknown id, secrets, or a store file that cannot be used."""
+EXIT_CANCELLED = 3
+"""Cancelled (Ctrl-C): the run was stopped and everything it froze was thawed."""
+
+_EPILOG = (
+    "Exit codes: 0 success; 1 a run failed; 2 bad input (plan file, options, unknown id, "
+    "secrets, unusable store file); 3 cancelled by Ctrl-C (everything frozen was thawed). "
+    "Manual: docs/cli.md."
+)
 
 app = typer.Typer(
     name="karbor-async",
     help="Application-consistent protection of resource graphs (Karbor's hooks on anyio).",
+    epilog=_EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+checkpoints_app = typer.Typer(
+    help="List, show and prune checkpoints.", no_args_is_help=True, epilog=_EPILOG
+)
+runs_app = typer.Typer(
+    help="List and show protect, restore and delete runs.", no_args_is_help=True, epilog=_EPILOG
+)
+app.add_typer(checkpoints_app, name="checkpoints")
+app.add_typer(runs_app, name="runs")
+
+T = TypeVar("T")
+
+# -- options shared by commands ---------------------------------------------------------
+
+DbOption = Annotated[
+    Path, typer.Option("--db", envvar="KARBOR_DB", help="SQLite checkpoint store file.")
+]
+BankOption = Annotated[
+    Path, typer.Option("--bank", envvar="KARBOR_BANK", help="File-system bank directory.")
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Machine-readable output on stdout (see docs/cli.md)."),
+]
+PlainOption = Annotated[
+    bool, typer.Option("--plain", help="Plain progress lines even on a terminal.")
+]
+SimcloudOption = Annotated[
+    str | None,
+    typer.Option(
+        "--simcloud",
+        envvar="KARBOR_SIMCLOUD",
+        metavar="N[:SEED[:LATENCY]]",
+        help=(
+            "Bind a SIMULATED cloud of N resources (karbor_simcloud plugins) for this process: "
+            "for demos and tests; LATENCY is realistic (default), zero or slow. "
+            "Its project is prj-0000001."
+        ),
+    ),
+]
+SecretsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--secrets-file",
+        envvar="KARBOR_SECRETS_FILE",
+        help="Private file of secret values (mode 600; TOML or NAME=value lines).",
+    ),
+]
+
+DEFAULT_DB = Path("karbor.db")
+DEFAULT_BANK = Path("bank")
+
+
+class CliUsageError(KarborError):
+    """The command line itself is wrong (an option, a missing store file)."""
+
+
+_BAD_INPUT: tuple[type[BaseException], ...] = (
+    PlanError,
+    GraphError,
+    PluginError,
+    SecretError,
+    StoreFileError,
+    CheckpointNotFoundError,
+    IllegalTransitionError,
+    BankKeyError,
+    CliUsageError,
 )
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 3
+
+@attrs.frozen
+class _Out:
+    """Where a command writes: results on stdout, notices and errors on stderr."""
+
+    console: Console
+    err: Console
+    json: bool
+    display: Display
+
+    def note(self, message: str) -> None:
+        """A human notice: on stdout normally, on stderr under ``--json`` (stdout stays JSON)."""
+        (self.err if self.json else self.console).print(message)
+
+    def emit(self, document: Mapping[str, Any]) -> None:
+        """One JSON document on a line of its own."""
+        sys.stdout.write(json.dumps(document, default=str, sort_keys=True) + "\n")
+        sys.stdout.flush()
+
+
+def _consoles() -> tuple[Console, Console]:
+    def width(stream: Any) -> int | None:
+        # Pipes and logs get wide lines rather than rich's 80-column default.
+        return None if stream.isatty() or os.environ.get("COLUMNS") else 120
+
+    return (
+        Console(highlight=False, width=width(sys.stdout)),
+        Console(stderr=True, highlight=False, width=width(sys.stderr)),
+    )
+
+
+def _out(as_json: bool = False, plain: bool = False) -> _Out:
+    console, err = _consoles()
+    if as_json:
+        display = Display.QUIET
+    elif console.is_terminal and not plain:
+        display = Display.LIVE
+    else:
+        display = Display.PLAIN
+    return _Out(console, err, as_json, display)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one error inside task-group wrappers (a RunError is itself a group: keep it)."""
+    while (
+        isinstance(exc, BaseExceptionGroup)
+        and not isinstance(exc, RunError)
+        and len(exc.exceptions) == 1
+    ):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _exit_with(out: _Out, message: str, code: int) -> NoReturn:
+    out.err.print(f"[red]error:[/red] {escape(message)}")
+    if out.json:
+        out.emit({"error": message, "exit_code": code})
+    raise typer.Exit(code)
+
+
+def _guard(out: _Out, action: Callable[[], T]) -> T:
+    """Run ``action``; turn a user's mistake into a message and its exit code."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        out.err.print("interrupted (nothing was left running)")
+        raise typer.Exit(EXIT_CANCELLED) from None
+    except Exception as raised:
+        exc = _unwrap(raised)
+        if isinstance(exc, _BAD_INPUT):
+            _exit_with(out, str(exc), EXIT_BAD_INPUT)
+        if isinstance(exc, sqlite3.Error):
+            _exit_with(out, f"the checkpoint store cannot be used: {exc}", EXIT_BAD_INPUT)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            _exit_with(out, f"{exc.strerror or exc}{where}", EXIT_BAD_INPUT)
+        if isinstance(exc, KarborError):
+            _exit_with(out, str(exc), EXIT_FAILED)
+        raise
+
+
+def _run_async(out: _Out, func: Callable[..., Awaitable[int]], *args: Any) -> NoReturn:
+    """Run a command's coroutine on asyncio (the SQLite store needs it) and exit with its code."""
+    code = _guard(out, lambda: anyio.run(func, *args, backend="asyncio"))
+    raise typer.Exit(code)
+
+
+# -- the simulated cloud ---------------------------------------------------------------
+
+
+@attrs.frozen
+class SimcloudSpec:
+    """``--simcloud N[:SEED[:LATENCY]]``."""
+
+    resources: int
+    seed: int = 7
+    latency: str = "realistic"
+
+    @classmethod
+    def parse(cls, text: str) -> SimcloudSpec:
+        parts = text.split(":")
+        usage = CliUsageError(
+            f"--simcloud {text!r}: expected N[:SEED[:LATENCY]], e.g. 40:7 or 40:7:slow"
+        )
+        if not 1 <= len(parts) <= 3:
+            raise usage
+        try:
+            n = int(parts[0])
+            seed = int(parts[1]) if len(parts) > 1 and parts[1] else 7
+        except ValueError:
+            raise usage from None
+        latency = parts[2] if len(parts) > 2 else "realistic"
+        if n < 3:
+            raise CliUsageError(
+                "--simcloud needs at least 3 resources (a project, a server, a disk)"
+            )
+        if latency not in ("realistic", "zero", "slow"):
+            raise CliUsageError(f"--simcloud latency {latency!r}: expected realistic, zero or slow")
+        return cls(n, seed, latency)
+
+
+def _simcloud_module() -> Any:
+    try:
+        return importlib.import_module("karbor_simcloud")
+    except ImportError:
+        raise CliUsageError(
+            "the SIMULATED cloud plugins are not installed; run `make demo` (it installs "
+            "./plugins) or `pip install -e ./plugins`"
+        ) from None
+
+
+def _generate_cloud(spec: SimcloudSpec, out: _Out) -> Any:
+    sim = _simcloud_module()
+    profiles = {
+        "realistic": sim.LatencyProfile.realistic(),
+        "zero": sim.LatencyProfile.zero(),
+        # Long enough to interrupt by hand: servers stay frozen while the cuts are taken.
+        "slow": sim.LatencyProfile(
+            quiesce=sim.Latency.fixed(0.2),
+            thaw=sim.Latency.fixed(0.02),
+            snapshot=sim.Latency.fixed(1.5),
+            snapshot_return=sim.Latency.fixed(0.01),
+            copy_chunk=sim.Latency.fixed(0.2),
+            create=sim.Latency.fixed(0.05),
+        ),
+    }
+    cloud = sim.SimCloud.generate(spec.resources, seed=spec.seed, latency=profiles[spec.latency])
+    project = cloud.project_resources()[0]
+    out.err.print(
+        f"[bold]SIMULATED cloud[/bold] (no real cloud is touched): {spec.resources} resources, "
+        f"seed {spec.seed}, latency {spec.latency}, project {project.id}"
+    )
+    return cloud
+
+
+def _needs_simcloud(engine: Engine, types: Sequence[str]) -> list[str]:
+    """The resource types handled by the simulated cloud's plugins."""
+    found = []
+    for rtype in sorted(set(types)):
+        binding = engine.registry.binding(rtype)
+        if binding is not None and type(binding.plugin).__module__.startswith("karbor_simcloud"):
+            found.append(rtype)
+    return found
+
+
+def _check_cloud(engine: Engine, types: Sequence[str], cloud: Any) -> None:
+    simulated = _needs_simcloud(engine, types)
+    if simulated and cloud is None:
+        raise CliUsageError(
+            f"the resource types {', '.join(simulated)} are handled by the SIMULATED cloud plugins "
+            "(karbor_simcloud), which act on a cloud generated in this process: pass "
+            "--simcloud N[:SEED] (or set KARBOR_SIMCLOUD)"
+        )
+
+
+# -- sessions: store, bank, engine ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def _store(db: Path, *, must_exist: bool) -> AsyncIterator[SqliteStore]:
+    if must_exist and not await anyio.Path(db).exists():
+        raise CliUsageError(
+            f"no checkpoint store at {db}: protect something first, or point --db "
+            "(or KARBOR_DB) at an existing store"
+        )
+    async with SqliteStore.open(db) as store:
+        yield store
+
+
+@asynccontextmanager
+async def _session(
+    db: Path,
+    bank: Path,
+    *,
+    secrets: SecretResolver | None = None,
+    cloud: Any = None,
+    must_exist: bool = False,
+) -> AsyncIterator[Engine]:
+    """Open the store and bank, bind the simulated cloud if any, and build the engine."""
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(_store(db, must_exist=must_exist))
+        if cloud is not None:
+            stack.enter_context(_simcloud_module().use_cloud(cloud))
+        yield Engine(store=store, bank=FsBank(bank), secrets=secrets, discover=True)
+
+
+async def _recover_first(out: _Out, engine: Engine) -> None:
+    """Finish or clean up what an earlier process left, when this engine knows how."""
+    recover = getattr(engine, "recover", None)
+    if recover is None:
+        return
+    outcomes = await recover()
+    for outcome in outcomes or ():
+        if isinstance(outcome, RunOutcome):
+            out.note(
+                f"recovered {outcome.operation.value} run {outcome.run_id} left unfinished "
+                f"by an earlier process: {outcome.status.value}"
+            )
+
+
+def _watch_interrupts(out: _Out, run: Run) -> Callable[[], Coroutine[Any, Any, None]] | None:
+    """A task that turns Ctrl-C into :meth:`Run.cancel` (signals reach the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    async def watch() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            count = 0
+            async for _ in signals:
+                count += 1
+                if count == 1:
+                    out.err.print(
+                        f"[yellow]Ctrl-C: cancelling {run.operation.value} run {run.run_id}; "
+                        "thawing everything that is frozen...[/yellow]"
+                    )
+                    run.cancel()
+                else:
+                    out.err.print(
+                        "already cancelling: waiting for the thaws to finish "
+                        "(bounded by the plan's timeouts.abort)"
+                    )
+
+    return watch
+
+
+async def _drive(out: _Out, engine: Engine, run: Run) -> tuple[RunOutcome, int]:
+    """Execute ``run`` with progress and Ctrl-C handling; return its outcome and exit code."""
+    watcher = _watch_interrupts(out, run)
+    try:
+        outcome = await follow_run(
+            run, lambda: engine.execute(run), out.console, display=out.display, beside=watcher
+        )
+    except RunError as exc:
+        outcome = exc.outcome
+    if outcome.status is RunStatus.SUCCEEDED:
+        return outcome, EXIT_OK
+    if outcome.status is RunStatus.CANCELLED:
+        return outcome, EXIT_CANCELLED
+    return outcome, EXIT_FAILED
+
+
+def _frozen_summary(outcome: RunOutcome) -> str:
+    frozen = [r for r in outcome.resources.values() if r.quiesced_at is not None]
+    stuck = [r for r in outcome.resources.values() if r.status is ResourceStatus.THAW_FAILED]
+    if stuck:
+        names = ", ".join(str(r.resource) for r in stuck[:10])
+        return (
+            f"ALERT: {len(stuck)} resources may still be frozen (every thaw failed): {names}; "
+            "see `karbor-async events` for the errors"
+        )
+    if not frozen:
+        return "nothing had been frozen"
+    thawed = sum(1 for r in frozen if r.thawed_at is not None)
+    return f"every frozen resource was thawed ({thawed} of {len(frozen)})"
+
+
+def _report_outcome(out: _Out, outcome: RunOutcome, code: int) -> None:
+    if out.json:
+        out.emit({"exit_code": code, "outcome": outcome.to_json()})
+        return
+    for table in outcome_tables(outcome):
+        out.console.print(table)
+    op = outcome.operation.value
+    failed = [r for r in outcome.resources.values() if r.failed_hook is not None]
+    for r in failed[:10]:
+        first = (r.error or "").strip().splitlines()[:1]
+        out.console.print(
+            f"  [red]{escape(str(r.resource))}[/red] {r.failed_hook.value if r.failed_hook else ''}"
+            f": {escape(first[0] if first else r.status.value)}"
+        )
+    if len(failed) > 10:
+        out.console.print(f"  ... and {len(failed) - 10} more (karbor-async runs show)")
+    if code == EXIT_OK:
+        out.console.print(f"[green]{op} succeeded[/green] (run {outcome.run_id})")
+    elif code == EXIT_CANCELLED:
+        out.console.print(
+            f"[yellow]{op} cancelled[/yellow] (run {outcome.run_id}): {_frozen_summary(outcome)}"
+        )
+    else:
+        out.console.print(
+            f"[red]{op} failed[/red] (run {outcome.run_id}): {escape(outcome.error or '')}"
+        )
+        if any(r.status is ResourceStatus.THAW_FAILED for r in outcome.resources.values()):
+            out.console.print(f"[red]{_frozen_summary(outcome)}[/red]")
+
+
+# -- global options --------------------------------------------------------------------
 
 
 @app.callback()
@@ -72,141 +500,784 @@ def _configure(
     )
 
 
-def _console() -> Console:
-    return Console(highlight=False)
+# -- formatting helpers ------------------------------------------------------------------
 
 
-def _fail(console: Console, message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
+def _when(wall: float | None) -> str:
+    if wall is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1000:.2f} ms"
+
+
+def _checkpoint_json(cp: CheckpointRecord) -> dict[str, Any]:
+    return {
+        "id": cp.id,
+        "plan_name": cp.plan_name,
+        "status": cp.status.value,
+        "created_wall": cp.created_wall,
+        "resources": len(cp.graph.get("resources", ())),
+        "skew": cp.outcome.skew if cp.outcome else None,
+        "crash_consistent": cp.outcome.crash_consistent if cp.outcome else None,
+    }
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "operation": run.operation.value,
+        "checkpoint_id": run.checkpoint_id,
+        "status": run.status.value,
+        "started_wall": run.started_wall,
+        "duration": run.outcome.duration if run.outcome else None,
+        "resources": len(run.graph.get("resources", ())),
+    }
+
+
+# -- protect, restore, delete ----------------------------------------------------------------
+
+
+def _secrets(out: _Out, secrets_file: Path | None) -> CliSecrets:
+    return _guard(out, lambda: CliSecrets.from_options(secrets_file))
+
+
+def _cloud(out: _Out, simcloud: str | None) -> Any:
+    if simcloud is None:
+        return None
+    return _guard(out, lambda: _generate_cloud(SimcloudSpec.parse(simcloud), out))
 
 
 @app.command()
-def plugins() -> None:
+def protect(
+    plan_file: Annotated[Path, typer.Argument(help="The plan: a .toml, .yaml or .yml file.")],
+    db: DbOption = DEFAULT_DB,
+    bank: BankOption = DEFAULT_BANK,
+    simcloud: SimcloudOption = None,
+    secrets_file: SecretsOption = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write the timeline HTML here.")
+    ] = None,
+    as_json: JsonOption = False,
+    plain: PlainOption = False,
+) -> None:
+    """Protect the resources of a plan file into a new checkpoint."""
+    out = _out(as_json, plain)
+    plan = _guard(out, lambda: load_plan_file(plan_file))
+    resolver = _secrets(out, secrets_file)
+    cloud = _cloud(out, simcloud)
+    _run_async(out, _protect, out, plan, db, bank, resolver, cloud, report)
+
+
+async def _protect(
+    out: _Out,
+    plan: Plan,
+    db: Path,
+    bank: Path,
+    secrets: CliSecrets,
+    cloud: Any,
+    report: Path | None,
+) -> int:
+    async with _session(db, bank, secrets=secrets, cloud=cloud) as engine:
+        _check_cloud(engine, [r.type for r in plan.resources], cloud)
+        await _recover_first(out, engine)
+        run = await engine.build_protect(plan)
+        out.note(
+            f"Protecting {len(run.nodes)} resources of plan {plan.name!r} "
+            f"as checkpoint {run.checkpoint_id}"
+        )
+        outcome, code = await _drive(out, engine, run)
+        _report_outcome(out, outcome, code)
+        if code == EXIT_OK:
+            out.note(f"checkpoint {outcome.checkpoint_id} is available")
+        elif plan.delete_on_failure:
+            out.note(f"the plan asks for cleanup: deleting checkpoint {outcome.checkpoint_id}")
+            cleanup = await engine.build_delete(outcome.checkpoint_id)
+            deleted, _ = await _drive(attrs.evolve(out, display=Display.QUIET), engine, cleanup)
+            out.note(f"cleanup {deleted.status.value} (run {deleted.run_id})")
+        if report is not None:
+            await _write_report(out, engine, outcome.run_id, report)
+    return code
+
+
+def _parse_params(
+    items: Sequence[str], engine: Engine, types: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """``TYPE[#ID].KEY=VALUE`` (``*.KEY=VALUE``: every type that accepts KEY)."""
+    params: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target_key, sep, raw = item.partition("=")
+        target, dot, key = target_key.rpartition(".")
+        if not sep or not dot or not target or not key:
+            raise CliUsageError(
+                f"--param {item!r}: expected TYPE[#ID].KEY=VALUE, "
+                "e.g. OS::Nova::Server.flavor=m1.small"
+            )
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        if target == "*":
+            matched = []
+            for rtype in sorted(set(types)):
+                binding = engine.registry.binding(rtype)
+                declared = binding.spec.parameters if binding else None
+                if declared is None or key in declared:
+                    matched.append(rtype)
+            if not matched:
+                raise CliUsageError(f"--param {item!r}: no resource type here accepts {key!r}")
+            for rtype in matched:
+                params.setdefault(rtype, {})[key] = value
+        else:
+            params.setdefault(target, {})[key] = value
+    return params
+
+
+@app.command()
+def restore(
+    checkpoint: Annotated[str, typer.Argument(help="The checkpoint id.")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            metavar="TYPE[#ID].KEY=VALUE",
+            help="A restore parameter (repeatable; VALUE is JSON or a plain string; "
+            "TYPE * means every type accepting KEY, e.g. '*.target_project=prj-9').",
+        ),
+    ] = None,
+    barrier: Annotated[
+        BarrierPolicy | None, typer.Option(help="Barrier policy of the restore (default none).")
+    ] = None,
+    db: DbOption = DEFAULT_DB,
+    bank: BankOption = DEFAULT_BANK,
+    simcloud: SimcloudOption = None,
+    secrets_file: SecretsOption = None,
+    as_json: JsonOption = False,
+    plain: PlainOption = False,
+) -> None:
+    """Restore an available checkpoint (its stored graph) with optional parameters."""
+    out = _out(as_json, plain)
+    resolver = _secrets(out, secrets_file)
+    cloud = _cloud(out, simcloud)
+    _run_async(out, _restore, out, checkpoint, param or [], barrier, db, bank, resolver, cloud)
+
+
+async def _restore(
+    out: _Out,
+    checkpoint_id: str,
+    param: list[str],
+    barrier: BarrierPolicy | None,
+    db: Path,
+    bank: Path,
+    secrets: CliSecrets,
+    cloud: Any,
+) -> int:
+    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+        cp = await engine.store.get_checkpoint(checkpoint_id)
+        types = [str(r["type"]) for r in cp.graph.get("resources", ())]
+        _check_cloud(engine, types, cloud)
+        params = _parse_params(param, engine, types)
+        await _recover_first(out, engine)
+        run = await engine.build_restore(checkpoint_id, parameters=params, barrier=barrier)
+        out.note(
+            f"Restoring checkpoint {checkpoint_id} ({len(run.nodes)} resources), run {run.run_id}"
+        )
+        outcome, code = await _drive(out, engine, run)
+        _report_outcome(out, outcome, code)
+        if code == EXIT_OK and not out.json:
+            table = Table(title="Restored resources (original -> new id)")
+            for col in ("resource", "new id"):
+                table.add_column(col)
+            for (rtype, rid), new_id in list(outcome.restored.items())[:50]:
+                table.add_row(f"{rtype}#{rid}", new_id)
+            out.console.print(table)
+    return code
+
+
+@app.command()
+def delete(
+    checkpoint: Annotated[str, typer.Argument(help="The checkpoint id.")],
+    db: DbOption = DEFAULT_DB,
+    bank: BankOption = DEFAULT_BANK,
+    simcloud: SimcloudOption = None,
+    secrets_file: SecretsOption = None,
+    as_json: JsonOption = False,
+    plain: PlainOption = False,
+) -> None:
+    """Delete a checkpoint: the plugins remove what they saved, then its bank data goes."""
+    out = _out(as_json, plain)
+    resolver = _secrets(out, secrets_file)
+    cloud = _cloud(out, simcloud)
+    _run_async(out, _delete, out, checkpoint, db, bank, resolver, cloud)
+
+
+async def _delete(
+    out: _Out, checkpoint_id: str, db: Path, bank: Path, secrets: CliSecrets, cloud: Any
+) -> int:
+    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+        cp = await engine.store.get_checkpoint(checkpoint_id)
+        _check_cloud(engine, [str(r["type"]) for r in cp.graph.get("resources", ())], cloud)
+        await _recover_first(out, engine)
+        run = await engine.build_delete(checkpoint_id)
+        out.note(
+            f"Deleting checkpoint {checkpoint_id} ({len(run.nodes)} resources), run {run.run_id}"
+        )
+        outcome, code = await _drive(out, engine, run)
+        _report_outcome(out, outcome, code)
+    return code
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(
+    plan: Annotated[str | None, typer.Option(help="Only this plan's checkpoints.")] = None,
+    status: Annotated[
+        CheckpointStatus | None, typer.Option(help="Only checkpoints in this state.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """List checkpoints, newest first."""
+    out = _out(as_json)
+    _run_async(out, _checkpoints_list, out, plan, status, limit, db)
+
+
+async def _checkpoints_list(
+    out: _Out, plan: str | None, status: CheckpointStatus | None, limit: int, db: Path
+) -> int:
+    async with _store(db, must_exist=True) as store:
+        found = await store.list_checkpoints(plan_name=plan, status=status, limit=limit)
+    if out.json:
+        out.emit({"checkpoints": [_checkpoint_json(cp) for cp in found]})
+        return EXIT_OK
+    if not found:
+        out.console.print("no checkpoints")
+        return EXIT_OK
+    table = Table(title=f"Checkpoints in {db} (newest first)")
+    for col in ("checkpoint", "plan", "status", "created", "resources", "skew", "consistency"):
+        table.add_column(col)
+    for cp in found:
+        o = cp.outcome
+        mode = "-" if o is None else ("crash" if o.crash_consistent else "application")
+        table.add_row(
+            cp.id,
+            escape(cp.plan_name),
+            cp.status.value,
+            _when(cp.created_wall),
+            str(len(cp.graph.get("resources", ()))),
+            _ms(o.skew if o else None),
+            mode,
+        )
+    out.console.print(table)
+    return EXIT_OK
+
+
+@checkpoints_app.command("show")
+def checkpoints_show(
+    checkpoint: Annotated[str, typer.Argument(help="The checkpoint id.")],
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a checkpoint: status, plan, consistency, and its runs."""
+    out = _out(as_json)
+    _run_async(out, _checkpoints_show, out, checkpoint, db)
+
+
+async def _checkpoints_show(out: _Out, checkpoint_id: str, db: Path) -> int:
+    async with _store(db, must_exist=True) as store:
+        cp = await store.get_checkpoint(checkpoint_id)
+        runs = await store.list_runs(checkpoint_id=checkpoint_id)
+    if out.json:
+        doc = _checkpoint_json(cp)
+        doc["plan"] = dict(cp.plan)
+        doc["outcome"] = cp.outcome.to_json() if cp.outcome else None
+        doc["runs"] = [_run_json(r) for r in runs]
+        out.emit({"checkpoint": doc})
+        return EXIT_OK
+    out.console.print(
+        f"[bold]checkpoint {cp.id}[/bold]: {cp.status.value}; plan {escape(cp.plan_name)!r}; "
+        f"created {_when(cp.created_wall)}; {len(cp.graph.get('resources', ()))} resources"
+    )
+    if cp.outcome is not None:
+        for table in outcome_tables(cp.outcome):
+            out.console.print(table)
+        if cp.outcome.error:
+            out.console.print(f"[red]error:[/red] {escape(cp.outcome.error)}")
+    _print_runs(out, runs, f"Runs of {cp.id}")
+    return EXIT_OK
+
+
+@checkpoints_app.command("prune")
+def checkpoints_prune(
+    plan: Annotated[str, typer.Option(help="The plan whose checkpoints are pruned.")],
+    keep: Annotated[int, typer.Option(min=0, help="How many of the newest to keep.")],
+    dry_run: Annotated[bool, typer.Option(help="Only say what would be deleted.")] = False,
+    db: DbOption = DEFAULT_DB,
+    bank: BankOption = DEFAULT_BANK,
+    simcloud: SimcloudOption = None,
+    secrets_file: SecretsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete all but the newest KEEP available checkpoints of a plan (plugins clean up)."""
+    out = _out(as_json, plain=True)
+    resolver = _secrets(out, secrets_file)
+    cloud = _cloud(out, simcloud)
+    _run_async(out, _prune, out, plan, keep, dry_run, db, bank, resolver, cloud)
+
+
+async def _prune(
+    out: _Out,
+    plan: str,
+    keep: int,
+    dry_run: bool,
+    db: Path,
+    bank: Path,
+    secrets: CliSecrets,
+    cloud: Any,
+) -> int:
+    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+        available: list[CheckpointRecord] = []
+        before: str | None = None
+        while True:
+            page = await engine.store.list_checkpoints(
+                plan_name=plan, status=CheckpointStatus.AVAILABLE, limit=100, before_id=before
+            )
+            available.extend(page)
+            if len(page) < 100:
+                break
+            before = page[-1].id
+        kept, doomed = available[:keep], available[keep:]
+        deleted: list[str] = []
+        failed: list[dict[str, str]] = []
+        code = EXIT_OK
+        if doomed and not dry_run:
+            types = [str(r["type"]) for cp in doomed for r in cp.graph.get("resources", ())]
+            _check_cloud(engine, types, cloud)
+            await _recover_first(out, engine)
+        quiet = attrs.evolve(out, display=Display.QUIET)
+        for cp in doomed:
+            if dry_run:
+                out.note(f"would delete {cp.id} (created {_when(cp.created_wall)})")
+                continue
+            run = await engine.build_delete(cp.id)
+            outcome, run_code = await _drive(quiet, engine, run)
+            if run_code == EXIT_OK:
+                deleted.append(cp.id)
+                out.note(f"deleted {cp.id} (created {_when(cp.created_wall)})")
+            else:
+                failed.append({"checkpoint": cp.id, "error": outcome.error or outcome.status.value})
+                out.note(f"[red]could not delete {cp.id}:[/red] {escape(outcome.error or '')}")
+                code = run_code
+                if run_code == EXIT_CANCELLED:
+                    break
+        if out.json:
+            out.emit(
+                {
+                    "plan": plan,
+                    "kept": [cp.id for cp in kept],
+                    "deleted": deleted,
+                    "would_delete": [cp.id for cp in doomed] if dry_run else [],
+                    "failed": failed,
+                    "exit_code": code,
+                }
+            )
+        else:
+            verb = "would delete" if dry_run else "deleted"
+            count = len(doomed) if dry_run else len(deleted)
+            out.console.print(
+                f"plan {escape(plan)!r}: kept {len(kept)} available checkpoints, {verb} {count}"
+                + (f", {len(failed)} failed" if failed else "")
+            )
+    return code
+
+
+# -- runs and events -----------------------------------------------------------------------
+
+
+def _print_runs(out: _Out, runs: Sequence[RunRecord], title: str) -> None:
+    table = Table(title=title)
+    for col in ("run", "operation", "checkpoint", "status", "started", "duration", "resources"):
+        table.add_column(col, no_wrap=col in ("run", "checkpoint", "started"))
+    for r in runs:
+        table.add_row(
+            r.run_id,
+            r.operation.value,
+            r.checkpoint_id,
+            r.status.value,
+            _when(r.started_wall),
+            _ms(r.outcome.duration if r.outcome else None),
+            str(len(r.graph.get("resources", ()))),
+        )
+    out.console.print(table)
+
+
+@runs_app.command("list")
+def runs_list(
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Only the runs of this checkpoint.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """List protect, restore and delete runs, newest first."""
+    out = _out(as_json)
+    _run_async(out, _runs_list, out, checkpoint, limit, db)
+
+
+async def _runs_list(out: _Out, checkpoint: str | None, limit: int, db: Path) -> int:
+    async with _store(db, must_exist=True) as store:
+        if checkpoint is not None:
+            await store.get_checkpoint(checkpoint)
+        runs = await store.list_runs(checkpoint_id=checkpoint, limit=limit)
+    if out.json:
+        out.emit({"runs": [_run_json(r) for r in runs]})
+    elif not runs:
+        out.console.print("no runs")
+    else:
+        _print_runs(out, runs, f"Runs in {db} (newest first)")
+    return EXIT_OK
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="The run id (a checkpoint's id is its protect run).")],
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a run: status, per-type outcome, consistency, phases, failures."""
+    out = _out(as_json)
+    _run_async(out, _runs_show, out, run, db)
+
+
+async def _runs_show(out: _Out, run_id: str, db: Path) -> int:
+    async with _store(db, must_exist=True) as store:
+        run = await store.get_run(run_id)
+        events = await store.read_events(run_id, 0)
+    if out.json:
+        doc = _run_json(run)
+        doc["outcome"] = run.outcome.to_json() if run.outcome else None
+        doc["events"] = len(events)
+        out.emit({"run": doc})
+        return EXIT_OK
+    out.console.print(
+        f"[bold]{run.operation.value} run {run.run_id}[/bold] of checkpoint {run.checkpoint_id}: "
+        f"{run.status.value}; started {_when(run.started_wall)}"
+    )
+    if events:
+        out.console.print(phase_table(events))
+    if run.outcome is not None:
+        _report_outcome(out, run.outcome, _code_of(run.outcome))
+    else:
+        out.console.print("the run has not finished (or its process died: see `recover`)")
+    return EXIT_OK
+
+
+def _code_of(outcome: RunOutcome) -> int:
+    return {RunStatus.SUCCEEDED: EXIT_OK, RunStatus.CANCELLED: EXIT_CANCELLED}.get(
+        outcome.status, EXIT_FAILED
+    )
+
+
+def _event_line(e: Event, t0: float | None) -> str:
+    rel = f"+{e.mono - t0:9.4f}s" if t0 is not None else ""
+    what = f"{e.resource[0]}#{e.resource[1]}" if e.resource else ""
+
+    def value(k: str, v: Any) -> str:
+        if k == "at" and isinstance(v, float) and t0 is not None:
+            return f"+{v - t0:.4f}s"  # an instant on the engine clock, like e.mono
+        return str(round(v, 6) if isinstance(v, float) else v)
+
+    data = " ".join(f"{k}={value(k, v)}" for k, v in sorted(e.data.items()) if v is not None)
+    parts = [f"{e.seq:6d}", rel, f"{e.kind.value:<16}", what]
+    if e.hook is not None:
+        parts.append(e.hook.value)
+    if e.group:
+        parts.append(f"group={e.group}")
+    if e.attempt > 1:
+        parts.append(f"attempt={e.attempt}")
+    if data:
+        parts.append(data)
+    return " ".join(p for p in parts if p)
+
+
+@app.command()
+def events(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    since: Annotated[int, typer.Option(min=0, help="Only events after this sequence number.")] = 0,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing events until the run finishes.")
+    ] = False,
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a run's lifecycle events (its numbered log); --json prints one event per line."""
+    out = _out(as_json)
+    _run_async(out, _events, out, run, since, follow, db)
+
+
+async def _events(out: _Out, run_id: str, since: int, follow: bool, db: Path) -> int:
+    async with _store(db, must_exist=True) as store:
+        record = await store.get_run(run_id)
+        t0: float | None = None
+        if since > 0:
+            first = await store.read_events(run_id, 0)
+            t0 = first[0].mono if first else None
+        finished = record.status is not RunStatus.RUNNING
+        while True:
+            batch = await store.read_events(run_id, since)
+            for e in batch:
+                t0 = e.mono if t0 is None else t0
+                if out.json:
+                    out.emit(e.to_json())
+                else:
+                    out.console.print(escape(_event_line(e, t0)), soft_wrap=True)
+                since = e.seq
+                finished = finished or e.kind is EventKind.RUN_FINISHED
+            if not follow or finished:
+                break
+            # Until Engine.subscribe() exists, follow by polling the committed log.
+            await anyio.sleep(0.2)
+    return EXIT_OK
+
+
+# -- recover and report --------------------------------------------------------------------
+
+
+@app.command()
+def recover(
+    db: DbOption = DEFAULT_DB,
+    bank: BankOption = DEFAULT_BANK,
+    simcloud: SimcloudOption = None,
+    secrets_file: SecretsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Finish or clean up runs that an earlier process left unfinished (thaws first)."""
+    out = _out(as_json, plain=True)
+    resolver = _secrets(out, secrets_file)
+    cloud = _cloud(out, simcloud)
+    _run_async(out, _recover, out, db, bank, resolver, cloud)
+
+
+async def _recover(out: _Out, db: Path, bank: Path, secrets: CliSecrets, cloud: Any) -> int:
+    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+        store = engine.store
+        unfinished: list[RunRecord] = []
+        if isinstance(store, SqliteStore):
+            unfinished = await store.unfinished_runs()
+        recover_fn = getattr(engine, "recover", None)
+        if recover_fn is None:
+            if out.json:
+                out.emit(
+                    {
+                        "recovered": [],
+                        "unfinished": [_run_json(r) for r in unfinished],
+                        "exit_code": EXIT_FAILED if unfinished else EXIT_OK,
+                    }
+                )
+            if not unfinished:
+                out.note("nothing to recover: no unfinished runs")
+                return EXIT_OK
+            out.err.print(
+                f"[red]{len(unfinished)} unfinished runs[/red] "
+                f"({', '.join(r.run_id for r in unfinished[:10])}), but this karbor-async "
+                "cannot recover runs yet (Engine.recover is missing); upgrade karbor-async"
+            )
+            return EXIT_FAILED
+        types = [str(r["type"]) for run in unfinished for r in run.graph.get("resources", ())]
+        _check_cloud(engine, types, cloud)
+        outcomes = [o for o in (await recover_fn() or ()) if isinstance(o, RunOutcome)]
+        stuck = [
+            o
+            for o in outcomes
+            if any(r.status is ResourceStatus.THAW_FAILED for r in o.resources.values())
+        ]
+        code = EXIT_FAILED if stuck else EXIT_OK
+        if out.json:
+            out.emit({"recovered": [o.to_json() for o in outcomes], "exit_code": code})
+        elif not outcomes:
+            out.console.print("nothing to recover: no unfinished runs")
+        else:
+            for o in outcomes:
+                out.console.print(
+                    f"{o.operation.value} run {o.run_id} (checkpoint {o.checkpoint_id}): "
+                    f"{o.status.value}; {_frozen_summary(o)}"
+                )
+    return code
+
+
+async def _write_report(out: _Out, engine: Engine, run_id: str, path: Path) -> dict[str, Any]:
+    document, data = await write_report(engine.store, run_id)
+    await anyio.Path(path).write_text(document, encoding="utf-8")
+    meta = data["meta"]
+    out.note(
+        f"wrote {path}: timeline of {meta['operation']} run {run_id}, {meta['resources']} "
+        f"resources, skew {_ms(meta['skew'])}, longest quiesce window "
+        f"{_ms(meta['longest_quiesce'])}"
+    )
+    return data
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="The run id (a checkpoint's id is its protect run).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path(
+        "timeline.html"
+    ),
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a run's timeline: one self-contained HTML file with a Gantt chart of its hooks."""
+    out = _out(as_json)
+    _run_async(out, _report, out, run, output, db)
+
+
+async def _report(out: _Out, run_id: str, output: Path, db: Path) -> int:
+    async with _store(db, must_exist=True) as store:
+        engine = Engine(store=store, discover=False)
+        data = await _write_report(out, engine, run_id, output)
+    if out.json:
+        meta = data["meta"]
+        out.emit(
+            {
+                "path": str(output),
+                "run_id": run_id,
+                "resources": meta["resources"],
+                "skew": meta["skew"],
+                "longest_quiesce": meta["longest_quiesce"],
+            }
+        )
+    return EXIT_OK
+
+
+# -- plugins and demo ------------------------------------------------------------------------
+
+
+@app.command()
+def plugins(as_json: JsonOption = False) -> None:
     """List the installed protection plugins and the resource types each handles."""
-    console = _console()
-    try:
-        engine = Engine(discover=True)
-    except KarborError as exc:
-        raise _fail(console, str(exc)) from None
+    out = _out(as_json)
+    engine = _guard(out, lambda: Engine(discover=True))
+    rows: list[dict[str, Any]] = []
+    for rtype, binding in sorted(engine.registry.types.items()):
+        params = binding.spec.parameters
+        rows.append(
+            {
+                "plugin": binding.plugin.plugin_name(),
+                "type": rtype,
+                "quiesces": binding.spec.quiesces,
+                "snapshots": binding.spec.snapshots,
+                "parameters": None if params is None else sorted(params),
+                "secret_parameters": sorted(k for k, p in (params or {}).items() if p.secret),
+            }
+        )
+    finders = [
+        {"finds": f.resource_type, "under": parent}
+        for parent, found in sorted(engine.registry.protectables.items())
+        for f in found
+    ]
+    if out.json:
+        out.emit({"protections": rows, "protectables": finders})
+        return
     table = Table(title="Protection plugins")
     for col in ("plugin", "resource type", "quiesces", "snapshots", "parameters"):
         table.add_column(col)
-    for rtype, binding in sorted(engine.registry.types.items()):
-        params = binding.spec.parameters
+    for row in rows:
+        params = row["parameters"]
         table.add_row(
-            binding.plugin.plugin_name(),
-            rtype,
-            "yes" if binding.spec.quiesces else "no",
-            "yes" if binding.spec.snapshots else "no",
-            "any" if params is None else ", ".join(sorted(params)) or "none",
+            row["plugin"],
+            row["type"],
+            "yes" if row["quiesces"] else "no",
+            "yes" if row["snapshots"] else "no",
+            "any" if params is None else ", ".join(params) or "none",
         )
-    console.print(table)
-    finders = Table(title="Protectables (dependency discovery)")
-    finders.add_column("finds")
-    finders.add_column("under")
-    seen: set[str] = set()
-    for parent, found in sorted(engine.registry.protectables.items()):
-        for f in found:
-            finders.add_row(f.resource_type, parent)
-            seen.add(f.resource_type)
-    console.print(finders)
+    out.console.print(table)
+    found_table = Table(title="Protectables (dependency discovery)")
+    found_table.add_column("finds")
+    found_table.add_column("under")
+    for f in finders:
+        found_table.add_row(f["finds"], f["under"])
+    out.console.print(found_table)
 
 
 @app.command()
 def demo(
     resources: Annotated[int, typer.Option(help="Size of the sample application.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the generated application.")] = 7,
-    db: Annotated[Path, typer.Option(help="SQLite checkpoint store.")] = Path("karbor.db"),
-    bank: Annotated[Path, typer.Option(help="File-system bank directory.")] = Path("bank"),
-    plain: Annotated[bool, typer.Option(help="Plain lines instead of a live view.")] = False,
+    db: DbOption = DEFAULT_DB,
+    bank: BankOption = DEFAULT_BANK,
+    report: Annotated[
+        Path, typer.Option("--report", help="Where to write the protect run's timeline.")
+    ] = Path("timeline.html"),
+    plain: PlainOption = False,
 ) -> None:
     """Protect a generated sample application on the SIMULATED cloud, then restore it."""
-    console = _console()
+    out = _out(plain=plain)
     if resources < 3:
-        raise _fail(console, "--resources must be at least 3 (a project, a server, a volume)")
-    live = console.is_terminal and not plain
-    try:
-        code = anyio.run(_demo, resources, seed, db, bank, console, live)
-    except KarborError as exc:
-        raise _fail(console, str(exc)) from None
-    raise typer.Exit(code)
+        _exit_with(out, "--resources must be at least 3 (a project, a server, a volume)", 2)
+    cloud = _guard(out, lambda: _generate_cloud(SimcloudSpec(resources, seed), out))
+    _run_async(out, _demo, out, cloud, db, bank, report)
 
 
-async def _demo(n: int, seed: int, db: Path, bank_dir: Path, console: Console, live: bool) -> int:
-    try:
-        sim: Any = importlib.import_module("karbor_simcloud")
-    except ImportError:
-        console.print(
-            "[red]error:[/red] the reference plugins are not installed; "
-            "run `make demo` (it installs ./plugins) or `pip install -e ./plugins`"
-        )
-        return EXIT_BAD_INPUT
-    async with AsyncExitStack() as stack:
-        store: Store = await stack.enter_async_context(SqliteStore.open(db))
-        bank = FsBank(bank_dir)
-        earlier = await store.list_checkpoints(limit=10)
+async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Path) -> int:
+    console = out.console
+    async with _session(db, bank_dir, cloud=cloud) as engine:
+        earlier = await engine.store.list_checkpoints(limit=10)
         if earlier:
             table = Table(title=f"Checkpoints already in {db} (newest first)")
             for col in ("checkpoint", "plan", "status", "resources", "skew"):
                 table.add_column(col)
             for cp in earlier:
-                out = cp.outcome
-                skew = f"{out.skew * 1000:.2f} ms" if out and out.skew is not None else "-"
+                o = cp.outcome
                 table.add_row(
                     cp.id,
                     cp.plan_name,
                     cp.status.value,
-                    str(len(out.resources) if out else "-"),
-                    skew,
+                    str(len(o.resources) if o else "-"),
+                    _ms(o.skew if o else None),
                 )
             console.print(table)
-        cloud = sim.SimCloud.generate(n, seed=seed, latency=sim.LatencyProfile.realistic())
-        console.print(f"[bold]SIMULATED cloud[/bold] (no real cloud is touched): {cloud.stats()}")
-        engine = Engine(store=store, bank=bank, discover=True)
-        with sim.use_cloud(cloud):
-            plan = Plan(
-                name="sample-app",
-                resources=cloud.project_resources(),
-                barrier=BarrierPolicy.CUT,
-                timeouts=Timeouts(hook=60, quiesce_budget=5.0),
-            )
-            protect_run = await engine.build_protect(plan)
-            console.print(
-                f"Protecting {len(protect_run.nodes)} resources "
-                f"(barrier: cut) as checkpoint {protect_run.checkpoint_id}"
-            )
-            protected = await _run(engine, protect_run, console, live)
-            if protected is None:
-                return EXIT_FAILED
-            console.print(phase_table(await store.read_events(protected.run_id)))
-            for table in outcome_tables(protected):
-                console.print(table)
-            restore_run = await engine.build_restore(protected.checkpoint_id)
-            console.print(f"Restoring checkpoint {protected.checkpoint_id} into the simulation")
-            restored = await _run(engine, restore_run, console, live)
-            if restored is None:
-                return EXIT_FAILED
-            for table in outcome_tables(restored):
-                console.print(table)
-            console.print(
-                f"Restored {len(restored.restored)} resources; the store is {db}, "
-                f"the bank is {bank_dir}/. Run `make demo` again to see this checkpoint listed."
-            )
-    return EXIT_OK
-
-
-async def _run(engine: Engine, run: Any, console: Console, live: bool) -> RunOutcome | None:
-    try:
-        outcome: RunOutcome = await follow_run(run, lambda: engine.execute(run), console, live=live)
-    except RunError as exc:
-        for table in outcome_tables(exc.outcome):
+        await _recover_first(out, engine)
+        plan = Plan(
+            name="sample-app",
+            resources=cloud.project_resources(),
+            barrier=BarrierPolicy.CUT,
+            timeouts=Timeouts(hook=60, quiesce_budget=5.0),
+        )
+        protect_run = await engine.build_protect(plan)
+        console.print(
+            f"Protecting {len(protect_run.nodes)} resources "
+            f"(barrier: cut) as checkpoint {protect_run.checkpoint_id}"
+        )
+        protected, code = await _drive(out, engine, protect_run)
+        if code != EXIT_OK:
+            _report_outcome(out, protected, code)
+            return code
+        console.print(phase_table(await engine.store.read_events(protected.run_id)))
+        for table in outcome_tables(protected):
+            console.print(table)
+        await _write_report(out, engine, protected.run_id, report_path)
+        restore_run = await engine.build_restore(protected.checkpoint_id)
+        console.print(f"Restoring checkpoint {protected.checkpoint_id} into the simulation")
+        restored, code = await _drive(out, engine, restore_run)
+        if code != EXIT_OK:
+            _report_outcome(out, restored, code)
+            return code
+        for table in outcome_tables(restored):
             console.print(table)
         console.print(
-            f"[red]{exc.outcome.operation.value} {exc.outcome.status.value}:[/red] {exc.outcome.error}"
+            f"Restored {len(restored.restored)} resources; the store is {db}, the bank is "
+            f"{bank_dir}/, the timeline is {report_path}. Run `make demo` again to see this "
+            "checkpoint listed, or try `karbor-async checkpoints list`."
         )
-        return None
-    return outcome
+    return EXIT_OK
 
 
 def main() -> None:

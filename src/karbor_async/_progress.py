@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import enum
 import statistics as stats
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import anyio
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from karbor_async._scheduler import Run, RunStatistics
 from karbor_async._types import Hook, ResourceStatus
-from karbor_async.events import Event, EventKind
+from karbor_async.events import Event, EventKind, Progress
 from karbor_async.store import RunOutcome
 
-__all__ = ["follow_run", "outcome_tables", "phase_table"]
+__all__ = ["Display", "follow_run", "outcome_tables", "phase_table", "show_progress"]
 
 T = TypeVar("T")
 
@@ -51,20 +53,85 @@ def _stats_line(s: RunStatistics) -> str:
     )
 
 
-def _live_view(s: RunStatistics) -> Group:
-    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
-    table.add_column("resource")
-    table.add_column("hook")
-    table.add_column("progress", justify="right")
-    for res, hook, prog in s.active[:12]:
+class Display(enum.Enum):
+    """How a run's progress is shown while it executes."""
+
+    LIVE = "live"
+    """A rich live view (a terminal): status line, barrier releases, per-resource rows."""
+    PLAIN = "plain"
+    """A status line per second and a line per barrier release (logs, pipes)."""
+    QUIET = "quiet"
+    """Nothing (``--json``: the result is printed once at the end)."""
+
+
+def _fraction(prog: Progress | None) -> float | None:
+    if prog is None:
+        return None
+    if prog.fraction is not None:
+        return max(0.0, min(1.0, prog.fraction))
+    if prog.total:
+        return max(0.0, min(1.0, (prog.done or 0) / prog.total))
+    return None
+
+
+def _live_view(s: RunStatistics, rows: int) -> Group:
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold", expand=False)
+    table.add_column("resource", no_wrap=True, overflow="ellipsis", max_width=48)
+    table.add_column("phase", no_wrap=True)
+    table.add_column("progress", no_wrap=True, width=24)
+    table.add_column("", justify="right", no_wrap=True)
+    for res, hook, prog in s.active[:rows]:
+        frac = _fraction(prog)
+        bar: ProgressBar | str = ""
         pct = ""
-        if prog is not None:
-            if prog.fraction is not None:
-                pct = f"{prog.fraction:.0%}"
-            elif prog.total:
-                pct = f"{(prog.done or 0) / prog.total:.0%}"
-        table.add_row(f"{res.type} {res.id}", _HOOK_SHORT[hook], pct)
-    return Group(Text(_stats_line(s), style="cyan"), table)
+        if frac is not None:
+            bar = ProgressBar(total=1.0, completed=frac, width=22)
+            pct = f"{frac:.0%}"
+        if prog is not None and prog.message:
+            pct = f"{pct} {prog.message}".strip()
+        table.add_row(f"{res.type} {res.id}", _HOOK_SHORT[hook], bar, pct)
+    more = sum(s.running.values()) - min(len(s.active), rows)
+    parts: list[RenderableType] = [Text(_stats_line(s), style="cyan")]
+    if s.barriers_released:
+        parts.append(Text("barriers released: " + ", ".join(s.barriers_released), style="magenta"))
+    parts.append(table)
+    if more > 0:
+        parts.append(Text(f"... and {more} more hooks running", style="dim"))
+    return Group(*parts)
+
+
+async def show_progress(
+    run: Run, console: Console, display: Display, *, interval: float = 0.1
+) -> None:
+    """Show the run's statistics until cancelled (call it beside the run's execution).
+
+    It only polls :meth:`Run.statistics`, so the engine pays nothing per event for it.
+    """
+    if display is Display.QUIET:
+        await anyio.sleep_forever()
+    if display is Display.LIVE:
+        rows = max(4, min(40, console.size.height - 8))
+        with Live(console=console, refresh_per_second=10, transient=True) as view:
+            while True:
+                view.update(_live_view(run.statistics(limit=rows), rows))
+                await anyio.sleep(interval)
+    announced: set[str] = set()
+    ticks = 0
+    while True:
+        await anyio.sleep(interval)
+        ticks += 1
+        s = run.statistics()
+        for barrier in s.barriers_released:
+            if barrier not in announced:
+                announced.add(barrier)
+                group, _, which = barrier.rpartition(":")
+                console.print(
+                    f"{which} barrier of group {group} released (seen at {s.elapsed:.3f}s; "
+                    f"cuts so far {s.cuts}, skew {_ms(s.skew)})",
+                    highlight=False,
+                )
+        if ticks % max(1, round(1.0 / interval)) == 0:
+            console.print(_stats_line(s), highlight=False)
 
 
 async def follow_run(
@@ -72,29 +139,33 @@ async def follow_run(
     execute: Callable[[], Awaitable[T]],
     console: Console,
     *,
-    live: bool,
+    display: Display,
+    beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
     interval: float = 0.1,
 ) -> T:
-    """Execute the run while showing its statistics (a live view, or a line per second)."""
-    result: list[T] = []
+    """Execute the run while showing its progress; return its result or raise its error.
 
-    async def runner(tg_cancel: Callable[[], None]) -> None:
+    ``beside`` runs alongside (the CLI's Ctrl-C watcher) and is cancelled with the display.
+    The run's own exception (``RunError``) is raised as is, not wrapped in a group.
+    """
+    result: list[T] = []
+    failure: list[Exception] = []
+
+    async def runner(stop: Callable[[], None]) -> None:
         try:
             result.append(await execute())
+        except Exception as exc:  # re-raised below, outside the task group
+            failure.append(exc)
         finally:
-            tg_cancel()
+            stop()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(runner, tg.cancel_scope.cancel)
-        if live:
-            with Live(console=console, refresh_per_second=10, transient=True) as view:
-                while True:
-                    view.update(_live_view(run.statistics()))
-                    await anyio.sleep(interval)
-        else:
-            while True:
-                await anyio.sleep(1.0)
-                console.print(_stats_line(run.statistics()), highlight=False)
+        if beside is not None:
+            tg.start_soon(beside)
+        await show_progress(run, console, display, interval=interval)
+    if failure:
+        raise failure[0]
     return result[0]
 
 
