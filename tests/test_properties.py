@@ -98,7 +98,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 
 def _hangs(s: Scenario) -> bool:
-    return any(fault is Fault.HANG for _, _, fault in s.faults)
+    # A cancel inside a running cut waits for the cut's own limit, like a hang.
+    return any(fault in (Fault.HANG, Fault.CANCEL_RUN) for _, _, fault in s.faults)
 
 
 def _script(s: Scenario, table: Any) -> dict[tuple[str, Hook], Any]:

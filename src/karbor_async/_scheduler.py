@@ -5,25 +5,37 @@ finishes it decrements the counters of the resources waiting on it and sets
 their event only when it reaches zero, so a resource with nothing to wait for
 never touches an event. A barrier is one ``anyio.Event`` per consistency
 group; the tasks it holds are already parked on it and wake together when it
-is set. Each consistency group runs in its own task group, so aborting a group
-is cancelling one scope; every resource task then thaws what it froze in a
-shielded, bounded scope (DESIGN.md section 4, guarantee 1).
+is set.
+
+Each resource task runs in one cancel scope of its own. Aborting a group
+cancels the scopes of its resources, except those running a cut (a started
+``on_prepare_finish`` is never interrupted by others); every interrupted task
+then thaws what it froze in a shielded, bounded scope (DESIGN.md section 4,
+guarantee 1). Hook time limits and quiesce budgets are kept by one watcher
+task per run instead of a timer per hook. The whole run is shielded from the
+caller; the caller's cancellation is turned into :meth:`Run.cancel`, which
+knows not to interrupt a running cut.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import heapq
 import math
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 import structlog
 
-from karbor_async._graph import ResourceGraph
+from karbor_async._graph import ResourceGraph, check_acyclic
 from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
 from karbor_async._registry import TypeBinding
@@ -56,15 +68,31 @@ HookFn = Callable[[HookContext], Awaitable[None]]
 
 _THAW_FIRST_DELAY = 0.05
 _THAW_MAX_DELAY = 2.0
+_HOOK_BITS = {Hook.PREPARE_BEGIN: 1, Hook.PREPARE_FINISH: 2, Hook.MAIN: 4, Hook.COMPLETE: 8}
 
 
 def format_error(exc: BaseException) -> str:
-    """The exception chain, outermost first, one line each, plus the innermost traceback."""
+    """The exception chain, outermost first, with the tracebacks."""
     return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _fast_clock() -> Callable[[], float]:
+    """``anyio.current_time`` without the backend lookup on every call (a hot path)."""
+    try:
+        return asyncio.get_running_loop().time  # the same clock anyio reads on asyncio
+    except RuntimeError:  # not on asyncio (trio): keep anyio's own, mock clocks included
+        return anyio.current_time
 
 
 class _Aborted(Exception):
     """The node's group began aborting before its next hook could start."""
+
+
+class _Interrupt(enum.Enum):
+    """Why the watcher cancelled a node's scope."""
+
+    TIMEOUT = "timeout"
+    BUDGET = "budget"
 
 
 @attrs.define(eq=False, slots=True)
@@ -76,7 +104,6 @@ class _Group:
     pending_pf: int = 0
     cut_released: anyio.Event = attrs.Factory(anyio.Event)
     main_released: anyio.Event = attrs.Factory(anyio.Event)
-    scope: anyio.CancelScope | None = None
     aborting: AbortReason | None = None
     abort_error: BaseException | None = None
 
@@ -112,11 +139,14 @@ class _Node:
     signalled_cp: bool = False
     child_failed: bool = False
     status: ResourceStatus = ResourceStatus.PENDING
-    hooks_run: list[Hook] = attrs.Factory(list)
+    hooks_done: int = 0
+    """Bit set of the hooks that returned (non-aborting calls)."""
     failed_hook: Hook | None = None
     error: BaseException | None = None
     pb_started: bool = False
     pf_started: bool = False
+    in_cut: bool = False
+    """A non-aborting on_prepare_finish is running: aborts do not interrupt it."""
     thaw_done: bool = False
     frozen: bool = False
     thawed_early: bool = False
@@ -124,12 +154,20 @@ class _Node:
     cut_at: float | None = None
     quiesced_at: float | None = None
     thawed_at: float | None = None
-    budget_scope: anyio.CancelScope | None = None
     attempt: int = 1
     section: BankSection | None = None
     ticks: int = 0
     current: Hook | None = None
     last_progress: Progress | None = None
+    scope: anyio.CancelScope | None = None
+    interrupt: _Interrupt | None = None
+    interrupt_hook: Hook | None = None
+    token: int = 0
+    """Identifies the running hook call for the watcher (bumped when it ends)."""
+    budget_token: int = 0
+    done: bool = False
+    guards: tuple[_Node, ...] = ()
+    """The quiescing resources among this one and its ancestors (precomputed)."""
 
     # -- the _HookHandle protocol (what HookContext calls) -----------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
@@ -145,14 +183,13 @@ class _Node:
         self.last_progress = Progress(fraction, done, total, message)
 
     def mark(self, what: str, at: float | None) -> None:
-        when = anyio.current_time() if at is None else at
+        when = self.run.now() if at is None else at
         if what == "cut":
             self.cut_at = when
         elif what == "quiesced":
             self.quiesced_at = when
-            scope = self.budget_scope
-            if scope is not None and self.budget is not None:
-                scope.deadline = when + self.budget
+            if self.budget is not None and self.current is Hook.PREPARE_BEGIN:
+                self.run.arm_budget(self, when + self.budget)
         elif what == "thawed":
             self.thawed_at = when
         else:  # pragma: no cover - HookContext only sends the three above
@@ -163,6 +200,93 @@ class _Node:
 
     def restored_id(self, key: ResourceKey) -> str | None:
         return self.run.restored.get(key)
+
+    def bank_section(self) -> BankSection:
+        section = self.section
+        if section is None:
+            run = self.run
+            section = self.section = run.bank.section(
+                run.checkpoint_id,
+                self.resource.key,
+                read_only=run.operation is OperationKind.RESTORE,
+            )
+        return section
+
+    def neighbours(self, parents: bool) -> tuple[Resource, ...]:
+        return tuple(n.resource for n in (self.parents if parents else self.children))
+
+    def logger(self, hook: Hook) -> Any:
+        return self.run.log.bind(resource=str(self.resource), hook=hook.value)
+
+    @property
+    def hooks_run(self) -> tuple[Hook, ...]:
+        return tuple(h for h, bit in _HOOK_BITS.items() if self.hooks_done & bit)
+
+
+class _Timers:
+    """Hook deadlines and quiesce budgets for one run, watched by one task.
+
+    Hook deadlines go to a FIFO per time limit: calls with the same limit
+    start in time order, so each FIFO is sorted and arming costs one append.
+    Budgets (few: one per quiescing resource) go to a heap. An entry whose
+    node has moved on (its token changed) is dropped when it reaches the head.
+    """
+
+    def __init__(self, fire: Callable[[_Node, _Interrupt], None]) -> None:
+        self._fire = fire
+        self.now: Callable[[], float] = anyio.current_time
+        self._fifos: dict[float, deque[tuple[float, _Node, int]]] = {}
+        self._budgets: list[tuple[float, int, _Node, int]] = []
+        self._seq = 0
+        self._target = math.inf
+        self._wake: anyio.Event | None = None
+
+    def arm_hook(self, n: _Node, limit: float) -> None:
+        deadline = self.now() + limit
+        fifo = self._fifos.get(limit)
+        if fifo is None:
+            fifo = self._fifos[limit] = deque()
+        fifo.append((deadline, n, n.token))
+        if deadline < self._target and self._wake is not None:
+            self._wake.set()
+
+    def arm_budget(self, n: _Node, deadline: float) -> None:
+        n.budget_token += 1
+        self._seq += 1
+        heapq.heappush(self._budgets, (deadline, self._seq, n, n.budget_token))
+        if deadline < self._target and self._wake is not None:
+            self._wake.set()
+
+    async def watch(self) -> None:
+        while True:
+            now = self.now()
+            earliest = math.inf
+            for fifo in self._fifos.values():
+                while fifo:
+                    deadline, n, token = fifo[0]
+                    if token != n.token:
+                        fifo.popleft()  # that call already ended
+                    elif deadline <= now:
+                        fifo.popleft()
+                        self._fire(n, _Interrupt.TIMEOUT)
+                    else:
+                        earliest = min(earliest, deadline)
+                        break
+            budgets = self._budgets
+            while budgets:
+                deadline, _, n, token = budgets[0]
+                if token != n.budget_token:
+                    heapq.heappop(budgets)
+                elif deadline <= now:
+                    heapq.heappop(budgets)
+                    self._fire(n, _Interrupt.BUDGET)
+                else:
+                    earliest = min(earliest, deadline)
+                    break
+            self._target = earliest
+            self._wake = anyio.Event()
+            with anyio.move_on_at(earliest):
+                await self._wake.wait()
 
 
 @attrs.frozen
@@ -219,7 +343,7 @@ class RunSpec:
 class Run:
     """One protect, restore or delete run, built and validated by the engine.
 
-    Start it with :meth:`execute`; stop it from another task with :meth:`cancel`.
+    Start it with :meth:`execute` (once); stop it from another task with :meth:`cancel`.
     """
 
     def __init__(
@@ -233,23 +357,26 @@ class Run:
         after_finish: Callable[[RunOutcome], Awaitable[None]] | None = None,
     ) -> None:
         self.spec = spec
-        self._after_finish = after_finish
         self.run_id = spec.run_id
         self.checkpoint_id = spec.checkpoint_id
         self.operation = spec.operation
         self._store = store
-        self._bank = bank
+        self.bank = bank
         self._secrets = secrets
         self._record = record_events
+        self._after_finish = after_finish
         self._seq = spec.first_seq
         self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in spec.saved.items()}
         self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
         self.restored: dict[ResourceKey, str] = dict(spec.restored)
         self._abort_reason: AbortReason | None = None
-        self._scope: anyio.CancelScope | None = None
         self._started = False
+        self._finished = False
         self._t0: float | None = None
-        self._log = _log.bind(run_id=spec.run_id, operation=spec.operation.value)
+        self._timers = _Timers(self._fire)
+        self.now: Callable[[], float] = anyio.current_time
+        """The engine clock: ``anyio.current_time``, read straight from the loop on asyncio."""
+        self.log = _log.bind(run_id=spec.run_id, operation=spec.operation.value)
         self.groups: dict[str, _Group] = {
             name: _Group(name, policy) for name, policy in spec.groups.items()
         }
@@ -311,6 +438,17 @@ class Run:
             parent, child = nodes[p], nodes[c]
             parent.children.append(child)
             child.parents.append(parent)
+        if op is OperationKind.PROTECT:
+            for i in check_acyclic(spec.graph):  # parents before children
+                node = nodes[i]
+                own = (node,) if node.quiesces else ()
+                if len(node.parents) == 1:
+                    node.guards = node.parents[0].guards + own
+                elif node.parents:
+                    merged = [g for p in node.parents for g in p.guards]
+                    node.guards = tuple(dict.fromkeys(merged)) + own
+                else:
+                    node.guards = own
         for node in nodes:
             node.wait_pb = len(node.parents)
             node.wait_pf = len(node.children)
@@ -336,39 +474,25 @@ class Run:
         return per.get(f"{res.type}#{res.id}", per.get(res.type, t.quiesce_budget))
 
     # -- events --------------------------------------------------------------------------
-    def make_event(
-        self,
-        kind: EventKind,
-        node: _Node | None,
-        hook: Hook | None,
-        *,
-        progress: Progress | None = None,
-        tick: int = 0,
-        lifecycle: bool = True,
-        **data: Any,
-    ) -> Event:
-        if lifecycle:
-            self._seq += 1
-        return Event(
-            run_id=self.run_id,
-            seq=self._seq,
-            kind=kind,
-            operation=self.operation,
-            wall=time.time(),
-            mono=anyio.current_time(),
-            resource=node.resource.key if node is not None else None,
-            hook=hook,
-            group=node.group.name if node is not None else data.pop("group", None),
-            attempt=node.attempt if node is not None else 1,
-            progress=progress,
-            tick=tick,
-            data=data,
-        )
-
     def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
         if not self._record:
             return
-        self._store.append(self.make_event(kind, node, hook, **data))
+        self._seq += 1
+        self._store.append(
+            Event(
+                run_id=self.run_id,
+                seq=self._seq,
+                kind=kind,
+                operation=self.operation,
+                wall=time.time(),
+                mono=self.now(),
+                resource=node.resource.key if node is not None else None,
+                hook=hook,
+                group=node.group.name if node is not None else data.pop("group", None),
+                attempt=node.attempt if node is not None else 1,
+                data=data,
+            )
+        )
 
     # -- saved info and restore mapping -----------------------------------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
@@ -404,7 +528,7 @@ class Run:
         last: float | None = None
         for n in self.nodes:
             by_status[n.status] = by_status.get(n.status, 0) + 1
-            hooks += len(n.hooks_run)
+            hooks += n.hooks_done.bit_count()
             if n.current is not None:
                 running[n.current] = running.get(n.current, 0) + 1
                 if len(active) < limit:
@@ -427,7 +551,7 @@ class Run:
         return RunStatistics(
             run_id=self.run_id,
             operation=self.operation,
-            elapsed=anyio.current_time() - self._t0 if self._t0 is not None else 0.0,
+            elapsed=self.now() - self._t0 if self._t0 is not None else 0.0,
             resources=len(self.nodes),
             by_status=by_status,
             running=running,
@@ -441,9 +565,13 @@ class Run:
             active=tuple(active),
         )
 
-    # -- public control -----------------------------------------------------------------
+    # -- aborting ------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Cancel the run from another task: frozen resources are thawed, the run ends cancelled."""
+        """Cancel the run from another task: frozen resources are thawed, the run ends cancelled.
+
+        Hooks that are running see an ordinary anyio cancellation, except an
+        ``on_prepare_finish`` already started, which is allowed to finish.
+        """
         self._abort_all(AbortReason.CANCELLED)
 
     def _abort_all(self, reason: AbortReason) -> None:
@@ -451,49 +579,73 @@ class Run:
             self._abort_reason = reason
         for group in self.groups.values():
             self._abort_group(group, reason, None)
-        if self._scope is not None:
-            self._scope.cancel()
 
     def _abort_group(self, group: _Group, reason: AbortReason, error: BaseException | None) -> None:
         if group.aborting is not None:
             return
         group.aborting = reason
         group.abort_error = error
-        self._log.warning("group_aborting", group=group.name, reason=reason.value)
+        self.log.warning("group_aborting", group=group.name, reason=reason.value)
         self._emit(EventKind.GROUP_ABORTING, None, None, group=group.name, reason=reason.value)
-        if group.scope is not None:
-            group.scope.cancel()
+        for n in group.nodes:
+            if n.done or n.scope is None or n.in_cut:
+                continue  # not started, finished, or running a cut that must finish
+            n.scope.cancel()
+
+    def _aborting(self, n: _Node) -> bool:
+        return n.group.aborting is not None or self._abort_reason is not None
+
+    def arm_budget(self, n: _Node, deadline: float) -> None:
+        self._timers.arm_budget(n, deadline)
+
+    def _fire(self, n: _Node, kind: _Interrupt) -> None:
+        """The watcher saw a deadline pass: interrupt the node if it is still there."""
+        if n.done or n.scope is None or n.interrupt is not None:
+            return
+        if kind is _Interrupt.TIMEOUT:
+            if n.current is None:
+                return
+            n.interrupt_hook = n.current
+        elif not n.frozen or n.pf_started:
+            return
+        n.interrupt = kind
+        n.scope.cancel()
 
     # -- running -------------------------------------------------------------------------
     async def execute(self) -> RunOutcome:
-        """Run every hook under the ordering rules; return the outcome or raise RunError."""
+        """Run every hook under the ordering rules; return the outcome or raise RunError.
+
+        The run is shielded from the caller's cancellation: a guard task turns it
+        into :meth:`cancel`, the run thaws and records itself ``cancelled``, and
+        then the caller's cancellation propagates as usual.
+        """
         if self._started:
             raise RuntimeError("a Run executes once; build a new one with the engine")
         self._started = True
-        started_wall = time.time()
-        started = self._t0 = anyio.current_time()
-        self._log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
-        self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
-        try:
-            async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope
-                if self._abort_reason is not None:
-                    tg.cancel_scope.cancel()
-                run_limit = self.spec.plan.timeouts.run
-                if run_limit is not None:
-                    tg.start_soon(self._watchdog, run_limit)
-                async with anyio.create_task_group() as groups_tg:
-                    for group in self.groups.values():
-                        groups_tg.start_soon(self._run_group, group)
-                tg.cancel_scope.cancel()  # stops the watchdog
-        except anyio.get_cancelled_exc_class():
-            # The caller cancelled us: record the run as cancelled, then let it propagate.
-            if self._abort_reason is None:
-                self._abort_reason = AbortReason.CANCELLED
+        result: list[tuple[RunOutcome, list[Exception]]] = []
+        caller_cancelled = False
+
+        async def guard() -> None:
+            nonlocal caller_cancelled
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                if not self._finished:
+                    caller_cancelled = True
+                    self.log.warning("run_cancelled_by_caller")
+                    self._abort_all(AbortReason.CANCELLED)
+                raise
+
+        async with anyio.create_task_group() as guard_tg:
+            guard_tg.start_soon(guard)
             with anyio.CancelScope(shield=True):
-                await self._finish(started_wall, started)
-            raise
-        outcome, errors = await self._finish(started_wall, started)
+                result.append(await self._execute_shielded())
+            self._finished = True
+            guard_tg.cancel_scope.cancel()
+        if caller_cancelled:
+            # Everything is thawed and recorded: now let the caller's cancellation through.
+            await anyio.lowlevel.checkpoint()
+        outcome, errors = result[0]
         if outcome.status is RunStatus.SUCCEEDED:
             return outcome
         word = "was cancelled" if outcome.status is RunStatus.CANCELLED else "failed"
@@ -501,31 +653,85 @@ class Run:
             f"{self.operation.value} run {self.run_id} {word}: {outcome.error}", errors, outcome
         )
 
+    async def _execute_shielded(self) -> tuple[RunOutcome, list[Exception]]:
+        self.now = self._timers.now = _fast_clock()
+        started_wall = time.time()
+        started = self._t0 = self.now()
+        self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
+        self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._timers.watch)
+            run_limit = self.spec.plan.timeouts.run
+            if run_limit is not None:
+                tg.start_soon(self._watchdog, run_limit)
+            async with anyio.create_task_group() as nodes_tg:
+                for node in self.nodes:
+                    nodes_tg.start_soon(self._run_node, node)
+            tg.cancel_scope.cancel()  # stops the watcher and the watchdog
+        return await self._finish(started_wall, started)
+
     async def _watchdog(self, limit: float) -> None:
         await anyio.sleep(limit)
-        self._log.warning("run_timeout", limit=limit)
+        self.log.warning("run_timeout", limit=limit)
         self._abort_all(AbortReason.TIMEOUT)
 
-    async def _run_group(self, group: _Group) -> None:
-        async with anyio.create_task_group() as gtg:
-            group.scope = gtg.cancel_scope
-            if group.aborting is not None:
-                gtg.cancel_scope.cancel()
-            for node in group.nodes:
-                gtg.start_soon(self._run_node, node)
-
     async def _run_node(self, n: _Node) -> None:
+        """Walk one resource's hooks; a cancelled scope hands over to _interrupted."""
+        stage: Callable[[_Node], Awaitable[None]] | None = self._walk
         try:
-            if await self._prepare(n):
-                await self._main_and_complete(n)
-        except _Aborted:
-            await self._stop_aborted(n)
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                await self._on_cancelled(n)
-            raise
+            while stage is not None:
+                try:
+                    with anyio.CancelScope() as scope:
+                        n.scope = scope
+                        await stage(n)
+                        stage = None
+                except _Aborted:
+                    n.scope = None
+                    await self._stop_aborted(n)
+                    return
+                n.scope = None
+                if stage is not None:
+                    stage = await self._interrupted(n)
         finally:
+            n.done = True
             self._settle(n)
+
+    async def _walk(self, n: _Node) -> None:
+        if await self._prepare(n):
+            await self._main_and_complete(n)
+
+    async def _interrupted(self, n: _Node) -> Callable[[_Node], Awaitable[None]] | None:
+        """The node's scope was cancelled: a hook timed out, its budget ran out, or an abort."""
+        g = n.group
+        kind, n.interrupt = n.interrupt, None
+        with anyio.CancelScope(shield=True):
+            if kind is _Interrupt.TIMEOUT:
+                hook = n.interrupt_hook
+                assert hook is not None
+                err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
+                self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
+                self._fail(n, hook, err)
+                if hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH):
+                    self._abort_group(g, AbortReason.FAILURE, err)
+                    await self._thaw(
+                        n,
+                        g.aborting or AbortReason.FAILURE,
+                        err,
+                        after_failed_finish=hook is Hook.PREPARE_FINISH,
+                    )
+                else:
+                    if hook is Hook.MAIN:
+                        self._emit(EventKind.SKIPPED, n, Hook.COMPLETE, because="own_main_failed")
+                    self._signal_cp(n, failed=True)
+                return None
+            if kind is _Interrupt.BUDGET:
+                return await self._budget_exceeded(n)
+            await self._on_cancelled(n)
+        return None
+
+    async def _stop_aborted(self, n: _Node) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._on_cancelled(n)
 
     # -- prepare: begin, barriers, finish -----------------------------------------------
     async def _prepare(self, n: _Node) -> bool:
@@ -534,72 +740,67 @@ class Run:
             n.ev_pb = anyio.Event()
             await n.ev_pb.wait()
         if self._aborting(n):
-            return await self._stop_aborted(n)
-        with anyio.CancelScope() as budget_scope:
-            n.budget_scope = budget_scope
-            if n.pb is not None:
-                n.status = ResourceStatus.RUNNING
-                if n.quiesces:
-                    # Commit point 1: recovery must know this resource may be frozen.
-                    self._emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
-                    await self._store.commit()
-                    if self._aborting(n):
-                        raise _Aborted
-                    n.pb_started = True
-                    err = await self._call(n, Hook.PREPARE_BEGIN, n.pb, started=True)
-                else:
-                    n.pb_started = True
-                    err = await self._call(n, Hook.PREPARE_BEGIN, n.pb)
-                if err is not None:
-                    self._fail(n, Hook.PREPARE_BEGIN, err)
-                    self._abort_group(g, AbortReason.FAILURE, err)
-                    n.budget_scope = None
-                    with anyio.CancelScope(shield=True):
-                        await self._thaw(n, g.aborting or AbortReason.FAILURE, err)
-                    return False
-                if n.quiesces:
-                    n.frozen = True
-                    if n.quiesced_at is None:
-                        n.quiesced_at = anyio.current_time()
+            raise _Aborted
+        if n.pb is not None:
+            n.status = ResourceStatus.RUNNING
+            if n.quiesces:
+                # Commit point 1: recovery must know this resource may be frozen.
+                self._emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
+                await self._store.commit()
+                if self._aborting(n):
+                    raise _Aborted
+                n.pb_started = True
+                err = await self._call(n, Hook.PREPARE_BEGIN, n.pb, started=True)
+            else:
+                n.pb_started = True
+                err = await self._call(n, Hook.PREPARE_BEGIN, n.pb)
+            if err is not None:
+                self._fail(n, Hook.PREPARE_BEGIN, err)
+                self._abort_group(g, AbortReason.FAILURE, err)
+                with anyio.CancelScope(shield=True):
+                    await self._thaw(n, g.aborting or AbortReason.FAILURE, err)
+                return False
+            if n.quiesces:
+                n.frozen = True
+                if n.quiesced_at is None:
+                    n.quiesced_at = self.now()
                     if n.budget is not None:
-                        budget_scope.deadline = n.quiesced_at + n.budget
-                    self._emit(EventKind.QUIESCED, n, None, at=n.quiesced_at)
-            self._signal_pb(n)
-            if g.policy is BarrierPolicy.CUT and not g.cut_released.is_set():
-                await g.cut_released.wait()
-            if n.wait_pf:
-                n.ev_pf = anyio.Event()
-                await n.ev_pf.wait()
-            n.budget_scope = None
-        if budget_scope.cancelled_caught:
-            return await self._budget_exceeded(n)
+                        self._timers.arm_budget(n, n.quiesced_at + n.budget)
+                self._emit(EventKind.QUIESCED, n, None, at=n.quiesced_at)
+        self._signal_pb(n)
+        if g.policy is BarrierPolicy.CUT and not g.cut_released.is_set():
+            await g.cut_released.wait()
+        if n.wait_pf:
+            n.ev_pf = anyio.Event()
+            await n.ev_pf.wait()
         if self._aborting(n):
-            # A task that had not reached an await when its group aborted: cuts not
-            # yet started are not started.
-            return await self._stop_aborted(n)
+            # Woken just before the abort reached it: cuts not yet started are not started.
+            raise _Aborted
         if n.pf is not None and not await self._finish_prepare(n):
             return False
-        await self._signal_pf(n)
+        if self._signal_pf_edges(n):
+            await self._release_main(g)
         return True
 
-    def _aborting(self, n: _Node) -> bool:
-        return n.group.aborting is not None or self._abort_reason is not None
-
-    async def _stop_aborted(self, n: _Node) -> bool:
-        with anyio.CancelScope(shield=True):
-            await self._on_cancelled(n)
-        return False
-
     async def _finish_prepare(self, n: _Node) -> bool:
-        """Call the non-aborting on_prepare_finish (the cut; a server's thaw), shielded."""
+        """Call the non-aborting on_prepare_finish (the cut; a server's thaw).
+
+        From here on, aborts leave this node alone until the call returns; only
+        its own time limit interrupts it.
+        """
         assert n.pf is not None
         g = n.group
         n.pf_started = True
+        n.budget_token += 1  # the budget no longer applies: the thaw is under way
         n.status = ResourceStatus.RUNNING
-        start = anyio.current_time()
+        start = self.now()
         if n.cuts:
             n.crash_consistent = not self._quiesce_held(n)
-        err = await self._call(n, Hook.PREPARE_FINISH, n.pf, shield=True)
+        n.in_cut = True
+        try:
+            err = await self._call(n, Hook.PREPARE_FINISH, n.pf)
+        finally:
+            n.in_cut = False
         if err is not None:
             self._fail(n, Hook.PREPARE_FINISH, err)
             self._abort_group(g, AbortReason.FAILURE, err)
@@ -611,47 +812,37 @@ class Run:
         if n.cuts:
             if n.cut_at is None:
                 n.cut_at = start
-            self._emit(EventKind.CUT, n, None, at=n.cut_at, crash_consistent=n.crash_consistent)
+            if self._record:
+                self._emit(EventKind.CUT, n, None, at=n.cut_at, crash_consistent=n.crash_consistent)
         if n.quiesces:
             n.frozen = False
             n.thaw_done = True
             if n.thawed_at is None:
-                n.thawed_at = anyio.current_time()
+                n.thawed_at = self.now()
             self._emit(EventKind.THAWED, n, None, at=n.thawed_at)
         return True
 
-    def _quiesce_held(self, n: _Node) -> bool:
+    @staticmethod
+    def _quiesce_held(n: _Node) -> bool:
         """Whether some ancestor-or-self quiesced and every quiescing one is still frozen."""
-        seen: set[int] = set()
-        stack = [n]
-        guards = 0
-        while stack:
-            cur = stack.pop()
-            if cur.quiesces:
-                guards += 1
-                if not cur.frozen:
-                    return False
-            for p in cur.parents:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    stack.append(p)
-        return guards > 0
+        guards = n.guards
+        return bool(guards) and all(g.frozen for g in guards)
 
-    async def _budget_exceeded(self, n: _Node) -> bool:
+    async def _budget_exceeded(self, n: _Node) -> Callable[[_Node], Awaitable[None]] | None:
         """The resource was frozen past its quiesce budget: thaw it now (guarantee 2)."""
         g = n.group
         n.thawed_early = True
-        self._log.warning(
+        self.log.warning(
             "quiesce_budget_exceeded", resource=str(n.resource), budget=n.budget, group=g.name
         )
-        with anyio.CancelScope(shield=True):
-            await self._thaw(n, AbortReason.BUDGET, None)
+        await self._thaw(n, AbortReason.BUDGET, None)
         if not self.spec.plan.crash_consistent_fallback:
             self._abort_group(g, AbortReason.BUDGET, None)
-            return False
+            await self._on_cancelled(n)
+            return None
         self._signal_pb(n)
         await self._signal_pf(n)
-        return True
+        return self._main_and_complete
 
     async def _thaw(
         self,
@@ -661,28 +852,37 @@ class Run:
         *,
         after_failed_finish: bool = False,
     ) -> None:
-        """Aborting on_prepare_finish: shielded, bounded, retried with backoff if it quiesces."""
+        """Aborting on_prepare_finish: bounded by the abort deadline, retried if it quiesces.
+
+        Callers shield it from the run's cancellation.
+        """
         if n.pf is None or n.thaw_done or not n.pb_started:
             return
         if n.pf_started and not after_failed_finish:
             return
         n.pf_started = True
-        deadline = anyio.current_time() + self.spec.plan.timeouts.abort
+        n.budget_token += 1
+        deadline = self.now() + self.spec.plan.timeouts.abort
         delay = _THAW_FIRST_DELAY
         last: HookError | None = None
-        with anyio.CancelScope(shield=True, deadline=deadline):
+        with anyio.CancelScope(deadline=deadline):
             while True:
-                # Not shielded itself: the enclosing scope shields it from the run and
-                # bounds it (with retries) by the abort deadline.
-                last = await self._call(
-                    n, Hook.PREPARE_FINISH, n.pf, aborting=reason, abort_error=error
-                )
+                limit = math.inf if n.timeout is None else self.now() + n.timeout
+                with anyio.CancelScope(deadline=limit) as attempt:
+                    last = await self._call(
+                        n, Hook.PREPARE_FINISH, n.pf, aborting=reason, abort_error=error
+                    )
+                if attempt.cancelled_caught:
+                    last = HookTimeoutError(
+                        n.resource, Hook.PREPARE_FINISH, f"thaw timed out after {n.timeout} s"
+                    )
+                    self._emit(EventKind.FAILED, n, Hook.PREPARE_FINISH, error=str(last))
                 if last is None:
                     n.thaw_done = True
                     if n.quiesces:
                         n.frozen = False
                         if n.thawed_at is None:
-                            n.thawed_at = anyio.current_time()
+                            n.thawed_at = self.now()
                         self._emit(EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value)
                     return
                 if not n.quiesces:
@@ -702,12 +902,14 @@ class Run:
         n.status = ResourceStatus.THAW_FAILED
         n.failed_hook = Hook.PREPARE_FINISH
         n.error = exc
-        self._log.error("thaw_failed", resource=str(n.resource), error=repr(cause))
+        self.log.error("thaw_failed", resource=str(n.resource), error=repr(cause))
         self._emit(EventKind.THAW_FAILED, n, Hook.PREPARE_FINISH, error=format_error(exc))
 
     # -- main and complete ------------------------------------------------------------
     async def _main_and_complete(self, n: _Node) -> None:
         g = n.group
+        if self._aborting(n):
+            raise _Aborted
         if g.policy is not BarrierPolicy.NONE and not g.main_released.is_set():
             await g.main_released.wait()
         if n.main is not None:
@@ -767,58 +969,44 @@ class Run:
         hook: Hook,
         fn: HookFn,
         *,
-        shield: bool = False,
         started: bool = False,
         aborting: AbortReason | None = None,
         abort_error: BaseException | None = None,
     ) -> HookError | None:
+        """Run one hook; its exception is returned as a HookError, cancellation propagates.
+
+        A non-aborting call is timed by the run's watcher, which cancels the node's
+        scope when the hook's limit passes.
+        """
         params = n.params.values
         if n.params.secrets:
             params = await resolve_secrets(n.params, self._secrets)
-        section = n.section
-        if section is None:
-            section = n.section = self._bank.section(
-                self.checkpoint_id,
-                n.resource.key,
-                read_only=self.operation is OperationKind.RESTORE,
-            )
-        ctx = HookContext(
-            resource=n.resource,
-            parameters=params,
-            operation=self.operation,
-            hook=hook,
-            run_id=self.run_id,
-            checkpoint_id=self.checkpoint_id,
-            attempt=n.attempt,
-            bank=section,
-            children=tuple(c.resource for c in n.children),
-            parents=tuple(p.resource for p in n.parents),
-            log=self._log.bind(resource=str(n.resource), hook=hook.value),
-            aborting=aborting,
-            abort_error=abort_error,
-            handle=n,
-        )
-        if not started:
+        ctx = HookContext(n.resource, hook, params, n, aborting, abort_error)
+        if not started and self._record:
             self._emit(EventKind.STARTED, n, hook, aborting=aborting.value if aborting else None)
-        deadline = math.inf if n.timeout is None else anyio.current_time() + n.timeout
+        if aborting is None and n.timeout is not None:
+            self._timers.arm_hook(n, n.timeout)
         n.current = hook
         try:
-            with anyio.CancelScope(deadline=deadline, shield=shield) as scope:
-                await fn(ctx)
+            await fn(ctx)
         except Exception as exc:
+            if n.interrupt is _Interrupt.TIMEOUT:
+                # The plugin turned our cancellation into its own error: deliver the timeout.
+                await anyio.lowlevel.checkpoint()
             err = HookError(n.resource, hook, f"{type(exc).__name__}: {exc}")
             err.__cause__ = exc
             self._emit(EventKind.FAILED, n, hook, error=format_error(err))
             return err
         finally:
             n.current = None
-        if scope.cancelled_caught:
-            err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
-            self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
-            return err
+            n.token += 1  # the watcher's entry for this call is now stale
+        if n.interrupt is _Interrupt.TIMEOUT:
+            # The hook returned after its deadline passed; the cancellation is pending.
+            await anyio.lowlevel.checkpoint()
         if aborting is None:
-            n.hooks_run.append(hook)
-        self._emit(EventKind.FINISHED, n, hook)
+            n.hooks_done |= _HOOK_BITS[hook]
+        if self._record:
+            self._emit(EventKind.FINISHED, n, hook)
         return None
 
     def _fail(self, n: _Node, hook: Hook, err: HookError) -> None:
@@ -826,7 +1014,7 @@ class Run:
             n.error = err
             n.failed_hook = hook
         n.status = ResourceStatus.FAILED
-        self._log.warning("hook_failed", resource=str(n.resource), hook=hook.value, error=str(err))
+        self.log.warning("hook_failed", resource=str(n.resource), hook=hook.value, error=str(err))
 
     # -- signalling the edges ---------------------------------------------------------------
     def _signal_pb(self, n: _Node) -> None:
@@ -844,8 +1032,11 @@ class Run:
             self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
 
     async def _signal_pf(self, n: _Node) -> None:
-        if n.signalled_pf:
-            return
+        if not n.signalled_pf and self._signal_pf_edges(n):
+            await self._release_main(n.group)
+
+    def _signal_pf_edges(self, n: _Node) -> bool:
+        """Release the parents' waits; True when this was the group's last cut."""
         n.signalled_pf = True
         for p in n.parents:
             p.wait_pf -= 1
@@ -853,14 +1044,16 @@ class Run:
                 p.ev_pf.set()
         g = n.group
         g.pending_pf -= 1
-        if g.pending_pf == 0 and g.aborting is None:
-            if self.operation is OperationKind.PROTECT:
-                # Commit point 2: the group's cuts are all durable before its main wave.
-                with anyio.CancelScope(shield=True):
-                    await self._store.commit()
-            if g.policy is not BarrierPolicy.NONE:
-                g.main_released.set()
-                self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="main")
+        return g.pending_pf == 0 and g.aborting is None
+
+    async def _release_main(self, g: _Group) -> None:
+        """The group's last cut finished: commit (point 2), then open its main barrier."""
+        if self.operation is OperationKind.PROTECT:
+            with anyio.CancelScope(shield=True):
+                await self._store.commit()
+        if g.policy is not BarrierPolicy.NONE:
+            g.main_released.set()
+            self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="main")
 
     def _signal_cp(self, n: _Node, *, failed: bool) -> None:
         if n.signalled_cp:
@@ -894,7 +1087,7 @@ class Run:
         reason = g.aborting or self._abort_reason or AbortReason.CANCELLED
         self._abort_group(g, reason, None)
         if n.pb_started and not n.pf_started:
-            await self._thaw(n, reason, g.abort_error)
+            await self._thaw(n, g.aborting or reason, g.abort_error)
         if n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING, ResourceStatus.SUCCEEDED):
             if reason in (AbortReason.CANCELLED, AbortReason.TIMEOUT):
                 n.status = ResourceStatus.CANCELLED
@@ -974,7 +1167,7 @@ class Run:
             status=status,
             started_wall=started_wall,
             ended_wall=time.time(),
-            duration=anyio.current_time() - started,
+            duration=self.now() - started,
             resources=resources,
             groups=groups,
             restored=dict(self.restored),
@@ -984,14 +1177,10 @@ class Run:
         await self._store.finish_run(outcome)
         if self._after_finish is not None:
             await self._after_finish(outcome)
-        self._log.info(
+        self.log.info(
             "run_finished",
             status=status.value,
             duration=round(outcome.duration, 6),
             skew=outcome.skew,
         )
         return outcome, errors
-
-
-def node_errors(nodes: Sequence[_Node]) -> list[BaseException]:
-    return [n.error for n in nodes if n.error is not None]

@@ -169,8 +169,23 @@ class Bank(Protocol):
     async def delete_checkpoint(self, checkpoint_id: str) -> None: ...
 
 
+class _RunFacts(Protocol):
+    @property
+    def operation(self) -> OperationKind: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def checkpoint_id(self) -> str: ...
+
+
 class _HookHandle(Protocol):
     """What the engine gives a context to act on (private; vendors use HookContext)."""
+
+    @property
+    def run(self) -> _RunFacts: ...
+    @property
+    def attempt(self) -> int: ...
+    def bank_section(self) -> BankSection: ...
 
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]: ...
     def save_info(self, info: Mapping[str, Any]) -> None: ...
@@ -180,6 +195,8 @@ class _HookHandle(Protocol):
     def mark(self, what: str, at: float | None) -> None: ...
     async def report_restored(self, new_id: str) -> None: ...
     def restored_id(self, key: ResourceKey) -> str | None: ...
+    def neighbours(self, parents: bool) -> tuple[Resource, ...]: ...
+    def logger(self, hook: Hook) -> FilteringBoundLogger: ...
 
 
 @attrs.frozen(eq=False)
@@ -194,19 +211,50 @@ class HookContext:
     """
 
     resource: Resource
-    parameters: Mapping[str, Any]
-    operation: OperationKind
     hook: Hook
-    run_id: str
-    checkpoint_id: str
-    attempt: int
-    bank: BankSection
-    children: tuple[Resource, ...]
-    parents: tuple[Resource, ...]
-    log: FilteringBoundLogger
+    parameters: Mapping[str, Any]
+    _handle: _HookHandle = attrs.field(alias="handle", repr=False)
     aborting: AbortReason | None = None
     abort_error: BaseException | None = None
-    _handle: _HookHandle = attrs.field(default=None, alias="handle", repr=False)
+
+    # Run-wide facts come through the handle: fewer fields make the per-hook object cheap.
+    @property
+    def operation(self) -> OperationKind:
+        """Protect, restore or delete."""
+        return self._handle.run.operation
+
+    @property
+    def run_id(self) -> str:
+        return self._handle.run.run_id
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self._handle.run.checkpoint_id
+
+    @property
+    def attempt(self) -> int:
+        """1, then one more each time a recovered run re-runs this hook."""
+        return self._handle.attempt
+
+    @property
+    def bank(self) -> BankSection:
+        """This resource's section of the checkpoint in the bank."""
+        return self._handle.bank_section()
+
+    @property
+    def children(self) -> tuple[Resource, ...]:
+        """The resources this one depends on (a server's volumes)."""
+        return self._handle.neighbours(False)
+
+    @property
+    def parents(self) -> tuple[Resource, ...]:
+        """The resources that depend on this one."""
+        return self._handle.neighbours(True)
+
+    @property
+    def log(self) -> FilteringBoundLogger:
+        """A structlog logger bound to the run, resource and hook."""
+        return self._handle.logger(self.hook)
 
     @property
     def recovering(self) -> bool:
