@@ -17,22 +17,25 @@ from typing import Any
 
 import anyio
 import attrs
+import structlog
 
 from karbor_async._engine import Engine
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._types import AbortReason, Hook, OperationKind, Resource, ResourceKey
-from karbor_async.plugin import HookContext, ProtectionPlugin, ResourceType
+from karbor_async.plugin import Bank, HookContext, ProtectionPlugin, ResourceType
 from karbor_async.store import RunOutcome
 
 __all__ = [
     "Fault",
     "HookRun",
+    "HookRecorder",
     "InjectedError",
     "MapProtectable",
     "RecordingPlugin",
     "ScriptKey",
     "TraceEntry",
+    "make_context",
     "protectables_for",
     "run_hooks",
 ]
@@ -67,6 +70,8 @@ class TraceEntry:
     aborting: AbortReason | None = None
     attempt: int = 1
 
+
+_log = structlog.get_logger("karbor_async.testing")
 
 ScriptKey = tuple[str, Hook]
 """``("OS::Nova::Server#s1", hook)`` for one resource, ``("OS::Nova::Server", hook)`` for a type."""
@@ -284,3 +289,109 @@ async def run_hooks(
     restored = await engine.restore(protected.checkpoint_id) if restore else None
     deleted = await engine.delete(protected.checkpoint_id) if delete else None
     return HookRun(protected, restored, deleted, saved, objects)
+
+
+@attrs.define(eq=False)
+class _Facts:
+    operation: OperationKind
+    run_id: str
+    checkpoint_id: str
+
+
+@attrs.define(eq=False)
+class HookRecorder:
+    """The engine's side of a context made by :func:`make_context`: records what a hook did."""
+
+    resource: Resource
+    run: _Facts
+    attempt: int
+    bank: Any
+    children: tuple[Resource, ...] = ()
+    parents: tuple[Resource, ...] = ()
+    saved: dict[ResourceKey, dict[str, Any]] = attrs.Factory(dict)
+    restored: dict[ResourceKey, str] = attrs.Factory(dict)
+    marks: dict[str, float] = attrs.Factory(dict)
+    progress_reports: list[tuple[float | None, int | None, int | None, str | None]] = attrs.Factory(
+        list
+    )
+
+    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
+        return self.saved.get(key, {})
+
+    def save_info(self, info: Mapping[str, Any]) -> None:
+        self.saved.setdefault(self.resource.key, {}).update(info)
+
+    def progress(
+        self, fraction: float | None, done: int | None, total: int | None, message: str | None
+    ) -> None:
+        self.progress_reports.append((fraction, done, total, message))
+
+    def mark(self, what: str, at: float | None) -> None:
+        self.marks[what] = anyio.current_time() if at is None else at
+
+    async def report_restored(self, new_id: str) -> None:
+        self.restored[self.resource.key] = new_id
+
+    def restored_id(self, key: ResourceKey) -> str | None:
+        return self.restored.get(key)
+
+    def neighbours(self, parents: bool) -> tuple[Resource, ...]:
+        return self.parents if parents else self.children
+
+    def logger(self, hook: Hook) -> Any:
+        return _log.bind(resource=str(self.resource), hook=hook.value, test_context=True)
+
+    def bank_section(self) -> Any:
+        return self.bank
+
+
+def make_context(
+    resource: Resource,
+    hook: Hook = Hook.MAIN,
+    *,
+    operation: OperationKind = OperationKind.PROTECT,
+    parameters: Mapping[str, Any] | None = None,
+    bank: Bank | None = None,
+    run_id: str = "test-run",
+    checkpoint_id: str = "test-checkpoint",
+    attempt: int = 1,
+    children: Sequence[Resource] = (),
+    parents: Sequence[Resource] = (),
+    aborting: AbortReason | None = None,
+    abort_error: BaseException | None = None,
+    recorder: HookRecorder | None = None,
+) -> tuple[HookContext, HookRecorder]:
+    """A context for calling one hook directly, without an engine (unit tests, baselines).
+
+    The returned :class:`HookRecorder` holds what the hook saved, marked,
+    reported and restored; pass the same recorder again to share saved info
+    and restored ids between calls.
+    """
+    if recorder is None:
+        recorder = HookRecorder(
+            resource=resource,
+            run=_Facts(operation, run_id, checkpoint_id),
+            attempt=attempt,
+            bank=None,
+            children=tuple(children),
+            parents=tuple(parents),
+        )
+    else:
+        recorder = attrs.evolve(
+            recorder,
+            resource=resource,
+            run=_Facts(operation, run_id, checkpoint_id),
+            attempt=attempt,
+            children=tuple(children),
+            parents=tuple(parents),
+            saved=recorder.saved,
+            restored=recorder.restored,
+            marks={},
+            progress_reports=[],
+        )
+    the_bank = bank if bank is not None else MemoryBank()
+    recorder.bank = the_bank.section(
+        checkpoint_id, resource.key, read_only=operation is OperationKind.RESTORE
+    )
+    ctx = HookContext(resource, hook, dict(parameters or {}), recorder, aborting, abort_error)
+    return ctx, recorder
