@@ -444,7 +444,8 @@ def _report_outcome(out: _Out, outcome: RunOutcome, code: int) -> None:
     op = outcome.operation.value
     failed = [r for r in outcome.resources.values() if r.failed_hook is not None]
     for r in failed[:10]:
-        first = (r.error or "").strip().splitlines()[:1]
+        # The error is the formatted chain, the plugin's own exception last: show that line.
+        first = [line for line in (r.error or "").strip().splitlines() if line.strip()][-1:]
         out.console.print(
             f"  [red]{escape(str(r.resource))}[/red] {r.failed_hook.value if r.failed_hook else ''}"
             f": {escape(first[0] if first else r.status.value)}"

@@ -139,7 +139,10 @@ def _parse_toml(path: Path, text: str) -> tuple[Any, Locate]:
         message = str(exc)
         found = re.search(r"\(at line (\d+), column (\d+)\)", message)
         line = int(found.group(1)) if found else None
-        message = re.sub(r"\s*\(at (?:line \d+, column \d+|end of document)\)", "", message)
+        if "(at end of document)" in message:
+            line = max(1, len(text.splitlines()))  # the last line: something is left open
+            message = message.replace("(at end of document)", "(at the end of the file)")
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
         raise PlanFileError(path, f"invalid TOML: {message}", line=line) from None
     return data, _locator(_toml_lines(text))
 

@@ -256,7 +256,7 @@ svg text { font-size: 11px; fill: var(--ink); }
 .bar.failed { stroke: var(--fail); stroke-width: 1.5; }
 .bar.open { stroke: #000; stroke-dasharray: 2 2; }
 .quiesce { fill: var(--q); }
-.cut { stroke: #000; stroke-width: 1.5; } .cut.cc { stroke: var(--fail); }
+.cut-at { stroke: #000; stroke-width: 1.5; } .cut-at.cc { stroke: var(--fail); }
 .barrier { stroke-width: 1.3; stroke-dasharray: 5 3; }
 .barrier.cut { stroke: #7b2cbf; } .barrier.main { stroke: #1b7f3b; }
 .abort { stroke: var(--fail); stroke-width: 1.5; }
@@ -352,7 +352,7 @@ _JS = r"""
             `${b[7] ? "\n" + esc(b[7]) : ""}</title></rect>`;
         });
         p.cuts.forEach((c) => {
-          g += `<line class="cut${c[2] ? " cc" : ""}" x1="${x(c[1])}" x2="${x(c[1])}" y1="1"` +
+          g += `<line class="cut-at${c[2] ? " cc" : ""}" x1="${x(c[1])}" x2="${x(c[1])}" y1="1"` +
             ` y2="${ROW_H - 1}"><title>cut at ${fmt(c[1])}${c[2] ? " (crash-consistent)" : ""}` +
             `</title></line><path class="cut-mark" d="M${x(c[1]) - 3},0 L${x(c[1]) + 3},0 ` +
             `L${x(c[1])},4 Z" fill="#000"/>`;
