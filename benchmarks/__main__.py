@@ -41,6 +41,7 @@ from benchmarks._measure import (
     realistic_cloud,
     realistic_engine,
     realistic_one_at_a_time,
+    rss_probe,
     run_karbor,
     spread,
     sqlite_store_class,
@@ -60,6 +61,7 @@ class Config:
     reps: int
     big_reps: int
     memory_ns: tuple[int, ...]
+    rss_ns: tuple[int, ...]
     realistic_ns: tuple[int, ...]
     realistic_reps: int
     baseline_realistic_max: int
@@ -85,6 +87,7 @@ def parse(argv: list[str]) -> Config:
             reps=3,
             big_reps=3,
             memory_ns=(100, 1000),
+            rss_ns=(1000,),
             realistic_ns=(10, 100),
             realistic_reps=2,
             baseline_realistic_max=100,
@@ -100,7 +103,8 @@ def parse(argv: list[str]) -> Config:
             overhead_ns=(10, 100, 1000, 10_000, 100_000),
             reps=5,
             big_reps=3,
-            memory_ns=(100, 1000, 10_000, 100_000),
+            memory_ns=(100, 1000, 10_000),
+            rss_ns=(10_000, 100_000),
             realistic_ns=(10, 100, 1000, 10_000),
             realistic_reps=5,
             baseline_realistic_max=1000,
@@ -116,6 +120,7 @@ def parse(argv: list[str]) -> Config:
         for name in (
             "overhead_ns",
             "memory_ns",
+            "rss_ns",
             "realistic_ns",
             "karbor_ns",
             "karbor_realistic_ns",
@@ -143,6 +148,7 @@ def log(msg: str) -> None:
 class Overhead:
     samples: dict[tuple[int, str], list[Sample]] = attrs.field(factory=dict)
     memory: dict[tuple[int, str], float] = attrs.field(factory=dict)
+    rss: dict[tuple[int, str], float | None] = attrs.field(factory=dict)
 
     def ratio(self, n: int, contender: str, floor: str) -> float:
         mine, base = self.samples.get((n, contender), []), self.samples.get((n, floor), [])
@@ -168,6 +174,9 @@ async def run_overhead(cfg: Config, workloads: dict[int, Workload]) -> Overhead:
         if n in cfg.memory_ns:
             for name in names:
                 result.memory[(n, name)] = await peak_memory(name, w)
+        if n in cfg.rss_ns:
+            for name in names:
+                result.rss[(n, name)] = await rss_probe(name, n, SEED, 600.0)
     return result
 
 
@@ -185,7 +194,10 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
         "stamps (`ResourceOutcome.cut_at`, engine clock) for `engine-*`, from "
         "`loop.time()`/`anyio.current_time()` at the start of the floors' prepare_finish, and "
         "from the call instant for `one-at-a-time`. Peak memory: tracemalloc peak during one "
-        "separate run, per resource.",
+        "separate run, per resource (N <= 10,000: tracemalloc slows large runs tenfold); peak "
+        "RSS: growth of `ru_maxrss` over the RSS before the run, one run in a fresh subprocess "
+        "(`benchmarks/_memprobe.py`), per resource (large N only: pages and arenas make it "
+        "coarse).",
         "",
     ]
     headers = [
@@ -197,6 +209,7 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
         "x asyncio",
         "cut skew ms median [min-max]",
         "peak KB/resource",
+        "peak RSS KB/resource",
         "discovery ms",
     ]
     rows = []
@@ -208,6 +221,7 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
             secs = [s.seconds for s in samples]
             skews = [s.skew for s in samples if s.skew is not None]
             mem = res.memory.get((n, name))
+            rss = res.rss.get((n, name))
             build = [s.build_seconds for s in samples if s.build_seconds]
             rows.append(
                 [
@@ -219,6 +233,7 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
                     f"{res.ratio(n, name, 'floor-asyncio'):.2f}",
                     fmt_range_ms(spread(skews), 3),
                     f"{mem / 1024:.2f}" if mem is not None else "-",
+                    f"{rss:.2f}" if rss is not None else "-",
                     fmt_ms(statistics.median(build), 1) if build else "-",
                 ]
             )
@@ -600,10 +615,16 @@ def targets_section(
         for n in cfg.memory_ns
         if (n, "engine-cut") in res.memory and res.memory.get((n, "floor-anyio"))
     }
+    labels = {n: f"{n:,}: {r:.2f}x" for n, r in mem.items()}
+    for n in cfg.rss_ns:
+        eng_rss, floor_rss = res.rss.get((n, "engine-cut")), res.rss.get((n, "floor-anyio"))
+        if n not in mem and eng_rss is not None and floor_rss:
+            mem[n] = eng_rss / floor_rss
+            labels[n] = f"{n:,}: {mem[n]:.2f}x (RSS)"
     rows.append(
         [
             "peak memory per resource within 1.5x of the anyio floor",
-            ", ".join(f"{n:,}: {r:.2f}x" for n, r in mem.items()) or "not measured",
+            ", ".join(labels[n] for n in sorted(labels)) or "not measured",
             verdict(all(r <= 1.5 for r in mem.values()) if mem else None),
         ]
     )

@@ -46,6 +46,8 @@ __all__ = [
     "RealisticSample",
     "Sample",
     "analyse",
+    "fresh_heap",
+    "rss_probe",
     "has_subscribe",
     "measure",
     "peak_memory",
@@ -96,13 +98,13 @@ class Sample:
     build_seconds: float = 0.0
 
 
-def _fresh_heap() -> None:
+def fresh_heap() -> None:
     gc.collect()
     gc.freeze()
 
 
 async def _timed(fn: Callable[[], Awaitable[Sample]]) -> Sample:
-    _fresh_heap()
+    fresh_heap()
     try:
         return await fn()
     finally:
@@ -177,7 +179,7 @@ async def measure(contender: str, w: Workload) -> Sample:
 async def peak_memory(contender: str, w: Workload) -> float:
     """Peak bytes allocated per resource during one run (tracemalloc; not timed)."""
     fn = ZERO_LATENCY[contender]
-    _fresh_heap()
+    fresh_heap()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -274,7 +276,7 @@ async def realistic_engine(n: int, seed: int, barrier: BarrierPolicy) -> Realist
         barrier,
         parameters={"OS::Cinder::Volume": {"chunk_size": REALISTIC_VOLUME_SIZE}},
     )
-    _fresh_heap()
+    fresh_heap()
     try:
         t0 = time.perf_counter()
         await engine.protect(plan)
@@ -362,6 +364,22 @@ async def run_karbor(w: Workload, limit: float, *, realistic: bool = False) -> K
         skew=_skew(data["cuts"]),
         windows=tuple(data["windows"]),
     )
+
+
+async def rss_probe(contender: str, n: int, seed: int, limit: float) -> float | None:
+    """Peak RSS growth per resource (KB) of one run in a fresh subprocess; None on failure."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "benchmarks._memprobe", contender, str(n), str(seed)]
+    try:
+        with anyio.fail_after(limit):
+            proc = await anyio.run_process(cmd, env=env, check=False)
+    except TimeoutError:
+        return None
+    if proc.returncode != 0:
+        return None
+    value: float = json.loads(proc.stdout)["kb_per_resource"]
+    return value
 
 
 # -- features that arrive later (skipped with a note until they exist) -----------------------
