@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import anyio
 import attrs
 import structlog
 
@@ -16,7 +17,7 @@ from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._registry import PluginRegistry, TypeBinding
 from karbor_async._scheduler import Run, RunSpec
-from karbor_async._types import BarrierPolicy, OperationKind, ResourceKey, RunStatus
+from karbor_async._types import BarrierPolicy, Hook, OperationKind, ResourceKey, RunStatus
 from karbor_async.exceptions import CheckpointNotFoundError, PlanError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
 from karbor_async.store import CheckpointStatus, RunOutcome, RunRecord, Store
@@ -37,12 +38,24 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + _secrets.token_hex(3)
 
 
+@attrs.frozen
+class Resume:
+    """What a recovered run carries over from the attempt that crashed."""
+
+    done_hooks: Mapping[ResourceKey, frozenset[Hook]]
+    attempts: Mapping[ResourceKey, int]
+    restored: Mapping[ResourceKey, str]
+    first_seq: int
+
+
 class Engine:
     """Protects, restores and deletes checkpoints of resource graphs.
 
     Plugins come from entry points (``discover=True``) and/or are passed in.
     ``store`` and ``bank`` default to in-memory ones; ``secrets`` resolves the
-    references that secret parameters hold. The engine runs inside the caller's
+    references that secret parameters hold. With ``recover`` (the default), the
+    first operation first finishes or cleans up what a dead engine left in a
+    durable store (see :meth:`recover`). The engine runs inside the caller's
     event loop (asyncio or trio) and starts no task outside the runs it executes.
     """
 
@@ -57,12 +70,15 @@ class Engine:
         discover: bool = True,
         prefer: Mapping[str, str] | None = None,
         record_events: bool = True,
+        recover: bool = True,
     ) -> None:
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
         self._secrets = secrets
         self._record_events = record_events
+        self._recover_first = recover
+        self._recovered: anyio.Event | None = None
 
     # -- building runs ------------------------------------------------------------------
     async def build_protect(self, plan: Plan) -> Run:
@@ -70,6 +86,7 @@ class Engine:
 
         Nothing is stored and no hook runs until :meth:`Run.execute`.
         """
+        await self._recover_once()
         graph = await discover(plan, self.registry)
         return await self._build(OperationKind.PROTECT, plan, graph, new_run_id(), None)
 
@@ -85,6 +102,7 @@ class Engine:
 
         ``parameters`` (``"Type"`` / ``"Type#id"``) are merged over the plan's.
         """
+        await self._recover_once()
         cp = await self.store.get_checkpoint(checkpoint_id)
         if cp.status is not CheckpointStatus.AVAILABLE:
             raise PlanError(
@@ -109,6 +127,7 @@ class Engine:
 
     async def build_delete(self, checkpoint_id: str) -> Run:
         """A delete of a checkpoint over its stored graph (any end state but deleted)."""
+        await self._recover_once()
         cp = await self.store.get_checkpoint(checkpoint_id)
         if cp.status in (
             CheckpointStatus.DELETED,
@@ -132,6 +151,7 @@ class Engine:
         graph: ResourceGraph,
         run_id: str,
         checkpoint_id: str | None,
+        resume: Resume | None = None,
     ) -> Run:
         check_types(graph, self.registry)
         bindings: list[TypeBinding] = []
@@ -142,9 +162,12 @@ class Engine:
         assignment = assign_groups(graph, plan, _DEFAULT_BARRIER[op])
         params = merge_parameters(plan, graph, self.registry)
         await check_secrets(graph, params, self._secrets)
-        saved: Mapping[ResourceKey, Mapping[str, Any]] = {}
+        saved: dict[ResourceKey, dict[str, Any]] = {}
         if checkpoint_id is not None:
             saved = await self.store.load_saved_info(checkpoint_id)
+        if resume is not None and checkpoint_id != run_id:
+            for key, info in (await self.store.load_saved_info(run_id)).items():
+                saved.setdefault(key, {}).update(info)
         spec = RunSpec(
             run_id=run_id,
             checkpoint_id=checkpoint_id or run_id,
@@ -156,7 +179,10 @@ class Engine:
             bindings=tuple(bindings),
             params=tuple(params),
             saved=saved,
-            restored={},
+            restored=resume.restored if resume else {},
+            attempts=resume.attempts if resume else {},
+            done_hooks=resume.done_hooks if resume else {},
+            first_seq=resume.first_seq if resume else 0,
         )
         return Run(
             spec,
@@ -226,6 +252,31 @@ class Engine:
         else:
             status = CheckpointStatus.ERROR_DELETING
         await self.store.set_checkpoint_status(outcome.checkpoint_id, status)
+
+    async def _recover_once(self) -> None:
+        if not self._recover_first:
+            return
+        if self._recovered is not None:
+            await self._recovered.wait()
+            return
+        self._recovered = anyio.Event()
+        try:
+            await self.recover()
+        finally:
+            self._recovered.set()
+
+    async def recover(self) -> list[RunOutcome]:
+        """Finish or clean up the runs an engine that died left unfinished (guarantee 5).
+
+        Everything that may still be frozen is thawed (``ctx.recovering``); a protect
+        whose cuts were all committed resumes ``on_main``/``on_complete``; one whose
+        cuts were not fails and its saved data is deleted; restores and deletes
+        resume. Hooks whose finish was committed are not run again; the others run
+        with ``attempt`` + 1. Returns the outcome of every run it handled.
+        """
+        from karbor_async._recovery import recover_all
+
+        return await recover_all(self)
 
     async def checkpoint_outcome(self, checkpoint_id: str) -> RunOutcome:
         cp = await self.store.get_checkpoint(checkpoint_id)

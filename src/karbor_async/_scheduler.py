@@ -670,6 +670,36 @@ class Run:
             tg.cancel_scope.cancel()  # stops the watcher and the watchdog
         return await self._finish(started_wall, started)
 
+    async def abort_after_crash(self, maybe_frozen: list[ResourceKey]) -> RunOutcome:
+        """Recovery of a run whose cuts were not all committed: thaw, then end it failed.
+
+        Each resource that may still be frozen gets its ``on_prepare_finish`` with
+        ``ctx.aborting`` set to ``recovery`` (retried like any thaw); nothing else runs.
+        """
+        if self._started:
+            raise RuntimeError("a Run executes once; build a new one with the engine")
+        self._started = True
+        self.now = self._timers.now = _fast_clock()
+        started_wall = time.time()
+        started = self._t0 = self.now()
+        self._abort_reason = AbortReason.RECOVERY
+        for group in self.groups.values():
+            self._abort_group(group, AbortReason.RECOVERY, None)
+        by_key = {n.resource.key: n for n in self.nodes}
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for key in maybe_frozen:
+                    n = by_key.get(key)
+                    if n is None or n.pf is None:
+                        continue
+                    n.pb_started = True
+                    n.quiesces = n.binding.spec.quiesces
+                    n.frozen = n.quiesces
+                    tg.start_soon(self._thaw, n, AbortReason.RECOVERY, None)
+            outcome, _errors = await self._finish(started_wall, started)
+        self._finished = True
+        return outcome
+
     async def _watchdog(self, limit: float) -> None:
         await anyio.sleep(limit)
         self.log.warning("run_timeout", limit=limit)
@@ -1105,7 +1135,7 @@ class Run:
             if n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING):
                 n.status = (
                     ResourceStatus.CANCELLED
-                    if self._abort_reason is not None
+                    if self._abort_reason in (AbortReason.CANCELLED, AbortReason.TIMEOUT)
                     else ResourceStatus.ABORTED
                 )
             if n.error is not None and isinstance(n.error, Exception):

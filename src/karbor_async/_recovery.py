@@ -1,0 +1,141 @@
+"""Crash recovery: finish or clean up the runs a dead engine left (DESIGN.md guarantee 5).
+
+Everything is derived from the committed event log of the run, so it works with
+any store that keeps one and hands out leases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import attrs
+import structlog
+
+from karbor_async._graph import ResourceGraph
+from karbor_async._plan import Plan
+from karbor_async._types import Hook, OperationKind, ResourceKey
+from karbor_async.events import Event, EventKind
+from karbor_async.exceptions import LeaseHeldError, RunError
+from karbor_async.store import RunOutcome, RunRecord
+
+if TYPE_CHECKING:
+    from karbor_async._engine import Engine
+
+__all__ = ["RecoverableStore", "recover_all", "replay"]
+
+_log = structlog.get_logger("karbor_async.recovery")
+
+
+@runtime_checkable
+class RecoverableStore(Protocol):
+    """A store that can find unfinished runs and hand their lease to a new owner."""
+
+    async def unfinished_runs(self) -> list[RunRecord]: ...
+
+    async def acquire_lease(
+        self, run_id: str, owner: str | None = None, ttl: float | None = None
+    ) -> int: ...
+
+    async def last_seq(self, run_id: str) -> int: ...
+
+
+@attrs.define
+class _Replay:
+    """What the committed events say about each resource."""
+
+    done: dict[ResourceKey, set[Hook]] = attrs.Factory(dict)
+    attempt: dict[ResourceKey, int] = attrs.Factory(dict)
+    maybe_frozen: set[ResourceKey] = attrs.Factory(set)
+    calling: dict[ResourceKey, tuple[Hook, bool]] = attrs.Factory(dict)
+    """The last call started per resource: (hook, aborting)."""
+
+
+def replay(events: Sequence[Event]) -> _Replay:
+    r = _Replay()
+    for e in events:
+        key = e.resource
+        if key is None:
+            continue
+        r.attempt[key] = max(r.attempt.get(key, 1), e.attempt)
+        if e.kind is EventKind.STARTED and e.hook is not None:
+            aborting = e.data.get("aborting") is not None
+            r.calling[key] = (e.hook, aborting)
+            if e.hook is Hook.PREPARE_BEGIN and e.operation is OperationKind.PROTECT:
+                # Committed before a quiescing on_prepare_begin: it may have frozen.
+                r.maybe_frozen.add(key)
+        elif e.kind is EventKind.FINISHED and e.hook is not None:
+            _hook, aborting = r.calling.get(key, (e.hook, False))
+            if not aborting:
+                r.done.setdefault(key, set()).add(e.hook)
+            if e.hook is Hook.PREPARE_FINISH:
+                r.maybe_frozen.discard(key)
+        elif e.kind is EventKind.THAWED:
+            r.maybe_frozen.discard(key)
+    return r
+
+
+async def recover_all(engine: Engine) -> list[RunOutcome]:
+    store = engine.store
+    if not isinstance(store, RecoverableStore):
+        return []  # an in-memory store dies with its process: nothing to recover
+    outcomes: list[RunOutcome] = []
+    for record in await store.unfinished_runs():
+        try:
+            await store.acquire_lease(record.run_id)
+        except LeaseHeldError:
+            continue  # another live engine took it first
+        _log.warning("recovering_run", run_id=record.run_id, operation=record.operation.value)
+        outcomes.append(await _recover_one(engine, store, record))
+    return outcomes
+
+
+async def _recover_one(engine: Engine, store: RecoverableStore, record: RunRecord) -> RunOutcome:
+    from karbor_async._engine import Resume
+
+    events = await engine.store.read_events(record.run_id)
+    r = replay(events)
+    plan = Plan.from_json(record.plan)
+    graph = ResourceGraph.from_json(record.graph)
+    first_seq = await store.last_seq(record.run_id)
+    restored = await engine.store.load_restored(record.run_id)
+    resumable = True
+    if record.operation is OperationKind.PROTECT:
+        resumable = _cuts_committed(engine, record, graph, r)
+    attempts = {k: a + 1 for k, a in r.attempt.items()}
+    resume = Resume(
+        done_hooks={k: frozenset(v) for k, v in r.done.items()},
+        attempts=attempts,
+        restored=restored,
+        first_seq=first_seq,
+    )
+    checkpoint = None if record.operation is OperationKind.PROTECT else record.checkpoint_id
+    run = await engine._build(
+        record.operation, plan, graph, record.run_id, checkpoint or record.run_id, resume
+    )
+    if resumable:
+        try:
+            return await run.execute()
+        except RunError as exc:
+            return exc.outcome
+    # The cuts were not all committed: the checkpoint would not be consistent.
+    outcome = await run.abort_after_crash(sorted(r.maybe_frozen))
+    try:
+        await engine.delete(record.checkpoint_id)
+    except RunError as exc:
+        _log.error("recovery_cleanup_failed", run_id=record.run_id, error=str(exc))
+    return outcome
+
+
+def _cuts_committed(engine: Engine, record: RunRecord, graph: ResourceGraph, r: _Replay) -> bool:
+    """True when every resource that has an on_prepare_finish committed its finish."""
+    for res in graph.resources:
+        binding = engine.registry.binding(res.type)
+        if binding is None:
+            return False
+        op = binding.plugin.get_operation(record.operation, res.type)
+        if getattr(op, Hook.PREPARE_FINISH.value, None) is None:
+            continue
+        if Hook.PREPARE_FINISH not in r.done.get(res.key, set()):
+            return False
+    return True
