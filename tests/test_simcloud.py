@@ -3,6 +3,7 @@ and protect/restore/delete through the engine. Nothing here asserts a timing."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -380,6 +381,25 @@ async def test_one_at_a_time_round_trip_restores_the_same_data() -> None:
     assert runner.restored == restored_before
     await runner.run_one_at_a_time(OperationKind.DELETE, graph)
     assert runner.bank.objects == {}  # type: ignore[attr-defined]
+
+
+async def test_one_at_a_time_holds_each_server_frozen_only_for_its_volumes() -> None:
+    """The baseline quiesces a server, cuts its own volumes, thaws it, and only then moves on;
+    every main and complete comes after every prepare."""
+    cloud = SimCloud.generate(40, seed=12)
+    graph = await graph_of(cloud)
+    runner = runner_for(cloud)
+    await runner.run_one_at_a_time(OperationKind.PROTECT, graph)
+    order = [(c.hook, c.resource) for c in runner.calls]
+    assert len(order) == 4 * len(graph.resources)
+    assert len(set(order)) == len(order)
+    first_post = min(i for i, (hook, _) in enumerate(order) if hook in (MAIN, CP))
+    assert all(hook in (PB, PF) for hook, _ in order[:first_post])
+    freezes = [i for i, (hook, key) in enumerate(order) if hook is PB and key[0] == SERVER]
+    thaws = [i for i, (hook, key) in enumerate(order) if hook is PF and key[0] == SERVER]
+    windows = list(zip(freezes, thaws, strict=True))
+    assert all(a < b for a, b in windows)
+    assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(windows))
 
 
 def test_no_cloud_configured_names_the_fix() -> None:

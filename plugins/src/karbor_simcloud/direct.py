@@ -19,6 +19,7 @@ import structlog
 from karbor_simcloud._compat import (
     AbortReason,
     Bank,
+    BankSection,
     Hook,
     HookContext,
     OperationKind,
@@ -94,12 +95,55 @@ class HookCall:
     aborting: AbortReason | None = None
 
 
-class _Handle:
-    """The runner's side of a context (the engine's private handle protocol)."""
+@attrs.frozen
+class _RunFacts:
+    operation: OperationKind
+    run_id: str
+    checkpoint_id: str
 
-    def __init__(self, runner: DirectRunner, resource: Resource) -> None:
+
+class _Handle:
+    """The runner's side of a context: what the engine's private hook handle provides.
+
+    ``HookContext`` asks its handle for everything run-wide; this class answers
+    from the runner's dicts. It follows the engine's handle protocol
+    (``karbor_async.plugin._HookHandle``), which is not public: keep it in step.
+    """
+
+    def __init__(
+        self,
+        runner: DirectRunner,
+        resource: Resource,
+        facts: _RunFacts,
+        attempt: int,
+        bank: BankSection,
+        children: tuple[Resource, ...],
+        parents: tuple[Resource, ...],
+    ) -> None:
         self._runner = runner
         self._key = resource.key
+        self._facts = facts
+        self._attempt = attempt
+        self._bank = bank
+        self._children = children
+        self._parents = parents
+
+    @property
+    def run(self) -> _RunFacts:
+        return self._facts
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    def bank_section(self) -> BankSection:
+        return self._bank
+
+    def neighbours(self, parents: bool) -> tuple[Resource, ...]:
+        return self._parents if parents else self._children
+
+    def logger(self, hook: Hook) -> FilteringBoundLogger:
+        return cast("FilteringBoundLogger", _log.bind(resource=self._key, hook=hook.value))
 
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
         return self._runner.saved.get(key, {})
@@ -182,20 +226,21 @@ class DirectRunner:
         children = tuple(graph.children.get(resource.key, ())) if graph else ()
         parents = tuple(graph.parents.get(resource.key, ())) if graph else ()
         cid = checkpoint_id or self.checkpoint_id
+        handle = _Handle(
+            self,
+            resource,
+            _RunFacts(operation, self.run_id, cid),
+            attempt,
+            self.bank.section(cid, resource.key, read_only=operation is OperationKind.RESTORE),
+            children,
+            parents,
+        )
         ctx = HookContext(
             resource=resource,
-            parameters=self.params_for(resource),
-            operation=operation,
             hook=hook,
-            run_id=self.run_id,
-            checkpoint_id=cid,
-            attempt=attempt,
-            bank=self.bank.section(cid, resource.key, read_only=operation is OperationKind.RESTORE),
-            children=children,
-            parents=parents,
-            log=cast("FilteringBoundLogger", _log),
+            parameters=self.params_for(resource),
+            handle=handle,
             aborting=aborting,
-            handle=_Handle(self, resource),
         )
         self.calls.append(HookCall(operation, hook, resource.key, aborting))
         if self.record_starts:
