@@ -779,9 +779,11 @@ class Run:
                 await self._store.commit()
                 if self._aborting(n):
                     raise _Aborted
+                await self._deliver_pending(n)
                 n.pb_started = True
                 err = await self._call(n, Hook.PREPARE_BEGIN, n.pb, started=True)
             else:
+                await self._deliver_pending(n)
                 n.pb_started = True
                 err = await self._call(n, Hook.PREPARE_BEGIN, n.pb)
             if err is not None:
@@ -820,6 +822,7 @@ class Run:
         """
         assert n.pf is not None
         g = n.group
+        await self._deliver_pending(n)
         n.pf_started = True
         n.budget_token += 1  # the budget no longer applies: the thaw is under way
         n.status = ResourceStatus.RUNNING
@@ -1008,6 +1011,8 @@ class Run:
         A non-aborting call is timed by the run's watcher, which cancels the node's
         scope when the hook's limit passes.
         """
+        if aborting is None:
+            await self._deliver_pending(n)
         params = n.params.values
         if n.params.secrets:
             params = await resolve_secrets(n.params, self._secrets)
@@ -1038,6 +1043,17 @@ class Run:
         if self._record:
             self._emit(EventKind.FINISHED, n, hook)
         return None
+
+    @staticmethod
+    async def _deliver_pending(n: _Node) -> None:
+        """Raise a cancellation requested while the node was being woken, before a hook starts.
+
+        anyio delivers a cancel at the task's next wait; a task already woken can
+        run on past it. A cut must never start under a pending interrupt.
+        """
+        scope = n.scope
+        if scope is not None and scope.cancel_called:
+            await anyio.lowlevel.checkpoint()
 
     def _fail(self, n: _Node, hook: Hook, err: HookError) -> None:
         if n.error is None:
