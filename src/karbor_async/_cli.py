@@ -367,16 +367,11 @@ async def _session(
 
 async def _recover_first(out: _Out, engine: Engine) -> None:
     """Finish or clean up what an earlier process left, when this engine knows how."""
-    recover = getattr(engine, "recover", None)
-    if recover is None:
-        return
-    outcomes = await recover()
-    for outcome in outcomes or ():
-        if isinstance(outcome, RunOutcome):
-            out.note(
-                f"recovered {outcome.operation.value} run {outcome.run_id} left unfinished "
-                f"by an earlier process: {outcome.status.value}"
-            )
+    for outcome in await engine.recover():
+        out.note(
+            f"recovered {outcome.operation.value} run {outcome.run_id} left unfinished "
+            f"by an earlier process: {outcome.status.value}"
+        )
 
 
 def _watch_interrupts(out: _Out, run: Run) -> Callable[[], Coroutine[Any, Any, None]] | None:
@@ -596,10 +591,8 @@ async def _protect(
         if code == EXIT_OK:
             out.note(f"checkpoint {outcome.checkpoint_id} is available")
         elif plan.delete_on_failure:
-            out.note(f"the plan asks for cleanup: deleting checkpoint {outcome.checkpoint_id}")
-            cleanup = await engine.build_delete(outcome.checkpoint_id)
-            deleted, _ = await _drive(attrs.evolve(out, display=Display.QUIET), engine, cleanup)
-            out.note(f"cleanup {deleted.status.value} (run {deleted.run_id})")
+            cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+            out.note(f"the plan asks for cleanup: checkpoint {cp.id} is now {cp.status.value}")
         if report is not None:
             await _write_report(out, engine, outcome.run_id, report)
     return code
@@ -1073,28 +1066,9 @@ async def _recover(out: _Out, db: Path, bank: Path, secrets: CliSecrets, cloud: 
         unfinished: list[RunRecord] = []
         if isinstance(store, SqliteStore):
             unfinished = await store.unfinished_runs()
-        recover_fn = getattr(engine, "recover", None)
-        if recover_fn is None:
-            if out.json:
-                out.emit(
-                    {
-                        "recovered": [],
-                        "unfinished": [_run_json(r) for r in unfinished],
-                        "exit_code": EXIT_FAILED if unfinished else EXIT_OK,
-                    }
-                )
-            if not unfinished:
-                out.note("nothing to recover: no unfinished runs")
-                return EXIT_OK
-            out.err.print(
-                f"[red]{len(unfinished)} unfinished runs[/red] "
-                f"({', '.join(r.run_id for r in unfinished[:10])}), but this karbor-async "
-                "cannot recover runs yet (Engine.recover is missing); upgrade karbor-async"
-            )
-            return EXIT_FAILED
         types = [str(r["type"]) for run in unfinished for r in run.graph.get("resources", ())]
         _check_cloud(engine, types, cloud)
-        outcomes = [o for o in (await recover_fn() or ()) if isinstance(o, RunOutcome)]
+        outcomes = await engine.recover()
         stuck = [
             o
             for o in outcomes

@@ -196,13 +196,7 @@ class Engine:
     # -- one-call operations ------------------------------------------------------------
     async def protect(self, plan: Plan) -> RunOutcome:
         """Protect ``plan``'s resources into a new checkpoint; raise RunError if it fails."""
-        run = await self.build_protect(plan)
-        try:
-            return await self.execute(run)
-        except RunError:
-            if plan.delete_on_failure:
-                await self._cleanup_failed(run.checkpoint_id)
-            raise
+        return await self.execute(await self.build_protect(plan))
 
     async def restore(
         self,
@@ -222,7 +216,11 @@ class Engine:
         return await self.execute(run)
 
     async def execute(self, run: Run) -> RunOutcome:
-        """Record the run in the store and execute it (delete also moves the checkpoint)."""
+        """Record the run in the store and execute it (delete also moves the checkpoint).
+
+        A failed or cancelled protect whose plan sets ``delete_on_failure`` is
+        deleted (through the plugins' delete operation) before the error is raised.
+        """
         spec = run.spec
         await self.store.create_run(
             RunRecord(
@@ -237,7 +235,14 @@ class Engine:
         )
         if spec.operation is OperationKind.DELETE:
             await self.store.set_checkpoint_status(spec.checkpoint_id, CheckpointStatus.DELETING)
-        return await run.execute()
+        try:
+            return await run.execute()
+        except RunError:
+            if spec.operation is OperationKind.PROTECT and spec.plan.delete_on_failure:
+                # The plan asks that nothing a failed or cancelled protect saved is kept.
+                with anyio.CancelScope(shield=True):
+                    await self._cleanup_failed(spec.checkpoint_id)
+            raise
 
     async def _cleanup_failed(self, checkpoint_id: str) -> None:
         try:
@@ -256,14 +261,10 @@ class Engine:
     async def _recover_once(self) -> None:
         if not self._recover_first:
             return
-        if self._recovered is not None:
-            await self._recovered.wait()
-            return
-        self._recovered = anyio.Event()
-        try:
+        if self._recovered is None:
             await self.recover()
-        finally:
-            self._recovered.set()
+        else:
+            await self._recovered.wait()
 
     async def recover(self) -> list[RunOutcome]:
         """Finish or clean up the runs an engine that died left unfinished (guarantee 5).
@@ -276,7 +277,12 @@ class Engine:
         """
         from karbor_async._recovery import recover_all
 
-        return await recover_all(self)
+        if self._recovered is None:
+            self._recovered = anyio.Event()
+        try:
+            return await recover_all(self)
+        finally:
+            self._recovered.set()
 
     async def checkpoint_outcome(self, checkpoint_id: str) -> RunOutcome:
         cp = await self.store.get_checkpoint(checkpoint_id)
