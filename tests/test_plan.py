@@ -110,7 +110,7 @@ async def test_secret_is_resolved_for_the_hook_and_stored_as_a_reference() -> No
 async def test_missing_resolver_stops_before_any_hook() -> None:
     engine, plugin = _engine()
     plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
-    with pytest.raises(SecretError, match="'password' is secret .* no secrets resolver"):
+    with pytest.raises(SecretError, match=r"'password' is secret .* no secrets resolver"):
         await engine.protect(plan)
     assert plugin.seen == []
 
@@ -148,7 +148,7 @@ def test_malformed_plans_are_refused(kwargs: dict[str, Any], message: str) -> No
 
 
 def test_bad_timeouts_are_refused() -> None:
-    with pytest.raises(PlanError, match="timeouts.hook must be a positive number"):
+    with pytest.raises(PlanError, match=r"timeouts\.hook must be a positive number"):
         Timeouts(hook=-1)
 
 
