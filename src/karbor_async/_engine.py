@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets as _secrets
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ import attrs
 import structlog
 
 from karbor_async._graph import ResourceGraph, assign_groups, check_types, discover
+from karbor_async._hub import EventHub, Subscription
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
@@ -71,12 +73,14 @@ class Engine:
         prefer: Mapping[str, str] | None = None,
         record_events: bool = True,
         recover: bool = True,
+        event_buffer: int = 16384,
     ) -> None:
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
         self._secrets = secrets
         self._record_events = record_events
+        self.hub = EventHub(self.store, capacity=event_buffer)
         self._recover_first = recover
         self._recovered: anyio.Event | None = None
 
@@ -191,6 +195,7 @@ class Engine:
             bank=self.bank,
             secrets=self._secrets,
             record_events=self._record_events,
+            hub=self.hub,
         )
 
     # -- one-call operations ------------------------------------------------------------
@@ -257,6 +262,21 @@ class Engine:
         else:
             status = CheckpointStatus.ERROR_DELETING
         await self.store.set_checkpoint_status(outcome.checkpoint_id, status)
+
+    def subscribe(
+        self, run_id: str | None = None, since: int = 0
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """Subscribe to events: ``async with engine.subscribe(run_id) as events:``.
+
+        With ``run_id``, the run's committed events after ``since`` are replayed
+        from the store, then live ones follow with no gap and no duplicate, and the
+        iteration ends after the run's ``RUN_FINISHED`` (this works across engine
+        restarts: numbering continues). Without, every run's events from now on.
+        Lifecycle events are delivered once committed and never dropped; a
+        subscriber that falls behind loses progress ticks only (a ``TICKS_DROPPED``
+        event says how many). The engine's cost does not grow with subscribers.
+        """
+        return self.hub.subscribe(run_id, since)
 
     async def _recover_once(self) -> None:
         if not self._recover_first:

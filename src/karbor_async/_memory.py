@@ -10,7 +10,7 @@ import attrs
 
 from karbor_async._bankkeys import validate_key
 from karbor_async._types import OperationKind, ResourceKey, RunStatus
-from karbor_async.events import Event
+from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
     BankKeyError,
     CheckpointNotFoundError,
@@ -43,6 +43,7 @@ class MemoryStore:
         self._events: dict[str, list[Event]] = {}
         self._saved: dict[str, dict[ResourceKey, dict[str, Any]]] = {}
         self._restored: dict[str, dict[ResourceKey, str]] = {}
+        self._progress: dict[str, dict[ResourceKey, Event]] = {}
         self.commits = 0
         """How many times :meth:`commit` was awaited (tests check the commit points)."""
 
@@ -62,7 +63,14 @@ class MemoryStore:
             )
 
     def append(self, event: Event) -> None:
+        if event.kind is EventKind.PROGRESS:
+            self._progress.setdefault(event.run_id, {})[event.resource or ("", "")] = event
+            return
         self._events[event.run_id].append(event)
+
+    async def load_progress(self, run_id: str) -> list[Event]:
+        """The latest progress tick of each resource of a run."""
+        return list(self._progress.get(run_id, {}).values())
 
     def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
         self._saved.setdefault(checkpoint_id, {})[key] = copy.deepcopy(dict(info))

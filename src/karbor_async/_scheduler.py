@@ -36,6 +36,7 @@ import attrs
 import structlog
 
 from karbor_async._graph import ResourceGraph, check_acyclic
+from karbor_async._hub import EventHub
 from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
 from karbor_async._registry import TypeBinding
@@ -166,6 +167,7 @@ class _Node:
     """Identifies the running hook call for the watcher (bumped when it ends)."""
     budget_token: int = 0
     done: bool = False
+    progress_stored_at: float = -math.inf
     guards: tuple[_Node, ...] = ()
     """The quiescing resources among this one and its ancestors (precomputed)."""
 
@@ -180,7 +182,8 @@ class _Node:
         self, fraction: float | None, done: int | None, total: int | None, message: str | None
     ) -> None:
         self.ticks += 1
-        self.last_progress = Progress(fraction, done, total, message)
+        progress = self.last_progress = Progress(fraction, done, total, message)
+        self.run.progress_tick(self, progress)
 
     def mark(self, what: str, at: float | None) -> None:
         when = self.run.now() if at is None else at
@@ -355,6 +358,7 @@ class Run:
         secrets: SecretResolver | None,
         record_events: bool = True,
         after_finish: Callable[[RunOutcome], Awaitable[None]] | None = None,
+        hub: EventHub | None = None,
     ) -> None:
         self.spec = spec
         self.run_id = spec.run_id
@@ -365,6 +369,8 @@ class Run:
         self._secrets = secrets
         self._record = record_events
         self._after_finish = after_finish
+        self._hub = hub
+        self._log_events = False
         self._seq = spec.first_seq
         self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in spec.saved.items()}
         self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
@@ -478,21 +484,65 @@ class Run:
         if not self._record:
             return
         self._seq += 1
-        self._store.append(
-            Event(
-                run_id=self.run_id,
-                seq=self._seq,
-                kind=kind,
-                operation=self.operation,
-                wall=time.time(),
-                mono=self.now(),
-                resource=node.resource.key if node is not None else None,
-                hook=hook,
-                group=node.group.name if node is not None else data.pop("group", None),
-                attempt=node.attempt if node is not None else 1,
-                data=data,
-            )
+        event = Event(
+            run_id=self.run_id,
+            seq=self._seq,
+            kind=kind,
+            operation=self.operation,
+            wall=time.time(),
+            mono=self.now(),
+            resource=node.resource.key if node is not None else None,
+            hook=hook,
+            group=node.group.name if node is not None else data.pop("group", None),
+            attempt=node.attempt if node is not None else 1,
+            data=data,
         )
+        self._store.append(event)
+        if self._hub is not None:
+            self._hub.lifecycle(event)
+        if self._log_events:
+            self.log.debug(
+                kind.value,
+                seq=event.seq,
+                resource=f"{event.resource[0]}#{event.resource[1]}" if event.resource else None,
+                hook=hook.value if hook else None,
+                group=event.group,
+                **data,
+            )
+
+    _PROGRESS_STORE_INTERVAL = 0.1
+    """Progress is stored coalesced: at most ten ticks a second per resource."""
+
+    def progress_tick(self, n: _Node, progress: Progress) -> None:
+        """A plugin reported progress: live to subscribers, stored at most 10 times a second."""
+        if not self._record:
+            return
+        hub = self._hub
+        live = hub is not None and hub.active
+        now = self.now()
+        due = now - n.progress_stored_at >= self._PROGRESS_STORE_INTERVAL
+        if not live and not due:
+            return
+        event = Event(
+            run_id=self.run_id,
+            seq=self._seq,
+            kind=EventKind.PROGRESS,
+            operation=self.operation,
+            wall=time.time(),
+            mono=now,
+            resource=n.resource.key,
+            hook=n.current,
+            group=n.group.name,
+            attempt=n.attempt,
+            progress=progress,
+            tick=n.ticks,
+        )
+        if live:
+            assert hub is not None
+            hub.tick(event)
+        if due:
+            n.progress_stored_at = now
+            self._store.append(event)
 
     # -- saved info and restore mapping -----------------------------------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
@@ -655,6 +705,9 @@ class Run:
 
     async def _execute_shielded(self) -> tuple[RunOutcome, list[Exception]]:
         self.now = self._timers.now = _fast_clock()
+        # Per-event logs only for an application that configured structlog: an
+        # unconfigured one would print every hook transition.
+        self._log_events = structlog.is_configured()
         started_wall = time.time()
         started = self._t0 = self.now()
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))

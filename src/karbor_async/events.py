@@ -40,6 +40,8 @@ class EventKind(enum.Enum):
     RESTORED = "restored"
     """A restore hook reported the new id of what it created."""
     PROGRESS = "progress"
+    TICKS_DROPPED = "ticks_dropped"
+    """To one subscriber: it fell behind and lost ``data['count']`` progress ticks."""
     RUN_FINISHED = "run_finished"
 
 

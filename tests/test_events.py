@@ -1,0 +1,204 @@
+"""Events: fan-out to many subscribers, replay from N, slow subscribers, progress, logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+import structlog
+
+from helpers import VOLUME, res, setup
+from karbor_async import (
+    BarrierPolicy,
+    Engine,
+    Event,
+    EventKind,
+    HookContext,
+    MemoryStore,
+    Plan,
+    ProtectionPlugin,
+    Resource,
+    ResourceType,
+    SqliteStore,
+)
+from karbor_async.testing import MapProtectable
+
+
+async def _drain(sub: Any, into: list[Event]) -> None:
+    async for event in sub:
+        into.append(event)
+
+
+def _lifecycle(events: list[Event]) -> list[tuple[str, int, EventKind]]:
+    return [
+        (e.run_id, e.seq, e.kind)
+        for e in events
+        if e.is_lifecycle and e.kind.value != "ticks_dropped"
+    ]
+
+
+async def test_every_subscriber_gets_every_lifecycle_event_in_order() -> None:
+    """Ten subscribers (and one for the run) see exactly the store's log, in order."""
+    engine, _plugin, plan = setup([("s1", "v1"), ("s1", "v2"), ("s2", "v3")], ["s1", "s2"])
+    run = await engine.build_protect(plan)
+    got: list[list[Event]] = [[] for _ in range(11)]
+    async with anyio.create_task_group() as tg:
+        subs = []
+        for i in range(10):
+            cm = engine.subscribe()
+            subs.append(cm)
+            tg.start_soon(_consume_until, cm, run.run_id, got[i])
+        tg.start_soon(_consume_run, engine, run.run_id, got[10])
+        await anyio.sleep(0.01)
+        await engine.execute(run)
+    stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
+    assert stored[-1][2] is EventKind.RUN_FINISHED
+    for events in got:
+        assert _lifecycle(events) == stored
+
+
+async def _consume_until(cm: Any, run_id: str, into: list[Event]) -> None:
+    async with cm as sub:
+        async for event in sub:
+            into.append(event)
+            if event.run_id == run_id and event.kind is EventKind.RUN_FINISHED:
+                return
+
+
+async def _consume_run(engine: Engine, run_id: str, into: list[Event]) -> None:
+    async with engine.subscribe(run_id) as sub:
+        await _drain(sub, into)
+
+
+async def test_replay_from_n_then_stop_at_the_end() -> None:
+    """A subscriber asking for a finished run from sequence N gets N+1 to the end."""
+    engine, _plugin, plan = setup([("s1", "v1")], ["s1"], barrier=BarrierPolicy.CUT)
+    outcome = await engine.protect(plan)
+    got: list[Event] = []
+    async with engine.subscribe(outcome.run_id, since=5) as sub:
+        await _drain(sub, got)
+    stored = await engine.store.read_events(outcome.run_id)
+    assert [e.seq for e in got] == [e.seq for e in stored if e.seq > 5]
+    assert got[-1].kind is EventKind.RUN_FINISHED
+
+
+class _Copy:
+    async def on_main(self, ctx: HookContext) -> None:
+        for i in range(4):
+            ctx.report_progress(done=i + 1, total=4)
+            await anyio.lowlevel.checkpoint()
+
+
+class _CopyPlugin(ProtectionPlugin):
+    name = "copy"
+    types: ClassVar[tuple[ResourceType, ...]] = (
+        ResourceType("OS::Nova::Server", quiesces=True, snapshots=False),
+        ResourceType(VOLUME),
+    )
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return _Copy()
+
+
+def _big_engine(n_servers: int, store: Any = None, buffer: int = 256) -> tuple[Engine, Plan]:
+    servers = [Resource("OS::Nova::Server", f"s{i}") for i in range(n_servers)]
+    children = {
+        s.key: [Resource(VOLUME, f"v{i}-{j}") for j in range(3)] for i, s in enumerate(servers)
+    }
+    engine = Engine(
+        [_CopyPlugin()],
+        [MapProtectable(VOLUME, ["OS::Nova::Server"], children)],
+        store=store or MemoryStore(),
+        discover=False,
+        event_buffer=buffer,
+    )
+    return engine, Plan(name="big", resources=servers)
+
+
+async def test_stalled_subscriber_loses_only_ticks_and_catches_up(virtual_time: bool) -> None:
+    """A subscriber that reads nothing for a 10,000-resource run leaves memory bounded,
+    then receives every lifecycle event in order and is told how many ticks it lost."""
+    engine, plan = _big_engine(2500)
+    run = await engine.build_protect(plan)
+    assert len(run.nodes) == 10_000
+    got: list[Event] = []
+    async with engine.subscribe(run.run_id) as sub:
+        await engine.execute(run)  # nobody reads meanwhile
+        hub = engine.hub
+        assert len(hub._ring) <= hub.capacity and len(hub._pending) <= hub.capacity
+        await _drain(sub, got)
+        stats = sub.statistics()
+    stored = await engine.store.read_events(run.run_id)
+    assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
+    dropped = [e for e in got if e.kind is EventKind.TICKS_DROPPED]
+    assert dropped and sum(e.data["count"] for e in dropped) == stats.ticks_dropped > 0
+    assert stats.caught_up_from_store > 0
+
+
+async def test_live_progress_ticks_carry_the_last_lifecycle_seq() -> None:
+    """Ticks reach a live subscriber at once, numbered, after the hook's own start."""
+    engine, plan = _big_engine(2, buffer=4096)
+    run = await engine.build_protect(plan)
+    got: list[Event] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_consume_run, engine, run.run_id, got)
+        await anyio.sleep(0.01)
+        await engine.execute(run)
+    ticks = [e for e in got if e.kind is EventKind.PROGRESS]
+    assert len(ticks) == 4 * 8  # four ticks from each of the eight resources' on_main
+    started = {
+        e.resource: e.seq
+        for e in got
+        if e.kind is EventKind.STARTED and e.hook is not None and e.hook.value == "on_main"
+    }
+    per_resource: dict[Any, list[int]] = {}
+    for e in ticks:
+        # A tick goes out at once; it carries the seq of the last lifecycle event
+        # before it, which may still be on its way (lifecycle waits for the commit).
+        assert e.progress is not None and e.seq >= started[e.resource]
+        per_resource.setdefault(e.resource, []).append(e.tick)
+    assert all(t == [1, 2, 3, 4] for t in per_resource.values())
+    latest = await engine.store.load_progress(run.run_id)  # type: ignore[attr-defined]
+    assert {e.progress.done for e in latest if e.progress} <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], indirect=True)
+async def test_replay_across_an_engine_restart(tmp_path: Path) -> None:
+    """Sequence numbers survive the engine: a new engine replays a run from N."""
+    db = tmp_path / "karbor.db"
+    async with SqliteStore.open(db) as store:
+        engine, _plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"], store=None)
+        engine = Engine(
+            list(engine.registry.plugins.values()),
+            [f for fs in engine.registry.protectables.values() for f in fs],
+            store=store,
+            discover=False,
+        )
+        outcome = await engine.protect(plan)
+        before = [e.seq for e in await store.read_events(outcome.run_id)]
+    async with SqliteStore.open(db) as store:
+        engine2 = Engine(store=store, discover=False)
+        got: list[Event] = []
+        async with engine2.subscribe(outcome.run_id, since=3) as sub:
+            await _drain(sub, got)
+    assert [e.seq for e in got] == [s for s in before if s > 3]
+    assert len(set(before)) == len(before) == before[-1]
+
+
+async def test_events_go_to_structlog_when_the_application_configured_it() -> None:
+    """With structlog configured (here at debug level), every lifecycle event is logged."""
+    engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
+    before = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            outcome = await engine.protect(plan)
+    finally:
+        structlog.configure(wrapper_class=before)
+    kinds = [entry["event"] for entry in logs if entry.get("seq")]
+    assert "started" in kinds and "finished" in kinds and "run_finished" in kinds
+    assert all(entry.get("run_id") == outcome.run_id for entry in logs if entry.get("seq"))
+    assert any(entry.get("resource") == f"{res('v1').type}#v1" for entry in logs)
