@@ -1037,7 +1037,8 @@ async def _events(out: _Out, run_id: str, since: int, follow: bool, db: Path) ->
                 finished = finished or e.kind is EventKind.RUN_FINISHED
             if not follow or finished:
                 break
-            # Until Engine.subscribe() exists, follow by polling the committed log.
+            # The run belongs to another process: its live subscription (Engine.subscribe)
+            # is in that process, so follow the committed log, which is the same stream.
             await anyio.sleep(0.2)
     return EXIT_OK
 
