@@ -875,7 +875,8 @@ class Run:
         """
         assert n.pf is not None
         g = n.group
-        await self._deliver_pending(n)
+        if n.scope is not None and n.scope.cancel_called:
+            await self._deliver_pending(n)
         n.pf_started = True
         n.budget_token += 1  # the budget no longer applies: the thaw is under way
         n.status = ResourceStatus.RUNNING
@@ -1064,7 +1065,7 @@ class Run:
         A non-aborting call is timed by the run's watcher, which cancels the node's
         scope when the hook's limit passes.
         """
-        if aborting is None:
+        if aborting is None and n.scope is not None and n.scope.cancel_called:
             await self._deliver_pending(n)
         params = n.params.values
         if n.params.secrets:
