@@ -1127,7 +1127,7 @@ class Run:
                 c.ev_pb.set()
         g = n.group
         g.pending_pb -= 1
-        if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT:
+        if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT and g.aborting is None:
             g.cut_released.set()
             self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
 
@@ -1168,18 +1168,9 @@ class Run:
 
     def _settle(self, n: _Node) -> None:
         """A node that leaves early still releases what others wait on (never a hang)."""
-        if not n.signalled_pb:
-            n.signalled_pb = True
-            for c in n.children:
-                c.wait_pb -= 1
-                if c.wait_pb == 0 and c.ev_pb is not None:
-                    c.ev_pb.set()
+        self._signal_pb(n)
         if not n.signalled_pf:
-            n.signalled_pf = True
-            for p in n.parents:
-                p.wait_pf -= 1
-                if p.wait_pf == 0 and p.ev_pf is not None:
-                    p.ev_pf.set()
+            self._signal_pf_edges(n)  # its group is aborting: no main barrier to open
         self._signal_cp(n, failed=True)
 
     async def _on_cancelled(self, n: _Node) -> None:
