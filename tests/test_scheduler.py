@@ -402,3 +402,15 @@ async def test_every_event_is_numbered_in_order() -> None:
     assert EventKind.CUT in kinds and EventKind.QUIESCED in kinds and EventKind.THAWED in kinds
     assert kinds.count(EventKind.BARRIER_RELEASED) == 2
     assert res("v1").key in {e.resource for e in events}
+
+
+async def test_retention_keeps_the_newest_n_per_plan() -> None:
+    """retain() deletes all but the newest N available checkpoints of a plan, through delete."""
+    engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
+    ids = [(await engine.protect(plan)).checkpoint_id for _ in range(4)]
+    outcomes = await engine.retain("test", keep=2)
+    assert len(outcomes) == 2 and all(o.status is RunStatus.SUCCEEDED for o in outcomes)
+    statuses = [(await engine.store.get_checkpoint(i)).status for i in ids]
+    kept = [i for i, s in zip(ids, statuses, strict=True) if s is CheckpointStatus.AVAILABLE]
+    assert kept == ids[2:]
+    assert statuses.count(CheckpointStatus.DELETED) == 2

@@ -837,17 +837,7 @@ async def _prune(
     cloud: Any,
 ) -> int:
     async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
-        available: list[CheckpointRecord] = []
-        before: str | None = None
-        while True:
-            page = await engine.store.list_checkpoints(
-                plan_name=plan, status=CheckpointStatus.AVAILABLE, limit=100, before_id=before
-            )
-            available.extend(page)
-            if len(page) < 100:
-                break
-            before = page[-1].id
-        kept, doomed = available[:keep], available[keep:]
+        kept, doomed = await engine.retention(plan, keep)
         deleted: list[str] = []
         failed: list[dict[str, str]] = []
         code = EXIT_OK

@@ -22,7 +22,7 @@ from karbor_async._scheduler import Run, RunSpec
 from karbor_async._types import BarrierPolicy, Hook, OperationKind, ResourceKey, RunStatus
 from karbor_async.exceptions import CheckpointNotFoundError, PlanError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
-from karbor_async.store import CheckpointStatus, RunOutcome, RunRecord, Store
+from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord, Store
 
 __all__ = ["Engine", "new_run_id"]
 
@@ -254,6 +254,40 @@ class Engine:
             await self.delete(checkpoint_id)
         except RunError as exc:
             _log.error("cleanup_failed", checkpoint_id=checkpoint_id, error=str(exc))
+
+    async def retention(
+        self, plan_name: str, keep: int
+    ) -> tuple[list[CheckpointRecord], list[CheckpointRecord]]:
+        """The plan's available checkpoints, newest first, split into (kept, to delete)."""
+        if keep < 0:
+            raise PlanError(f"keep must be 0 or more, not {keep}")
+        available: list[CheckpointRecord] = []
+        before: str | None = None
+        while True:
+            page = await self.store.list_checkpoints(
+                plan_name=plan_name, status=CheckpointStatus.AVAILABLE, limit=500, before_id=before
+            )
+            available.extend(page)
+            if len(page) < 500:
+                break
+            before = page[-1].id
+        return available[:keep], available[keep:]
+
+    async def retain(self, plan_name: str, keep: int) -> list[RunOutcome]:
+        """Keep the newest ``keep`` available checkpoints of a plan; delete the others.
+
+        Deletion goes through the plugins' delete operation, so nothing is orphaned.
+        A delete that fails leaves its checkpoint ``error_deleting`` and is reported
+        in the returned outcomes; the others still run.
+        """
+        _kept, doomed = await self.retention(plan_name, keep)
+        outcomes: list[RunOutcome] = []
+        for cp in doomed:
+            try:
+                outcomes.append(await self.delete(cp.id))
+            except RunError as exc:
+                outcomes.append(exc.outcome)
+        return outcomes
 
     async def _after_delete(self, outcome: RunOutcome) -> None:
         if outcome.status is RunStatus.SUCCEEDED:
