@@ -241,7 +241,13 @@ def analyse(
             continue
         windows.append(server.thawed_at - server.frozen_at)
         mine = [snaps[v] for v in server.volume_ids if v in snaps]
-        returned = [s.returned_at for s in mine if s.returned_at is not None]
+        # Only the cuts this freeze waited for (a baseline may cut a shared volume earlier,
+        # under another server).
+        returned = [
+            s.returned_at
+            for s in mine
+            if s.returned_at is not None and s.requested_at >= server.frozen_at
+        ]
         if returned and server.thaw_started_at is not None:
             share_thaw.append(server.thaw_started_at - max(returned))
         waits = []

@@ -55,9 +55,17 @@ def _git_commit(root: Path) -> str:
             text=True,
             check=True,
         )
-        return out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "plugins", "benchmarks"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    suffix = " (with uncommitted changes to src/, plugins/ or benchmarks/)" if dirty.stdout else ""
+    return out.stdout.strip() + suffix
 
 
 def environment(command: str, root: Path) -> list[str]:
