@@ -104,6 +104,9 @@ class _Group:
     pending_pb: int = 0
     pending_pf: int = 0
     cut_released: anyio.Event = attrs.Factory(anyio.Event)
+    """Wakes the resources that cut; set first, so their cuts are dispatched first."""
+    cut_released_rest: anyio.Event = attrs.Factory(anyio.Event)
+    """Wakes the others (servers waiting to thaw, images, ...) right after."""
     main_released: anyio.Event = attrs.Factory(anyio.Event)
     aborting: AbortReason | None = None
     abort_error: BaseException | None = None
@@ -853,8 +856,10 @@ class Run:
                         self._timers.arm_budget(n, n.quiesced_at + n.budget)
                 self._emit(EventKind.QUIESCED, n, None, at=n.quiesced_at)
         self._signal_pb(n)
-        if g.policy is BarrierPolicy.CUT and not g.cut_released.is_set():
-            await g.cut_released.wait()
+        if g.policy is BarrierPolicy.CUT:
+            barrier = g.cut_released if n.cuts else g.cut_released_rest
+            if not barrier.is_set():
+                await barrier.wait()
         if n.wait_pf:
             n.ev_pf = anyio.Event()
             await n.ev_pf.wait()
@@ -1128,7 +1133,9 @@ class Run:
         g = n.group
         g.pending_pb -= 1
         if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT and g.aborting is None:
+            # Waiters wake in the order their events are set: the cuts go first.
             g.cut_released.set()
+            g.cut_released_rest.set()
             self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
 
     async def _signal_pf(self, n: _Node) -> None:
