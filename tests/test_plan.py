@@ -96,7 +96,7 @@ async def test_secret_is_resolved_for_the_hook_and_stored_as_a_reference() -> No
         return {"db-password": "hunter2"}[name]
 
     store = MemoryStore()
-    engine, plugin = _engine(store, secrets=resolver)
+    engine, _plugin = _engine(store, secrets=resolver)
     plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
     outcome = await engine.protect(plan)
     assert {p.get("password") for p in plugin.seen if "pool" in p} == {"hunter2"}
@@ -175,3 +175,24 @@ async def test_run_hooks_helper_runs_a_plugin_as_the_engine_does() -> None:
     assert got.protect.status.value == "succeeded"
     assert got.delete is not None and got.delete.status.value == "succeeded"
     assert plugin.seen[0]["pool"] == "x"
+
+
+async def test_restore_and_delete_resolve_secrets_or_stop_clearly() -> None:
+    """Restore and delete resolve secret parameters through the engine's resolver, and an
+    engine without one stops before any hook with an error naming parameter and resource."""
+
+    async def resolver(name: str) -> str:
+        return {"db-password": "hunter2"}[name]
+
+    store = MemoryStore()
+    engine, _plugin = _engine(store, secrets=resolver)
+    plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
+    outcome = await engine.protect(plan)
+    bare, bare_plugin = _engine(store)
+    with pytest.raises(SecretError, match=r"OS::Cinder::Volume#v\d: parameter 'password'"):
+        await bare.restore(outcome.checkpoint_id)
+    with pytest.raises(SecretError, match="no secrets resolver"):
+        await bare.delete(outcome.checkpoint_id)
+    assert bare_plugin.seen == []
+    restored = await engine.restore(outcome.checkpoint_id)
+    assert restored.status.value == "succeeded"

@@ -306,3 +306,31 @@ async def test_crash_during_restore_adopts_instead_of_creating_twice(
         assert dict(outcome.restored) == {S1.key: "new-s1", V1.key: "new-v1", V2.key: "new-v2"}
         assert _calls(journal, ME, S1K, "restore") == [("on_complete", "-", "2")]
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
+
+
+async def test_engine_recovers_before_its_first_operation(tmp_path: Path, journal: Path) -> None:
+    """With recovery on (the default), a new engine finishes the dead one's run first;
+    with it off, the run stays unfinished."""
+    await _crash_child(
+        tmp_path,
+        journal,
+        f"{S1K}:on_complete:protect",
+        lambda db: _started(db, S1K, "on_complete"),
+    )
+    await anyio.sleep(LEASE * 1.2)
+    async with SqliteStore.open(tmp_path / "karbor.db", lease_seconds=LEASE) as store:
+        (stale,) = await store.unfinished_runs()
+        off = Engine([CrashPlugin()], [_finder()], store=store, discover=False, recover=False)
+        await off.build_protect(Plan(name="other", resources=[S1]))
+        assert [r.run_id for r in await store.unfinished_runs()] == [stale.run_id]
+        on = Engine(
+            [CrashPlugin()],
+            [_finder()],
+            store=store,
+            bank=FsBank(tmp_path / "bank"),
+            discover=False,
+        )
+        await on.build_protect(Plan(name="other", resources=[S1]))
+        assert await store.unfinished_runs() == []
+        cp = await store.get_checkpoint(stale.checkpoint_id)
+        assert cp.status is CheckpointStatus.AVAILABLE
