@@ -96,7 +96,7 @@ async def test_secret_is_resolved_for_the_hook_and_stored_as_a_reference() -> No
         return {"db-password": "hunter2"}[name]
 
     store = MemoryStore()
-    engine, _plugin = _engine(store, secrets=resolver)
+    engine, plugin = _engine(store, secrets=resolver)
     plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
     outcome = await engine.protect(plan)
     assert {p.get("password") for p in plugin.seen if "pool" in p} == {"hunter2"}
