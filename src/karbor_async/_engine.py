@@ -74,13 +74,14 @@ class Engine:
         record_events: bool = True,
         recover: bool = True,
         event_buffer: int = 16384,
+        event_coalesce: float = 0.01,
     ) -> None:
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
         self._secrets = secrets
         self._record_events = record_events
-        self.hub = EventHub(self.store, capacity=event_buffer)
+        self.hub = EventHub(self.store, capacity=event_buffer, coalesce=event_coalesce)
         self._recover_first = recover
         self._recovered: anyio.Event | None = None
 

@@ -39,7 +39,7 @@ _Slot = tuple[Event, int]
 class EventHub:
     """One per engine: the shared buffer every subscriber reads with its own cursor."""
 
-    def __init__(self, store: Store, *, capacity: int = 16384) -> None:
+    def __init__(self, store: Store, *, capacity: int = 16384, coalesce: float = 0.01) -> None:
         if capacity < 16:
             raise ValueError("the event buffer needs room for at least 16 events")
         self._store = store
@@ -54,6 +54,9 @@ class EventHub:
         self._wake: anyio.Event | None = None
         self._flushing: anyio.Event | None = None
         self.subscribers = 0
+        self.coalesce = coalesce
+        """After a wake-up, a subscriber lets this long's worth of events gather: each
+        wakes at most 1/coalesce times a second, however busy the run."""
 
     # -- the engine's side (synchronous, O(1), whatever the number of subscribers) -------
     @property
@@ -106,7 +109,7 @@ class EventHub:
         return self._dropped_upto.get(run_id, 0)
 
     def dropped_runs(self) -> list[str]:
-        return list(self._dropped_upto)
+        return list(self._dropped_upto) if self._dropped_upto else []
 
     async def flush(self) -> None:
         """Commit what is pending, then publish it (one commit shared by every subscriber)."""
@@ -135,6 +138,8 @@ class EventHub:
             if self._wake is None:
                 self._wake = anyio.Event()
             await self._wake.wait()
+            if self.coalesce:
+                await anyio.sleep(self.coalesce)
 
     @asynccontextmanager
     async def subscribe(
@@ -242,26 +247,29 @@ class Subscription:
         if self._cursor >= hub.next_index:
             await hub.wait(self._cursor)
             return
-        event, _ticks = hub.slot(self._cursor)
-        self._cursor += 1
+        # Take everything available in one go (one wake-up, many events).
+        end = hub.next_index
+        while self._cursor < end:
+            event, _ticks = hub.slot(self._cursor)
+            self._cursor += 1
+            if not self._wants(event.run_id):
+                continue
+            if event.kind is EventKind.PROGRESS:
+                if event.seq >= self._last.get(event.run_id, 0):
+                    self._queue.append(event)
+                else:  # older than lifecycle events already read back from the store
+                    self._dropped += 1
+                    self._queue.append(self._dropped_marker(1))
+                continue
+            last = self._last.get(event.run_id)
+            if last is not None and event.seq <= last:
+                continue  # already delivered (replay or catch-up)
+            if last is not None and event.seq > last + 1:
+                # A gap: the missing lifecycle events are in the store's log.
+                await self._catch_up(event.run_id, event.seq)
+            self._queue.append(event)
+            self._last[event.run_id] = event.seq
         self._ticks_at_cursor = hub.ticks_before(self._cursor)
-        if not self._wants(event.run_id):
-            return
-        if event.kind is EventKind.PROGRESS:
-            if event.seq >= self._last.get(event.run_id, 0):
-                self._queue.append(event)
-            else:  # older than lifecycle events already read back from the store
-                self._dropped += 1
-                self._queue.append(self._dropped_marker(1))
-            return
-        last = self._last.get(event.run_id)
-        if last is not None and event.seq <= last:
-            return  # already delivered (replay or catch-up)
-        if last is not None and event.seq > last + 1:
-            # A gap: the missing lifecycle events are in the store's log.
-            await self._catch_up(event.run_id, event.seq)
-        self._queue.append(event)
-        self._last[event.run_id] = event.seq
 
     def _unread_ticks(self) -> int:
         """Progress ticks of this subscription's run still ahead of its cursor (then skipped)."""
