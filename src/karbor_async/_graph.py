@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,14 @@ class ResourceGraph:
 
     resources: tuple[Resource, ...]
     edges: tuple[tuple[int, int], ...]
+    _topo: list[int] | None = attrs.field(init=False, default=None, repr=False)
+
+    def topological_order(self) -> list[int]:
+        """Node indices, parents before children (computed once; raises on a cycle)."""
+        if self._topo is None:
+            object.__setattr__(self, "_topo", check_acyclic(self))
+        assert self._topo is not None
+        return self._topo
 
     @property
     def index(self) -> dict[ResourceKey, int]:
@@ -66,7 +75,7 @@ class ResourceGraph:
         resources = tuple(Resource.from_json(r) for r in data["resources"])
         edges = tuple((int(p), int(c)) for p, c in data["edges"])
         graph = cls(resources, edges)
-        check_acyclic(graph)
+        graph.topological_order()
         return graph
 
     @classmethod
@@ -81,7 +90,7 @@ class ResourceGraph:
                 raise GraphError(f"edge {p} -> {c} names a resource that is not in the graph")
             pairs.append((index[p], index[c]))
         graph = cls(tuple(resources), tuple(dict.fromkeys(pairs)))
-        check_acyclic(graph)
+        graph.topological_order()
         return graph
 
 
@@ -124,18 +133,30 @@ def check_acyclic(graph: ResourceGraph) -> list[int]:
 
 
 async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
-    """Expand the plan's resources through the protectables into a checked graph."""
+    """Expand the plan's resources through the protectables into a checked graph.
+
+    A pool of ``plan.discovery_concurrency`` workers drains a queue of resources
+    to expand (one task per worker, not per resource).
+    """
     found: dict[ResourceKey, Resource] = {}
     edges: dict[ResourceKey, set[ResourceKey]] = {}
     errors: list[GraphError] = []
-    limiter = anyio.CapacityLimiter(plan.discovery_concurrency)
+    queue: deque[Resource] = deque()
+    busy = 0
+    waiting = 0
+    moved = anyio.Event()
 
-    async def expand(res: Resource, tg: anyio.abc.TaskGroup) -> None:
+    def announce() -> None:
+        nonlocal moved
+        if waiting:  # only then is anyone parked on the event
+            moved.set()
+            moved = anyio.Event()
+
+    async def expand(res: Resource) -> None:
         kids = edges.setdefault(res.key, set())
         for finder in registry.finders_under(res.type):
             try:
-                async with limiter:
-                    deps = list(await finder.dependents(res))
+                deps = list(await finder.dependents(res))
             except Exception as exc:
                 err = GraphError(
                     f"protectable for {finder.resource_type!r} failed listing the dependents "
@@ -143,7 +164,6 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
                 )
                 err.__cause__ = exc
                 errors.append(err)
-                tg.cancel_scope.cancel()
                 return
             for dep in deps:
                 if not isinstance(dep, Resource):
@@ -153,18 +173,40 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
                             f"{_fmt(res)}; dependents() must return Resource objects"
                         )
                     )
-                    tg.cancel_scope.cancel()
                     return
                 kids.add(dep.key)
                 if dep.key not in found:
                     found[dep.key] = dep
-                    tg.start_soon(expand, dep, tg)
+                    queue.append(dep)
 
+    async def worker(tg: anyio.abc.TaskGroup) -> None:
+        nonlocal busy, waiting
+        while not errors:
+            if not queue:
+                if not busy:
+                    announce()  # nothing queued, nothing in flight: discovery is done
+                    return
+                waiting += 1
+                try:
+                    await moved.wait()
+                finally:
+                    waiting -= 1
+                continue
+            res = queue.popleft()
+            busy += 1
+            try:
+                await expand(res)
+            finally:
+                busy -= 1
+                announce()
+        tg.cancel_scope.cancel()
+
+    for res in plan.resources:
+        found[res.key] = res
+        queue.append(res)
     async with anyio.create_task_group() as tg:
-        for res in plan.resources:
-            found[res.key] = res
-        for res in plan.resources:
-            tg.start_soon(expand, res, tg)
+        for _ in range(max(1, min(plan.discovery_concurrency, len(queue) * 8))):
+            tg.start_soon(worker, tg)
     if errors:
         raise errors[0]
 
@@ -184,7 +226,7 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
         if p in edges.get(p, ()):
             raise GraphError(f"the resource graph has a cycle: {p[0]}#{p[1]} -> {p[0]}#{p[1]}")
     graph = ResourceGraph(tuple(found[k] for k in order), pairs)
-    check_acyclic(graph)
+    graph.topological_order()
     return graph
 
 
@@ -225,7 +267,7 @@ def assign_groups(
     parents = graph.parents_of()
     for root in graph.roots:
         seeds.setdefault(index[root.key], DEFAULT_GROUP)
-    order = check_acyclic(graph)
+    order = graph.topological_order()
     reach: list[frozenset[str]] = [frozenset()] * len(graph.resources)
     for node in order:
         got: set[str] = set()

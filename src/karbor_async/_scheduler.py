@@ -35,7 +35,7 @@ import anyio.lowlevel
 import attrs
 import structlog
 
-from karbor_async._graph import ResourceGraph, check_acyclic
+from karbor_async._graph import ResourceGraph
 from karbor_async._hub import EventHub
 from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
@@ -448,7 +448,7 @@ class Run:
             parent.children.append(child)
             child.parents.append(parent)
         if op is OperationKind.PROTECT:
-            for i in check_acyclic(spec.graph):  # parents before children
+            for i in spec.graph.topological_order():  # parents before children
                 node = nodes[i]
                 own = (node,) if node.quiesces else ()
                 if len(node.parents) == 1:
