@@ -1,8 +1,8 @@
 """Call plugin hooks directly, without the engine: a test harness and a one-at-a-time baseline.
 
-:class:`DirectRunner` builds each :class:`HookContext` itself (saved info,
-marks, progress and restored ids live in plain dicts) and calls one hook at a
-time. It implements none of the engine's guarantees (no barrier, no timeouts,
+:class:`DirectRunner` builds each :class:`HookContext` with the public
+``karbor_async.testing.make_context`` (saved info, marks, progress and restored
+ids live in plain dicts) and calls one hook at a time. It implements none of the engine's guarantees (no barrier, no timeouts,
 no abort handling): it exists to test plugins in isolation and to measure how
 hooks run "resource after resource", as pre/post-hook tools run them.
 """
@@ -10,18 +10,17 @@ hooks run "resource after resource", as pre/post-hook tools run them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 import structlog
 
+from karbor_async.testing import HookRecorder, make_context
 from karbor_simcloud._compat import (
     AbortReason,
     Bank,
-    BankSection,
     Hook,
-    HookContext,
     OperationKind,
     Protectable,
     ProtectionPlugin,
@@ -30,7 +29,7 @@ from karbor_simcloud._compat import (
 )
 
 if TYPE_CHECKING:
-    from structlog.typing import FilteringBoundLogger
+    pass
 
 __all__ = ["DirectGraph", "DirectRunner", "HookCall"]
 
@@ -95,79 +94,6 @@ class HookCall:
     aborting: AbortReason | None = None
 
 
-@attrs.frozen
-class _RunFacts:
-    operation: OperationKind
-    run_id: str
-    checkpoint_id: str
-
-
-class _Handle:
-    """The runner's side of a context: what the engine's private hook handle provides.
-
-    ``HookContext`` asks its handle for everything run-wide; this class answers
-    from the runner's dicts. It follows the engine's handle protocol
-    (``karbor_async.plugin._HookHandle``), which is not public: keep it in step.
-    """
-
-    def __init__(
-        self,
-        runner: DirectRunner,
-        resource: Resource,
-        facts: _RunFacts,
-        attempt: int,
-        bank: BankSection,
-        children: tuple[Resource, ...],
-        parents: tuple[Resource, ...],
-    ) -> None:
-        self._runner = runner
-        self._key = resource.key
-        self._facts = facts
-        self._attempt = attempt
-        self._bank = bank
-        self._children = children
-        self._parents = parents
-
-    @property
-    def run(self) -> _RunFacts:
-        return self._facts
-
-    @property
-    def attempt(self) -> int:
-        return self._attempt
-
-    def bank_section(self) -> BankSection:
-        return self._bank
-
-    def neighbours(self, parents: bool) -> tuple[Resource, ...]:
-        return self._parents if parents else self._children
-
-    def logger(self, hook: Hook) -> FilteringBoundLogger:
-        return cast("FilteringBoundLogger", _log.bind(resource=self._key, hook=hook.value))
-
-    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
-        return self._runner.saved.get(key, {})
-
-    def save_info(self, info: Mapping[str, Any]) -> None:
-        self._runner.saved.setdefault(self._key, {}).update(info)
-
-    def progress(
-        self, fraction: float | None, done: int | None, total: int | None, message: str | None
-    ) -> None:
-        self._runner.progress.setdefault(self._key, []).append(fraction)
-
-    def mark(self, what: str, at: float | None) -> None:
-        if at is None:
-            at = anyio.current_time()
-        self._runner.marks.setdefault(self._key, {})[what] = at
-
-    async def report_restored(self, new_id: str) -> None:
-        self._runner.restored[self._key] = new_id
-
-    def restored_id(self, key: ResourceKey) -> str | None:
-        return self._runner.restored.get(key)
-
-
 @attrs.define
 class DirectRunner:
     """Runs plugin hooks one at a time, keeping the checkpoint's state in dicts."""
@@ -186,11 +112,17 @@ class DirectRunner:
     """Keep the clock time at which each hook was called in ``starts`` (benchmarks)."""
     starts: dict[tuple[ResourceKey, Hook], float] = attrs.field(factory=dict)
     _by_type: dict[str, ProtectionPlugin] = attrs.field(init=False, factory=dict)
+    _recorder: HookRecorder = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         for plugin in self.plugins:
             for spec in plugin.types:
                 self._by_type[spec.name] = plugin
+        # Contexts come from karbor_async.testing.make_context; one recorder shares the
+        # saved info and restored ids of every call, as a checkpoint would.
+        _ctx, self._recorder = make_context(Resource("-", "-"))
+        self._recorder.saved = self.saved
+        self._recorder.restored = self.restored
 
     def params_for(self, resource: Resource) -> dict[str, Any]:
         """Defaults of the type's declared parameters, then ``Type``, then ``Type#id``."""
@@ -226,26 +158,31 @@ class DirectRunner:
         children = tuple(graph.children.get(resource.key, ())) if graph else ()
         parents = tuple(graph.parents.get(resource.key, ())) if graph else ()
         cid = checkpoint_id or self.checkpoint_id
-        handle = _Handle(
-            self,
+        ctx, rec = make_context(
             resource,
-            _RunFacts(operation, self.run_id, cid),
-            attempt,
-            self.bank.section(cid, resource.key, read_only=operation is OperationKind.RESTORE),
-            children,
-            parents,
-        )
-        ctx = HookContext(
-            resource=resource,
-            hook=hook,
+            hook,
+            operation=operation,
             parameters=self.params_for(resource),
-            handle=handle,
+            bank=self.bank,
+            run_id=self.run_id,
+            checkpoint_id=cid,
+            attempt=attempt,
+            children=children,
+            parents=parents,
             aborting=aborting,
+            recorder=self._recorder,
         )
         self.calls.append(HookCall(operation, hook, resource.key, aborting))
         if self.record_starts:
             self.starts[(resource.key, hook)] = anyio.current_time()
-        await method(ctx)
+        try:
+            await method(ctx)
+        finally:
+            key = resource.key
+            if rec.marks:
+                self.marks.setdefault(key, {}).update(rec.marks)
+            if rec.progress_reports:
+                self.progress.setdefault(key, []).extend(p[0] for p in rec.progress_reports)
         return True
 
     async def run_one_at_a_time(self, operation: OperationKind, graph: DirectGraph) -> None:
