@@ -2,9 +2,10 @@
 
 :class:`DirectRunner` builds each :class:`HookContext` with the public
 ``karbor_async.testing.make_context`` (saved info, marks, progress and restored
-ids live in plain dicts) and calls one hook at a time. It implements none of the engine's guarantees (no barrier, no timeouts,
-no abort handling): it exists to test plugins in isolation and to measure how
-hooks run "resource after resource", as pre/post-hook tools run them.
+ids live in plain dicts) and calls one hook at a time. It implements none of
+the engine's guarantees (no barrier, no timeouts, no abort handling): it exists
+to test plugins in isolation and to measure how hooks run "resource after
+resource", as pre/post-hook tools run them.
 """
 
 from __future__ import annotations
