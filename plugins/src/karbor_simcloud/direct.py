@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async.testing import HookRecorder, make_context
 from karbor_simcloud._compat import (
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
     pass
 
 __all__ = ["DirectGraph", "DirectRunner", "HookCall"]
-
-_log = structlog.get_logger("karbor_simcloud.direct")
 
 
 @attrs.define
