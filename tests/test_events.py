@@ -202,3 +202,25 @@ async def test_events_go_to_structlog_when_the_application_configured_it() -> No
     assert "started" in kinds and "finished" in kinds and "run_finished" in kinds
     assert all(entry.get("run_id") == outcome.run_id for entry in logs if entry.get("seq"))
     assert any(entry.get("resource") == f"{res('v1').type}#v1" for entry in logs)
+
+
+async def test_batches_deliver_the_same_stream_in_lists() -> None:
+    """Subscription.batches() yields every lifecycle event in order, a wake-up's worth at once."""
+    engine, _plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"])
+    run = await engine.build_protect(plan)
+    got: list[Event] = []
+    sizes: list[int] = []
+
+    async def consume() -> None:
+        async with engine.subscribe(run.run_id) as sub:
+            async for batch in sub.batches():
+                sizes.append(len(batch))
+                got.extend(batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await anyio.sleep(0.01)
+        await engine.execute(run)
+    stored = await engine.store.read_events(run.run_id)
+    assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
+    assert max(sizes) > 1

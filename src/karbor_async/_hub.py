@@ -197,6 +197,31 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The same stream in lists: everything available at each wake-up at once.
+
+        For consumers that handle many events (a log shipper, a UI pushing
+        updates): one step per wake-up instead of one per event.
+        """
+        while True:
+            try:
+                first = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            batch = [first]
+            while self._queue and not self._finished:
+                head = self._queue[0]
+                if (
+                    self._run_id is not None
+                    and head.run_id == self._run_id
+                    and head.kind is EventKind.RUN_FINISHED
+                ):
+                    batch.append(await self.__anext__())
+                    break
+                batch.append(self._queue.popleft())
+                self._delivered += 1
+            yield batch
+
     async def __anext__(self) -> Event:
         while True:
             if self._queue:
