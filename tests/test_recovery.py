@@ -334,3 +334,50 @@ async def test_engine_recovers_before_its_first_operation(tmp_path: Path, journa
         assert await store.unfinished_runs() == []
         cp = await store.get_checkpoint(stale.checkpoint_id)
         assert cp.status is CheckpointStatus.AVAILABLE
+
+
+async def test_recovery_resolves_secrets_or_stops_clearly(tmp_path: Path) -> None:
+    """Recovering a run whose plan has secret parameters needs the engine's resolver;
+    without one, recovery stops with an error naming the parameter and the resource."""
+    from karbor_async import Param, ResourceType
+    from karbor_async.exceptions import SecretError
+    from karbor_async.store import RunRecord
+
+    class SecretCrash(CrashPlugin):
+        types = (
+            ResourceType(SERVER, quiesces=True, snapshots=False),
+            ResourceType(VOLUME, parameters={"password": Param(str, secret=True)}),
+        )
+
+    async def resolver(name: str) -> str:
+        return {"pw": "hunter2"}[name]
+
+    plan = Plan(name="secret", resources=[S1], parameters={VOLUME: {"password": "pw"}})
+    async with SqliteStore.open(tmp_path / "karbor.db", lease_seconds=LEASE) as store:
+        engine = Engine(
+            [SecretCrash()],
+            [_finder()],
+            store=store,
+            secrets=resolver,
+            discover=False,
+            recover=False,
+        )
+        run = await engine.build_protect(plan)
+        # A run a dead engine left: recorded, never finished, its lease given up.
+        await store.create_run(
+            RunRecord(
+                run.run_id,
+                run.operation,
+                run.checkpoint_id,
+                plan.to_json(),
+                run.spec.graph.to_json(),
+                RunStatus.RUNNING,
+                time.time(),
+            )
+        )
+        await store.release_lease(run.run_id)
+        bare = Engine([SecretCrash()], [_finder()], store=store, discover=False, recover=False)
+        with pytest.raises(SecretError, match=r"OS::Cinder::Volume#v\d: parameter 'password'"):
+            await bare.recover()
+        (outcome,) = await engine.recover()
+        assert outcome.run_id == run.run_id and outcome.status is RunStatus.FAILED

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import anyio
 import attrs
 import structlog
 
@@ -38,6 +39,8 @@ class RecoverableStore(Protocol):
     ) -> int: ...
 
     async def last_seq(self, run_id: str) -> int: ...
+
+    async def release_lease(self, run_id: str) -> None: ...
 
 
 @attrs.define
@@ -86,7 +89,13 @@ async def recover_all(engine: Engine) -> list[RunOutcome]:
         except LeaseHeldError:
             continue  # another live engine took it first
         _log.warning("recovering_run", run_id=record.run_id, operation=record.operation.value)
-        outcomes.append(await _recover_one(engine, store, record))
+        try:
+            outcomes.append(await _recover_one(engine, store, record))
+        except BaseException:
+            # Leave the run recoverable by the next attempt (a resolver given, a fix made).
+            with anyio.CancelScope(shield=True):
+                await store.release_lease(record.run_id)
+            raise
     return outcomes
 
 
