@@ -99,26 +99,24 @@ def _committed(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[A
         conn.close()
 
 
-def _finished(db: Path, key: str, hook: str, operation: str = "protect") -> bool:
+def _has(db: Path, kind: str, key: str, hook: str, operation: str = "protect") -> bool:
+    """Whether the store holds a committed `kind` event of `hook` on resource `key`."""
     rtype, rid = key.split("#")
     rows = _committed(
         db,
         "SELECT count(*) FROM events WHERE operation = ? AND rtype = ? AND rid = ?"
-        " AND hook = ? AND kind = 'finished'",
-        (operation, rtype, rid, hook),
+        " AND hook = ? AND kind = ?",
+        (operation, rtype, rid, hook, kind),
     )
     return bool(rows[0][0])
 
 
-def _started(db: Path, key: str, hook: str, operation: str = "protect") -> bool:
-    rtype, rid = key.split("#")
-    rows = _committed(
-        db,
-        "SELECT count(*) FROM events WHERE operation = ? AND rtype = ? AND rid = ?"
-        " AND hook = ? AND kind = 'started'",
-        (operation, rtype, rid, hook),
-    )
-    return bool(rows[0][0])
+def _finished(db: Path, key: str, hook: str) -> bool:
+    return _has(db, "finished", key, hook)
+
+
+def _started(db: Path, key: str, hook: str) -> bool:
+    return _has(db, "started", key, hook)
 
 
 def _events(db: Path) -> list[tuple[Any, ...]]:
