@@ -20,7 +20,7 @@ from karbor_async._plan import Plan, Timeouts
 from karbor_async._registry import PluginRegistry, TypeBinding
 from karbor_async._scheduler import Run, RunSpec
 from karbor_async._types import BarrierPolicy, Hook, OperationKind, ResourceKey, RunStatus
-from karbor_async.exceptions import CheckpointNotFoundError, PlanError, RunError
+from karbor_async.exceptions import PlanError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord, Store
 
@@ -338,9 +338,3 @@ class Engine:
             return await recover_all(self)
         finally:
             self._recovered.set()
-
-    async def checkpoint_outcome(self, checkpoint_id: str) -> RunOutcome:
-        cp = await self.store.get_checkpoint(checkpoint_id)
-        if cp.outcome is None:
-            raise CheckpointNotFoundError(f"checkpoint {checkpoint_id} has no finished run yet")
-        return cp.outcome

@@ -61,7 +61,7 @@ from karbor_async.exceptions import (
 from karbor_async.plugin import Bank, BankSection, HookContext, SecretResolver
 from karbor_async.store import GroupOutcome, ResourceOutcome, RunOutcome, Store
 
-__all__ = ["GroupSpec", "Run", "RunSpec", "RunStatistics"]
+__all__ = ["Run", "RunSpec", "RunStatistics"]
 
 _log = structlog.get_logger("karbor_async")
 
@@ -317,12 +317,6 @@ class RunStatistics:
     bytes_total: int
     active: tuple[tuple[Resource, Hook, Progress | None], ...]
     """Up to ``limit`` resources with a hook running, and their last progress."""
-
-
-@attrs.frozen
-class GroupSpec:
-    name: str
-    policy: BarrierPolicy
 
 
 @attrs.frozen
