@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -224,3 +225,34 @@ async def test_batches_deliver_the_same_stream_in_lists() -> None:
     stored = await engine.store.read_events(run.run_id)
     assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
     assert max(sizes) > 1
+
+
+async def test_batch_readers_woken_together_share_one_batch() -> None:
+    """Twenty batch readers (all runs, and one run) get the whole stream; batches are shared."""
+    chains = [(f"s{i}", f"v{i}") for i in range(30)]
+    engine, _plugin, plan = setup(chains, [s for s, _v in chains])
+    run = await engine.build_protect(plan)
+    got: list[list[Sequence[Event]]] = [[] for _ in range(20)]
+
+    async def consume(i: int) -> None:
+        async with engine.subscribe(run.run_id if i % 2 else None) as sub:
+            async for batch in sub.batches():
+                got[i].append(batch)
+                if any(e.kind is EventKind.RUN_FINISHED for e in batch):
+                    return
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(consume, i)
+        await anyio.sleep(0.01)
+        await engine.execute(run)
+    stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
+    for batches in got:
+        assert _lifecycle([e for batch in batches for e in batch]) == stored
+    # Readers of the same stream woken together were handed the very same object.
+    for parity in (0, 1):
+        holders: dict[int, int] = {}
+        for i in range(parity, 20, 2):
+            for batch in got[i]:
+                holders[id(batch)] = holders.get(id(batch), 0) + 1
+        assert max(holders.values()) == 10

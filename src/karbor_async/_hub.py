@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from itertools import islice
 
 import anyio
 import attrs
@@ -34,6 +35,68 @@ __all__ = ["EventHub", "Subscription", "SubscriptionStatistics"]
 
 _Slot = tuple[Event, int]
 """An event in the ring and the number of progress ticks published before it."""
+
+_NO_TICK = 1 << 62
+
+
+@attrs.frozen
+class _View:
+    """The wanted events of one stretch of the ring, computed once for every subscriber.
+
+    Subscribers woken together sit at the same cursor; the first to read builds
+    the view, the others take it whole (checking only per run, not per event)
+    when it follows on from what they already delivered.
+    """
+
+    end: int
+    events: tuple[Event, ...]
+    runs: dict[str, tuple[int, int, int]]
+    """Per run: first and last lifecycle seq in the view (0 if none), and the lowest seq
+    of a progress tick before its first lifecycle event (``_NO_TICK`` if none)."""
+    consistent: bool
+    """Lifecycle seqs follow on per run and no tick is older than the lifecycle before it."""
+    finished: frozenset[str]
+    """Runs whose ``RUN_FINISHED`` is in the view."""
+
+
+def _make_view(slots: Sequence[_Slot] | islice[_Slot], run_id: str | None, end: int) -> _View:
+    events: list[Event] = []
+    runs: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    consistent = True
+    progress = EventKind.PROGRESS
+    for event, _ticks in slots:
+        rid = event.run_id
+        if run_id is not None and rid != run_id:
+            continue
+        events.append(event)
+        info = runs.get(rid)
+        seq = event.seq
+        if event.kind is progress:
+            if info is None:
+                runs[rid] = [0, 0, seq]
+            elif not info[1]:
+                info[2] = min(info[2], seq)
+            elif seq < info[1]:
+                consistent = False
+            continue
+        if event.kind is EventKind.RUN_FINISHED:
+            finished.add(rid)
+        if info is None:
+            runs[rid] = [seq, seq, _NO_TICK]
+        elif not info[1]:
+            info[0] = info[1] = seq
+        elif seq == info[1] + 1:
+            info[1] = seq
+        else:
+            consistent = False
+    return _View(
+        end,
+        tuple(events),
+        {rid: (a, b, c) for rid, (a, b, c) in runs.items()},
+        consistent,
+        frozenset(finished),
+    )
 
 
 class EventHub:
@@ -53,6 +116,8 @@ class EventHub:
         """Per run, the highest lifecycle seq dropped from ``pending`` (read it from the store)."""
         self._wake: anyio.Event | None = None
         self._flushing: anyio.Event | None = None
+        self._gate: anyio.Event | None = None
+        self._views: dict[tuple[str | None, int], _View] = {}
         self.subscribers = 0
         self.coalesce = coalesce
         """After a wake-up, a subscriber lets this long's worth of events gather: each
@@ -105,6 +170,22 @@ class EventHub:
             return self._ticks
         return self.slot(index)[1]
 
+    _VIEWS_KEPT = 8
+
+    def view(self, run_id: str | None, start: int) -> _View:
+        """The wanted events from ``start`` on, shared by every subscriber reading from there."""
+        key = (run_id, start)
+        view = self._views.get(key)
+        if view is None:
+            end = self.next_index
+            base = self.base_index
+            view = _make_view(islice(self._ring, start - base, end - base), run_id, end)
+            views = self._views
+            if len(views) >= self._VIEWS_KEPT:
+                del views[next(iter(views))]
+            views[key] = view
+        return view
+
     def dropped_upto(self, run_id: str) -> int:
         return self._dropped_upto.get(run_id, 0)
 
@@ -129,17 +210,31 @@ class EventHub:
             done.set()
 
     async def wait(self, index: int) -> None:
-        """Return when something new may be there for a reader at ``index``."""
+        """Return when something new may be there for a reader at ``index``.
+
+        Waiting readers share rounds: the first to wait leads one (it waits for
+        anything new, lets ``coalesce`` seconds of events gather, commits and
+        publishes what is pending), the others just wait for the round to end.
+        One timer and one commit per round, however many subscribers.
+        """
         while index >= self.next_index:
-            if self._pending:
+            gate = self._gate
+            if gate is not None:
+                await gate.wait()
+                continue
+            gate = self._gate = anyio.Event()
+            try:
+                mark = self.next_index
+                while self.next_index == mark and not self._pending:
+                    if self._wake is None:
+                        self._wake = anyio.Event()
+                    await self._wake.wait()
+                if self.coalesce:
+                    await anyio.sleep(self.coalesce)
                 await self.flush()
-                if index < self.next_index:
-                    return
-            if self._wake is None:
-                self._wake = anyio.Event()
-            await self._wake.wait()
-            if self.coalesce:
-                await anyio.sleep(self.coalesce)
+            finally:
+                self._gate = None
+                gate.set()
 
     @asynccontextmanager
     async def subscribe(
@@ -154,6 +249,22 @@ class EventHub:
             if not self.subscribers:
                 self._pending.clear()
                 self._dropped_upto.clear()
+                self._views.clear()
+
+
+class _Batches:
+    """``Subscription.batches()``: an async iterator of sequences of events."""
+
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> Sequence[Event]:
+        return await self._sub.next_batch()
 
 
 @attrs.frozen
@@ -197,18 +308,34 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
-        """The same stream in lists: everything available at each wake-up at once.
+    def batches(self) -> AsyncIterator[Sequence[Event]]:
+        """The same stream in sequences: everything available at each wake-up at once.
 
         For consumers that handle many events (a log shipper, a UI pushing
-        updates): one step per wake-up instead of one per event.
+        updates): one step per wake-up instead of one per event. Subscribers
+        woken together are handed the same immutable sequence, so a hundred
+        batch readers cost about what one does; do not mutate what you get.
+        A plain async iterator (not a generator): leaving the loop early needs
+        no clean-up.
         """
+        return _Batches(self)
+
+    async def next_batch(self) -> Sequence[Event]:
+        """The next batch of :meth:`batches`; ``StopAsyncIteration`` at the end."""
         while True:
-            try:
-                first = await self.__anext__()
-            except StopAsyncIteration:
-                return
-            batch = [first]
+            if not self._queue and not self._finished:
+                if not self._replayed:
+                    self._replayed = True
+                    assert self._run_id is not None
+                    await self._catch_up(self._run_id, None)
+                    continue
+                shared = await self._advance(share=True)
+                if shared:
+                    self._delivered += len(shared)
+                    self._operation = shared[-1].operation
+                    return shared
+                continue
+            batch = [await self.__anext__()]
             while self._queue and not self._finished:
                 head = self._queue[0]
                 if (
@@ -220,12 +347,18 @@ class Subscription:
                     break
                 batch.append(self._queue.popleft())
                 self._delivered += 1
-            yield batch
+            return batch
 
     async def __anext__(self) -> Event:
+        queue = self._queue
+        if queue and self._run_id is None:  # the common case, kept short: it runs per event
+            event = queue.popleft()
+            self._delivered += 1
+            self._operation = event.operation
+            return event
         while True:
-            if self._queue:
-                event = self._queue[0]
+            if queue:
+                event = queue[0]
                 if (
                     self._run_id is not None
                     and event.run_id == self._run_id
@@ -251,14 +384,15 @@ class Subscription:
                 continue
             await self._advance()
 
-    async def _advance(self) -> None:
+    async def _advance(self, *, share: bool = False) -> tuple[Event, ...] | None:
+        """Move what is new into the queue; with ``share``, return a shared view instead."""
         hub = self._hub
         for run_id in hub.dropped_runs():
             if self._wants(run_id) and hub.dropped_upto(run_id) > self._last.get(run_id, 0):
                 await hub.flush()
                 await self._catch_up(run_id, None)
         if self._queue:
-            return
+            return None
         if self._cursor < hub.base_index:
             # Overrun: what fell off the ring is gone from the live path.
             base = hub.base_index
@@ -268,11 +402,26 @@ class Subscription:
             if skipped_ticks > 0:
                 self._dropped += skipped_ticks
                 self._queue.append(self._dropped_marker(skipped_ticks))
-            return
+            return None
         if self._cursor >= hub.next_index:
             await hub.wait(self._cursor)
-            return
-        # Take everything available in one go (one wake-up, many events).
+            if self._cursor < hub.base_index or hub.dropped_runs():
+                return None  # overrun or dropped while waiting: handled from the top
+        view = hub.view(self._run_id, self._cursor)
+        if self._follows(view):
+            for rid, (_first, upto, _lead) in view.runs.items():
+                if upto:
+                    self._last[rid] = upto
+            self._cursor = view.end
+            self._ticks_at_cursor = hub.ticks_before(view.end)
+            if share:
+                # All of the run's ticks precede its RUN_FINISHED in the ring: none is left unread.
+                if self._run_id is not None and self._run_id in view.finished:
+                    self._finished = True
+                return view.events
+            self._queue.extend(view.events)
+            return None
+        # Event by event: take everything available in one go (one wake-up, many events).
         end = hub.next_index
         while self._cursor < end:
             event, _ticks = hub.slot(self._cursor)
@@ -295,6 +444,20 @@ class Subscription:
             self._queue.append(event)
             self._last[event.run_id] = event.seq
         self._ticks_at_cursor = hub.ticks_before(self._cursor)
+        return None
+
+    def _follows(self, view: _View) -> bool:
+        """Whether ``view`` follows on from what this subscriber delivered, taken whole."""
+        if not view.consistent:
+            return False
+        last_seen = self._last
+        for rid, (first, _last, lead) in view.runs.items():
+            mine = last_seen.get(rid)
+            if mine is None:
+                continue
+            if lead < mine or (first and first != mine + 1):
+                return False
+        return True
 
     def _unread_ticks(self) -> int:
         """Progress ticks of this subscription's run still ahead of its cursor (then skipped)."""
