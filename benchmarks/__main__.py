@@ -42,6 +42,7 @@ from benchmarks._measure import (
     peak_memory,
     realistic_cloud,
     realistic_engine,
+    realistic_floor,
     realistic_one_at_a_time,
     rss_probe,
     run_karbor,
@@ -345,6 +346,8 @@ async def run_realistic(cfg: Config) -> dict[tuple[int, str], list[RealisticSamp
         log(f"realistic N={n}: {reps} repetitions")
         for rep in range(reps):
             seed = SEED + rep
+            sample = await realistic_floor(n, seed)
+            out.setdefault((n, sample.contender), []).append(sample)
             for barrier in (BarrierPolicy.CUT, BarrierPolicy.MAIN, BarrierPolicy.NONE):
                 sample = await realistic_engine(n, seed, barrier)
                 out.setdefault((n, sample.contender), []).append(sample)
@@ -382,7 +385,10 @@ def realistic_section(
         "cut could start (barrier `cut`: the last server of the group frozen; otherwise the "
         "volume's own servers frozen). Windows and shares pool every server of every "
         "repetition: p50 / p99 / max, ms. `one-at-a-time` runs the same plugins hook after "
-        "hook through `karbor_simcloud.direct.DirectRunner`.",
+        "hook through `karbor_simcloud.direct.DirectRunner`. `floor-realistic` "
+        "(`benchmarks/floor_realistic.py`) makes the same cloud's quiesce, snapshot and thaw "
+        "calls in Karbor's order from bare asyncio tasks, with no engine: the least skew and "
+        "window share these plugins allow on one event loop.",
         "",
     ]
     headers = [
@@ -397,7 +403,7 @@ def realistic_section(
     ]
     rows = []
     for n in cfg.realistic_ns:
-        for name in ("engine-cut", "engine-main", "engine-none", "one-at-a-time"):
+        for name in ("floor-realistic", "engine-cut", "engine-main", "engine-none", "one-at-a-time"):
             samples = real.get((n, name), [])
             if not samples:
                 continue
@@ -529,17 +535,36 @@ async def sqlite_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
     ]
 
 
+FANOUT_MODES: tuple[tuple[str, int], ...] = (
+    ("none", 0),
+    ("per event", 10),
+    ("per event", 100),
+    ("batches", 10),
+    ("batches", 100),
+    ("stalled", 1),
+)
+"""How subscribers read, and how many: ``per event`` iterates the subscription,
+``batches`` iterates ``Subscription.batches()``, ``stalled`` enters and never reads."""
+
+
 async def _protect_with_subscribers(
-    engine: Engine, plan: Plan, subscribers: int
+    engine: Engine, plan: Plan, mode: str, subscribers: int
 ) -> tuple[float, list[int]]:
     """Protect with ``subscribers`` live consumers of every event; (seconds, events seen each)."""
     seen = [0] * subscribers
+    stalled = anyio.Event()
 
     async def consume(i: int, *, task_status: TaskStatus[None]) -> None:
         async with engine.subscribe() as stream:
             task_status.started()
-            async for _event in stream:
-                seen[i] += 1
+            if mode == "stalled":
+                await stalled.wait()
+            elif mode == "batches":
+                async for batch in stream.batches():
+                    seen[i] += len(batch)
+            else:
+                async for _event in stream:
+                    seen[i] += 1
 
     async with anyio.create_task_group() as tg:
         for i in range(subscribers):
@@ -555,15 +580,14 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
     head = ["## 5. Event fan-out: 0, 10 and 100 subscribers", ""]
     if not has_subscribe():
         return [*head, "Skipped: `Engine.subscribe` does not exist yet.", ""]
-    counts = (0, 10, 100)
     rows = []
     try:
         for n in cfg.fanout_ns:
             for realistic in (False, True):
-                times: dict[int, list[float]] = {c: [] for c in counts}
-                seen_med: dict[int, float] = {}
+                times: dict[tuple[str, int], list[float]] = {m: [] for m in FANOUT_MODES}
+                seen_med: dict[tuple[str, int], float] = {}
                 for rep in range(cfg.realistic_reps):
-                    for subscribers in counts:
+                    for mode in FANOUT_MODES:
                         cloud = realistic_cloud(n, SEED + rep) if realistic else workloads[n].cloud
                         plugins = all_protections(cloud) if realistic else [NoopProtection()]
                         engine = Engine(plugins, all_protectables(cloud), discover=False)
@@ -574,29 +598,35 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
                         )
                         fresh_heap()
                         try:
-                            secs, seen = await _protect_with_subscribers(engine, plan, subscribers)
+                            secs, seen = await _protect_with_subscribers(engine, plan, *mode)
                         finally:
                             gc.unfreeze()
-                        times[subscribers].append(secs)
-                        seen_med[subscribers] = statistics.median(seen) if seen else 0
-                for subscribers in counts:
-                    ratios = [a / b for a, b in zip(times[subscribers], times[0], strict=True)]
+                        times[mode].append(secs)
+                        seen_med[mode] = statistics.median(seen) if seen else 0
+                alone = times[FANOUT_MODES[0]]
+                for mode in FANOUT_MODES:
+                    ratios = [a / b for a, b in zip(times[mode], alone, strict=True)]
                     rows.append(
                         [
                             f"{n:,}",
                             "realistic" if realistic else "no-op",
-                            str(subscribers),
-                            fmt_range_ms(spread(times[subscribers]), 1),
+                            str(mode[1]),
+                            mode[0],
+                            fmt_range_ms(spread(times[mode]), 1),
                             f"{statistics.median(ratios):.2f}",
-                            f"{seen_med[subscribers]:,.0f}",
+                            "-" if mode[0] == "stalled" else f"{seen_med[mode]:,.0f}",
                         ]
                     )
     except Exception as exc:  # report, do not lose the rest of the run
         return [*head, f"Failed: {type(exc).__name__}: {exc}", ""]
     return [
         *head,
-        "`Engine.subscribe()` (every run's events) entered before the run by each subscriber, "
-        "which counts every event it receives; barrier cut, default memory store. "
+        "`Engine.subscribe()` (every run's events) entered before the run by each subscriber; "
+        "barrier cut, default memory store, all subscribers on the engine's event loop. "
+        "`per event`: `async for event in subscription`, counting each event. "
+        "`batches`: `async for batch in subscription.batches()`, counting `len(batch)` "
+        "(subscribers woken together share one immutable batch). "
+        "`stalled`: one subscriber that enters and never reads. "
         "`x 0 subscribers`: median of per-repetition ratios.",
         "",
         *table(
@@ -604,6 +634,7 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
                 "N",
                 "hooks",
                 "subscribers",
+                "reading",
                 "protect ms median [min-max]",
                 "x 0 subscribers",
                 "events per subscriber",

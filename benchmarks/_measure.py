@@ -33,7 +33,7 @@ from karbor_simcloud import (
 from karbor_simcloud.direct import DirectGraph, DirectRunner
 
 import karbor_async
-from benchmarks import floor_anyio, floor_asyncio
+from benchmarks import floor_anyio, floor_asyncio, floor_realistic
 from benchmarks._workload import NoopProtection, Workload, make_plan
 from karbor_async import BarrierPolicy, Engine, Hook, MemoryBank, MemoryStore, OperationKind
 
@@ -53,6 +53,7 @@ __all__ = [
     "peak_memory",
     "pct",
     "realistic_engine",
+    "realistic_floor",
     "realistic_one_at_a_time",
     "run_karbor",
     "spread",
@@ -290,6 +291,17 @@ async def realistic_engine(n: int, seed: int, barrier: BarrierPolicy) -> Realist
     finally:
         gc.unfreeze()
     return analyse(f"engine-{barrier.value}", cloud, seconds, barrier)
+
+
+async def realistic_floor(n: int, seed: int) -> RealisticSample:
+    """The same cloud's quiesce, cut and thaw calls in Karbor's order, no engine."""
+    cloud = realistic_cloud(n, seed)
+    fresh_heap()
+    try:
+        seconds = await floor_realistic.run(cloud)
+    finally:
+        gc.unfreeze()
+    return analyse("floor-realistic", cloud, seconds, BarrierPolicy.CUT)
 
 
 async def realistic_one_at_a_time(n: int, seed: int) -> RealisticSample:

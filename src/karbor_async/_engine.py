@@ -57,7 +57,12 @@ class Engine:
     ``store`` and ``bank`` default to in-memory ones; ``secrets`` resolves the
     references that secret parameters hold. With ``recover`` (the default), the
     first operation first finishes or cleans up what a dead engine left in a
-    durable store (see :meth:`recover`). The engine runs inside the caller's
+    durable store (see :meth:`recover`). ``quiet_gc`` keeps the cyclic garbage
+    collector's pauses out of quiesce windows and cut waves: it is held off,
+    process-wide, while anything the run quiesced is frozen and while a cut
+    wave is dispatched, for at most ``quiet_gc`` seconds per run (default 10;
+    0 leaves the collector alone, for applications that manage it themselves).
+    The engine runs inside the caller's
     event loop (asyncio or trio) and starts no task outside the runs it executes.
     """
 
@@ -75,12 +80,14 @@ class Engine:
         recover: bool = True,
         event_buffer: int = 16384,
         event_coalesce: float = 0.01,
+        quiet_gc: float = 10.0,
     ) -> None:
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
         self._secrets = secrets
         self._record_events = record_events
+        self._quiet_gc = quiet_gc
         self.hub = EventHub(self.store, capacity=event_buffer, coalesce=event_coalesce)
         self._recover_first = recover
         self._recovered: anyio.Event | None = None
@@ -197,6 +204,7 @@ class Engine:
             secrets=self._secrets,
             record_events=self._record_events,
             hub=self.hub,
+            quiet_gc=self._quiet_gc,
         )
 
     # -- one-call operations ------------------------------------------------------------

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import heapq
 import math
+import threading
 import time
 import traceback
 from collections import deque
@@ -83,6 +85,36 @@ def _fast_clock() -> Callable[[], float]:
         return asyncio.get_running_loop().time  # the same clock anyio reads on asyncio
     except RuntimeError:  # not on asyncio (trio): keep anyio's own, mock clocks included
         return anyio.current_time
+
+
+class _QuietGc:
+    """Holds the cyclic garbage collector off while cut waves are dispatched.
+
+    Process-wide and counted (several runs, several threads): the collector is
+    disabled by the first holder, if it was enabled, and enabled again by the
+    last. A full collection in a large heap takes tens to hundreds of
+    milliseconds; inside a cut wave every one of them is added to the skew.
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+    _resume = False
+
+    @classmethod
+    def take(cls) -> None:
+        with cls._lock:
+            if cls._holders == 0:
+                cls._resume = gc.isenabled()
+                if cls._resume:
+                    gc.disable()
+            cls._holders += 1
+
+    @classmethod
+    def give(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0 and cls._resume:
+                gc.enable()
 
 
 class _Aborted(Exception):
@@ -356,6 +388,7 @@ class Run:
         record_events: bool = True,
         after_finish: Callable[[RunOutcome], Awaitable[None]] | None = None,
         hub: EventHub | None = None,
+        quiet_gc: float = 10.0,
     ) -> None:
         self.spec = spec
         self.run_id = spec.run_id
@@ -365,6 +398,13 @@ class Run:
         self.bank = bank
         self._secrets = secrets
         self._record = record_events
+        self._quiet_gc = quiet_gc
+        self._gc_holds = 0
+        self._gc_for_frozen = False
+        self._gc_capped = False
+        self._gc_cap_armed = False
+        self._frozen_now = 0
+        self._tg: anyio.abc.TaskGroup | None = None
         self._after_finish = after_finish
         self._hub = hub
         self._log_events = False
@@ -477,17 +517,31 @@ class Run:
         return per.get(f"{res.type}#{res.id}", per.get(res.type, t.quiesce_budget))
 
     # -- events --------------------------------------------------------------------------
-    def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
+    def _emit(
+        self,
+        kind: EventKind,
+        node: _Node | None,
+        hook: Hook | None,
+        *,
+        mono: float | None = None,
+        **data: Any,
+    ) -> None:
+        """Record an event; ``mono`` dates it earlier than now (an event deferred past a wave)."""
         if not self._record:
             return
         self._seq += 1
+        wall = time.time()
+        if mono is None:
+            mono = self.now()
+        else:
+            wall -= self.now() - mono
         event = Event(
             run_id=self.run_id,
             seq=self._seq,
             kind=kind,
             operation=self.operation,
-            wall=time.time(),
-            mono=self.now(),
+            wall=wall,
+            mono=mono,
             resource=node.resource.key if node is not None else None,
             hook=hook,
             group=node.group.name if node is not None else data.pop("group", None),
@@ -709,15 +763,20 @@ class Run:
         started = self._t0 = self.now()
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
         self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._timers.watch)
-            run_limit = self.spec.plan.timeouts.run
-            if run_limit is not None:
-                tg.start_soon(self._watchdog, run_limit)
-            async with anyio.create_task_group() as nodes_tg:
-                for node in self.nodes:
-                    nodes_tg.start_soon(self._run_node, node)
-            tg.cancel_scope.cancel()  # stops the watcher and the watchdog
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._timers.watch)
+                run_limit = self.spec.plan.timeouts.run
+                if run_limit is not None:
+                    tg.start_soon(self._watchdog, run_limit)
+                async with anyio.create_task_group() as nodes_tg:
+                    for node in self.nodes:
+                        nodes_tg.start_soon(self._run_node, node)
+                tg.cancel_scope.cancel()  # stops the watcher and the watchdog
+        finally:
+            self._tg = None
+            self._gc_give_all()  # whatever is still held (a thaw that failed, a cancelled task)
         return await self._finish(started_wall, started)
 
     async def abort_after_crash(self, maybe_frozen: list[ResourceKey]) -> RunOutcome:
@@ -744,7 +803,7 @@ class Run:
                         continue
                     n.pb_started = True
                     n.quiesces = n.binding.spec.quiesces
-                    n.frozen = n.quiesces
+                    self._set_frozen(n, n.quiesces)
                     tg.start_soon(self._thaw, n, AbortReason.RECOVERY, None)
             outcome, _errors = await self._finish(started_wall, started)
         self._finished = True
@@ -843,7 +902,7 @@ class Run:
                     await self._thaw(n, g.aborting or AbortReason.FAILURE, err)
                 return False
             if n.quiesces:
-                n.frozen = True
+                self._set_frozen(n, True)
                 if n.quiesced_at is None:
                     n.quiesced_at = self.now()
                     if n.budget is not None:
@@ -884,7 +943,8 @@ class Run:
             n.crash_consistent = not self._quiesce_held(n)
         n.in_cut = True
         try:
-            err = await self._call(n, Hook.PREPARE_FINISH, n.pf)
+            wave = n.cuts and g.policy is BarrierPolicy.CUT
+            err = await self._call(n, Hook.PREPARE_FINISH, n.pf, wave=wave)
         finally:
             n.in_cut = False
         if err is not None:
@@ -901,7 +961,7 @@ class Run:
             if self._record:
                 self._emit(EventKind.CUT, n, None, at=n.cut_at, crash_consistent=n.crash_consistent)
         if n.quiesces:
-            n.frozen = False
+            self._set_frozen(n, False)
             n.thaw_done = True
             if n.thawed_at is None:
                 n.thawed_at = self.now()
@@ -966,7 +1026,7 @@ class Run:
                 if last is None:
                     n.thaw_done = True
                     if n.quiesces:
-                        n.frozen = False
+                        self._set_frozen(n, False)
                         if n.thawed_at is None:
                             n.thawed_at = self.now()
                         self._emit(EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value)
@@ -1058,11 +1118,17 @@ class Run:
         started: bool = False,
         aborting: AbortReason | None = None,
         abort_error: BaseException | None = None,
+        wave: bool = False,
     ) -> HookError | None:
         """Run one hook; its exception is returned as a HookError, cancellation propagates.
 
         A non-aborting call is timed by the run's watcher, which cancels the node's
         scope when the hook's limit passes.
+
+        ``wave`` marks a cut released together with many others: once it returns,
+        the rest of the wave cuts before its bookkeeping (the FINISHED and CUT
+        events, dated when they happened) runs. Its STARTED is recorded before
+        the call, as always: recovery must know a cut may have been taken.
         """
         if aborting is None and n.scope is not None and n.scope.cancel_called:
             await self._deliver_pending(n)
@@ -1091,10 +1157,14 @@ class Run:
         if n.interrupt is _Interrupt.TIMEOUT:
             # The hook returned after its deadline passed; the cancellation is pending.
             await anyio.lowlevel.checkpoint()
+        ended: float | None = None
+        if wave and self._record:
+            ended = self.now()
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # the rest of the wave cuts first
         if aborting is None:
             n.hooks_done |= _HOOK_BITS[hook]
         if self._record:
-            self._emit(EventKind.FINISHED, n, hook)
+            self._emit(EventKind.FINISHED, n, hook, mono=ended)
         return None
 
     @staticmethod
@@ -1117,20 +1187,83 @@ class Run:
 
     # -- signalling the edges ---------------------------------------------------------------
     def _signal_pb(self, n: _Node) -> None:
-        if n.signalled_pb:
+        """``n``'s prepare_begin is done: count it off its children and its group.
+
+        A child without a prepare_begin hook is done as soon as its parents are:
+        it is counted off here and then, without waiting for its own task to
+        wake, so the last quiesce releases the cut barrier in the same step.
+        """
+        todo = [n]
+        while todo:
+            n = todo.pop()
+            if n.signalled_pb:
+                continue
+            n.signalled_pb = True
+            for c in n.children:
+                c.wait_pb -= 1
+                if c.wait_pb == 0:
+                    if c.ev_pb is not None:
+                        c.ev_pb.set()
+                    if c.pb is None:
+                        todo.append(c)
+            g = n.group
+            g.pending_pb -= 1
+            if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT and g.aborting is None:
+                self._release_cut(g)
+
+    def _release_cut(self, g: _Group) -> None:
+        # Waiters wake in the order their events are set: the cuts go first.
+        g.cut_released.set()
+        g.cut_released_rest.set()
+        if self._tg is not None and self._gc_take():
+            # No collection until every woken resource has taken its first step
+            # (its cut begun): a task started now runs after all of them.
+            self._tg.start_soon(self._wave_dispatched)
+        self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
+
+    async def _wave_dispatched(self) -> None:
+        self._gc_give()
+
+    # -- keeping the garbage collector out of quiesce windows and cut waves ------------------
+    def _set_frozen(self, n: _Node, frozen: bool) -> None:
+        """Track what is frozen: the collector is held off while anything is."""
+        if n.frozen is frozen:
             return
-        n.signalled_pb = True
-        for c in n.children:
-            c.wait_pb -= 1
-            if c.wait_pb == 0 and c.ev_pb is not None:
-                c.ev_pb.set()
-        g = n.group
-        g.pending_pb -= 1
-        if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT and g.aborting is None:
-            # Waiters wake in the order their events are set: the cuts go first.
-            g.cut_released.set()
-            g.cut_released_rest.set()
-            self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
+        n.frozen = frozen
+        if frozen:
+            self._frozen_now += 1
+            if self._frozen_now == 1:
+                self._gc_for_frozen = self._gc_take()
+        else:
+            self._frozen_now -= 1
+            if self._frozen_now == 0 and self._gc_for_frozen:
+                self._gc_for_frozen = False
+                self._gc_give()
+
+    def _gc_take(self) -> bool:
+        if self._quiet_gc <= 0 or self._gc_capped or self._tg is None:
+            return False
+        _QuietGc.take()
+        self._gc_holds += 1
+        if not self._gc_cap_armed:
+            self._gc_cap_armed = True
+            self._tg.start_soon(self._gc_cap)
+        return True
+
+    def _gc_give(self) -> None:
+        if self._gc_holds:
+            self._gc_holds -= 1
+            _QuietGc.give()
+
+    def _gc_give_all(self) -> None:
+        while self._gc_holds:
+            self._gc_give()
+
+    async def _gc_cap(self) -> None:
+        """However long things stay frozen, the collector is held off this long at most."""
+        await anyio.sleep(self._quiet_gc)
+        self._gc_capped = True
+        self._gc_give_all()
 
     async def _signal_pf(self, n: _Node) -> None:
         if not n.signalled_pf and self._signal_pf_edges(n):
