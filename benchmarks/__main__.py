@@ -403,7 +403,8 @@ def realistic_section(
     ]
     rows = []
     for n in cfg.realistic_ns:
-        for name in ("floor-realistic", "engine-cut", "engine-main", "engine-none", "one-at-a-time"):
+        names = ("floor-realistic", "engine-cut", "engine-main", "engine-none", "one-at-a-time")
+        for name in names:
             samples = real.get((n, name), [])
             if not samples:
                 continue
