@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -162,8 +162,9 @@ class _Node:
     quiesces: bool
     cuts: bool
     limiters: tuple[anyio.CapacityLimiter, ...] = ()
-    parents: list[_Node] = attrs.Factory(list)
-    children: list[_Node] = attrs.Factory(list)
+    parents: Sequence[_Node] = ()
+    """Lists while the graph is built, then tuples (smaller; most resources have none)."""
+    children: Sequence[_Node] = ()
     wait_pb: int = 0
     wait_pf: int = 0
     wait_cp: int = 0
@@ -477,10 +478,14 @@ class Run:
             )
             nodes.append(node)
             group.nodes.append(node)
+        parents: list[list[_Node]] = [[] for _ in nodes]
+        children: list[list[_Node]] = [[] for _ in nodes]
         for p, c in spec.graph.edges:
-            parent, child = nodes[p], nodes[c]
-            parent.children.append(child)
-            child.parents.append(parent)
+            children[p].append(nodes[c])
+            parents[c].append(nodes[p])
+        for node, ps, cs in zip(nodes, parents, children, strict=True):
+            node.parents = tuple(ps)
+            node.children = tuple(cs)
         if op is OperationKind.PROTECT:
             for i in spec.graph.topological_order():  # parents before children
                 node = nodes[i]
@@ -829,7 +834,11 @@ class Run:
                 try:
                     with anyio.CancelScope() as scope:
                         n.scope = scope
-                        await stage(n)
+                        if stage == self._walk:  # inlined: one coroutine less per resource
+                            if await self._prepare(n):
+                                await self._main_and_complete(n)
+                        else:
+                            await stage(n)
                         stage = None
                 except _Aborted:
                     n.scope = None
@@ -885,6 +894,7 @@ class Run:
         if n.wait_pb:
             n.ev_pb = anyio.Event()
             await n.ev_pb.wait()
+            n.ev_pb = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
         if self._aborting(n):
             raise _Aborted
         if n.pb is not None:
@@ -923,6 +933,7 @@ class Run:
         if n.wait_pf:
             n.ev_pf = anyio.Event()
             await n.ev_pf.wait()
+            n.ev_pf = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
         if self._aborting(n):
             # Woken just before the abort reached it: cuts not yet started are not started.
             raise _Aborted
@@ -1074,6 +1085,7 @@ class Run:
         if n.wait_cp:
             n.ev_cp = anyio.Event()
             await n.ev_cp.wait()
+            n.ev_cp = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
         if n.child_failed:
             if n.status is not ResourceStatus.THAW_FAILED:
                 n.status = ResourceStatus.SKIPPED

@@ -24,9 +24,12 @@ ResourceKey = tuple[str, str]
 """A resource's identity: ``(type, id)``."""
 
 
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
 def _freeze_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    if value is None:
-        return MappingProxyType({})
+    if not value:
+        return _EMPTY  # read-only, so one is enough (graphs hold many resources)
     if isinstance(value, MappingProxyType):
         return value
     return MappingProxyType(dict(value))
@@ -42,16 +45,20 @@ class Resource:
     extra: Mapping[str, Any] = attrs.field(
         factory=dict, converter=_freeze_mapping, eq=False, hash=False
     )
+    key: ResourceKey = attrs.field(init=False, eq=False, hash=False, repr=False)
+    """``(type, id)``: built once, shared by every map the resource is a key of."""
 
-    @property
-    def key(self) -> ResourceKey:
-        return (self.type, self.id)
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.type, self.id))
 
     def __str__(self) -> str:
         return f"{self.type}:{self.id}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "id": self.id, "name": self.name, "extra": dict(self.extra)}
+        out: dict[str, Any] = {"type": self.type, "id": self.id, "name": self.name}
+        if self.extra:  # absent when empty: stored graphs hold one of these per resource
+            out["extra"] = dict(self.extra)
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Resource:
