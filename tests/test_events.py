@@ -256,3 +256,36 @@ async def test_batch_readers_woken_together_share_one_batch() -> None:
             for batch in got[i]:
                 holders[id(batch)] = holders.get(id(batch), 0) + 1
         assert max(holders.values()) == 10
+
+
+async def test_batch_readers_join_late_fall_behind_and_still_get_everything() -> None:
+    """Batch readers that join mid-run (since=N) or overrun a small ring miss nothing."""
+    engine, plan = _big_engine(300, buffer=64)
+    run = await engine.build_protect(plan)
+    results: dict[str, list[Event]] = {"early": [], "late": [], "slow": []}
+    caught_up: dict[str, int] = {}
+
+    async def read(name: str, since: int, pause: float) -> None:
+        async with engine.subscribe(run.run_id, since=since) as sub:
+            async for batch in sub.batches():
+                results[name].extend(batch)
+                if pause:
+                    await anyio.sleep(pause)
+            caught_up[name] = sub.statistics().caught_up_from_store
+
+    async def execute() -> None:
+        await engine.execute(run)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read, "early", 0, 0.0)
+        tg.start_soon(read, "slow", 0, 0.05)
+        await anyio.sleep(0.01)
+        tg.start_soon(execute)
+        await anyio.sleep(0.02)
+        tg.start_soon(read, "late", 3, 0.0)
+    stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
+    assert _lifecycle(results["early"]) == stored
+    assert _lifecycle(results["slow"]) == stored
+    assert _lifecycle(results["late"]) == [s for s in stored if s[1] > 3]
+    assert caught_up["slow"] > 0  # it did fall off the ring and read back from the store
+    assert caught_up["late"] > 0  # its replay came from the store
