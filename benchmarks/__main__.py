@@ -577,11 +577,15 @@ async def _protect_with_subscribers(
     return secs, seen
 
 
-async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[str]:
+async def fanout_section(
+    cfg: Config, workloads: dict[int, Workload]
+) -> tuple[list[str], dict[str, float]]:
+    """The fan-out table, and the realistic slowdown with 100 subscribers per way of reading."""
     head = ["## 5. Event fan-out: 0, 10 and 100 subscribers", ""]
     if not has_subscribe():
-        return [*head, "Skipped: `Engine.subscribe` does not exist yet.", ""]
+        return [*head, "Skipped: `Engine.subscribe` does not exist yet.", ""], {}
     rows = []
+    hundred: dict[str, float] = {}
     try:
         for n in cfg.fanout_ns:
             for realistic in (False, True):
@@ -607,6 +611,8 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
                 alone = times[FANOUT_MODES[0]]
                 for mode in FANOUT_MODES:
                     ratios = [a / b for a, b in zip(times[mode], alone, strict=True)]
+                    if realistic and mode[1] == 100:
+                        hundred[mode[0]] = statistics.median(ratios)
                     rows.append(
                         [
                             f"{n:,}",
@@ -619,7 +625,7 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
                         ]
                     )
     except Exception as exc:  # report, do not lose the rest of the run
-        return [*head, f"Failed: {type(exc).__name__}: {exc}", ""]
+        return [*head, f"Failed: {type(exc).__name__}: {exc}", ""], {}
     return [
         *head,
         "`Engine.subscribe()` (every run's events) entered before the run by each subscriber; "
@@ -627,7 +633,8 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
         "`per event`: `async for event in subscription`, counting each event. "
         "`batches`: `async for batch in subscription.batches()`, counting `len(batch)` "
         "(subscribers woken together share one immutable batch). "
-        "`stalled`: one subscriber that enters and never reads. "
+        "`stalled`: one subscriber that enters and never reads. Events per subscriber: seen "
+        "by the time `protect` returned (the median subscriber of the last repetition). "
         "`x 0 subscribers`: median of per-repetition ratios.",
         "",
         *table(
@@ -643,7 +650,7 @@ async def fanout_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
             rows,
         ),
         "",
-    ]
+    ], hundred
 
 
 # -- targets and plots -----------------------------------------------------------------------------
@@ -654,6 +661,7 @@ def targets_section(
     res: Overhead,
     karbor: list[KarborResult],
     real: dict[tuple[int, str], list[RealisticSample]],
+    fanout: dict[str, float],
 ) -> list[str]:
     rows = []
 
@@ -750,37 +758,55 @@ def targets_section(
     jit = []
     for n in cfg.realistic_ns:
         samples = real.get((n, "engine-cut"), [])
+        floor = real.get((n, "floor-realistic"), [])
         if samples:
             jit.append(
                 (
                     n,
                     statistics.median([s.skew for s in samples]),
                     statistics.median([s.jitter for s in samples]),
+                    statistics.median([s.skew for s in floor]) if floor else math.nan,
                 )
             )
     rows.append(
         [
-            "realistic: barrier cut skew within the storage's own jitter",
-            ", ".join(f"{n:,}: {fmt_ms(a)} vs {fmt_ms(b)} ms" for n, a, b in jit),
-            verdict(all(a <= b for _, a, b in jit) if jit else None),
+            "realistic: barrier cut skew within the storage's own jitter "
+            "(in brackets: the realistic floor, the same calls with no engine)",
+            ", ".join(f"{n:,}: {fmt_ms(a)} vs {fmt_ms(b)} ms [{fmt_ms(c)}]" for n, a, b, c in jit),
+            verdict(all(a <= b for _, a, b, _c in jit) if jit else None),
         ]
     )
     share = real.get((1000, "engine-cut"), [])
     if share:
-        p99 = max(
-            pct([w for s in share for w in s.share_thaw], 99),
-            pct([w for s in share for w in s.share_cut], 99),
-        )
+
+        def p99(samples: list[RealisticSample]) -> tuple[float, float]:
+            return (
+                pct([w for s in samples for w in s.share_thaw], 99),
+                pct([w for s in samples for w in s.share_cut], 99),
+            )
+
+        thaw, cut = p99(share)
+        floor = real.get((1000, "floor-realistic"), [])
+        f_thaw, f_cut = p99(floor) if floor else (math.nan, math.nan)
         rows.append(
             [
-                "engine share of a quiesce window < 1 ms p99 at 1,000",
-                f"{fmt_ms(p99, 3)} ms",
-                verdict(p99 < 1e-3),
+                "engine share of a quiesce window < 1 ms p99 at 1,000 "
+                "(thaw / cut; in brackets: the realistic floor)",
+                f"{fmt_ms(thaw)} / {fmt_ms(cut)} ms [{fmt_ms(f_thaw)} / {fmt_ms(f_cut)}]",
+                verdict(max(thaw, cut) < 1e-3),
             ]
         )
     else:
         rows.append(
             ["engine share of a quiesce window < 1 ms p99 at 1,000", "not run in this mode", "n/a"]
+        )
+    if fanout:
+        rows.append(
+            [
+                "100 subscribers slow a realistic run by under 20%",
+                ", ".join(f"{how}: {r:.2f}x" for how, r in fanout.items()),
+                verdict(min(fanout.values()) < 1.2),
+            ]
         )
     return [
         "## Targets of issue 3",
@@ -855,7 +881,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     karbor_real = await run_karbor_all(cfg, workloads, cfg.karbor_realistic_ns, realistic=True)
     log("SQLite store and fan-out sections")
     sqlite = await sqlite_section(cfg, workloads)
-    fanout = await fanout_section(cfg, workloads)
+    fanout, hundred = await fanout_section(cfg, workloads)
     plots = make_plots(cfg, res, karbor, real)
     shape = workloads[max(ns)].cloud.stats()
     body = [
@@ -876,7 +902,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
-        *targets_section(cfg, res, karbor, real),
+        *targets_section(cfg, res, karbor, real, hundred),
         *overhead_section(cfg, res),
         *karbor_section(cfg, karbor, res),
         *realistic_section(cfg, real, karbor_real),
