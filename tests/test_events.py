@@ -289,3 +289,18 @@ async def test_batch_readers_join_late_fall_behind_and_still_get_everything() ->
     assert _lifecycle(results["late"]) == [s for s in stored if s[1] > 3]
     assert caught_up["slow"] > 0  # it did fall off the ring and read back from the store
     assert caught_up["late"] > 0  # its replay came from the store
+
+
+def test_per_event_logs_are_skipped_when_debug_is_filtered() -> None:
+    """A filtering logger that drops debug costs nothing per event (the check is made once)."""
+    from karbor_async._scheduler import _debug_enabled
+
+    before = structlog.get_config()["wrapper_class"]
+    try:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        assert not _debug_enabled(structlog.get_logger("karbor_async").bind(run_id="r"))
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+        assert _debug_enabled(structlog.get_logger("karbor_async").bind(run_id="r"))
+    finally:
+        structlog.configure(wrapper_class=before)
+    assert _debug_enabled(object())  # a logger that cannot say: assume it logs
