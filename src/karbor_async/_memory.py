@@ -34,6 +34,27 @@ _END_STATUS = {
 }
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of JSON-like data, several times faster than ``copy.deepcopy`` for it.
+
+    Saved info is JSON by contract (the SQLite store serialises it); anything
+    else is handed to ``copy.deepcopy``.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict or isinstance(value, Mapping):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy_json(v) for v in value]
+    if kind is tuple:
+        return tuple(_copy_json(v) for v in value)
+    return copy.deepcopy(value)
+
+
 class MemoryStore:
     """A :class:`~karbor_async.store.Store` that keeps everything in this process."""
 
@@ -73,7 +94,7 @@ class MemoryStore:
         return list(self._progress.get(run_id, {}).values())
 
     def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
-        self._saved.setdefault(checkpoint_id, {})[key] = copy.deepcopy(dict(info))
+        self._saved.setdefault(checkpoint_id, {})[key] = _copy_json(info)
 
     def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
         self._restored.setdefault(run_id, {})[key] = new_id
@@ -141,7 +162,7 @@ class MemoryStore:
         return rows[:limit]
 
     async def load_saved_info(self, checkpoint_id: str) -> dict[ResourceKey, dict[str, Any]]:
-        return copy.deepcopy(self._saved.get(checkpoint_id, {}))
+        return {k: _copy_json(v) for k, v in self._saved.get(checkpoint_id, {}).items()}
 
     async def load_restored(self, run_id: str) -> dict[ResourceKey, str]:
         return dict(self._restored.get(run_id, {}))
