@@ -878,3 +878,81 @@ if __name__ == "__main__":
                 f"commit latency with {background} pending events:"
                 f" p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms"
             )
+
+
+async def test_held_background_writes_wait_for_a_commit_or_the_release(
+    store: SqliteStore,
+) -> None:
+    """While held (the engine holds them while anything is frozen), write-behind records
+    stay queued; a commit still writes them; releasing the hold writes the rest."""
+    await store.create_run(run_record("r1"))
+    await store.commit()
+    store.hold_background_writes(True)
+    before = store.statistics().transactions
+    store.append(event("r1", 1))
+    await anyio.sleep(0.05)  # the writer would have run by now
+    assert store.statistics().transactions == before
+    assert await store.read_events("r1") == []
+    await store.commit()  # commit points are never held
+    assert [e.seq for e in await store.read_events("r1")] == [1]
+    store.append(event("r1", 2))
+    store.hold_background_writes(False)
+    with anyio.fail_after(5):
+        while store.statistics().events_written < 2:  # noqa: ASYNC110 - the writer is ours to watch
+            await anyio.sleep(0.01)
+    assert [e.seq for e in await store.read_events("r1")] == [1, 2]
+
+
+async def test_holds_are_counted(store: SqliteStore) -> None:
+    """Two runs holding at once: the writes wait until both let go."""
+    await store.create_run(run_record("r1"))
+    await store.commit()
+    store.hold_background_writes(True)
+    store.hold_background_writes(True)
+    store.append(event("r1", 1))
+    store.hold_background_writes(False)
+    await anyio.sleep(0.05)
+    assert await store.read_events("r1") == []
+    store.hold_background_writes(False)
+    with anyio.fail_after(5):
+        while not await store.read_events("r1"):  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.01)
+
+
+async def test_an_engine_run_writes_nothing_in_the_background_while_frozen(db: Path) -> None:
+    """From the freeze to the thaw, the only transactions are the commit points."""
+    from karbor_async import Engine, Plan, ProtectionPlugin, Resource, ResourceType
+    from karbor_async.plugin import HookContext
+    from karbor_async.testing import MapProtectable
+
+    seen: dict[str, int] = {}
+
+    class Probe:
+        async def on_prepare_begin(self, ctx: HookContext) -> None:
+            await anyio.sleep(0.01)
+
+        async def on_prepare_finish(self, ctx: HookContext) -> None:
+            key = f"{ctx.resource.type}:{ctx.resource.id}"
+            seen[key] = sq.statistics().transactions
+            await anyio.sleep(0.02)  # long enough for a background write to happen
+
+    class ProbePlugin(ProtectionPlugin):
+        name = "probe"
+        types = (ResourceType("Server", quiesces=True, snapshots=False), ResourceType("Volume"))
+
+        def get_protect_operation(self, resource_type: str) -> object:
+            return Probe()
+
+    server = Resource("Server", "s1")
+    volumes = [Resource("Volume", f"v{i}") for i in range(5)]
+    async with SqliteStore.open(db) as sq:
+        engine = Engine(
+            [ProbePlugin()],
+            [MapProtectable("Volume", ["Server"], {server.key: volumes})],
+            store=sq,
+            discover=False,
+        )
+        await engine.protect(Plan(name="p", resources=[server]))
+        cuts = {v for k, v in seen.items() if k.startswith("Volume")}
+        assert cuts == {seen["Server:s1"]}  # no transaction between the cuts and the thaw
+        assert len(await sq.read_events((await sq.list_runs())[0].run_id)) > 10

@@ -417,6 +417,7 @@ class Run:
         self._gc_capped = False
         self._gc_cap_armed = False
         self._frozen_now = 0
+        self._writes_held = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._after_finish = after_finish
         self._hub = hub
@@ -802,6 +803,7 @@ class Run:
         finally:
             self._tg = None
             self._gc_give_all()  # whatever is still held (a thaw that failed, a cancelled task)
+            self._hold_writes(False)
         return await self._finish(started_wall, started)
 
     async def abort_after_crash(self, maybe_frozen: list[ResourceKey]) -> RunOutcome:
@@ -1255,11 +1257,27 @@ class Run:
             self._frozen_now += 1
             if self._frozen_now == 1:
                 self._gc_for_frozen = self._gc_take()
+                self._hold_writes(True)
         else:
             self._frozen_now -= 1
-            if self._frozen_now == 0 and self._gc_for_frozen:
-                self._gc_for_frozen = False
-                self._gc_give()
+            if self._frozen_now == 0:
+                self._hold_writes(False)
+                if self._gc_for_frozen:
+                    self._gc_for_frozen = False
+                    self._gc_give()
+
+    def _hold_writes(self, hold: bool) -> None:
+        """Ask the store (if it can) to keep write-behind records back while things are frozen.
+
+        Commit points still commit; everything else is written at the next commit or
+        when the last thaw releases the hold.
+        """
+        if hold is self._writes_held:
+            return
+        hint = getattr(self._store, "hold_background_writes", None)
+        if hint is not None:
+            self._writes_held = hold
+            hint(hold)
 
     def _gc_take(self) -> bool:
         if self._quiet_gc <= 0 or self._gc_capped or self._tg is None:

@@ -110,6 +110,9 @@ _CHECKPOINT_INTERVAL = 0.5
 _BUSY_TIMEOUT = 10.0
 """How long a connection waits for another process's lock before failing."""
 
+_MAX_HELD_WRITES = 20_000
+"""Write-behind records held back (see ``hold_background_writes``) before writing anyway."""
+
 _END_STATUS = {
     RunStatus.SUCCEEDED: CheckpointStatus.AVAILABLE,
     RunStatus.FAILED: CheckpointStatus.ERROR,
@@ -523,6 +526,7 @@ class SqliteStore:
         self._inflight: _Batch | None = None
         self._wake = anyio.Event()
         self._poked = False
+        self._quiet = 0
         self._closed = False
         self._held: dict[str, _Held] = {}
         self._held_by_checkpoint: dict[str, str] = {}
@@ -647,9 +651,30 @@ class SqliteStore:
     # -- the writer ----------------------------------------------------------------------
 
     def _poke(self) -> None:
+        """A write-behind record is waiting: wake the writer, unless writes are held."""
+        if self._quiet and self._pending.writes < _MAX_HELD_WRITES:
+            return
+        self._poke_now()
+
+    def _poke_now(self) -> None:
         if not self._poked:
             self._poked = True
             self._wake.set()
+
+    def hold_background_writes(self, hold: bool) -> None:
+        """While held, write-behind records wait for the next ``commit()`` (or the release).
+
+        The engine holds them while anything it quiesced is frozen: each
+        background transaction costs the event loop time (rows to encode,
+        round trips to aiosqlite's thread) that a frozen application waits
+        for. Commits and store operations are never held. Counted: several
+        runs may hold at once.
+        """
+        self._quiet += 1 if hold else -1
+        if self._quiet < 0:
+            self._quiet = 0
+        if not self._quiet and self._pending.has_work:
+            self._poke_now()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -812,7 +837,7 @@ class SqliteStore:
         batch = self._pending
         batch.ops.append(op)
         batch.waiters += 1
-        self._poke()
+        self._poke_now()
         await batch.done.wait()
         if op.error is not None:
             raise op.error
@@ -867,7 +892,7 @@ class SqliteStore:
             return None
         batch.waiters += 1
         if batch is self._pending:
-            self._poke()
+            self._poke_now()
         await batch.done.wait()
         return batch
 
