@@ -297,6 +297,8 @@ class _Timers:
         fifo = self._fifos.get(limit)
         if fifo is None:
             fifo = self._fifos[limit] = deque()
+        while fifo and fifo[0][1].token != fifo[0][2]:
+            fifo.popleft()  # that call has ended: do not keep it until its deadline
         fifo.append((deadline, n, n.token))
         if deadline < self._target and self._wake is not None:
             self._wake.set()
