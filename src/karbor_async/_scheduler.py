@@ -1365,6 +1365,8 @@ class Run:
     async def _finish(
         self, started_wall: float, started: float
     ) -> tuple[RunOutcome, list[Exception]]:
+        # A resource whose thaw failed stays frozen; the run is over all the same.
+        self._hold_writes(False)
         errors: list[Exception] = []
         resources: dict[ResourceKey, ResourceOutcome] = {}
         for n in self.nodes:
