@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
 
@@ -59,7 +59,7 @@ class _View:
     """Runs whose ``RUN_FINISHED`` is in the view."""
 
 
-def _make_view(slots: Sequence[_Slot] | islice[_Slot], run_id: str | None, end: int) -> _View:
+def _make_view(slots: Iterable[_Slot], run_id: str | None, end: int) -> _View:
     events: list[Event] = []
     runs: dict[str, list[int]] = {}
     finished: set[str] = set()
@@ -325,9 +325,7 @@ class Subscription:
         while True:
             if not self._queue and not self._finished:
                 if not self._replayed:
-                    self._replayed = True
-                    assert self._run_id is not None
-                    await self._catch_up(self._run_id, None)
+                    await self._replay()
                     continue
                 shared = await self._advance(share=True)
                 if shared:
@@ -378,11 +376,15 @@ class Subscription:
             if self._finished:
                 raise StopAsyncIteration
             if not self._replayed:
-                self._replayed = True
-                assert self._run_id is not None
-                await self._catch_up(self._run_id, None)
+                await self._replay()
                 continue
             await self._advance()
+
+    async def _replay(self) -> None:
+        """The first step of a ``since=N`` subscription: the store's log after N."""
+        self._replayed = True
+        assert self._run_id is not None
+        await self._catch_up(self._run_id, None)
 
     async def _advance(self, *, share: bool = False) -> tuple[Event, ...] | None:
         """Move what is new into the queue; with ``share``, return a shared view instead."""

@@ -541,40 +541,28 @@ class Run:
         if not self._record:
             return
         self._seq += 1
-        # Positional, in Event's field order: a third cheaper than keywords (a hot path).
         if node is not None:
-            event = Event(
-                self.run_id,
-                self._seq,
-                kind,
-                self.operation,
-                time.time(),
-                self.now(),
-                node.resource.key,
-                hook,
-                node.group.name,
-                node.attempt,
-                None,
-                0,
-                data,
-            )
+            resource: ResourceKey | None = node.resource.key
+            group = node.group.name
+            attempt = node.attempt
         else:
-            group = data.pop("group", None)
-            event = Event(
-                self.run_id,
-                self._seq,
-                kind,
-                self.operation,
-                time.time(),
-                self.now(),
-                None,
-                hook,
-                group,
-                1,
-                None,
-                0,
-                data,
-            )
+            resource, group, attempt = None, data.pop("group", None), 1
+        # Positional, in Event's field order: a third cheaper than keywords (a hot path).
+        event = Event(
+            self.run_id,
+            self._seq,
+            kind,
+            self.operation,
+            time.time(),
+            self.now(),
+            resource,
+            hook,
+            group,
+            attempt,
+            None,
+            0,
+            data,
+        )
         self._store.append(event)
         if self._hub is not None:
             self._hub.lifecycle(event)
@@ -844,33 +832,37 @@ class Run:
         self._abort_all(AbortReason.TIMEOUT)
 
     async def _run_node(self, n: _Node) -> None:
-        """Walk one resource's hooks; a cancelled scope hands over to _interrupted."""
-        stage: Callable[[_Node], Awaitable[None]] | None = self._walk
+        """Walk one resource's hooks; a cancelled scope hands over to _interrupted.
+
+        The walk itself runs inline (no coroutine of its own: one less per
+        resource); what ``_interrupted`` hands back runs as the next stage.
+        """
+        stage: Callable[[_Node], Awaitable[None]] | None = None
         try:
-            while stage is not None:
+            while True:
+                finished = False
                 try:
                     with anyio.CancelScope() as scope:
                         n.scope = scope
-                        if stage == self._walk:  # inlined: one coroutine less per resource
+                        if stage is None:
                             if await self._prepare(n):
                                 await self._main_and_complete(n)
                         else:
                             await stage(n)
-                        stage = None
+                        finished = True
                 except _Aborted:
                     n.scope = None
                     await self._stop_aborted(n)
                     return
                 n.scope = None
-                if stage is not None:
-                    stage = await self._interrupted(n)
+                if finished:
+                    return
+                stage = await self._interrupted(n)
+                if stage is None:
+                    return
         finally:
             n.done = True
             self._settle(n)
-
-    async def _walk(self, n: _Node) -> None:
-        if await self._prepare(n):
-            await self._main_and_complete(n)
 
     async def _interrupted(self, n: _Node) -> Callable[[_Node], Awaitable[None]] | None:
         """The node's scope was cancelled: a hook timed out, its budget ran out, or an abort."""
