@@ -281,6 +281,8 @@ class _Timers:
     start in time order, so each FIFO is sorted and arming costs one append.
     Budgets (few: one per quiescing resource) go to a heap. An entry whose
     node has moved on (its token changed) is dropped when it reaches the head.
+    The watcher also runs the run's own chores: a callback at its next wake-up
+    (``soon``, which runs after every task woken before it) and one alarm.
     """
 
     def __init__(self, fire: Callable[[_Node, _Interrupt], None]) -> None:
@@ -291,6 +293,20 @@ class _Timers:
         self._seq = 0
         self._target = math.inf
         self._wake: anyio.Event | None = None
+        self._soon: list[Callable[[], None]] = []
+        self._alarm: tuple[float, Callable[[], None]] | None = None
+
+    def soon(self, call: Callable[[], None]) -> None:
+        """Run ``call`` at the watcher's next step: after every task already woken."""
+        self._soon.append(call)
+        if self._wake is not None:
+            self._wake.set()
+
+    def alarm(self, deadline: float, call: Callable[[], None]) -> None:
+        """Run ``call`` once at ``deadline`` (one alarm per run)."""
+        self._alarm = (deadline, call)
+        if deadline < self._target and self._wake is not None:
+            self._wake.set()
 
     def arm_hook(self, n: _Node, limit: float) -> None:
         deadline = self.now() + limit
@@ -312,8 +328,19 @@ class _Timers:
 
     async def watch(self) -> None:
         while True:
+            if self._soon:
+                calls, self._soon = self._soon, []
+                for call in calls:
+                    call()
             now = self.now()
             earliest = math.inf
+            if self._alarm is not None:
+                when, call = self._alarm
+                if when <= now:
+                    self._alarm = None
+                    call()
+                else:
+                    earliest = when
             for fifo in self._fifos.values():
                 while fifo:
                     deadline, n, token = fifo[0]
@@ -420,7 +447,8 @@ class Run:
         self._gc_cap_armed = False
         self._frozen_now = 0
         self._writes_held = False
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._watching = False
+        """The run's watcher task is up (it keeps the collector hold's chores)."""
         self._after_finish = after_finish
         self._hub = hub
         self._log_events = False
@@ -781,7 +809,7 @@ class Run:
         self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
+                self._watching = True
                 tg.start_soon(self._timers.watch)
                 run_limit = self.spec.plan.timeouts.run
                 if run_limit is not None:
@@ -791,7 +819,7 @@ class Run:
                         nodes_tg.start_soon(self._run_node, node)
                 tg.cancel_scope.cancel()  # stops the watcher and the watchdog
         finally:
-            self._tg = None
+            self._watching = False
             self._gc_give_all()  # whatever is still held (a thaw that failed, a cancelled task)
             self._hold_writes(False)
         return await self._finish(started_wall, started)
@@ -1232,14 +1260,11 @@ class Run:
         # Waiters wake in the order their events are set: the cuts go first.
         g.cut_released.set()
         g.cut_released_rest.set()
-        if self._tg is not None and self._gc_take():
+        if self._gc_take():
             # No collection until every woken resource has taken its first step
-            # (its cut begun): a task started now runs after all of them.
-            self._tg.start_soon(self._wave_dispatched)
+            # (its cut begun): the watcher, woken now, runs after all of them.
+            self._timers.soon(self._gc_give)
         self._emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
-
-    async def _wave_dispatched(self) -> None:
-        self._gc_give()
 
     # -- keeping the garbage collector out of quiesce windows and cut waves ------------------
     def _set_frozen(self, n: _Node, frozen: bool) -> None:
@@ -1274,13 +1299,13 @@ class Run:
             hint(hold)
 
     def _gc_take(self) -> bool:
-        if self._quiet_gc <= 0 or self._gc_capped or self._tg is None:
+        if self._quiet_gc <= 0 or self._gc_capped or not self._watching:
             return False
         _QuietGc.take()
         self._gc_holds += 1
         if not self._gc_cap_armed:
             self._gc_cap_armed = True
-            self._tg.start_soon(self._gc_cap)
+            self._timers.alarm(self.now() + self._quiet_gc, self._gc_cap)
         return True
 
     def _gc_give(self) -> None:
@@ -1292,9 +1317,8 @@ class Run:
         while self._gc_holds:
             self._gc_give()
 
-    async def _gc_cap(self) -> None:
+    def _gc_cap(self) -> None:
         """However long things stay frozen, the collector is held off this long at most."""
-        await anyio.sleep(self._quiet_gc)
         self._gc_capped = True
         self._gc_give_all()
 
