@@ -25,6 +25,17 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from helpers import TYPES, res, sk
+from karbor_async import (
+    Engine,
+    HookContext,
+    Plan,
+    ProtectionPlugin,
+    Resource,
+    ResourceType,
+    RunError,
+    Timeouts,
+)
 from karbor_async import _sqlite_schema as schema
 from karbor_async._sqlite import HookStatus, SqliteStore
 from karbor_async._sqlite_schema import APPLICATION_ID
@@ -53,6 +64,7 @@ from karbor_async.store import (
     RunOutcome,
     RunRecord,
 )
+from karbor_async.testing import Fault, MapProtectable, RecordingPlugin, protectables_for
 
 VOLUME: ResourceKey = ("OS::Cinder::Volume", "v1")
 SERVER: ResourceKey = ("OS::Nova::Server", "s1")
@@ -921,10 +933,6 @@ async def test_holds_are_counted(store: SqliteStore) -> None:
 
 async def test_an_engine_run_writes_nothing_in_the_background_while_frozen(db: Path) -> None:
     """From the freeze to the thaw, the only transactions are the commit points."""
-    from karbor_async import Engine, Plan, ProtectionPlugin, Resource, ResourceType
-    from karbor_async.plugin import HookContext
-    from karbor_async.testing import MapProtectable
-
     seen: dict[str, int] = {}
 
     class Probe:
@@ -960,10 +968,6 @@ async def test_an_engine_run_writes_nothing_in_the_background_while_frozen(db: P
 
 async def test_a_thaw_that_fails_does_not_leave_writes_held(db: Path) -> None:
     """A resource whose thaw failed stays frozen, but its run ending releases the hold."""
-    from helpers import TYPES, res, sk
-    from karbor_async import Engine, Hook, Plan, RunError, Timeouts
-    from karbor_async.testing import Fault, RecordingPlugin, protectables_for
-
     plugin = RecordingPlugin(
         TYPES,
         faults={
