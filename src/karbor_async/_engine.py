@@ -6,7 +6,8 @@ import secrets as _secrets
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import anyio
 import attrs
@@ -19,12 +20,13 @@ from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._registry import PluginRegistry, TypeBinding
 from karbor_async._scheduler import Run, RunSpec
+from karbor_async._tasks import AbandonedHook, EngineTasks
 from karbor_async._types import BarrierPolicy, Hook, OperationKind, ResourceKey, RunStatus
 from karbor_async.exceptions import PlanError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord, Store
 
-__all__ = ["Engine", "new_run_id"]
+__all__ = ["Engine", "EngineStatistics", "new_run_id"]
 
 _log = structlog.get_logger("karbor_async")
 
@@ -38,6 +40,16 @@ _DEFAULT_BARRIER = {
 def new_run_id() -> str:
     """A sortable, readable id: UTC time plus random hex (``20261125T003012-9f2c1a``)."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + _secrets.token_hex(3)
+
+
+@attrs.frozen
+class EngineStatistics:
+    """A frozen snapshot of the engine's own tasks."""
+
+    tasks: int
+    """Resource tasks alive in the engine: those of running runs and abandoned ones."""
+    abandoned: tuple[AbandonedHook, ...]
+    """Hooks the engine stopped waiting for that have not ended yet."""
 
 
 @attrs.frozen
@@ -62,8 +74,15 @@ class Engine:
     process-wide, while anything the run quiesced is frozen and while a cut
     wave is dispatched, for at most ``quiet_gc`` seconds per run (default 10;
     0 leaves the collector alone, for applications that manage it themselves).
-    The engine runs inside the caller's
-    event loop (asyncio or trio) and starts no task outside the runs it executes.
+
+    An engine is used inside ``async with Engine(...) as engine:``, which opens
+    the engine's own task group in the caller's event loop (asyncio or trio):
+    every hook runs there. A hook that does not end when the engine cancels it
+    is *abandoned* (the run ends within its bound without it) and its task stays
+    owned by the engine; leaving the block cancels such hooks and waits for them,
+    logging what it waits for, at most ``close_timeout`` seconds for hooks that
+    end once cancelled (a hook that swallows every cancellation is a plugin bug:
+    its task lives until the process ends, and closing keeps waiting for it).
     """
 
     def __init__(
@@ -81,7 +100,12 @@ class Engine:
         event_buffer: int = 16384,
         event_coalesce: float = 0.01,
         quiet_gc: float = 10.0,
+        close_timeout: float = 10.0,
     ) -> None:
+        if not close_timeout > 0:
+            raise ValueError(
+                f"close_timeout must be a positive number of seconds, not {close_timeout!r}"
+            )
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
@@ -91,6 +115,80 @@ class Engine:
         self.hub = EventHub(self.store, capacity=event_buffer, coalesce=event_coalesce)
         self._recover_first = recover
         self._recovered: anyio.Event | None = None
+        self._close_timeout = close_timeout
+        self._tasks: EngineTasks | None = None
+        self._outer: anyio.abc.TaskGroup | None = None
+        self._closing = anyio.Event()
+        self._entered = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("an Engine is entered once: make a new Engine for a new block")
+        self._entered = True
+        outer = anyio.create_task_group()
+        await outer.__aenter__()
+        try:
+            self._tasks = await outer.start(self._serve)
+        except BaseException as exc:
+            await outer.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._outer = outer
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        outer = self._outer
+        if outer is None:
+            return
+        self._closing.set()
+        try:
+            # The body's own exception propagates as it is, not wrapped in a group.
+            await outer.__aexit__(None, None, None)
+        finally:
+            self._outer = None
+            self._tasks = None
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[EngineTasks]) -> None:
+        """The engine's task group, shielded: the caller cancels runs through Run.cancel."""
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                tasks = EngineTasks(tg)
+                task_status.started(tasks)
+                await self._closing.wait()
+                tg.cancel_scope.cancel()  # runs still executing end cancelled, then thaw
+                await tasks.drain(self._close_timeout, forever=True)
+
+    def _open_tasks(self) -> EngineTasks:
+        tasks = self._tasks
+        if tasks is None:
+            if self._entered:
+                raise RuntimeError("this Engine is closed: its async with block has ended")
+            raise RuntimeError(
+                "an Engine is used inside `async with Engine(...) as engine:`, which opens "
+                "the task group its hooks run in; enter it before calling its operations"
+            )
+        return tasks
+
+    def statistics(self) -> EngineStatistics:
+        """Where the engine's own tasks stand (abandoned hooks included)."""
+        tasks = self._tasks
+        if tasks is None:
+            return EngineStatistics(tasks=0, abandoned=())
+        return EngineStatistics(tasks=tasks.running, abandoned=tasks.abandoned)
+
+    async def drain(self, timeout: float) -> tuple[AbandonedHook, ...]:
+        """Cancel every abandoned hook and wait up to ``timeout`` s for them to end.
+
+        Returns the hooks still running after that (those that swallow their
+        cancellation). Leaving ``async with`` does the same and keeps waiting;
+        a command-line program that must exit calls this first.
+        """
+        return await self._open_tasks().drain(timeout, forever=False)
 
     # -- building runs ------------------------------------------------------------------
     async def build_protect(self, plan: Plan) -> Run:
@@ -98,6 +196,7 @@ class Engine:
 
         Nothing is stored and no hook runs until :meth:`Run.execute`.
         """
+        self._open_tasks()
         await self._recover_once()
         graph = await discover(plan, self.registry)
         return await self._build(OperationKind.PROTECT, plan, graph, new_run_id(), None)
@@ -114,6 +213,7 @@ class Engine:
 
         ``parameters`` (``"Type"`` / ``"Type#id"``) are merged over the plan's.
         """
+        self._open_tasks()
         await self._recover_once()
         cp = await self.store.get_checkpoint(checkpoint_id)
         if cp.status is not CheckpointStatus.AVAILABLE:
@@ -139,6 +239,7 @@ class Engine:
 
     async def build_delete(self, checkpoint_id: str) -> Run:
         """A delete of a checkpoint over its stored graph (any end state but deleted)."""
+        self._open_tasks()
         await self._recover_once()
         cp = await self.store.get_checkpoint(checkpoint_id)
         if cp.status in (
@@ -198,6 +299,7 @@ class Engine:
         )
         return Run(
             spec,
+            tasks=self._open_tasks(),
             store=self.store,
             after_finish=self._after_delete if op is OperationKind.DELETE else None,
             bank=self.bank,
@@ -235,6 +337,7 @@ class Engine:
         A failed or cancelled protect whose plan sets ``delete_on_failure`` is
         deleted (through the plugins' delete operation) before the error is raised.
         """
+        self._open_tasks()
         spec = run.spec
         await self.store.create_run(
             RunRecord(
@@ -268,6 +371,7 @@ class Engine:
         self, plan_name: str, keep: int
     ) -> tuple[list[CheckpointRecord], list[CheckpointRecord]]:
         """The plan's available checkpoints, newest first, split into (kept, to delete)."""
+        self._open_tasks()
         if keep < 0:
             raise PlanError(f"keep must be 0 or more, not {keep}")
         available: list[CheckpointRecord] = []
@@ -319,6 +423,7 @@ class Engine:
         subscriber that falls behind loses progress ticks only (a ``TICKS_DROPPED``
         event says how many). The engine's cost does not grow with subscribers.
         """
+        self._open_tasks()
         return self.hub.subscribe(run_id, since)
 
     async def _recover_once(self) -> None:
@@ -340,6 +445,7 @@ class Engine:
         """
         from karbor_async._recovery import recover_all
 
+        self._open_tasks()
         if self._recovered is None:
             self._recovered = anyio.Event()
         try:

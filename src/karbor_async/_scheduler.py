@@ -43,6 +43,7 @@ from karbor_async._hub import EventHub
 from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
 from karbor_async._registry import TypeBinding
+from karbor_async._tasks import EngineTasks
 from karbor_async._types import (
     AbortReason,
     BarrierPolicy,
@@ -424,6 +425,7 @@ class Run:
         self,
         spec: RunSpec,
         *,
+        tasks: EngineTasks,
         store: Store,
         bank: Bank,
         secrets: SecretResolver | None,
@@ -433,6 +435,7 @@ class Run:
         quiet_gc: float = 10.0,
     ) -> None:
         self.spec = spec
+        self._tasks = tasks
         self.run_id = spec.run_id
         self.checkpoint_id = spec.checkpoint_id
         self.operation = spec.operation

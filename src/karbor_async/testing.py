@@ -276,18 +276,18 @@ async def run_hooks(
     """
     store = MemoryStore()
     bank = MemoryBank()
-    engine = Engine([plugin], store=store, bank=bank, discover=False, secrets=secrets)
     plan = Plan(
         name=f"test-{plugin.plugin_name()}",
         resources=[resource],
         parameters={resource.type: dict(parameters or {})} if parameters else {},
         timeouts=timeouts or Timeouts(),
     )
-    protected = await engine.protect(plan)
-    saved = await store.load_saved_info(protected.checkpoint_id)
-    objects = dict(bank.objects)
-    restored = await engine.restore(protected.checkpoint_id) if restore else None
-    deleted = await engine.delete(protected.checkpoint_id) if delete else None
+    async with Engine([plugin], store=store, bank=bank, discover=False, secrets=secrets) as engine:
+        protected = await engine.protect(plan)
+        saved = await store.load_saved_info(protected.checkpoint_id)
+        objects = dict(bank.objects)
+        restored = await engine.restore(protected.checkpoint_id) if restore else None
+        deleted = await engine.delete(protected.checkpoint_id) if delete else None
     return HookRun(protected, restored, deleted, saved, objects)
 
 

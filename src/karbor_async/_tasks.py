@@ -1,0 +1,158 @@
+"""The engine's own tasks: where hooks run, and what happens to hooks it stopped waiting for.
+
+``async with Engine(...)`` opens one task group that every resource task of
+every run is started in. A run waits for its resources through counters, not
+by leaving a task group of its own, so it can stop waiting for a hook that
+does not end (a cut that hangs, a hook that swallows its cancellation): the
+hook is *abandoned*, its task stays here, owned by the engine, and the run
+ends within its bound. Closing the engine cancels what is left and waits.
+
+The task group sits under a shielded scope, in a service task of its own: the
+caller's cancellation reaches runs through :meth:`Run.cancel`, never by
+cancelling a cut from outside, and the caller's code inside ``async with``
+is not shielded by it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import attrs
+import structlog
+
+from karbor_async._types import Hook, Resource
+
+__all__ = ["AbandonedHook", "EngineTasks", "Owned"]
+
+_log = structlog.get_logger("karbor_async")
+
+_STILL_RUNNING_EVERY = 10.0
+"""Closing logs the hooks it is still waiting for at once and this often."""
+
+
+@attrs.frozen
+class AbandonedHook:
+    """A hook the engine stopped waiting for; its task is still running, owned by the engine."""
+
+    run_id: str
+    resource: Resource
+    hook: Hook | None
+    """The hook that was running (``None``: the resource's task was between hooks)."""
+    aborting: bool
+    """Whether it was an aborting call (a thaw)."""
+    abandoned_at: float
+    """Engine clock (``anyio.current_time()``) when it was abandoned."""
+
+    @property
+    def what(self) -> str:
+        """``a cut``, ``a thaw``, ``a copy``...: what was left running, for people."""
+        if self.hook is None:
+            return "engine work"
+        if self.aborting:
+            return "a thaw"
+        return {
+            Hook.PREPARE_BEGIN: "a quiesce",
+            Hook.PREPARE_FINISH: "a cut",
+            Hook.MAIN: "a copy",
+            Hook.COMPLETE: "a completion",
+        }[self.hook]
+
+    def describe(self) -> str:
+        hook = self.hook.value if self.hook is not None else "no hook"
+        return f"{self.what} ({self.resource} {hook}, run {self.run_id})"
+
+
+class Owned(Protocol):
+    """What the engine needs of an abandoned resource task: a way to cancel its hook."""
+
+    def cancel_hook(self) -> None: ...
+
+
+class EngineTasks:
+    """The engine's task group and the registry of abandoned hooks."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
+        self.running = 0
+        """Resource tasks alive in the engine (of running runs and abandoned)."""
+        self._abandoned: dict[Owned, AbandonedHook] = {}
+        self._changed: anyio.Event | None = None
+
+    def start_soon(self, fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+        self.running += 1
+        self._tg.start_soon(fn, arg)
+
+    def ended(self, owned: Owned) -> None:
+        """A resource task returned (call once per ``start_soon``, from its ``finally``)."""
+        self.running -= 1
+        record = self._abandoned.pop(owned, None)
+        if record is not None:
+            _log.info(
+                "abandoned_task_ended",
+                run_id=record.run_id,
+                resource=str(record.resource),
+                hook=record.hook.value if record.hook else None,
+            )
+        if self._changed is not None:
+            self._changed.set()
+
+    def abandon(self, owned: Owned, record: AbandonedHook) -> None:
+        self._abandoned[owned] = record
+
+    @property
+    def abandoned(self) -> tuple[AbandonedHook, ...]:
+        return tuple(self._abandoned.values())
+
+    async def drain(self, timeout: float, *, forever: bool) -> tuple[AbandonedHook, ...]:
+        """Cancel every abandoned hook and wait for the engine's tasks to end.
+
+        Logs ``abandoned_hook_still_running`` at once and every 10 s while it
+        waits. After ``timeout`` it logs an error and, with ``forever``, keeps
+        waiting (a hook that swallows every cancellation keeps its task);
+        without, it returns what is still running.
+        """
+        for owned in list(self._abandoned):
+            owned.cancel_hook()
+        if self.running == 0:
+            return ()
+        start = anyio.current_time()
+        next_log = start
+        warned = False
+        with anyio.CancelScope(shield=True):
+            while self.running:
+                now = anyio.current_time()
+                if now >= next_log:
+                    next_log = now + _STILL_RUNNING_EVERY
+                    for rec in self._abandoned.values():
+                        _log.warning(
+                            "abandoned_hook_still_running",
+                            run_id=rec.run_id,
+                            resource=str(rec.resource),
+                            hook=rec.hook.value if rec.hook else None,
+                            seconds=round(now - rec.abandoned_at, 3),
+                        )
+                if now - start >= timeout:
+                    if not forever:
+                        return self.abandoned
+                    if not warned:
+                        warned = True
+                        _log.error(
+                            "abandoned_hooks_ignore_cancellation",
+                            running=self.running,
+                            hooks=[r.describe() for r in self._abandoned.values()],
+                            waited=round(now - start, 3),
+                            note="a hook that swallows cancellation keeps its task until the "
+                            "process ends (a plugin bug)",
+                        )
+                    until = next_log
+                else:
+                    until = min(next_log, start + timeout)
+                self._changed = anyio.Event()
+                with anyio.move_on_at(until if math.isfinite(until) else math.inf):
+                    await self._changed.wait()
+                self._changed = None
+        return ()
