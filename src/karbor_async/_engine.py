@@ -160,6 +160,7 @@ class Engine:
                 tasks = EngineTasks(tg)
                 task_status.started(tasks)
                 await self._closing.wait()
+                tasks.closing = True
                 tg.cancel_scope.cancel()  # runs still executing end cancelled, then thaw
                 await tasks.drain(self._close_timeout, forever=True)
 
@@ -181,14 +182,14 @@ class Engine:
             return EngineStatistics(tasks=0, abandoned=())
         return EngineStatistics(tasks=tasks.running, abandoned=tasks.abandoned)
 
-    async def drain(self, timeout: float) -> tuple[AbandonedHook, ...]:
-        """Cancel every abandoned hook and wait up to ``timeout`` s for them to end.
+    async def drain(self, grace: float) -> tuple[AbandonedHook, ...]:
+        """Cancel every abandoned hook and wait up to ``grace`` seconds for them to end.
 
         Returns the hooks still running after that (those that swallow their
         cancellation). Leaving ``async with`` does the same and keeps waiting;
         a command-line program that must exit calls this first.
         """
-        return await self._open_tasks().drain(timeout, forever=False)
+        return await self._open_tasks().drain(grace, forever=False)
 
     # -- building runs ------------------------------------------------------------------
     async def build_protect(self, plan: Plan) -> Run:

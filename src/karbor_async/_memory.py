@@ -23,6 +23,7 @@ from karbor_async.store import (
     RunOutcome,
     RunRecord,
     check_checkpoint_transition,
+    with_late_thaw,
 )
 
 __all__ = ["MemoryBank", "MemoryStore"]
@@ -116,6 +117,16 @@ class MemoryStore:
             check_checkpoint_transition(cp.status, new)
             self._checkpoints[cp.id] = attrs.evolve(cp, status=new, outcome=outcome)
         self._runs[run.run_id] = attrs.evolve(run, status=outcome.status, outcome=outcome)
+
+    async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
+        run = self._run(run_id)
+        if run.outcome is None:
+            raise CheckpointNotFoundError(f"run {run_id} has not finished")
+        outcome = with_late_thaw(run.outcome, key, at)
+        self._runs[run_id] = attrs.evolve(run, outcome=outcome)
+        cp = self._checkpoints.get(run.checkpoint_id)
+        if run.operation is OperationKind.PROTECT and cp is not None:
+            self._checkpoints[cp.id] = attrs.evolve(cp, outcome=outcome)
 
     async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
         cp = self._checkpoint(checkpoint_id)

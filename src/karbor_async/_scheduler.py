@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -43,7 +43,7 @@ from karbor_async._hub import EventHub
 from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
 from karbor_async._registry import TypeBinding
-from karbor_async._tasks import EngineTasks
+from karbor_async._tasks import AbandonedHook, EngineTasks
 from karbor_async._types import (
     AbortReason,
     BarrierPolicy,
@@ -134,6 +134,38 @@ class _Aborted(Exception):
     """The node's group began aborting before its next hook could start."""
 
 
+class _Abandoned(BaseException):
+    """The run stopped waiting for this node's hook; the hook has now ended (late).
+
+    A BaseException so that no ``except Exception`` on the way turns it into a
+    failure: it unwinds the node's task, which then does only its late chores.
+    """
+
+
+_FATAL = (KeyboardInterrupt, SystemExit)
+"""Raised by a hook, these abort the whole run and reach the caller after the thaws."""
+
+
+def _only_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the backend's cancellation (or a group of nothing else)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(cancelled)[1] is None
+    return isinstance(exc, cancelled)
+
+
+def _fatal_in(exc: BaseException) -> BaseException | None:
+    """The first KeyboardInterrupt or SystemExit in ``exc`` (which may be a group)."""
+    if isinstance(exc, _FATAL):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _fatal_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
 class _Interrupt(enum.Enum):
     """Why the watcher cancelled a node's scope."""
 
@@ -155,6 +187,8 @@ class _Group:
     main_released: anyio.Event = attrs.Factory(anyio.Event)
     aborting: AbortReason | None = None
     abort_error: BaseException | None = None
+    abandon_at: float | None = None
+    """When the group aborted, plus ``timeouts.abort``: hooks still running then are abandoned."""
 
 
 @attrs.define(eq=False, slots=True)
@@ -219,6 +253,25 @@ class _Node:
     progress_stored_at: float = -math.inf
     guards: tuple[_Node, ...] = ()
     """The quiescing resources among this one and its ancestors (precomputed)."""
+    hook_scope: anyio.CancelScope | None = None
+    """The scope of a running aborting call (a thaw runs shielded from the node's scope)."""
+    calling_aborting: bool = False
+    cancelled_at: float | None = None
+    """When the engine first cancelled this node or its group aborted (engine clock)."""
+    abandoned: bool = False
+    abandoned_at: float | None = None
+    abandoned_hook: Hook | None = None
+    late: tuple[Hook, bool, BaseException | None] | None = None
+    """What an abandoned call did when it finally ended: (hook, aborting, exception)."""
+    thawed_late_at: float | None = None
+    accounted: bool = False
+
+    def cancel_hook(self) -> None:
+        """Cancel whatever hook call runs (the engine closing, or an abandoned hook)."""
+        if self.scope is not None:
+            self.scope.cancel()
+        if self.hook_scope is not None:
+            self.hook_scope.cancel()
 
     # -- the _HookHandle protocol (what HookContext calls) -----------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
@@ -283,11 +336,18 @@ class _Timers:
     Budgets (few: one per quiescing resource) go to a heap. An entry whose
     node has moved on (its token changed) is dropped when it reaches the head.
     The watcher also runs the run's own chores: a callback at its next wake-up
-    (``soon``, which runs after every task woken before it) and one alarm.
+    (``soon``, which runs after every task woken before it), alarms (the
+    collector hold's cap, abandonment deadlines), and the abandonment of the
+    nodes put ``due`` (an awaited step: they get a moment to end first).
     """
 
-    def __init__(self, fire: Callable[[_Node, _Interrupt], None]) -> None:
+    def __init__(
+        self,
+        fire: Callable[[_Node, _Interrupt], None],
+        abandon: Callable[[list[_Node]], Awaitable[None]],
+    ) -> None:
         self._fire = fire
+        self._abandon = abandon
         self.now: Callable[[], float] = anyio.current_time
         self._fifos: dict[float, deque[tuple[float, _Node, int]]] = {}
         self._budgets: list[tuple[float, int, _Node, int]] = []
@@ -295,7 +355,13 @@ class _Timers:
         self._target = math.inf
         self._wake: anyio.Event | None = None
         self._soon: list[Callable[[], None]] = []
-        self._alarm: tuple[float, Callable[[], None]] | None = None
+        self._alarms: list[tuple[float, int, Callable[[], None]]] = []
+        self.due: list[_Node] = []
+        """Nodes whose hooks the run stops waiting for at the watcher's next step."""
+
+    def poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def soon(self, call: Callable[[], None]) -> None:
         """Run ``call`` at the watcher's next step: after every task already woken."""
@@ -304,8 +370,9 @@ class _Timers:
             self._wake.set()
 
     def alarm(self, deadline: float, call: Callable[[], None]) -> None:
-        """Run ``call`` once at ``deadline`` (one alarm per run)."""
-        self._alarm = (deadline, call)
+        """Run ``call`` once at ``deadline``."""
+        self._seq += 1
+        heapq.heappush(self._alarms, (deadline, self._seq, call))
         if deadline < self._target and self._wake is not None:
             self._wake.set()
 
@@ -335,13 +402,14 @@ class _Timers:
                     call()
             now = self.now()
             earliest = math.inf
-            if self._alarm is not None:
-                when, call = self._alarm
-                if when <= now:
-                    self._alarm = None
-                    call()
-                else:
+            alarms = self._alarms
+            while alarms:
+                when, _, call = alarms[0]
+                if when > now:
                     earliest = when
+                    break
+                heapq.heappop(alarms)
+                call()
             for fifo in self._fifos.values():
                 while fifo:
                     deadline, n, token = fifo[0]
@@ -364,6 +432,12 @@ class _Timers:
                 else:
                     earliest = min(earliest, deadline)
                     break
+            if self.due:
+                nodes, self.due = self.due, []
+                await self._abandon(nodes)
+                continue  # time passed: look at every deadline again
+            if alarms:  # firing a deadline above may have set an alarm
+                earliest = min(earliest, alarms[0][0])
             self._target = earliest
             self._wake = anyio.Event()
             with anyio.move_on_at(earliest):
@@ -462,8 +536,16 @@ class Run:
         self._abort_reason: AbortReason | None = None
         self._started = False
         self._finished = False
+        self._closed = False
+        """RUN_FINISHED was emitted: the run's log is closed (late hooks emit nothing)."""
+        self._outcome_built = False
+        self._outcome_stored: anyio.Event | None = None
+        self._fatal: BaseException | None = None
+        """A KeyboardInterrupt or SystemExit a hook raised: re-raised once all is thawed."""
+        self._pending = 0
+        self._settled: anyio.Event | None = None
         self._t0: float | None = None
-        self._timers = _Timers(self._fire)
+        self._timers = _Timers(self._fire, self._abandon_due)
         self.now: Callable[[], float] = anyio.current_time
         """The engine clock: ``anyio.current_time``, read straight from the loop on asyncio."""
         self.log = _log.bind(run_id=spec.run_id, operation=spec.operation.value)
@@ -569,7 +651,7 @@ class Run:
 
     # -- events --------------------------------------------------------------------------
     def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
-        if not self._record:
+        if not self._record or self._closed:
             return
         self._seq += 1
         if node is not None:
@@ -612,7 +694,7 @@ class Run:
 
     def progress_tick(self, n: _Node, progress: Progress) -> None:
         """A plugin reported progress: live to subscribers, stored at most 10 times a second."""
-        if not self._record:
+        if not self._record or n.abandoned:
             return
         hub = self._hub
         live = hub is not None and hub.active
@@ -717,9 +799,26 @@ class Run:
         """Cancel the run from another task: frozen resources are thawed, the run ends cancelled.
 
         Hooks that are running see an ordinary anyio cancellation, except an
-        ``on_prepare_finish`` already started, which is allowed to finish.
+        ``on_prepare_finish`` already started, which is allowed to finish. A hook
+        still running ``timeouts.abort`` later is abandoned: :meth:`execute`
+        returns without it. On a finished run this does nothing.
         """
+        if self._closed:
+            return
         self._abort_all(AbortReason.CANCELLED)
+
+    def abandon(self) -> None:
+        """Stop waiting at once for every hook still running (a second Ctrl-C).
+
+        Cancels the run first if it was not. What is still running is recorded
+        ``abandoned`` (its task stays owned by the engine), a thaw that had not
+        finished makes its resource ``thaw_failed``, and :meth:`execute` returns.
+        """
+        if self._closed or not self._started:
+            return
+        self._abort_all(AbortReason.CANCELLED)
+        self._timers.due.extend(n for n in self.nodes if not n.done)
+        self._timers.poke()
 
     def _abort_all(self, reason: AbortReason) -> None:
         if self._abort_reason is None:
@@ -732,12 +831,20 @@ class Run:
             return
         group.aborting = reason
         group.abort_error = error
+        now = self.now()
+        group.abandon_at = now + self.spec.plan.timeouts.abort
         self.log.warning("group_aborting", group=group.name, reason=reason.value)
         self._emit(EventKind.GROUP_ABORTING, None, None, group=group.name, reason=reason.value)
         for n in group.nodes:
-            if n.done or n.scope is None or n.in_cut:
-                continue  # not started, finished, or running a cut that must finish
+            if n.done:
+                continue
+            if n.cancelled_at is None:
+                n.cancelled_at = now
+            if n.scope is None or n.in_cut:
+                continue  # not started, or running a cut that must finish
             n.scope.cancel()
+        # (b): what of the group still runs timeouts.abort from now is abandoned.
+        self._timers.alarm(group.abandon_at, lambda: self._due_all(group.nodes))
 
     def _aborting(self, n: _Node) -> bool:
         return n.group.aborting is not None or self._abort_reason is not None
@@ -757,6 +864,164 @@ class Run:
             return
         n.interrupt = kind
         n.scope.cancel()
+        # (c): a call the engine cancelled that has not ended timeouts.abort later is abandoned.
+        now = self.now()
+        if n.cancelled_at is None:
+            n.cancelled_at = now
+        token = n.token
+        self._timers.alarm(now + self.spec.plan.timeouts.abort, lambda: self._due_call(n, token))
+        if kind is _Interrupt.TIMEOUT:
+            # The hook failed now, whenever it ends: a prepare hook aborts its group at once.
+            hook = n.interrupt_hook
+            assert hook is not None
+            err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
+            self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
+            self._fail(n, hook, err)
+            if hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH):
+                self._abort_group(n.group, AbortReason.FAILURE, err)
+
+    # -- abandoning what does not end ----------------------------------------------------
+    def _due_all(self, nodes: Sequence[_Node]) -> None:
+        due = self._timers.due
+        due.extend(n for n in nodes if not n.done and not n.abandoned)
+
+    def _due_call(self, n: _Node, token: int) -> None:
+        if n.token == token and not n.done and not n.abandoned:
+            self._timers.due.append(n)  # no call of it has ended since it was cancelled
+
+    async def _abandon_due(self, nodes: list[_Node]) -> None:
+        """Abandon the nodes still running, after giving those just cancelled a moment."""
+        live = [n for n in nodes if not n.done and not n.abandoned]
+        if not live:
+            return
+        # Deadlines that fall together (a thaw's own and the group's) let the hook end first.
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        for n in live:
+            if not n.done and not n.abandoned:
+                self._abandon(n)
+
+    def _abandon(self, n: _Node) -> None:
+        """Stop waiting for ``n``: record it, release what waits on it, count it done.
+
+        Its task stays in the engine's task group; when its hook ends it does only
+        its late chores (:meth:`_after_abandoned`).
+        """
+        now = self.now()
+        hook = n.current
+        since = now - (n.cancelled_at if n.cancelled_at is not None else now)
+        n.abandoned = True
+        n.abandoned_at = now
+        n.abandoned_hook = hook
+        what = hook.value if hook is not None else "its task"
+        cause = HookTimeoutError(
+            n.resource,
+            hook or Hook.PREPARE_FINISH,
+            f"{what} was still running {since:.3f} s after the engine stopped it; abandoned",
+        )
+        self._emit(
+            EventKind.HOOK_ABANDONED,
+            n,
+            hook,
+            seconds=round(since, 6),
+            aborting=n.calling_aborting,
+        )
+        self.log.warning(
+            "hook_abandoned",
+            resource=str(n.resource),
+            hook=hook.value if hook is not None else None,
+            seconds=round(since, 6),
+        )
+        if n.quiesces and n.pb_started and not n.thaw_done:
+            # Its thaw is what hangs, or could not be called: never pretend.
+            self._thaw_failed(n, cause)
+        else:
+            if n.error is None:
+                n.error = cause
+                n.failed_hook = hook
+            n.status = ResourceStatus.ABANDONED
+        self._tasks.abandon(
+            n,
+            AbandonedHook(self.run_id, n.resource, hook, n.calling_aborting, now),
+        )
+        self._settle(n)
+        self._account(n)
+
+    def _account(self, n: _Node) -> None:
+        """``n`` will not hold the run any longer (it ended, or was abandoned)."""
+        if n.accounted:
+            return
+        n.accounted = True
+        self._pending -= 1
+        if self._pending == 0 and self._settled is not None:
+            self._settled.set()
+
+    async def _after_abandoned(self, n: _Node) -> None:
+        """An abandoned hook ended: log it; thaw late what may still be frozen."""
+        hook, aborting, exc = n.late or (None, False, None)
+        late = self.now() - (n.abandoned_at or self.now())
+        self.log.warning(
+            "abandoned_hook_ended",
+            resource=str(n.resource),
+            hook=hook.value if hook is not None else None,
+            aborting=aborting,
+            seconds_after_abandoned=round(late, 6),
+            error=repr(exc) if exc is not None else None,
+        )
+        if not (n.quiesces and n.pb_started) or n.thaw_done or n.pf is None:
+            return
+        if hook is Hook.PREPARE_FINISH and exc is None:
+            await self._thawed_late(n)  # the thaw that was abandoned did thaw, late
+            return
+        await self._late_thaw(n)
+
+    async def _late_thaw(self, n: _Node) -> None:
+        """Thaw a resource whose quiesce or thaw ended after it was abandoned.
+
+        Aborting calls, retried like any thaw under the abort deadline; run from
+        the node's own task, which the engine owns (closing cancels it).
+        """
+        assert n.pf is not None
+        reason = n.group.aborting or self._abort_reason or AbortReason.FAILURE
+        delay = _THAW_FIRST_DELAY
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.spec.plan.timeouts.abort) as scope:
+                n.hook_scope = scope
+                while True:
+                    params = n.params.values
+                    try:
+                        if n.params.secrets:
+                            params = await resolve_secrets(n.params, self._secrets)
+                        ctx = HookContext(n.resource, Hook.PREPARE_FINISH, params, n, reason, None)
+                        await n.pf(ctx)
+                    except Exception as exc:
+                        self.log.warning(
+                            "late_thaw_failed", resource=str(n.resource), error=repr(exc)
+                        )
+                    else:
+                        await self._thawed_late(n)
+                        return
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _THAW_MAX_DELAY)
+            n.hook_scope = None
+
+    async def _thawed_late(self, n: _Node) -> None:
+        """Record a thaw that succeeded after its resource was reported ``thaw_failed``."""
+        n.thaw_done = True
+        at = n.thawed_late_at = self.now()
+        self.log.warning("thawed_late", resource=str(n.resource), at=at)
+        if not self._outcome_built:
+            return  # the outcome, still to be built, carries it
+        stored = self._outcome_stored
+        with anyio.CancelScope(shield=True):
+            if stored is not None:
+                await stored.wait()
+            try:
+                await self._store.record_late_thaw(self.run_id, n.resource.key, at)
+            except Exception as exc:  # a closed store, a lost lease: say so, do not crash
+                self.log.warning(
+                    "late_thaw_not_recorded", resource=str(n.resource), error=repr(exc)
+                )
 
     # -- running -------------------------------------------------------------------------
     async def execute(self) -> RunOutcome:
@@ -796,9 +1061,15 @@ class Run:
         if outcome.status is RunStatus.SUCCEEDED:
             return outcome
         word = "was cancelled" if outcome.status is RunStatus.CANCELLED else "failed"
-        raise RunError(
+        error = RunError(
             f"{self.operation.value} run {self.run_id} {word}: {outcome.error}", errors, outcome
         )
+        fatal = self._fatal
+        if fatal is not None:
+            # A hook's KeyboardInterrupt/SystemExit reaches the caller, everything thawed.
+            fatal.__cause__ = error
+            raise fatal
+        raise error
 
     async def _execute_shielded(self) -> tuple[RunOutcome, list[Exception]]:
         self.now = self._timers.now = _fast_clock()
@@ -810,22 +1081,35 @@ class Run:
         started = self._t0 = self.now()
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
         self._emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
+        await self._drive(self._run_node, self.nodes, self.spec.plan.timeouts.run)
+        return await self._finish(started_wall, started)
+
+    async def _drive(
+        self,
+        walk: Callable[[_Node], Coroutine[Any, Any, None]],
+        nodes: Sequence[_Node],
+        run_limit: float | None,
+    ) -> None:
+        """Start ``walk`` for each node in the engine's task group and wait until each
+        one ended or was abandoned; the watcher keeps deadlines meanwhile."""
         try:
             async with anyio.create_task_group() as tg:
                 self._watching = True
                 tg.start_soon(self._timers.watch)
-                run_limit = self.spec.plan.timeouts.run
                 if run_limit is not None:
                     tg.start_soon(self._watchdog, run_limit)
-                async with anyio.create_task_group() as nodes_tg:
-                    for node in self.nodes:
-                        nodes_tg.start_soon(self._run_node, node)
+                self._pending = len(nodes)
+                if nodes:
+                    self._settled = anyio.Event()
+                    spawn = self._tasks.start_soon
+                    for node in nodes:
+                        spawn(walk, node)
+                    await self._settled.wait()
                 tg.cancel_scope.cancel()  # stops the watcher and the watchdog
         finally:
             self._watching = False
             self._gc_give_all()  # whatever is still held (a thaw that failed, a cancelled task)
             self._hold_writes(False)
-        return await self._finish(started_wall, started)
 
     async def abort_after_crash(self, maybe_frozen: list[ResourceKey]) -> RunOutcome:
         """Recovery of a run whose cuts were not all committed: thaw, then end it failed.
@@ -843,19 +1127,28 @@ class Run:
         for group in self.groups.values():
             self._abort_group(group, AbortReason.RECOVERY, None)
         by_key = {n.resource.key: n for n in self.nodes}
+        thaws: list[_Node] = []
+        for key in maybe_frozen:
+            n = by_key.get(key)
+            if n is None or n.pf is None:
+                continue
+            n.pb_started = True
+            n.quiesces = n.binding.spec.quiesces
+            self._set_frozen(n, n.quiesces)
+            thaws.append(n)
         with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as tg:
-                for key in maybe_frozen:
-                    n = by_key.get(key)
-                    if n is None or n.pf is None:
-                        continue
-                    n.pb_started = True
-                    n.quiesces = n.binding.spec.quiesces
-                    self._set_frozen(n, n.quiesces)
-                    tg.start_soon(self._thaw, n, AbortReason.RECOVERY, None)
+            await self._drive(self._recovery_thaw, thaws, None)
             outcome, _errors = await self._finish(started_wall, started)
         self._finished = True
         return outcome
+
+    async def _recovery_thaw(self, n: _Node) -> None:
+        try:
+            await self._thaw(n, AbortReason.RECOVERY, None)
+        except _Abandoned:
+            await self._after_abandoned(n)
+        finally:
+            self._node_ended(n)
 
     async def _watchdog(self, limit: float) -> None:
         await anyio.sleep(limit)
@@ -866,7 +1159,8 @@ class Run:
         """Walk one resource's hooks; a cancelled scope hands over to _interrupted.
 
         The walk itself runs inline (no coroutine of its own: one less per
-        resource); what ``_interrupted`` hands back runs as the next stage.
+        resource); what ``_interrupted`` hands back runs as the next stage. The
+        task lives in the engine's task group: nothing may escape it.
         """
         stage: Callable[[_Node], Awaitable[None]] | None = None
         try:
@@ -891,9 +1185,22 @@ class Run:
                 stage = await self._interrupted(n)
                 if stage is None:
                     return
+        except _Abandoned:
+            await self._after_abandoned(n)
+        except Exception as exc:  # an engine bug: it must not take the engine's tasks down
+            self.log.exception("engine_error", resource=str(n.resource))
+            if not n.abandoned and n.error is None:
+                n.error = exc
+                n.status = ResourceStatus.FAILED
         finally:
-            n.done = True
+            self._node_ended(n)
+
+    def _node_ended(self, n: _Node) -> None:
+        n.done = True
+        if not n.abandoned:
             self._settle(n)
+        self._account(n)
+        self._tasks.ended(n)
 
     async def _interrupted(self, n: _Node) -> Callable[[_Node], Awaitable[None]] | None:
         """The node's scope was cancelled: a hook timed out, its budget ran out, or an abort."""
@@ -903,15 +1210,12 @@ class Run:
             if kind is _Interrupt.TIMEOUT:
                 hook = n.interrupt_hook
                 assert hook is not None
-                err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
-                self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
-                self._fail(n, hook, err)
                 if hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH):
-                    self._abort_group(g, AbortReason.FAILURE, err)
+                    # _fire recorded the failure and aborted the group.
                     await self._thaw(
                         n,
                         g.aborting or AbortReason.FAILURE,
-                        err,
+                        g.abort_error,
                         after_failed_finish=hook is Hook.PREPARE_FINISH,
                     )
                 else:
@@ -1066,15 +1370,26 @@ class Run:
         n.pf_started = True
         n.budget_token += 1
         deadline = self.now() + self.spec.plan.timeouts.abort
+        if n.group.abandon_at is not None:
+            deadline = min(deadline, n.group.abandon_at)
         delay = _THAW_FIRST_DELAY
         last: HookError | None = None
-        with anyio.CancelScope(deadline=deadline):
+        with anyio.CancelScope(deadline=deadline) as bounded:
             while True:
                 limit = math.inf if n.timeout is None else self.now() + n.timeout
                 with anyio.CancelScope(deadline=limit) as attempt:
-                    last = await self._call(
-                        n, Hook.PREPARE_FINISH, n.pf, aborting=reason, abort_error=error
-                    )
+                    n.hook_scope = attempt
+                    try:
+                        last = await self._call(
+                            n,
+                            Hook.PREPARE_FINISH,
+                            n.pf,
+                            aborting=reason,
+                            abort_error=error,
+                            scopes=(attempt, bounded),
+                        )
+                    finally:
+                        n.hook_scope = None
                 if attempt.cancelled_caught:
                     last = HookTimeoutError(
                         n.resource, Hook.PREPARE_FINISH, f"thaw timed out after {n.timeout} s"
@@ -1095,9 +1410,18 @@ class Run:
         if not n.quiesces:
             return
         # Every thaw attempt failed or the abort deadline passed: never pretend.
-        cause = last or HookTimeoutError(
-            n.resource, Hook.PREPARE_FINISH, "thaw did not finish before the abort deadline"
+        self._thaw_failed(
+            n,
+            last
+            or HookTimeoutError(
+                n.resource, Hook.PREPARE_FINISH, "thaw did not finish before the abort deadline"
+            ),
         )
+
+    def _thaw_failed(self, n: _Node, cause: BaseException) -> None:
+        """The alert: ``n`` may still be frozen (DESIGN.md guarantee 1)."""
+        if n.status is ResourceStatus.THAW_FAILED:
+            return
         exc = ThawFailedError(
             n.resource, Hook.PREPARE_FINISH, "every thaw attempt failed; it may still be frozen"
         )
@@ -1176,11 +1500,17 @@ class Run:
         started: bool = False,
         aborting: AbortReason | None = None,
         abort_error: BaseException | None = None,
+        scopes: tuple[anyio.CancelScope, ...] = (),
     ) -> HookError | None:
         """Run one hook; its exception is returned as a HookError, cancellation propagates.
 
         A non-aborting call is timed by the run's watcher, which cancels the node's
-        scope when the hook's limit passes.
+        scope when the hook's limit passes. An aborting call names the ``scopes``
+        that bound it. Any ``BaseException`` the hook raises is its failure, except
+        a cancellation the engine asked for (one of those scopes, or the node's,
+        was cancelled, or the engine is closing); ``KeyboardInterrupt`` and
+        ``SystemExit`` also abort the whole run (:meth:`_fatal_raised`). If the run
+        abandoned the call meanwhile, :class:`_Abandoned` unwinds the node's task.
         """
         if aborting is None and n.scope is not None and n.scope.cancel_called:
             await self._deliver_pending(n)
@@ -1193,9 +1523,13 @@ class Run:
         if aborting is None and n.timeout is not None:
             self._timers.arm_hook(n, n.timeout)
         n.current = hook
+        n.calling_aborting = aborting is not None
         try:
             await fn(ctx)
         except Exception as exc:
+            if n.abandoned:
+                n.late = (hook, aborting is not None, exc)
+                raise _Abandoned from None
             if n.interrupt is _Interrupt.TIMEOUT:
                 # The plugin turned our cancellation into its own error: deliver the timeout.
                 await anyio.lowlevel.checkpoint()
@@ -1203,9 +1537,28 @@ class Run:
             err.__cause__ = exc
             self._emit(EventKind.FAILED, n, hook, error=format_error(err))
             return err
+        except BaseException as exc:
+            if n.abandoned:
+                n.late = (hook, aborting is not None, exc)
+                raise _Abandoned from None
+            if _only_cancellation(exc) and self._cancel_requested(n, aborting, scopes):
+                raise
+            # Not a cancellation the engine asked for: the hook's own failure.
+            err = HookError(n.resource, hook, f"{type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            self._emit(EventKind.FAILED, n, hook, error=format_error(err))
+            fatal = _fatal_in(exc)
+            if fatal is not None:
+                self._fatal_raised(n, fatal, err)
+            elif n.interrupt is _Interrupt.TIMEOUT:
+                await anyio.lowlevel.checkpoint()  # deliver the timeout it swallowed
+            return err
         finally:
             n.current = None
             n.token += 1  # the watcher's entry for this call is now stale
+        if n.abandoned:
+            n.late = (hook, aborting is not None, None)
+            raise _Abandoned
         if n.interrupt is _Interrupt.TIMEOUT:
             # The hook returned after its deadline passed; the cancellation is pending.
             await anyio.lowlevel.checkpoint()
@@ -1214,6 +1567,29 @@ class Run:
         if self._record:
             self._emit(EventKind.FINISHED, n, hook)
         return None
+
+    def _cancel_requested(
+        self, n: _Node, aborting: AbortReason | None, scopes: tuple[anyio.CancelScope, ...]
+    ) -> bool:
+        """Whether a cancellation a hook raised is one the engine (or its closing) asked for."""
+        if self._tasks.closing:
+            return True
+        if aborting is None:
+            return n.scope is not None and n.scope.cancel_called
+        return any(scope.cancel_called for scope in scopes)
+
+    def _fatal_raised(self, n: _Node, exc: BaseException, err: HookError) -> None:
+        """A hook raised KeyboardInterrupt or SystemExit: abort the whole run at once.
+
+        It is that hook's failure first (everything is thawed, the outcome is
+        recorded); :meth:`execute` then re-raises the same object.
+        """
+        self.log.error("hook_raised_fatal", resource=str(n.resource), error=type(exc).__name__)
+        if self._fatal is None:
+            self._fatal = exc
+        self._fail(n, err.hook, err)
+        self._abort_group(n.group, AbortReason.FAILURE, err)
+        self._abort_all(AbortReason.FAILURE)
 
     @staticmethod
     async def _deliver_pending(n: _Node) -> None:
@@ -1386,6 +1762,8 @@ class Run:
     ) -> tuple[RunOutcome, list[Exception]]:
         # A resource whose thaw failed stays frozen; the run is over all the same.
         self._hold_writes(False)
+        self._outcome_built = True  # a late thaw from now on is recorded on the stored outcome
+        self._outcome_stored = anyio.Event()
         errors: list[Exception] = []
         resources: dict[ResourceKey, ResourceOutcome] = {}
         for n in self.nodes:
@@ -1410,6 +1788,8 @@ class Run:
                 crash_consistent=n.crash_consistent and n.cut_at is not None,
                 thawed_early=n.thawed_early,
                 attempt=n.attempt,
+                abandoned_hook=n.abandoned_hook,
+                thawed_late_at=n.thawed_late_at,
             )
         groups: dict[str, GroupOutcome] = {}
         for g in self.groups.values():
@@ -1461,7 +1841,11 @@ class Run:
             error=summary,
         )
         self._emit(EventKind.RUN_FINISHED, None, None, status=status.value)
-        await self._store.finish_run(outcome)
+        self._closed = True  # after run_finished a run emits no lifecycle event
+        try:
+            await self._store.finish_run(outcome)
+        finally:
+            self._outcome_stored.set()
         if self._after_finish is not None:
             await self._after_finish(outcome)
         self.log.info(

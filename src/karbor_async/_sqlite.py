@@ -87,6 +87,7 @@ from karbor_async.store import (
     RunOutcome,
     RunRecord,
     check_checkpoint_transition,
+    with_late_thaw,
 )
 
 __all__ = [
@@ -1082,7 +1083,8 @@ class SqliteStore:
             await conn.executemany(
                 "INSERT OR REPLACE INTO resource_outcomes (run_id, rtype, rid, grp, status,"
                 " failed_hook, error, cut_at, quiesced_at, thawed_at, crash_consistent,"
-                " thawed_early, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " thawed_early, attempt, abandoned_hook, thawed_late_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         outcome.run_id,
@@ -1098,6 +1100,8 @@ class SqliteStore:
                         int(r.crash_consistent),
                         int(r.thawed_early),
                         r.attempt,
+                        r.abandoned_hook.value if r.abandoned_hook else None,
+                        r.thawed_late_at,
                     )
                     for key, r in outcome.resources.items()
                 ],
@@ -1105,6 +1109,30 @@ class SqliteStore:
 
         _, batch = await self._submit(op)
         self._unhold(outcome.run_id)
+        if batch.error is not None:
+            raise batch.error
+
+    async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
+        """Set ``thawed_late_at`` of one resource of a finished run (its outcome otherwise kept)."""
+        self._check_open()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            row = await _fetchone(conn, "SELECT outcome FROM runs WHERE run_id = ?", (run_id,))
+            outcome = _outcome_from(row["outcome"]) if row is not None else None
+            if outcome is None:
+                raise CheckpointNotFoundError(f"no finished run with id {run_id!r}")
+            updated = with_late_thaw(outcome, key, at)
+            await conn.execute(
+                "UPDATE runs SET outcome = ? WHERE run_id = ?",
+                (_encode(updated.to_json()), run_id),
+            )
+            await conn.execute(
+                "UPDATE resource_outcomes SET thawed_late_at = ?"
+                " WHERE run_id = ? AND rtype = ? AND rid = ?",
+                (at, run_id, key[0], key[1]),
+            )
+
+        _, batch = await self._submit_unchecked(op)
         if batch.error is not None:
             raise batch.error
 

@@ -165,7 +165,13 @@ _V1: tuple[str, ...] = (
     ) WITHOUT ROWID""",
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1]
+_V2: tuple[str, ...] = (
+    # A hook the run stopped waiting for, and a thaw that ended after it was abandoned.
+    "ALTER TABLE resource_outcomes ADD COLUMN abandoned_hook TEXT",
+    "ALTER TABLE resource_outcomes ADD COLUMN thawed_late_at REAL",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2]
 """Step ``i`` migrates version ``i`` to ``i + 1``; the current version is ``len(MIGRATIONS)``."""
 
 

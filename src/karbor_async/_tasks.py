@@ -16,7 +16,7 @@ is not shielded by it.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -81,8 +81,10 @@ class EngineTasks:
         """Resource tasks alive in the engine (of running runs and abandoned)."""
         self._abandoned: dict[Owned, AbandonedHook] = {}
         self._changed: anyio.Event | None = None
+        self.closing = False
+        """The engine is closing: a cancellation its hooks see now is the engine's."""
 
-    def start_soon(self, fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+    def start_soon(self, fn: Callable[[Any], Coroutine[Any, Any, None]], arg: Any) -> None:
         self.running += 1
         self._tg.start_soon(fn, arg)
 
@@ -107,7 +109,7 @@ class EngineTasks:
     def abandoned(self) -> tuple[AbandonedHook, ...]:
         return tuple(self._abandoned.values())
 
-    async def drain(self, timeout: float, *, forever: bool) -> tuple[AbandonedHook, ...]:
+    async def drain(self, grace: float, *, forever: bool) -> tuple[AbandonedHook, ...]:
         """Cancel every abandoned hook and wait for the engine's tasks to end.
 
         Logs ``abandoned_hook_still_running`` at once and every 10 s while it
@@ -115,6 +117,7 @@ class EngineTasks:
         waiting (a hook that swallows every cancellation keeps its task);
         without, it returns what is still running.
         """
+        self.closing = True
         for owned in list(self._abandoned):
             owned.cancel_hook()
         if self.running == 0:
@@ -135,7 +138,7 @@ class EngineTasks:
                             hook=rec.hook.value if rec.hook else None,
                             seconds=round(now - rec.abandoned_at, 3),
                         )
-                if now - start >= timeout:
+                if now - start >= grace:
                     if not forever:
                         return self.abandoned
                     if not warned:
@@ -150,7 +153,7 @@ class EngineTasks:
                         )
                     until = next_log
                 else:
-                    until = min(next_log, start + timeout)
+                    until = min(next_log, start + grace)
                 self._changed = anyio.Event()
                 with anyio.move_on_at(until if math.isfinite(until) else math.inf):
                     await self._changed.wait()

@@ -144,3 +144,5 @@ class ResourceStatus(enum.Enum):
     CANCELLED = "cancelled"
     THAW_FAILED = "thaw_failed"
     """It may still be frozen: every thaw attempt failed. An alert was raised."""
+    ABANDONED = "abandoned"
+    """A hook of it did not end when the engine stopped it; the run stopped waiting for it."""

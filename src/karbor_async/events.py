@@ -37,6 +37,10 @@ class EventKind(enum.Enum):
     """Alert: every thaw attempt failed; the resource may still be frozen."""
     BARRIER_RELEASED = "barrier_released"
     GROUP_ABORTING = "group_aborting"
+    HOOK_ABANDONED = "hook_abandoned"
+    """A hook did not end ``timeouts.abort`` after the engine cancelled it (or its group
+    aborted); the run stopped waiting for it (``data['seconds']`` since then). Its task
+    stays owned by the engine until it ends or the engine closes."""
     RESTORED = "restored"
     """A restore hook reported the new id of what it created."""
     PROGRESS = "progress"

@@ -38,6 +38,7 @@ __all__ = [
     "check_checkpoint_transition",
     "key_from_str",
     "key_to_str",
+    "with_late_thaw",
 ]
 
 
@@ -104,6 +105,10 @@ class ResourceOutcome:
     crash_consistent: bool = False
     thawed_early: bool = False
     attempt: int = 1
+    abandoned_hook: Hook | None = None
+    """The hook the run stopped waiting for (it did not end once cancelled), if any."""
+    thawed_late_at: float | None = None
+    """A thaw that was abandoned (``thaw_failed``) and then succeeded, after the run ended."""
 
     @property
     def quiesce_window(self) -> float | None:
@@ -125,6 +130,8 @@ class ResourceOutcome:
             "crash_consistent": self.crash_consistent,
             "thawed_early": self.thawed_early,
             "attempt": self.attempt,
+            "abandoned_hook": self.abandoned_hook.value if self.abandoned_hook else None,
+            "thawed_late_at": self.thawed_late_at,
         }
 
     @classmethod
@@ -142,6 +149,8 @@ class ResourceOutcome:
             crash_consistent=bool(data.get("crash_consistent", False)),
             thawed_early=bool(data.get("thawed_early", False)),
             attempt=int(data.get("attempt", 1)),
+            abandoned_hook=Hook(data["abandoned_hook"]) if data.get("abandoned_hook") else None,
+            thawed_late_at=data.get("thawed_late_at"),
         )
 
 
@@ -250,6 +259,13 @@ class RunOutcome:
         )
 
 
+def with_late_thaw(outcome: RunOutcome, key: ResourceKey, at: float) -> RunOutcome:
+    """``outcome`` with ``thawed_late_at`` set on one resource (stores share this)."""
+    resources = dict(outcome.resources)
+    resources[key] = attrs.evolve(resources[key], thawed_late_at=at)
+    return attrs.evolve(outcome, resources=resources)
+
+
 @attrs.frozen
 class RunRecord:
     """One protect, restore or delete run as stored."""
@@ -302,6 +318,10 @@ class Store(Protocol):
 
     async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
         """Move a checkpoint along its lifecycle; an illegal transition raises, changing nothing."""
+
+    async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
+        """A finished run's abandoned thaw ended well: set ``thawed_late_at`` on its stored
+        outcome (nothing else of the outcome changes); commits."""
 
     async def get_run(self, run_id: str) -> RunRecord: ...
 
