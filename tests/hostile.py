@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Mapping
+
 import anyio
 import attrs
 

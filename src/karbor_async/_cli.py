@@ -41,6 +41,7 @@ from karbor_async._report import write_report
 from karbor_async._scheduler import Run
 from karbor_async._secrets_cli import CliSecrets
 from karbor_async._sqlite import SqliteStore
+from karbor_async._tasks import AbandonedHook, what_runs
 from karbor_async._types import BarrierPolicy, ResourceStatus, RunStatus
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
@@ -350,6 +351,7 @@ async def _store(db: Path, *, must_exist: bool) -> AsyncIterator[SqliteStore]:
 
 @asynccontextmanager
 async def _session(
+    out: _Out,
     db: Path,
     bank: Path,
     *,
@@ -357,12 +359,50 @@ async def _session(
     cloud: Any = None,
     must_exist: bool = False,
 ) -> AsyncIterator[Engine]:
-    """Open the store and bank, bind the simulated cloud if any, and build the engine."""
+    """Open the store and bank, bind the simulated cloud if any, and enter the engine.
+
+    Leaving it, hooks the engine abandoned are cancelled and waited for up to the
+    engine's ``close_timeout``; a command does not wait longer: it commits the
+    store, names what it leaves running and exits 1 (the process ending is what
+    stops a hook that swallows its cancellation).
+    """
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(_store(db, must_exist=must_exist))
         if cloud is not None:
             stack.enter_context(_simcloud_module().use_cloud(cloud))
-        yield Engine(store=store, bank=FsBank(bank), secrets=secrets, discover=True)
+        engine = Engine(store=store, bank=FsBank(bank), secrets=secrets, discover=True)
+        async with engine:
+            try:
+                yield engine
+            finally:
+                with anyio.CancelScope(shield=True):
+                    left = await engine.drain(_CLOSE_TIMEOUT)
+                    if left:
+                        await _exit_leaving(out, store, left)
+
+
+_CLOSE_TIMEOUT = 10.0
+"""How long a command waits, at its end, for abandoned hooks that it cancelled."""
+
+
+async def _exit_leaving(out: _Out, store: SqliteStore, left: Sequence[AbandonedHook]) -> NoReturn:
+    """Hooks ignore their cancellation: commit, say what is left running, exit 1 now."""
+    try:
+        await store.commit()
+    except Exception as exc:  # the process ends anyway: say so, then end it
+        out.err.print(f"[red]error:[/red] the store could not be committed: {escape(str(exc))}")
+    names = "; ".join(a.describe() for a in left)
+    message = (
+        f"{len(left)} abandoned hooks still run after being cancelled for "
+        f"{_CLOSE_TIMEOUT:g} s: {names}. Exiting with them running (a plugin bug: they "
+        "swallow cancellation); check what they act on"
+    )
+    out.err.print(f"[red]error:[/red] {escape(message)}")
+    if out.json:
+        out.emit({"error": message, "exit_code": EXIT_FAILED, "left_running": names})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FAILED)
 
 
 async def _recover_first(out: _Out, engine: Engine) -> None:
@@ -387,14 +427,16 @@ def _watch_interrupts(out: _Out, run: Run) -> Callable[[], Coroutine[Any, Any, N
                 if count == 1:
                     out.err.print(
                         f"[yellow]Ctrl-C: cancelling {run.operation.value} run {run.run_id}; "
-                        "thawing everything that is frozen...[/yellow]"
+                        "thawing everything that is frozen (Ctrl-C again to stop waiting)"
+                        "...[/yellow]"
                     )
                     run.cancel()
-                else:
+                elif count == 2:
                     out.err.print(
-                        "already cancelling: waiting for the thaws to finish "
-                        "(bounded by the plan's timeouts.abort)"
+                        "[yellow]Ctrl-C again: abandoning every hook still running; "
+                        "thaws not finished are recorded thaw_failed[/yellow]"
                     )
+                    run.abandon()
 
     return watch
 
@@ -408,6 +450,11 @@ async def _drive(out: _Out, engine: Engine, run: Run) -> tuple[RunOutcome, int]:
         )
     except RunError as exc:
         outcome = exc.outcome
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # A hook raised it: a failure of that hook (the run thawed and recorded itself).
+        if not isinstance(exc.__cause__, RunError):
+            raise
+        outcome = exc.__cause__.outcome
     if outcome.status is RunStatus.SUCCEEDED:
         return outcome, EXIT_OK
     if outcome.status is RunStatus.CANCELLED:
@@ -430,12 +477,30 @@ def _frozen_summary(outcome: RunOutcome) -> str:
     return f"every frozen resource was thawed ({thawed} of {len(frozen)})"
 
 
+def _report_abandoned(out: _Out, outcome: RunOutcome) -> None:
+    """Name the hooks the run stopped waiting for (they may still be running)."""
+    left = [r for r in outcome.resources.values() if r.abandoned_hook is not None]
+    if not left:
+        return
+    parts = []
+    for r in left[:10]:
+        assert r.abandoned_hook is not None
+        what = what_runs(r.abandoned_hook, thaw=r.status is ResourceStatus.THAW_FAILED)
+        parts.append(f"{what} ({r.resource} {r.abandoned_hook.value})")
+    more = f" and {len(left) - 10} more" if len(left) > 10 else ""
+    out.err.print(
+        f"[yellow]left running (abandoned, not waited for): {escape('; '.join(parts))}{more}"
+        "[/yellow]"
+    )
+
+
 def _report_outcome(out: _Out, outcome: RunOutcome, code: int) -> None:
     if out.json:
         out.emit({"exit_code": code, "outcome": outcome.to_json()})
         return
     for table in outcome_tables(outcome):
         out.console.print(table)
+    _report_abandoned(out, outcome)
     op = outcome.operation.value
     failed = [r for r in outcome.resources.values() if r.failed_hook is not None]
     for r in failed[:10]:
@@ -578,7 +643,7 @@ async def _protect(
     cloud: Any,
     report: Path | None,
 ) -> int:
-    async with _session(db, bank, secrets=secrets, cloud=cloud) as engine:
+    async with _session(out, db, bank, secrets=secrets, cloud=cloud) as engine:
         _check_cloud(engine, [r.type for r in plan.resources], cloud)
         await _recover_first(out, engine)
         run = await engine.build_protect(plan)
@@ -670,7 +735,7 @@ async def _restore(
     secrets: CliSecrets,
     cloud: Any,
 ) -> int:
-    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+    async with _session(out, db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
         cp = await engine.store.get_checkpoint(checkpoint_id)
         types = [str(r["type"]) for r in cp.graph.get("resources", ())]
         _check_cloud(engine, types, cloud)
@@ -712,7 +777,7 @@ def delete(
 async def _delete(
     out: _Out, checkpoint_id: str, db: Path, bank: Path, secrets: CliSecrets, cloud: Any
 ) -> int:
-    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+    async with _session(out, db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
         cp = await engine.store.get_checkpoint(checkpoint_id)
         _check_cloud(engine, [str(r["type"]) for r in cp.graph.get("resources", ())], cloud)
         await _recover_first(out, engine)
@@ -836,7 +901,7 @@ async def _prune(
     secrets: CliSecrets,
     cloud: Any,
 ) -> int:
-    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+    async with _session(out, db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
         kept, doomed = await engine.retention(plan, keep)
         deleted: list[str] = []
         failed: list[dict[str, str]] = []
@@ -1052,7 +1117,7 @@ def recover(
 
 
 async def _recover(out: _Out, db: Path, bank: Path, secrets: CliSecrets, cloud: Any) -> int:
-    async with _session(db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
+    async with _session(out, db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
         store = engine.store
         unfinished: list[RunRecord] = []
         if isinstance(store, SqliteStore):
@@ -1194,7 +1259,7 @@ def demo(
 
 async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Path) -> int:
     console = out.console
-    async with _session(db, bank_dir, cloud=cloud) as engine:
+    async with _session(out, db, bank_dir, cloud=cloud) as engine:
         earlier = await engine.store.list_checkpoints(limit=10)
         if earlier:
             table = Table(title=f"Checkpoints already in {db} (newest first)")

@@ -355,8 +355,10 @@ class Engine:
             await self.store.set_checkpoint_status(spec.checkpoint_id, CheckpointStatus.DELETING)
         try:
             return await run.execute()
-        except RunError:
-            if spec.operation is OperationKind.PROTECT and spec.plan.delete_on_failure:
+        except (RunError, KeyboardInterrupt, SystemExit) as exc:
+            # (A hook's KeyboardInterrupt/SystemExit comes with the RunError as its cause.)
+            failed = isinstance(exc, RunError) or isinstance(exc.__cause__, RunError)
+            if failed and spec.operation is OperationKind.PROTECT and spec.plan.delete_on_failure:
                 # The plan asks that nothing a failed or cancelled protect saved is kept.
                 with anyio.CancelScope(shield=True):
                     await self._cleanup_failed(spec.checkpoint_id)

@@ -149,12 +149,15 @@ async def follow_run(
     The run's own exception (``RunError``) is raised as is, not wrapped in a group.
     """
     result: list[T] = []
-    failure: list[Exception] = []
+    failure: list[BaseException] = []
 
     async def runner(stop: Callable[[], None]) -> None:
         try:
             result.append(await execute())
-        except Exception as exc:  # re-raised below, outside the task group
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # re-raised below, outside the task group
+            # (a hook's KeyboardInterrupt too: execute re-raises it once all is thawed)
             failure.append(exc)
         finally:
             stop()

@@ -26,7 +26,7 @@ import structlog
 
 from karbor_async._types import Hook, Resource
 
-__all__ = ["AbandonedHook", "EngineTasks", "Owned"]
+__all__ = ["AbandonedHook", "EngineTasks", "Owned", "what_runs"]
 
 _log = structlog.get_logger("karbor_async")
 
@@ -50,20 +50,28 @@ class AbandonedHook:
     @property
     def what(self) -> str:
         """``a cut``, ``a thaw``, ``a copy``...: what was left running, for people."""
-        if self.hook is None:
-            return "engine work"
-        if self.aborting:
-            return "a thaw"
-        return {
-            Hook.PREPARE_BEGIN: "a quiesce",
-            Hook.PREPARE_FINISH: "a cut",
-            Hook.MAIN: "a copy",
-            Hook.COMPLETE: "a completion",
-        }[self.hook]
+        return what_runs(self.hook, thaw=self.aborting)
 
     def describe(self) -> str:
         hook = self.hook.value if self.hook is not None else "no hook"
         return f"{self.what} ({self.resource} {hook}, run {self.run_id})"
+
+
+_WHAT = {
+    Hook.PREPARE_BEGIN: "a quiesce",
+    Hook.PREPARE_FINISH: "a cut",
+    Hook.MAIN: "a copy",
+    Hook.COMPLETE: "a completion",
+}
+
+
+def what_runs(hook: Hook | None, *, thaw: bool) -> str:
+    """What a running hook is doing, in words (``thaw``: it is an aborting call or a thaw)."""
+    if hook is None:
+        return "engine work"
+    if thaw and hook is Hook.PREPARE_FINISH:
+        return "a thaw"
+    return _WHAT[hook]
 
 
 class Owned(Protocol):
