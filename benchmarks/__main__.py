@@ -486,9 +486,10 @@ async def sqlite_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
                     engine = Engine(
                         [NoopProtection()], all_protectables(w.cloud), discover=False, store=store
                     )
-                    t0 = time.perf_counter()
-                    outcome = await engine.protect(make_plan(w.roots, BarrierPolicy.CUT))
-                    secs = time.perf_counter() - t0
+                    async with engine:  # entered outside the timed protect
+                        t0 = time.perf_counter()
+                        outcome = await engine.protect(make_plan(w.roots, BarrierPolicy.CUT))
+                        secs = time.perf_counter() - t0
                     events = len(await store.read_events(outcome.run_id))
             rows.append([f"{n:,}", f"{secs * 1e3:.1f}", f"{events:,}", f"{events / secs:,.0f}"])
         q_rows = []
@@ -509,11 +510,12 @@ async def sqlite_section(cfg: Config, workloads: dict[int, Workload]) -> list[st
                             store=store,
                         )
                         plan = make_plan(cloud.project_resources(), BarrierPolicy.CUT)
-                        fresh_heap()  # as for the memory-store run
-                        try:
-                            await engine.protect(plan)
-                        finally:
-                            gc.unfreeze()
+                        async with engine:
+                            fresh_heap()  # as for the memory-store run
+                            try:
+                                await engine.protect(plan)
+                            finally:
+                                gc.unfreeze()
                 sql = analyse("engine-cut/sqlite", cloud, 0.0, BarrierPolicy.CUT).windows
                 sql_w += sql
                 added.append(pct(list(sql), 50) - pct(list(mem.windows), 50))
@@ -617,11 +619,12 @@ async def fanout_section(
                             BarrierPolicy.CUT,
                             parameters={VOLUME: {"chunk_size": REALISTIC_VOLUME_SIZE}},
                         )
-                        fresh_heap()
-                        try:
-                            secs, seen = await _protect_with_subscribers(engine, plan, *mode)
-                        finally:
-                            gc.unfreeze()
+                        async with engine:  # entered outside the timed protect
+                            fresh_heap()
+                            try:
+                                secs, seen = await _protect_with_subscribers(engine, plan, *mode)
+                            finally:
+                                gc.unfreeze()
                         times[mode].append(secs)
                         seen_med[mode] = statistics.median(seen) if seen else 0
                 alone = times[FANOUT_MODES[0]]

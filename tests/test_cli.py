@@ -394,20 +394,22 @@ async def test_the_cli_resolver_feeds_secret_parameters(tmp_path: Path) -> None:
     engine = Engine(
         [plugin], store=store, secrets=CliSecrets.from_options(secrets, {}), discover=False
     )
-    plan = Plan(
-        name="db",
-        resources=[Resource("Test::Db", "d1")],
-        parameters={"Test::Db": {"password": "db-password"}},
-    )
-    outcome = await engine.protect(plan)
-    assert plugin.seen == ["hunter2"]
-    stored = await store.get_checkpoint(outcome.checkpoint_id)
-    assert stored.plan["parameters"]["Test::Db"]["password"] == "db-password"
-    missing = Engine([plugin], store=MemoryStore(), secrets=CliSecrets({}, {}), discover=False)
-    with pytest.raises(
-        SecretError, match="Test::Db#d1: cannot resolve secret parameter 'password'"
-    ):
-        await missing.build_protect(plan)
+    async with engine:
+        plan = Plan(
+            name="db",
+            resources=[Resource("Test::Db", "d1")],
+            parameters={"Test::Db": {"password": "db-password"}},
+        )
+        outcome = await engine.protect(plan)
+        assert plugin.seen == ["hunter2"]
+        stored = await store.get_checkpoint(outcome.checkpoint_id)
+        assert stored.plan["parameters"]["Test::Db"]["password"] == "db-password"
+        missing = Engine([plugin], store=MemoryStore(), secrets=CliSecrets({}, {}), discover=False)
+        async with missing:
+            with pytest.raises(
+                SecretError, match="Test::Db#d1: cannot resolve secret parameter 'password'"
+            ):
+                await missing.build_protect(plan)
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------

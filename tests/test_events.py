@@ -44,21 +44,22 @@ def _lifecycle(events: list[Event]) -> list[tuple[str, int, EventKind]]:
 async def test_every_subscriber_gets_every_lifecycle_event_in_order() -> None:
     """Ten subscribers (and one for the run) see exactly the store's log, in order."""
     engine, _plugin, plan = setup([("s1", "v1"), ("s1", "v2"), ("s2", "v3")], ["s1", "s2"])
-    run = await engine.build_protect(plan)
-    got: list[list[Event]] = [[] for _ in range(11)]
-    async with anyio.create_task_group() as tg:
-        subs = []
-        for i in range(10):
-            cm = engine.subscribe()
-            subs.append(cm)
-            tg.start_soon(_consume_until, cm, run.run_id, got[i])
-        tg.start_soon(_consume_run, engine, run.run_id, got[10])
-        await anyio.sleep(0.01)
-        await engine.execute(run)
-    stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
-    assert stored[-1][2] is EventKind.RUN_FINISHED
-    for events in got:
-        assert _lifecycle(events) == stored
+    async with engine:
+        run = await engine.build_protect(plan)
+        got: list[list[Event]] = [[] for _ in range(11)]
+        async with anyio.create_task_group() as tg:
+            subs = []
+            for i in range(10):
+                cm = engine.subscribe()
+                subs.append(cm)
+                tg.start_soon(_consume_until, cm, run.run_id, got[i])
+            tg.start_soon(_consume_run, engine, run.run_id, got[10])
+            await anyio.sleep(0.01)
+            await engine.execute(run)
+        stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
+        assert stored[-1][2] is EventKind.RUN_FINISHED
+        for events in got:
+            assert _lifecycle(events) == stored
 
 
 async def _consume_until(cm: Any, run_id: str, into: list[Event]) -> None:
@@ -77,13 +78,14 @@ async def _consume_run(engine: Engine, run_id: str, into: list[Event]) -> None:
 async def test_replay_from_n_then_stop_at_the_end() -> None:
     """A subscriber asking for a finished run from sequence N gets N+1 to the end."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1"], barrier=BarrierPolicy.CUT)
-    outcome = await engine.protect(plan)
-    got: list[Event] = []
-    async with engine.subscribe(outcome.run_id, since=5) as sub:
-        await _drain(sub, got)
-    stored = await engine.store.read_events(outcome.run_id)
-    assert [e.seq for e in got] == [e.seq for e in stored if e.seq > 5]
-    assert got[-1].kind is EventKind.RUN_FINISHED
+    async with engine:
+        outcome = await engine.protect(plan)
+        got: list[Event] = []
+        async with engine.subscribe(outcome.run_id, since=5) as sub:
+            await _drain(sub, got)
+        stored = await engine.store.read_events(outcome.run_id)
+        assert [e.seq for e in got] == [e.seq for e in stored if e.seq > 5]
+        assert got[-1].kind is EventKind.RUN_FINISHED
 
 
 class _Copy:
@@ -123,47 +125,49 @@ async def test_stalled_subscriber_loses_only_ticks_and_catches_up(virtual_time: 
     """A subscriber that reads nothing for a 10,000-resource run leaves memory bounded,
     then receives every lifecycle event in order and is told how many ticks it lost."""
     engine, plan = _big_engine(2500)
-    run = await engine.build_protect(plan)
-    assert len(run.nodes) == 10_000
-    got: list[Event] = []
-    async with engine.subscribe(run.run_id) as sub:
-        await engine.execute(run)  # nobody reads meanwhile
-        hub = engine.hub
-        assert len(hub._ring) <= hub.capacity and len(hub._pending) <= hub.capacity
-        await _drain(sub, got)
-        stats = sub.statistics()
-    stored = await engine.store.read_events(run.run_id)
-    assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
-    dropped = [e for e in got if e.kind is EventKind.TICKS_DROPPED]
-    assert dropped and sum(e.data["count"] for e in dropped) == stats.ticks_dropped > 0
-    assert stats.caught_up_from_store > 0
+    async with engine:
+        run = await engine.build_protect(plan)
+        assert len(run.nodes) == 10_000
+        got: list[Event] = []
+        async with engine.subscribe(run.run_id) as sub:
+            await engine.execute(run)  # nobody reads meanwhile
+            hub = engine.hub
+            assert len(hub._ring) <= hub.capacity and len(hub._pending) <= hub.capacity
+            await _drain(sub, got)
+            stats = sub.statistics()
+        stored = await engine.store.read_events(run.run_id)
+        assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
+        dropped = [e for e in got if e.kind is EventKind.TICKS_DROPPED]
+        assert dropped and sum(e.data["count"] for e in dropped) == stats.ticks_dropped > 0
+        assert stats.caught_up_from_store > 0
 
 
 async def test_live_progress_ticks_carry_the_last_lifecycle_seq() -> None:
     """Ticks reach a live subscriber at once, numbered, after the hook's own start."""
     engine, plan = _big_engine(2, buffer=4096)
-    run = await engine.build_protect(plan)
-    got: list[Event] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_consume_run, engine, run.run_id, got)
-        await anyio.sleep(0.01)
-        await engine.execute(run)
-    ticks = [e for e in got if e.kind is EventKind.PROGRESS]
-    assert len(ticks) == 4 * 8  # four ticks from each of the eight resources' on_main
-    started = {
-        e.resource: e.seq
-        for e in got
-        if e.kind is EventKind.STARTED and e.hook is not None and e.hook.value == "on_main"
-    }
-    per_resource: dict[Any, list[int]] = {}
-    for e in ticks:
-        # A tick goes out at once; it carries the seq of the last lifecycle event
-        # before it, which may still be on its way (lifecycle waits for the commit).
-        assert e.progress is not None and e.seq >= started[e.resource]
-        per_resource.setdefault(e.resource, []).append(e.tick)
-    assert all(t == [1, 2, 3, 4] for t in per_resource.values())
-    latest = await engine.store.load_progress(run.run_id)  # type: ignore[attr-defined]
-    assert {e.progress.done for e in latest if e.progress} <= {1, 2, 3, 4}
+    async with engine:
+        run = await engine.build_protect(plan)
+        got: list[Event] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_consume_run, engine, run.run_id, got)
+            await anyio.sleep(0.01)
+            await engine.execute(run)
+        ticks = [e for e in got if e.kind is EventKind.PROGRESS]
+        assert len(ticks) == 4 * 8  # four ticks from each of the eight resources' on_main
+        started = {
+            e.resource: e.seq
+            for e in got
+            if e.kind is EventKind.STARTED and e.hook is not None and e.hook.value == "on_main"
+        }
+        per_resource: dict[Any, list[int]] = {}
+        for e in ticks:
+            # A tick goes out at once; it carries the seq of the last lifecycle event
+            # before it, which may still be on its way (lifecycle waits for the commit).
+            assert e.progress is not None and e.seq >= started[e.resource]
+            per_resource.setdefault(e.resource, []).append(e.tick)
+        assert all(t == [1, 2, 3, 4] for t in per_resource.values())
+        latest = await engine.store.load_progress(run.run_id)  # type: ignore[attr-defined]
+        assert {e.progress.done for e in latest if e.progress} <= {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], indirect=True)
@@ -178,13 +182,15 @@ async def test_replay_across_an_engine_restart(tmp_path: Path) -> None:
             store=store,
             discover=False,
         )
-        outcome = await engine.protect(plan)
-        before = [e.seq for e in await store.read_events(outcome.run_id)]
+        async with engine:
+            outcome = await engine.protect(plan)
+            before = [e.seq for e in await store.read_events(outcome.run_id)]
     async with SqliteStore.open(db) as store:
         engine2 = Engine(store=store, discover=False)
-        got: list[Event] = []
-        async with engine2.subscribe(outcome.run_id, since=3) as sub:
-            await _drain(sub, got)
+        async with engine2:
+            got: list[Event] = []
+            async with engine2.subscribe(outcome.run_id, since=3) as sub:
+                await _drain(sub, got)
     assert [e.seq for e in got] == [s for s in before if s > 3]
     assert len(set(before)) == len(before) == before[-1]
 
@@ -192,103 +198,107 @@ async def test_replay_across_an_engine_restart(tmp_path: Path) -> None:
 async def test_events_go_to_structlog_when_the_application_configured_it() -> None:
     """With structlog configured (here at debug level), every lifecycle event is logged."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
-    before = structlog.get_config()["wrapper_class"]
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as logs:
-            outcome = await engine.protect(plan)
-    finally:
-        structlog.configure(wrapper_class=before)
-    kinds = [entry["event"] for entry in logs if entry.get("seq")]
-    assert "started" in kinds and "finished" in kinds and "run_finished" in kinds
-    assert all(entry.get("run_id") == outcome.run_id for entry in logs if entry.get("seq"))
-    assert any(entry.get("resource") == f"{res('v1').type}#v1" for entry in logs)
+    async with engine:
+        before = structlog.get_config()["wrapper_class"]
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+        try:
+            with structlog.testing.capture_logs() as logs:
+                outcome = await engine.protect(plan)
+        finally:
+            structlog.configure(wrapper_class=before)
+        kinds = [entry["event"] for entry in logs if entry.get("seq")]
+        assert "started" in kinds and "finished" in kinds and "run_finished" in kinds
+        assert all(entry.get("run_id") == outcome.run_id for entry in logs if entry.get("seq"))
+        assert any(entry.get("resource") == f"{res('v1').type}#v1" for entry in logs)
 
 
 async def test_batches_deliver_the_same_stream_in_lists() -> None:
     """Subscription.batches() yields every lifecycle event in order, a wake-up's worth at once."""
     engine, _plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"])
-    run = await engine.build_protect(plan)
-    got: list[Event] = []
-    sizes: list[int] = []
+    async with engine:
+        run = await engine.build_protect(plan)
+        got: list[Event] = []
+        sizes: list[int] = []
 
-    async def consume() -> None:
-        async with engine.subscribe(run.run_id) as sub:
-            async for batch in sub.batches():
-                sizes.append(len(batch))
-                got.extend(batch)
+        async def consume() -> None:
+            async with engine.subscribe(run.run_id) as sub:
+                async for batch in sub.batches():
+                    sizes.append(len(batch))
+                    got.extend(batch)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(consume)
-        await anyio.sleep(0.01)
-        await engine.execute(run)
-    stored = await engine.store.read_events(run.run_id)
-    assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
-    assert max(sizes) > 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await anyio.sleep(0.01)
+            await engine.execute(run)
+        stored = await engine.store.read_events(run.run_id)
+        assert _lifecycle(got) == [(e.run_id, e.seq, e.kind) for e in stored]
+        assert max(sizes) > 1
 
 
 async def test_batch_readers_woken_together_share_one_batch() -> None:
     """Twenty batch readers (all runs, and one run) get the whole stream; batches are shared."""
     chains = [(f"s{i}", f"v{i}") for i in range(30)]
     engine, _plugin, plan = setup(chains, [s for s, _v in chains])
-    run = await engine.build_protect(plan)
-    got: list[list[Sequence[Event]]] = [[] for _ in range(20)]
+    async with engine:
+        run = await engine.build_protect(plan)
+        got: list[list[Sequence[Event]]] = [[] for _ in range(20)]
 
-    async def consume(i: int) -> None:
-        async with engine.subscribe(run.run_id if i % 2 else None) as sub:
-            async for batch in sub.batches():
-                got[i].append(batch)
-                if any(e.kind is EventKind.RUN_FINISHED for e in batch):
-                    return
+        async def consume(i: int) -> None:
+            async with engine.subscribe(run.run_id if i % 2 else None) as sub:
+                async for batch in sub.batches():
+                    got[i].append(batch)
+                    if any(e.kind is EventKind.RUN_FINISHED for e in batch):
+                        return
 
-    async with anyio.create_task_group() as tg:
-        for i in range(20):
-            tg.start_soon(consume, i)
-        await anyio.sleep(0.01)
-        await engine.execute(run)
-    stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
-    for batches in got:
-        assert _lifecycle([e for batch in batches for e in batch]) == stored
-    # Readers of the same stream woken together were handed the very same object.
-    for parity in (0, 1):
-        holders: dict[int, int] = {}
-        for i in range(parity, 20, 2):
-            for batch in got[i]:
-                holders[id(batch)] = holders.get(id(batch), 0) + 1
-        assert max(holders.values()) == 10
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(consume, i)
+            await anyio.sleep(0.01)
+            await engine.execute(run)
+        stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
+        for batches in got:
+            assert _lifecycle([e for batch in batches for e in batch]) == stored
+        # Readers of the same stream woken together were handed the very same object.
+        for parity in (0, 1):
+            holders: dict[int, int] = {}
+            for i in range(parity, 20, 2):
+                for batch in got[i]:
+                    holders[id(batch)] = holders.get(id(batch), 0) + 1
+            assert max(holders.values()) == 10
 
 
 async def test_batch_readers_join_late_fall_behind_and_still_get_everything() -> None:
     """Batch readers that join mid-run (since=N) or overrun a small ring miss nothing."""
     engine, plan = _big_engine(300, buffer=64)
-    run = await engine.build_protect(plan)
-    results: dict[str, list[Event]] = {"early": [], "late": [], "slow": []}
-    caught_up: dict[str, int] = {}
+    async with engine:
+        run = await engine.build_protect(plan)
+        results: dict[str, list[Event]] = {"early": [], "late": [], "slow": []}
+        caught_up: dict[str, int] = {}
 
-    async def read(name: str, since: int, pause: float) -> None:
-        async with engine.subscribe(run.run_id, since=since) as sub:
-            async for batch in sub.batches():
-                results[name].extend(batch)
-                if pause:
-                    await anyio.sleep(pause)
-            caught_up[name] = sub.statistics().caught_up_from_store
+        async def read(name: str, since: int, pause: float) -> None:
+            async with engine.subscribe(run.run_id, since=since) as sub:
+                async for batch in sub.batches():
+                    results[name].extend(batch)
+                    if pause:
+                        await anyio.sleep(pause)
+                caught_up[name] = sub.statistics().caught_up_from_store
 
-    async def execute() -> None:
-        await engine.execute(run)
+        async def execute() -> None:
+            await engine.execute(run)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read, "early", 0, 0.0)
-        tg.start_soon(read, "slow", 0, 0.05)
-        await anyio.sleep(0.01)
-        tg.start_soon(execute)
-        await anyio.sleep(0.02)
-        tg.start_soon(read, "late", 3, 0.0)
-    stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
-    assert _lifecycle(results["early"]) == stored
-    assert _lifecycle(results["slow"]) == stored
-    assert _lifecycle(results["late"]) == [s for s in stored if s[1] > 3]
-    assert caught_up["slow"] > 0  # it did fall off the ring and read back from the store
-    assert caught_up["late"] > 0  # its replay came from the store
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read, "early", 0, 0.0)
+            tg.start_soon(read, "slow", 0, 0.05)
+            await anyio.sleep(0.01)
+            tg.start_soon(execute)
+            await anyio.sleep(0.02)
+            tg.start_soon(read, "late", 3, 0.0)
+        stored = [(e.run_id, e.seq, e.kind) for e in await engine.store.read_events(run.run_id)]
+        assert _lifecycle(results["early"]) == stored
+        assert _lifecycle(results["slow"]) == stored
+        assert _lifecycle(results["late"]) == [s for s in stored if s[1] > 3]
+        assert caught_up["slow"] > 0  # it did fall off the ring and read back from the store
+        assert caught_up["late"] > 0  # its replay came from the store
 
 
 def test_per_event_logs_are_skipped_when_debug_is_filtered() -> None:

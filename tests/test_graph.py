@@ -26,11 +26,12 @@ async def test_dependents_expand_and_dedupe() -> None:
     engine, _plugin, plan = setup(
         [("p1", "s1"), ("p1", "s2"), ("s1", "v1"), ("s2", "v1"), ("s2", "v2")], ["p1"]
     )
-    run = await engine.build_protect(plan)
-    graph = run.spec.graph
-    assert [r.id for r in graph.resources] == ["p1", "s1", "s2", "v1", "v2"]
-    assert len(graph.edges) == 5
-    assert [r.id for r in graph.roots] == ["p1"]
+    async with engine:
+        run = await engine.build_protect(plan)
+        graph = run.spec.graph
+        assert [r.id for r in graph.resources] == ["p1", "s1", "s2", "v1", "v2"]
+        assert len(graph.edges) == 5
+        assert [r.id for r in graph.roots] == ["p1"]
 
 
 async def test_cycle_is_an_error_naming_the_cycle() -> None:
@@ -38,17 +39,19 @@ async def test_cycle_is_an_error_naming_the_cycle() -> None:
     a, b, c = (Resource(VOLUME, x) for x in "abc")
     finder = MapProtectable(VOLUME, [VOLUME], {a.key: [b], b.key: [c], c.key: [a]})
     engine = Engine([RecordingPlugin(TYPES)], [finder], discover=False)
-    with pytest.raises(GraphError, match=r"cycle: .*#a -> .*#b -> .*#c -> .*#a"):
-        await engine.build_protect(Plan(name="cyc", resources=[a]))
+    async with engine:
+        with pytest.raises(GraphError, match=r"cycle: .*#a -> .*#b -> .*#c -> .*#a"):
+            await engine.build_protect(Plan(name="cyc", resources=[a]))
 
 
 async def test_unknown_type_fails_before_any_hook() -> None:
     """A resource type no plugin handles is named, with the installed types."""
     plugin = RecordingPlugin([SERVER])
     engine = Engine([plugin], protectables_for([(res("s1"), res("v1"))]), discover=False)
-    with pytest.raises(GraphError, match="no protection plugin handles 'OS::Cinder::Volume'"):
-        await engine.protect(Plan(name="x", resources=[res("s1")]))
-    assert plugin.trace == []
+    async with engine:
+        with pytest.raises(GraphError, match="no protection plugin handles 'OS::Cinder::Volume'"):
+            await engine.protect(Plan(name="x", resources=[res("s1")]))
+        assert plugin.trace == []
 
 
 async def test_failing_protectable_is_a_clear_error() -> None:
@@ -56,9 +59,12 @@ async def test_failing_protectable_is_a_clear_error() -> None:
     plugin = RecordingPlugin(TYPES)
     finder = MapProtectable(VOLUME, [SERVER], {}, fail_on=key("s1"))
     engine = Engine([plugin], [finder], discover=False)
-    with pytest.raises(GraphError, match="failed listing the dependents of OS::Nova::Server#s1"):
-        await engine.protect(Plan(name="x", resources=[res("s1")]))
-    assert plugin.trace == []
+    async with engine:
+        with pytest.raises(
+            GraphError, match="failed listing the dependents of OS::Nova::Server#s1"
+        ):
+            await engine.protect(Plan(name="x", resources=[res("s1")]))
+        assert plugin.trace == []
 
 
 def test_two_plugins_claiming_a_type_conflict_unless_preferred() -> None:
@@ -83,12 +89,13 @@ def test_non_plugin_objects_are_refused() -> None:
 async def test_graph_json_round_trips_exactly() -> None:
     """The stored graph serialises to stable JSON and reads back identical."""
     engine, _plugin, plan = setup([("p1", "s1"), ("s1", "v1"), ("s1", "v2")], ["p1"])
-    graph = (await engine.build_protect(plan)).spec.graph
-    text = json.dumps(graph.to_json(), sort_keys=True)
-    again = ResourceGraph.from_json(json.loads(text))
-    assert again.resources == graph.resources
-    assert again.edges == graph.edges
-    assert json.dumps(again.to_json(), sort_keys=True) == text
+    async with engine:
+        graph = (await engine.build_protect(plan)).spec.graph
+        text = json.dumps(graph.to_json(), sort_keys=True)
+        again = ResourceGraph.from_json(json.loads(text))
+        assert again.resources == graph.resources
+        assert again.edges == graph.edges
+        assert json.dumps(again.to_json(), sort_keys=True) == text
 
 
 def test_stored_graph_with_a_cycle_is_refused() -> None:

@@ -61,14 +61,15 @@ def _engine(store: MemoryStore | None = None, **kw: Any) -> tuple[Engine, DbPlug
 async def test_type_parameters_are_overridden_per_resource() -> None:
     """Each hook sees defaults, then "Type", then "Type#id" parameters."""
     engine, plugin = _engine()
-    plan = Plan(
-        name="p",
-        resources=[res("s1")],
-        parameters={VOLUME: {"streams": 4}, f"{VOLUME}#v2": {"pool": "silver"}},
-    )
-    await engine.protect(plan)
-    by_pool = sorted((p["pool"], p["streams"]) for p in plugin.seen if "pool" in p)
-    assert by_pool == [("gold", 4), ("silver", 4)]
+    async with engine:
+        plan = Plan(
+            name="p",
+            resources=[res("s1")],
+            parameters={VOLUME: {"streams": 4}, f"{VOLUME}#v2": {"pool": "silver"}},
+        )
+        await engine.protect(plan)
+        by_pool = sorted((p["pool"], p["streams"]) for p in plugin.seen if "pool" in p)
+        assert by_pool == [("gold", 4), ("silver", 4)]
 
 
 @pytest.mark.parametrize(
@@ -84,9 +85,10 @@ async def test_bad_parameters_are_named_before_any_hook(
     parameters: dict[str, dict[str, Any]], message: str
 ) -> None:
     engine, plugin = _engine()
-    with pytest.raises(PlanError, match=message):
-        await engine.protect(Plan(name="p", resources=[res("s1")], parameters=parameters))
-    assert plugin.seen == []
+    async with engine:
+        with pytest.raises(PlanError, match=message):
+            await engine.protect(Plan(name="p", resources=[res("s1")], parameters=parameters))
+        assert plugin.seen == []
 
 
 async def test_secret_is_resolved_for_the_hook_and_stored_as_a_reference() -> None:
@@ -97,22 +99,28 @@ async def test_secret_is_resolved_for_the_hook_and_stored_as_a_reference() -> No
 
     store = MemoryStore()
     engine, plugin = _engine(store, secrets=resolver)
-    plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
-    outcome = await engine.protect(plan)
-    assert {p.get("password") for p in plugin.seen if "pool" in p} == {"hunter2"}
-    record = await store.get_run(outcome.run_id)
-    assert "hunter2" not in repr(record.plan)
-    assert "db-password" in repr(record.plan)
-    events = await store.read_events(outcome.run_id)
-    assert "hunter2" not in repr([e.to_json() for e in events])
+    async with engine:
+        plan = Plan(
+            name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}}
+        )
+        outcome = await engine.protect(plan)
+        assert {p.get("password") for p in plugin.seen if "pool" in p} == {"hunter2"}
+        record = await store.get_run(outcome.run_id)
+        assert "hunter2" not in repr(record.plan)
+        assert "db-password" in repr(record.plan)
+        events = await store.read_events(outcome.run_id)
+        assert "hunter2" not in repr([e.to_json() for e in events])
 
 
 async def test_missing_resolver_stops_before_any_hook() -> None:
     engine, plugin = _engine()
-    plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
-    with pytest.raises(SecretError, match=r"'password' is secret .* no secrets resolver"):
-        await engine.protect(plan)
-    assert plugin.seen == []
+    async with engine:
+        plan = Plan(
+            name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}}
+        )
+        with pytest.raises(SecretError, match=r"'password' is secret .* no secrets resolver"):
+            await engine.protect(plan)
+        assert plugin.seen == []
 
 
 async def test_unresolvable_secret_names_parameter_and_resource() -> None:
@@ -120,17 +128,21 @@ async def test_unresolvable_secret_names_parameter_and_resource() -> None:
         raise KeyError(name)
 
     engine, plugin = _engine(secrets=resolver)
-    plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "nope"}})
-    with pytest.raises(SecretError, match=r"OS::Cinder::Volume#v1: cannot resolve .*'password'"):
-        await engine.protect(plan)
-    assert plugin.seen == []
+    async with engine:
+        plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "nope"}})
+        with pytest.raises(
+            SecretError, match=r"OS::Cinder::Volume#v1: cannot resolve .*'password'"
+        ):
+            await engine.protect(plan)
+        assert plugin.seen == []
 
 
 async def test_secret_value_in_plan_is_refused() -> None:
     engine, _plugin = _engine()
-    plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": 1234}})
-    with pytest.raises(PlanError, match="secret; the plan must hold the secret's name"):
-        await engine.protect(plan)
+    async with engine:
+        plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": 1234}})
+        with pytest.raises(PlanError, match="secret; the plan must hold the secret's name"):
+            await engine.protect(plan)
 
 
 @pytest.mark.parametrize(
@@ -186,13 +198,17 @@ async def test_restore_and_delete_resolve_secrets_or_stop_clearly() -> None:
 
     store = MemoryStore()
     engine, _plugin = _engine(store, secrets=resolver)
-    plan = Plan(name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}})
-    outcome = await engine.protect(plan)
-    bare, bare_plugin = _engine(store)
-    with pytest.raises(SecretError, match=r"OS::Cinder::Volume#v\d: parameter 'password'"):
-        await bare.restore(outcome.checkpoint_id)
-    with pytest.raises(SecretError, match="no secrets resolver"):
-        await bare.delete(outcome.checkpoint_id)
-    assert bare_plugin.seen == []
-    restored = await engine.restore(outcome.checkpoint_id)
-    assert restored.status.value == "succeeded"
+    async with engine:
+        plan = Plan(
+            name="p", resources=[res("s1")], parameters={VOLUME: {"password": "db-password"}}
+        )
+        outcome = await engine.protect(plan)
+        bare, bare_plugin = _engine(store)
+        async with bare:
+            with pytest.raises(SecretError, match=r"OS::Cinder::Volume#v\d: parameter 'password'"):
+                await bare.restore(outcome.checkpoint_id)
+            with pytest.raises(SecretError, match="no secrets resolver"):
+                await bare.delete(outcome.checkpoint_id)
+            assert bare_plugin.seen == []
+        restored = await engine.restore(outcome.checkpoint_id)
+        assert restored.status.value == "succeeded"

@@ -136,33 +136,36 @@ async def run_scenario(s: Scenario, unit: float, *, virtual: bool = True) -> Non
         ),
         crash_consistent_fallback=s.fallback,
     )
-    if s.operation is OperationKind.RESTORE:
-        unfaulted = attrs.evolve(plan, timeouts=attrs.evolve(plan.timeouts, quiesce_budget=None))
-        protected = await engine.protect(unfaulted)
-        plugin.trace.clear()
-        run = await engine.build_restore(protected.checkpoint_id)
-    else:
-        run = await engine.build_protect(plan)
-    plugin.cancel_run = run.cancel
-    outcome: RunOutcome
-    failure: RunError | None = None
-    try:
-        outcome = await engine.execute(run)
-    except RunError as exc:
-        failure = exc
-        outcome = exc.outcome
-    if failure is not None:
-        assert outcome.status is not RunStatus.SUCCEEDED
-        assert failure.checkpoint_id == outcome.checkpoint_id
-    events = await engine.store.read_events(run.run_id)
-    check_run(plugin.trace, run.spec.graph, outcome, QUIESCING, events)
-    if not s.faults and s.budget is None:
-        assert outcome.status is RunStatus.SUCCEEDED
-    stored = await engine.store.get_run(run.run_id)
-    assert stored.status is outcome.status
-    for r in outcome.resources.values():
-        if r.status.value == "failed":
-            assert r.failed_hook is not None and r.error
+    async with engine:
+        if s.operation is OperationKind.RESTORE:
+            unfaulted = attrs.evolve(
+                plan, timeouts=attrs.evolve(plan.timeouts, quiesce_budget=None)
+            )
+            protected = await engine.protect(unfaulted)
+            plugin.trace.clear()
+            run = await engine.build_restore(protected.checkpoint_id)
+        else:
+            run = await engine.build_protect(plan)
+        plugin.cancel_run = run.cancel
+        outcome: RunOutcome
+        failure: RunError | None = None
+        try:
+            outcome = await engine.execute(run)
+        except RunError as exc:
+            failure = exc
+            outcome = exc.outcome
+        if failure is not None:
+            assert outcome.status is not RunStatus.SUCCEEDED
+            assert failure.checkpoint_id == outcome.checkpoint_id
+        events = await engine.store.read_events(run.run_id)
+        check_run(plugin.trace, run.spec.graph, outcome, QUIESCING, events)
+        if not s.faults and s.budget is None:
+            assert outcome.status is RunStatus.SUCCEEDED
+        stored = await engine.store.get_run(run.run_id)
+        assert stored.status is outcome.status
+        for r in outcome.resources.values():
+            if r.status.value == "failed":
+                assert r.failed_hook is not None and r.error
 
 
 @given(scenario=scenarios())

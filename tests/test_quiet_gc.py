@@ -87,19 +87,21 @@ def gc_enabled() -> Iterator[None]:
 async def test_collector_is_held_off_from_freeze_to_thaw() -> None:
     probe = _Probe()
     engine, plan = _engine(probe)
-    await engine.protect(plan)
-    assert probe.seen["begin", "s1"] is True  # nothing frozen yet
-    assert all(probe.seen["finish", f"v{i}"] is False for i in range(3))  # the cuts
-    assert probe.seen["finish", "s1"] is False  # the thaw itself: still frozen
-    assert gc.isenabled()  # everything thawed and dispatched: the collector is back
+    async with engine:
+        await engine.protect(plan)
+        assert probe.seen["begin", "s1"] is True  # nothing frozen yet
+        assert all(probe.seen["finish", f"v{i}"] is False for i in range(3))  # the cuts
+        assert probe.seen["finish", "s1"] is False  # the thaw itself: still frozen
+        assert gc.isenabled()  # everything thawed and dispatched: the collector is back
 
 
 @pytest.mark.usefixtures("gc_enabled")
 async def test_quiet_gc_zero_leaves_the_collector_alone() -> None:
     probe = _Probe()
     engine, plan = _engine(probe, quiet_gc=0)
-    await engine.protect(plan)
-    assert all(probe.seen.values())
+    async with engine:
+        await engine.protect(plan)
+        assert all(probe.seen.values())
 
 
 @pytest.mark.usefixtures("gc_enabled")
@@ -107,10 +109,11 @@ async def test_the_hold_is_capped_per_run() -> None:
     """A freeze that lasts longer than ``quiet_gc`` seconds gets the collector back."""
     probe = _Probe(thaw_delay=0.3)
     engine, plan = _engine(probe, quiet_gc=0.1)
-    await engine.protect(plan)
-    assert probe.seen["finish", "s1"] is False
-    assert probe.seen["late", "s1"] is True
-    assert gc.isenabled()
+    async with engine:
+        await engine.protect(plan)
+        assert probe.seen["finish", "s1"] is False
+        assert probe.seen["late", "s1"] is True
+        assert gc.isenabled()
 
 
 async def test_a_disabled_collector_stays_disabled() -> None:
@@ -118,8 +121,9 @@ async def test_a_disabled_collector_stays_disabled() -> None:
     gc.disable()
     try:
         engine, plan = _engine(_Probe())
-        await engine.protect(plan)
-        assert not gc.isenabled()
+        async with engine:
+            await engine.protect(plan)
+            assert not gc.isenabled()
     finally:
         if was:
             gc.enable()

@@ -59,10 +59,12 @@ CHILD = textwrap.dedent(
             engine = Engine(
                 [CrashPlugin()], [FINDER], store=store, bank=FsBank(bank), discover=False
             )
-            if mode == "protect":
-                await engine.protect(Plan(name="crash", resources=[S1], barrier=BarrierPolicy.CUT))
-            else:
-                await engine.restore(checkpoint)
+            async with engine:
+                if mode == "protect":
+                    plan = Plan(name="crash", resources=[S1], barrier=BarrierPolicy.CUT)
+                    await engine.protect(plan)
+                else:
+                    await engine.restore(checkpoint)
 
     anyio.run(main, *sys.argv[1:])
     """
@@ -166,8 +168,9 @@ async def _recover(tmp_path: Path) -> AsyncIterator[tuple[Engine, list[Any]]]:
             discover=False,
             recover=False,
         )
-        outcomes = await engine.recover()
-        yield engine, outcomes
+        async with engine:
+            outcomes = await engine.recover()
+            yield engine, outcomes
 
 
 def _calls(
@@ -283,9 +286,10 @@ async def test_crash_during_restore_adopts_instead_of_creating_twice(
             bank=FsBank(tmp_path / "bank"),
             discover=False,
         )
-        protected = await engine.protect(
-            Plan(name="crash", resources=[S1], barrier=BarrierPolicy.CUT)
-        )
+        async with engine:
+            protected = await engine.protect(
+                Plan(name="crash", resources=[S1], barrier=BarrierPolicy.CUT)
+            )
     before = await _crash_child(
         tmp_path,
         journal,
@@ -319,8 +323,9 @@ async def test_engine_recovers_before_its_first_operation(tmp_path: Path, journa
     async with SqliteStore.open(tmp_path / "karbor.db", lease_seconds=LEASE) as store:
         (stale,) = await store.unfinished_runs()
         off = Engine([CrashPlugin()], [_finder()], store=store, discover=False, recover=False)
-        await off.build_protect(Plan(name="other", resources=[S1]))
-        assert [r.run_id for r in await store.unfinished_runs()] == [stale.run_id]
+        async with off:
+            await off.build_protect(Plan(name="other", resources=[S1]))
+            assert [r.run_id for r in await store.unfinished_runs()] == [stale.run_id]
         on = Engine(
             [CrashPlugin()],
             [_finder()],
@@ -328,10 +333,11 @@ async def test_engine_recovers_before_its_first_operation(tmp_path: Path, journa
             bank=FsBank(tmp_path / "bank"),
             discover=False,
         )
-        await on.build_protect(Plan(name="other", resources=[S1]))
-        assert await store.unfinished_runs() == []
-        cp = await store.get_checkpoint(stale.checkpoint_id)
-        assert cp.status is CheckpointStatus.AVAILABLE
+        async with on:
+            await on.build_protect(Plan(name="other", resources=[S1]))
+            assert await store.unfinished_runs() == []
+            cp = await store.get_checkpoint(stale.checkpoint_id)
+            assert cp.status is CheckpointStatus.AVAILABLE
 
 
 async def test_recovery_resolves_secrets_or_stops_clearly(tmp_path: Path) -> None:
@@ -360,22 +366,26 @@ async def test_recovery_resolves_secrets_or_stops_clearly(tmp_path: Path) -> Non
             discover=False,
             recover=False,
         )
-        run = await engine.build_protect(plan)
-        # A run a dead engine left: recorded, never finished, its lease given up.
-        await store.create_run(
-            RunRecord(
-                run.run_id,
-                run.operation,
-                run.checkpoint_id,
-                plan.to_json(),
-                run.spec.graph.to_json(),
-                RunStatus.RUNNING,
-                time.time(),
+        async with engine:
+            run = await engine.build_protect(plan)
+            # A run a dead engine left: recorded, never finished, its lease given up.
+            await store.create_run(
+                RunRecord(
+                    run.run_id,
+                    run.operation,
+                    run.checkpoint_id,
+                    plan.to_json(),
+                    run.spec.graph.to_json(),
+                    RunStatus.RUNNING,
+                    time.time(),
+                )
             )
-        )
-        await store.release_lease(run.run_id)
-        bare = Engine([SecretCrash()], [_finder()], store=store, discover=False, recover=False)
-        with pytest.raises(SecretError, match=r"OS::Cinder::Volume#v\d: parameter 'password'"):
-            await bare.recover()
-        (outcome,) = await engine.recover()
-        assert outcome.run_id == run.run_id and outcome.status is RunStatus.FAILED
+            await store.release_lease(run.run_id)
+            bare = Engine([SecretCrash()], [_finder()], store=store, discover=False, recover=False)
+            async with bare:
+                with pytest.raises(
+                    SecretError, match=r"OS::Cinder::Volume#v\d: parameter 'password'"
+                ):
+                    await bare.recover()
+            (outcome,) = await engine.recover()
+            assert outcome.run_id == run.run_id and outcome.status is RunStatus.FAILED

@@ -26,10 +26,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 async def _protect(engine: Engine, plan: Plan) -> tuple[dict[str, Any], str]:
     store = engine.store
-    try:
-        outcome = await engine.protect(plan)
-    except RunError as exc:
-        outcome = exc.outcome
+    async with engine:
+        try:
+            outcome = await engine.protect(plan)
+        except RunError as exc:
+            outcome = exc.outcome
     run = await store.get_run(outcome.run_id)
     events = await store.read_events(outcome.run_id, 0)
     data = build_timeline(run, events, run.outcome)

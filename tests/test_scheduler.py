@@ -56,28 +56,31 @@ async def test_karbor_cases_follow_every_ordering_rule(case: str, policy: Barrie
     edges, roots = KARBOR_CASES[case]
     delays = {(VOLUME, PF): 0.002, (SERVER, PB): 0.001}
     engine, plugin, plan = setup(edges, roots, barrier=policy, delays=delays)
-    outcome = await engine.protect(plan)
-    assert outcome.status is RunStatus.SUCCEEDED
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
-    assert len(plugin.trace) == 4 * len(outcome.resources)
+    async with engine:
+        outcome = await engine.protect(plan)
+        assert outcome.status is RunStatus.SUCCEEDED
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
+        assert len(plugin.trace) == 4 * len(outcome.resources)
 
 
 async def test_shared_child_is_one_node_and_waits_for_both_parents() -> None:
     """A volume on two servers is protected once; its prepare_begin follows both servers'."""
     engine, plugin, plan = setup([("s1", "v1"), ("s2", "v1")], ["s1", "s2"])
-    outcome = await engine.protect(plan)
-    assert len(outcome.resources) == 3
-    v_pb = plugin.calls(key("v1"), PB)[0]
-    for s in ("s1", "s2"):
-        end = plugin.calls(key(s), PB)[0].end
-        assert end is not None and end <= v_pb.start
+    async with engine:
+        outcome = await engine.protect(plan)
+        assert len(outcome.resources) == 3
+        v_pb = plugin.calls(key("v1"), PB)[0]
+        for s in ("s1", "s2"):
+            end = plugin.calls(key(s), PB)[0].end
+            assert end is not None and end <= v_pb.start
 
 
 async def test_plan_resource_found_as_dependent_is_not_a_root() -> None:
     """Naming both a server and its volume protects the volume once, under the server."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1", "v1"])
-    graph = await graph_of(engine, plan)
-    assert [r.id for r in graph.roots] == ["s1"]
+    async with engine:
+        graph = await graph_of(engine, plan)
+        assert [r.id for r in graph.roots] == ["s1"]
 
 
 async def test_cut_barrier_releases_cuts_after_every_quiesce() -> None:
@@ -85,12 +88,13 @@ async def test_cut_barrier_releases_cuts_after_every_quiesce() -> None:
     edges = [("s1", "v1"), ("s1", "v2"), ("s2", "v3")]
     delays = {(sk("s2"), PB): 0.02}
     engine, plugin, plan = setup(edges, ["s1", "s2"], barrier=BarrierPolicy.CUT, delays=delays)
-    outcome = await engine.protect(plan)
-    last_quiesce = max(e.end for e in plugin.calls(hook=PB) if e.end is not None)
-    first_cut = min(e.start for e in plugin.calls(hook=PF))
-    assert last_quiesce <= first_cut
-    assert outcome.skew is not None and outcome.skew < 0.02
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
+    async with engine:
+        outcome = await engine.protect(plan)
+        last_quiesce = max(e.end for e in plugin.calls(hook=PB) if e.end is not None)
+        first_cut = min(e.start for e in plugin.calls(hook=PF))
+        assert last_quiesce <= first_cut
+        assert outcome.skew is not None and outcome.skew < 0.02
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_skew_and_quiesce_windows_are_recorded() -> None:
@@ -101,47 +105,50 @@ async def test_skew_and_quiesce_windows_are_recorded() -> None:
         barrier=BarrierPolicy.CUT,
         delays={(VOLUME, PF): 0.001},
     )
-    outcome = await engine.protect(plan)
-    v1, v2 = outcome.resources[key("v1")], outcome.resources[key("v2")]
-    assert v1.cut_at is not None and v2.cut_at is not None
-    assert outcome.groups["default"].skew == abs(v1.cut_at - v2.cut_at)
-    assert outcome.groups["default"].cuts == 2
-    server = outcome.resources[key("s1")]
-    assert server.cut_at is None  # a server that only quiesces does not cut
-    assert server.quiesce_window is not None and server.quiesce_window > 0
-    assert not v1.crash_consistent and not outcome.crash_consistent
+    async with engine:
+        outcome = await engine.protect(plan)
+        v1, v2 = outcome.resources[key("v1")], outcome.resources[key("v2")]
+        assert v1.cut_at is not None and v2.cut_at is not None
+        assert outcome.groups["default"].skew == abs(v1.cut_at - v2.cut_at)
+        assert outcome.groups["default"].cuts == 2
+        server = outcome.resources[key("s1")]
+        assert server.cut_at is None  # a server that only quiesces does not cut
+        assert server.quiesce_window is not None and server.quiesce_window > 0
+        assert not v1.crash_consistent and not outcome.crash_consistent
 
 
 async def test_volume_without_quiesce_is_crash_consistent() -> None:
     """A resource captured with no quiescing ancestor is marked crash-consistent."""
     engine, _plugin, plan = setup([], ["v1"])
-    outcome = await engine.protect(plan)
-    assert outcome.resources[key("v1")].crash_consistent
-    assert outcome.crash_consistent
+    async with engine:
+        outcome = await engine.protect(plan)
+        assert outcome.resources[key("v1")].crash_consistent
+        assert outcome.crash_consistent
 
 
 async def test_failure_in_prepare_aborts_group_and_thaws_servers() -> None:
     """A volume whose prepare_begin raises aborts the group; the frozen server is thawed."""
     faults = {(sk("v2"), PB): Fault.RAISE}
     engine, plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"], faults=faults)
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    outcome = info.value.outcome
-    assert outcome.status is RunStatus.FAILED
-    assert outcome.groups["default"].aborted is AbortReason.FAILURE
-    assert info.value.checkpoint_id == outcome.checkpoint_id
-    hook_errors = [e for e in info.value.exceptions if isinstance(e, HookError)]
-    assert hook_errors and hook_errors[0].hook is PB
-    assert "injected failure" in str(hook_errors[0].__cause__)
-    thaws = plugin.calls(key("s1"), PF)
-    assert thaws and thaws[-1].aborting is AbortReason.FAILURE and thaws[-1].outcome == "ok"
-    assert not plugin.calls(hook=MAIN)
-    assert outcome.resources[key("v2")].status is ResourceStatus.FAILED
-    assert outcome.resources[key("v2")].failed_hook is PB
-    assert "InjectedError" in (outcome.resources[key("v2")].error or "")
-    cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
-    assert cp.status is CheckpointStatus.ERROR
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        outcome = info.value.outcome
+        assert outcome.status is RunStatus.FAILED
+        assert outcome.groups["default"].aborted is AbortReason.FAILURE
+        assert info.value.checkpoint_id == outcome.checkpoint_id
+        hook_errors = [e for e in info.value.exceptions if isinstance(e, HookError)]
+        assert hook_errors and hook_errors[0].hook is PB
+        assert "injected failure" in str(hook_errors[0].__cause__)
+        thaws = plugin.calls(key("s1"), PF)
+        assert thaws and thaws[-1].aborting is AbortReason.FAILURE and thaws[-1].outcome == "ok"
+        assert not plugin.calls(hook=MAIN)
+        assert outcome.resources[key("v2")].status is ResourceStatus.FAILED
+        assert outcome.resources[key("v2")].failed_hook is PB
+        assert "InjectedError" in (outcome.resources[key("v2")].error or "")
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.ERROR
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_hook_hanging_past_its_timeout_fails_and_thaws(virtual_time: bool) -> None:
@@ -151,11 +158,12 @@ async def test_hook_hanging_past_its_timeout_fails_and_thaws(virtual_time: bool)
     engine, plugin, plan = setup(
         [("s1", "v1")], ["s1"], faults=faults, timeouts=Timeouts(hook=limit)
     )
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    assert any(isinstance(e, HookTimeoutError) for e in info.value.exceptions)
-    assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.FAILURE
-    await verify(engine, plugin, info.value.outcome, await graph_of(engine, plan))
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        assert any(isinstance(e, HookTimeoutError) for e in info.value.exceptions)
+        assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.FAILURE
+        await verify(engine, plugin, info.value.outcome, await graph_of(engine, plan))
 
 
 async def test_running_cut_is_not_cancelled_by_another_failure(virtual_time: bool) -> None:
@@ -164,15 +172,16 @@ async def test_running_cut_is_not_cancelled_by_another_failure(virtual_time: boo
     delays = {(sk("v1"), PF): slow, (sk("v2"), PF): slow / 10}
     faults = {(sk("v2"), PF): Fault.RAISE}
     engine, plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"], delays=delays, faults=faults)
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    (v1_cut,) = plugin.calls(key("v1"), PF)
-    assert v1_cut.outcome == "ok" and v1_cut.aborting is None
-    server_pf = plugin.calls(key("s1"), PF)
-    assert server_pf[-1].aborting is AbortReason.FAILURE
-    # The aborting thaw does not wait for the children's prepare_finish.
-    assert server_pf[-1].start < (v1_cut.end or 0)
-    await verify(engine, plugin, info.value.outcome, await graph_of(engine, plan))
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        (v1_cut,) = plugin.calls(key("v1"), PF)
+        assert v1_cut.outcome == "ok" and v1_cut.aborting is None
+        server_pf = plugin.calls(key("s1"), PF)
+        assert server_pf[-1].aborting is AbortReason.FAILURE
+        # The aborting thaw does not wait for the children's prepare_finish.
+        assert server_pf[-1].start < (v1_cut.end or 0)
+        await verify(engine, plugin, info.value.outcome, await graph_of(engine, plan))
 
 
 async def test_failure_in_main_lets_unrelated_resources_finish() -> None:
@@ -180,24 +189,25 @@ async def test_failure_in_main_lets_unrelated_resources_finish() -> None:
     faults = {(sk("v1"), MAIN): Fault.RAISE}
     edges = [("p1", "s1"), ("p1", "s2"), ("s1", "v1"), ("s2", "v2")]
     engine, plugin, plan = setup(edges, ["p1"], faults=faults)
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    outcome = info.value.outcome
-    status = {k[1]: r.status for k, r in outcome.resources.items()}
-    assert status == {
-        "p1": ResourceStatus.SKIPPED,
-        "s1": ResourceStatus.SKIPPED,
-        "s2": ResourceStatus.SUCCEEDED,
-        "v1": ResourceStatus.FAILED,
-        "v2": ResourceStatus.SUCCEEDED,
-    }
-    assert plugin.calls(key("s1"), MAIN), "a parent's on_main does not wait for its children"
-    assert not plugin.calls(key("s1"), CP) and not plugin.calls(key("p1"), CP)
-    assert plugin.calls(key("s2"), CP)
-    assert outcome.groups["default"].aborted is None
-    cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
-    assert cp.status is CheckpointStatus.ERROR
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        outcome = info.value.outcome
+        status = {k[1]: r.status for k, r in outcome.resources.items()}
+        assert status == {
+            "p1": ResourceStatus.SKIPPED,
+            "s1": ResourceStatus.SKIPPED,
+            "s2": ResourceStatus.SUCCEEDED,
+            "v1": ResourceStatus.FAILED,
+            "v2": ResourceStatus.SUCCEEDED,
+        }
+        assert plugin.calls(key("s1"), MAIN), "a parent's on_main does not wait for its children"
+        assert not plugin.calls(key("s1"), CP) and not plugin.calls(key("p1"), CP)
+        assert plugin.calls(key("s2"), CP)
+        assert outcome.groups["default"].aborted is None
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.ERROR
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_cancel_from_another_task_thaws_and_ends_cancelled() -> None:
@@ -208,35 +218,37 @@ async def test_cancel_from_another_task_thaws_and_ends_cancelled() -> None:
         barrier=BarrierPolicy.CUT,
         faults={(sk("v1"), PB): Fault.CANCEL_RUN},
     )
-    run = await engine.build_protect(plan)
-    plugin.cancel_run = run.cancel
-    with pytest.raises(RunError) as info:
-        await engine.execute(run)
-    outcome = info.value.outcome
-    assert outcome.status is RunStatus.CANCELLED
-    assert any(isinstance(e, RunCancelledError) for e in info.value.exceptions)
-    for s in ("s1", "s2"):
-        if plugin.calls(key(s), PB):
-            assert plugin.calls(key(s), PF)[-1].aborting is AbortReason.CANCELLED
-    assert all(r.status is not ResourceStatus.SUCCEEDED for r in outcome.resources.values())
-    cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
-    assert cp.status is CheckpointStatus.CANCELLED
-    await verify(engine, plugin, outcome, run.spec.graph)
+    async with engine:
+        run = await engine.build_protect(plan)
+        plugin.cancel_run = run.cancel
+        with pytest.raises(RunError) as info:
+            await engine.execute(run)
+        outcome = info.value.outcome
+        assert outcome.status is RunStatus.CANCELLED
+        assert any(isinstance(e, RunCancelledError) for e in info.value.exceptions)
+        for s in ("s1", "s2"):
+            if plugin.calls(key(s), PB):
+                assert plugin.calls(key(s), PF)[-1].aborting is AbortReason.CANCELLED
+        assert all(r.status is not ResourceStatus.SUCCEEDED for r in outcome.resources.values())
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.CANCELLED
+        await verify(engine, plugin, outcome, run.spec.graph)
 
 
 async def test_callers_cancellation_propagates_after_cleanup(virtual_time: bool) -> None:
     """Cancelling the caller's scope thaws, records `cancelled`, then propagates."""
     slow = 10.0 if virtual_time else 0.05
     engine, plugin, plan = setup([("s1", "v1")], ["s1"], delays={(sk("v1"), PB): slow})
-    run = await engine.build_protect(plan)
-    with anyio.move_on_after(slow / 2) as scope:
-        await engine.execute(run)
-    assert scope.cancelled_caught
-    assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.CANCELLED
-    record = await engine.store.get_run(run.run_id)
-    assert record.status is RunStatus.CANCELLED
-    cp = await engine.store.get_checkpoint(run.checkpoint_id)
-    assert cp.status is CheckpointStatus.CANCELLED
+    async with engine:
+        run = await engine.build_protect(plan)
+        with anyio.move_on_after(slow / 2) as scope:
+            await engine.execute(run)
+        assert scope.cancelled_caught
+        assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.CANCELLED
+        record = await engine.store.get_run(run.run_id)
+        assert record.status is RunStatus.CANCELLED
+        cp = await engine.store.get_checkpoint(run.checkpoint_id)
+        assert cp.status is CheckpointStatus.CANCELLED
 
 
 async def test_run_time_limit_aborts_with_timeout(virtual_time: bool) -> None:
@@ -249,11 +261,12 @@ async def test_run_time_limit_aborts_with_timeout(virtual_time: bool) -> None:
         delays={(sk("v1"), PB): slow},
         timeouts=Timeouts(hook=slow * 10, run=limit),
     )
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    assert info.value.outcome.status is RunStatus.FAILED
-    assert info.value.outcome.groups["default"].aborted is AbortReason.TIMEOUT
-    assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.TIMEOUT
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        assert info.value.outcome.status is RunStatus.FAILED
+        assert info.value.outcome.groups["default"].aborted is AbortReason.TIMEOUT
+        assert plugin.calls(key("s1"), PF)[-1].aborting is AbortReason.TIMEOUT
 
 
 async def test_quiesce_budget_aborts_group_without_fallback(virtual_time: bool) -> None:
@@ -266,17 +279,18 @@ async def test_quiesce_budget_aborts_group_without_fallback(virtual_time: bool) 
         delays={(sk("s2"), PB): 10 * unit},
         timeouts=Timeouts(hook=100 * unit, quiesce_budget=2 * unit),
     )
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    outcome = info.value.outcome
-    assert outcome.groups["default"].aborted is AbortReason.BUDGET
-    s1_thaw = plugin.calls(key("s1"), PF)[-1]
-    assert s1_thaw.aborting is AbortReason.BUDGET
-    assert outcome.resources[key("s1")].thawed_early
-    window = outcome.resources[key("s1")].quiesce_window
-    assert window is not None and window < 5 * unit
-    assert not [e for e in plugin.calls(key("v1"), PF) if e.aborting is None]
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        outcome = info.value.outcome
+        assert outcome.groups["default"].aborted is AbortReason.BUDGET
+        s1_thaw = plugin.calls(key("s1"), PF)[-1]
+        assert s1_thaw.aborting is AbortReason.BUDGET
+        assert outcome.resources[key("s1")].thawed_early
+        window = outcome.resources[key("s1")].quiesce_window
+        assert window is not None and window < 5 * unit
+        assert not [e for e in plugin.calls(key("v1"), PF) if e.aborting is None]
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_quiesce_budget_with_fallback_cuts_crash_consistent(virtual_time: bool) -> None:
@@ -290,15 +304,16 @@ async def test_quiesce_budget_with_fallback_cuts_crash_consistent(virtual_time: 
         timeouts=Timeouts(hook=100 * unit, quiesce_budget=2 * unit),
         crash_consistent_fallback=True,
     )
-    outcome = await engine.protect(plan)
-    assert outcome.status is RunStatus.SUCCEEDED
-    assert outcome.resources[key("s1")].thawed_early
-    assert outcome.resources[key("v1")].crash_consistent
-    assert outcome.crash_consistent
-    s1_pf = plugin.calls(key("s1"), PF)[0]
-    v1_pf = plugin.calls(key("v1"), PF)[0]
-    assert s1_pf.aborting is AbortReason.BUDGET and s1_pf.start < v1_pf.start
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
+    async with engine:
+        outcome = await engine.protect(plan)
+        assert outcome.status is RunStatus.SUCCEEDED
+        assert outcome.resources[key("s1")].thawed_early
+        assert outcome.resources[key("v1")].crash_consistent
+        assert outcome.crash_consistent
+        s1_pf = plugin.calls(key("s1"), PF)[0]
+        v1_pf = plugin.calls(key("v1"), PF)[0]
+        assert s1_pf.aborting is AbortReason.BUDGET and s1_pf.start < v1_pf.start
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_thaw_that_keeps_failing_is_recorded_never_silent(virtual_time: bool) -> None:
@@ -311,15 +326,16 @@ async def test_thaw_that_keeps_failing_is_recorded_never_silent(virtual_time: bo
         fault_thaws=True,
         timeouts=Timeouts(hook=10 * unit, abort=30 * unit),
     )
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    outcome = info.value.outcome
-    assert outcome.resources[key("s1")].status is ResourceStatus.THAW_FAILED
-    assert any(isinstance(e, ThawFailedError) for e in info.value.exceptions)
-    assert len(plugin.calls(key("s1"), PF)) > 1, "the thaw is retried"
-    events = await engine.store.read_events(outcome.run_id)
-    assert any(e.kind is EventKind.THAW_FAILED for e in events)
-    await verify(engine, plugin, outcome, await graph_of(engine, plan))
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        outcome = info.value.outcome
+        assert outcome.resources[key("s1")].status is ResourceStatus.THAW_FAILED
+        assert any(isinstance(e, ThawFailedError) for e in info.value.exceptions)
+        assert len(plugin.calls(key("s1"), PF)) > 1, "the thaw is retried"
+        events = await engine.store.read_events(outcome.run_id)
+        assert any(e.kind is EventKind.THAW_FAILED for e in events)
+        await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
 async def test_main_limit_bounds_concurrency(virtual_time: bool) -> None:
@@ -327,54 +343,58 @@ async def test_main_limit_bounds_concurrency(virtual_time: bool) -> None:
     unit = 1.0 if virtual_time else 0.005
     edges = [("s1", f"v{i}") for i in range(6)]
     engine, plugin, plan = setup(edges, ["s1"], delays={(VOLUME, MAIN): unit}, limits={VOLUME: 2})
-    await engine.protect(plan)
-    mains = plugin.calls(hook=MAIN)
-    points = sorted(
-        [(e.start, 1) for e in mains if e.resource[0] == VOLUME]
-        + [(e.end or 0, -1) for e in mains if e.resource[0] == VOLUME],
-        key=lambda p: (p[0], p[1]),
-    )
-    running = peak = 0
-    for _, d in points:
-        running += d
-        peak = max(peak, running)
-    assert peak == 2
+    async with engine:
+        await engine.protect(plan)
+        mains = plugin.calls(hook=MAIN)
+        points = sorted(
+            [(e.start, 1) for e in mains if e.resource[0] == VOLUME]
+            + [(e.end or 0, -1) for e in mains if e.resource[0] == VOLUME],
+            key=lambda p: (p[0], p[1]),
+        )
+        running = peak = 0
+        for _, d in points:
+            running += d
+            peak = max(peak, running)
+        assert peak == 2
 
 
 async def test_restore_hooks_see_the_new_ids_of_children() -> None:
     """A server restored in on_complete finds the ids its restored volumes reported."""
     engine, plugin, plan = setup([("s1", "v1"), ("s1", "v2")], ["s1"])
-    outcome = await engine.protect(plan)
-    restored = await engine.restore(outcome.checkpoint_id)
-    assert restored.restored == {
-        key("s1"): "restored-s1",
-        key("v1"): "restored-v1",
-        key("v2"): "restored-v2",
-    }
-    assert await engine.store.load_restored(restored.run_id) == dict(restored.restored)
-    server_complete = plugin.calls(key("s1"), CP)[-1]
-    for v in ("v1", "v2"):
-        assert (plugin.calls(key(v), MAIN)[-1].end or 0) <= server_complete.start
+    async with engine:
+        outcome = await engine.protect(plan)
+        restored = await engine.restore(outcome.checkpoint_id)
+        assert restored.restored == {
+            key("s1"): "restored-s1",
+            key("v1"): "restored-v1",
+            key("v2"): "restored-v2",
+        }
+        assert await engine.store.load_restored(restored.run_id) == dict(restored.restored)
+        server_complete = plugin.calls(key("s1"), CP)[-1]
+        for v in ("v1", "v2"):
+            assert (plugin.calls(key(v), MAIN)[-1].end or 0) <= server_complete.start
 
 
 async def test_delete_removes_bank_data_and_marks_deleted() -> None:
     """Deleting a checkpoint runs the delete hooks, empties its bank and marks it deleted."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
-    outcome = await engine.protect(plan)
-    bank = engine.bank
-    assert any(k.startswith(outcome.checkpoint_id) for k in bank.objects)  # type: ignore[attr-defined]
-    await engine.delete(outcome.checkpoint_id)
-    assert not any(k.startswith(outcome.checkpoint_id) for k in bank.objects)  # type: ignore[attr-defined]
-    cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
-    assert cp.status is CheckpointStatus.DELETED
+    async with engine:
+        outcome = await engine.protect(plan)
+        bank = engine.bank
+        assert any(k.startswith(outcome.checkpoint_id) for k in bank.objects)  # type: ignore[attr-defined]
+        await engine.delete(outcome.checkpoint_id)
+        assert not any(k.startswith(outcome.checkpoint_id) for k in bank.objects)  # type: ignore[attr-defined]
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.DELETED
 
 
 async def test_commit_points_are_awaited() -> None:
     """The engine awaits commits before quiescing, before main, and at the end only."""
     engine, _plugin, plan = setup([("s1", "v1"), ("s2", "v2")], ["s1", "s2"])
-    await engine.protect(plan)
-    # two quiescing servers + one group's cuts; the end of run is finish_run's own commit
-    assert engine.store.commits == 3  # type: ignore[attr-defined]
+    async with engine:
+        await engine.protect(plan)
+        # two quiescing servers + one group's cuts; the end of run is finish_run's own commit
+        assert engine.store.commits == 3  # type: ignore[attr-defined]
 
 
 async def test_failed_run_is_cleaned_up_when_plan_asks() -> None:
@@ -385,32 +405,35 @@ async def test_failed_run_is_cleaned_up_when_plan_asks() -> None:
         faults={(sk("v2"), MAIN): Fault.RAISE},
         delete_on_failure=True,
     )
-    with pytest.raises(RunError) as info:
-        await engine.protect(plan)
-    cp = await engine.store.get_checkpoint(info.value.checkpoint_id)
-    assert cp.status is CheckpointStatus.DELETED
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        cp = await engine.store.get_checkpoint(info.value.checkpoint_id)
+        assert cp.status is CheckpointStatus.DELETED
 
 
 async def test_every_event_is_numbered_in_order() -> None:
     """Lifecycle events of a run carry consecutive sequence numbers from 1."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1"], barrier=BarrierPolicy.CUT)
-    outcome = await engine.protect(plan)
-    events = await engine.store.read_events(outcome.run_id)
-    assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    kinds = [e.kind for e in events]
-    assert kinds[0] is EventKind.RUN_STARTED and kinds[-1] is EventKind.RUN_FINISHED
-    assert EventKind.CUT in kinds and EventKind.QUIESCED in kinds and EventKind.THAWED in kinds
-    assert kinds.count(EventKind.BARRIER_RELEASED) == 2
-    assert res("v1").key in {e.resource for e in events}
+    async with engine:
+        outcome = await engine.protect(plan)
+        events = await engine.store.read_events(outcome.run_id)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        kinds = [e.kind for e in events]
+        assert kinds[0] is EventKind.RUN_STARTED and kinds[-1] is EventKind.RUN_FINISHED
+        assert EventKind.CUT in kinds and EventKind.QUIESCED in kinds and EventKind.THAWED in kinds
+        assert kinds.count(EventKind.BARRIER_RELEASED) == 2
+        assert res("v1").key in {e.resource for e in events}
 
 
 async def test_retention_keeps_the_newest_n_per_plan() -> None:
     """retain() deletes all but the newest N available checkpoints of a plan, through delete."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
-    ids = [(await engine.protect(plan)).checkpoint_id for _ in range(4)]
-    outcomes = await engine.retain("test", keep=2)
-    assert len(outcomes) == 2 and all(o.status is RunStatus.SUCCEEDED for o in outcomes)
-    statuses = [(await engine.store.get_checkpoint(i)).status for i in ids]
-    kept = [i for i, s in zip(ids, statuses, strict=True) if s is CheckpointStatus.AVAILABLE]
-    assert kept == ids[2:]
-    assert statuses.count(CheckpointStatus.DELETED) == 2
+    async with engine:
+        ids = [(await engine.protect(plan)).checkpoint_id for _ in range(4)]
+        outcomes = await engine.retain("test", keep=2)
+        assert len(outcomes) == 2 and all(o.status is RunStatus.SUCCEEDED for o in outcomes)
+        statuses = [(await engine.store.get_checkpoint(i)).status for i in ids]
+        kept = [i for i, s in zip(ids, statuses, strict=True) if s is CheckpointStatus.AVAILABLE]
+        assert kept == ids[2:]
+        assert statuses.count(CheckpointStatus.DELETED) == 2

@@ -433,29 +433,30 @@ async def test_engine_round_trip_through_entry_points(barrier: BarrierPolicy) ->
     bank = MemoryBank()
     engine = Engine(store=MemoryStore(), bank=bank)
     with use_cloud(cloud):
-        outcome = await engine.protect(app_plan(cloud, barrier))
-        assert outcome.status is RunStatus.SUCCEEDED
-        assert len(outcome.resources) == 60
-        assert all(r.status is ResourceStatus.SUCCEEDED for r in outcome.resources.values())
-        assert len(cloud.storage.snapshots) == len(cloud.volumes)
-        assert all(not s.frozen and s.freezes == 1 for s in cloud.servers.values())
-        assert outcome.skew == pytest.approx(storage_skew(cloud))
-        for sid, server in cloud.servers.items():
-            window = outcome.resources[(SERVER, sid)].quiesce_window
-            assert server.thawed_at is not None
-            assert server.frozen_at is not None
-            assert window == pytest.approx(server.thawed_at - server.frozen_at)
-        n_servers = len(cloud.servers)
+        async with engine:
+            outcome = await engine.protect(app_plan(cloud, barrier))
+            assert outcome.status is RunStatus.SUCCEEDED
+            assert len(outcome.resources) == 60
+            assert all(r.status is ResourceStatus.SUCCEEDED for r in outcome.resources.values())
+            assert len(cloud.storage.snapshots) == len(cloud.volumes)
+            assert all(not s.frozen and s.freezes == 1 for s in cloud.servers.values())
+            assert outcome.skew == pytest.approx(storage_skew(cloud))
+            for sid, server in cloud.servers.items():
+                window = outcome.resources[(SERVER, sid)].quiesce_window
+                assert server.thawed_at is not None
+                assert server.frozen_at is not None
+                assert window == pytest.approx(server.thawed_at - server.frozen_at)
+            n_servers = len(cloud.servers)
 
-        restored = await engine.restore(outcome.checkpoint_id)
-        assert restored.status is RunStatus.SUCCEEDED
-        assert len(cloud.servers) == 2 * n_servers
-        for (rtype, rid), new_id in restored.restored.items():
-            if rtype == VOLUME:
-                assert cloud.volume(new_id).content == cloud.volume(rid).content
+            restored = await engine.restore(outcome.checkpoint_id)
+            assert restored.status is RunStatus.SUCCEEDED
+            assert len(cloud.servers) == 2 * n_servers
+            for (rtype, rid), new_id in restored.restored.items():
+                if rtype == VOLUME:
+                    assert cloud.volume(new_id).content == cloud.volume(rid).content
 
-        deleted = await engine.delete(outcome.checkpoint_id)
-        assert deleted.status is RunStatus.SUCCEEDED
+            deleted = await engine.delete(outcome.checkpoint_id)
+            assert deleted.status is RunStatus.SUCCEEDED
     assert not [k for k in bank.objects if k.startswith(outcome.checkpoint_id)]
     assert not cloud.storage.live_snapshots()
 
@@ -466,9 +467,10 @@ async def test_engine_failure_thaws_every_server() -> None:
     victim = list(cloud.volumes)[3]
     cloud.faults.add(FaultRule(OperationKind.PROTECT, PF, VOLUME, victim))
     engine = Engine(all_protections(cloud), all_protectables(cloud), discover=False)
-    with pytest.raises(RunError) as info:
-        await engine.protect(app_plan(cloud, BarrierPolicy.CUT))
-    assert info.value.outcome.status is RunStatus.FAILED
-    assert info.value.outcome.resources[(VOLUME, victim)].status is ResourceStatus.FAILED
-    assert all(not s.frozen for s in cloud.servers.values())
-    assert all(s.freezes == s.thaws for s in cloud.servers.values())
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(app_plan(cloud, BarrierPolicy.CUT))
+        assert info.value.outcome.status is RunStatus.FAILED
+        assert info.value.outcome.resources[(VOLUME, victim)].status is ResourceStatus.FAILED
+        assert all(not s.frozen for s in cloud.servers.values())
+        assert all(s.freezes == s.thaws for s in cloud.servers.values())

@@ -960,10 +960,11 @@ async def test_an_engine_run_writes_nothing_in_the_background_while_frozen(db: P
             store=sq,
             discover=False,
         )
-        await engine.protect(Plan(name="p", resources=[server]))
-        cuts = {v for k, v in seen.items() if k.startswith("Volume")}
-        assert cuts == {seen["Server:s1"]}  # no transaction between the cuts and the thaw
-        assert len(await sq.read_events((await sq.list_runs())[0].run_id)) > 10
+        async with engine:
+            await engine.protect(Plan(name="p", resources=[server]))
+            cuts = {v for k, v in seen.items() if k.startswith("Volume")}
+            assert cuts == {seen["Server:s1"]}  # no transaction between the cuts and the thaw
+            assert len(await sq.read_events((await sq.list_runs())[0].run_id)) > 10
 
 
 async def test_a_thaw_that_fails_does_not_leave_writes_held(db: Path) -> None:
@@ -980,12 +981,13 @@ async def test_a_thaw_that_fails_does_not_leave_writes_held(db: Path) -> None:
         engine = Engine(
             [plugin], protectables_for([(res("s1"), res("v1"))]), store=sq, discover=False
         )
-        plan = Plan(name="t", resources=[res("s1")], timeouts=Timeouts(hook=0.2, abort=0.5))
-        with pytest.raises(RunError):
-            await engine.protect(plan)
-        run_id = (await sq.list_runs())[0].run_id
-        written = sq.statistics().events_written
-        sq.append(event(run_id, 10_000))  # no commit: only an unheld writer writes it
-        with anyio.fail_after(5):
-            while sq.statistics().events_written == written:  # noqa: ASYNC110 - watching the writer
-                await anyio.sleep(0.01)
+        async with engine:
+            plan = Plan(name="t", resources=[res("s1")], timeouts=Timeouts(hook=0.2, abort=0.5))
+            with pytest.raises(RunError):
+                await engine.protect(plan)
+            run_id = (await sq.list_runs())[0].run_id
+            written = sq.statistics().events_written
+            sq.append(event(run_id, 10_000))  # no commit: only an unheld writer writes it
+            with anyio.fail_after(5):
+                while sq.statistics().events_written == written:  # noqa: ASYNC110 - watching the writer
+                    await anyio.sleep(0.01)

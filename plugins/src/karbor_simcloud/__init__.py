@@ -14,7 +14,8 @@ arguments; they act on the cloud given by :func:`use_cloud` (context) or
 
     cloud = SimCloud.generate(100, seed=1, latency=LatencyProfile.realistic())
     with use_cloud(cloud):
-        outcome = await Engine().protect(Plan("app", cloud.project_resources()))
+        async with Engine() as engine:
+            outcome = await engine.protect(Plan("app", cloud.project_resources()))
 
 Or bind plugins explicitly: ``Engine(all_protections(cloud), all_protectables(cloud),
 discover=False)``.
