@@ -266,7 +266,14 @@ async def test_the_caller_cancelling_a_hung_cut_gets_control_back_within_abort()
 
 async def test_a_group_abandons_its_hung_hooks_and_other_groups_go_on() -> None:
     """(b): group A's cut hangs after A aborted; group B's resources still finish."""
-    plugin = HostilePlugin(
+
+    class LaterFailure(HostilePlugin):
+        async def call(self, ctx: Any) -> None:
+            if ctx.resource.id == "v2" and ctx.hook is Hook.PREPARE_FINISH:
+                await anyio.sleep(0.1)  # v1's cut has started by then
+            await super().call(ctx)
+
+    plugin = LaterFailure(
         {
             (P, "v1", Hook.PREPARE_FINISH, False): Behaviour.HANG,
             (P, "v2", Hook.PREPARE_FINISH, False): Behaviour.RAISE,
