@@ -151,9 +151,9 @@ class HostilePlugin(ProtectionPlugin):
     async def _behave(self, ctx: HookContext) -> None:
         res, hook = ctx.resource, ctx.hook
         if ctx.operation is not OperationKind.PROTECT:
-            if ctx.operation is OperationKind.RESTORE and hook is Hook.MAIN:
-                if ctx.restored_id(res) is None:
-                    await ctx.report_restored(f"new-{res.id}")
+            restoring = ctx.operation is OperationKind.RESTORE and hook is Hook.MAIN
+            if restoring and ctx.restored_id(res) is None:
+                await ctx.report_restored(f"new-{res.id}")
             return
         if hook is Hook.PREPARE_BEGIN and res.type == SERVER:
             ctx.mark_quiesced()

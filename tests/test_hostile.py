@@ -83,8 +83,10 @@ async def _execute(engine: Engine, op: OperationKind, checkpoint: str | None) ->
         raised, outcome = exc, exc.outcome
     except (KeyboardInterrupt, SystemExit) as exc:
         raised = exc
-        assert isinstance(exc.__cause__, RunError), "a hook's fatal error carries the RunError"
-        outcome = exc.__cause__.outcome
+    if isinstance(raised, KeyboardInterrupt | SystemExit):
+        cause = raised.__cause__
+        assert isinstance(cause, RunError), "a hook's fatal error carries the RunError"
+        outcome = cause.outcome
     return outcome, raised, anyio.current_time() - start
 
 
@@ -111,9 +113,9 @@ async def _check_invariants(
             assert any(e.kind is EventKind.STARTED for e in mine), (key, hook)
             assert any(e.kind is EventKind.FINISHED for e in mine), (key, hook)
         if r.abandoned_hook is not None:
-            assert any(
-                e.kind is EventKind.HOOK_ABANDONED and e.resource == key for e in events
-            ), key
+            assert any(e.kind is EventKind.HOOK_ABANDONED and e.resource == key for e in events), (
+                key
+            )
     if outcome.operation is not P:
         return
     # Every started quiesce is thawed, or thaw_failed with an alert.
@@ -235,7 +237,7 @@ async def test_cancel_returns_within_the_abort_deadline_despite_a_swallowing_cop
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(go)
-            while not plugin.calls_of("v1", Hook.MAIN):
+            while not plugin.calls_of("v1", Hook.MAIN):  # noqa: ASYNC110 - polls a plugin's trace
                 await anyio.sleep(0.01)
             start = anyio.current_time()
             run.cancel()
@@ -283,7 +285,10 @@ async def test_a_group_abandons_its_hung_hooks_and_other_groups_go_on() -> None:
         plan = Plan(
             name="g",
             resources=[resource("s1"), resource("s2")],
-            groups=[ConsistencyGroup("a", [resource("s1")]), ConsistencyGroup("b", [resource("s2")])],
+            groups=[
+                ConsistencyGroup("a", [resource("s1")]),
+                ConsistencyGroup("b", [resource("s2")]),
+            ],
             timeouts=Timeouts(abort=1),
         )
         with pytest.raises(RunError) as info:
@@ -367,7 +372,10 @@ async def test_a_hook_keyboard_interrupt_aborts_every_group_and_reaches_the_call
         plan = Plan(
             name="k",
             resources=[resource("s1"), resource("s2")],
-            groups=[ConsistencyGroup("a", [resource("s1")]), ConsistencyGroup("b", [resource("s2")])],
+            groups=[
+                ConsistencyGroup("a", [resource("s1")]),
+                ConsistencyGroup("b", [resource("s2")]),
+            ],
         )
         with pytest.raises(KeyboardInterrupt) as info:
             await engine.protect(plan)
