@@ -13,17 +13,8 @@ from collections.abc import Mapping
 import anyio
 import attrs
 
-from karbor_async import Hook, HookContext, OperationKind, ProtectionPlugin, Resource, ResourceType
-
-PROJECT = "OS::Keystone::Project"
-SERVER = "OS::Nova::Server"
-VOLUME = "OS::Cinder::Volume"
-
-TYPES = (
-    ResourceType(PROJECT, quiesces=False, snapshots=False),
-    ResourceType(SERVER, quiesces=True, snapshots=False),
-    ResourceType(VOLUME),
-)
+from helpers import SERVER, TYPES, VOLUME, res
+from karbor_async import Hook, HookContext, OperationKind, ProtectionPlugin, Resource
 
 
 class CustomBaseError(BaseException):
@@ -93,17 +84,10 @@ class _Op:
     def __init__(self, plugin: HostilePlugin) -> None:
         self._plugin = plugin
 
-    async def on_prepare_begin(self, ctx: HookContext) -> None:
+    async def _hook(self, ctx: HookContext) -> None:
         await self._plugin.call(ctx)
 
-    async def on_prepare_finish(self, ctx: HookContext) -> None:
-        await self._plugin.call(ctx)
-
-    async def on_main(self, ctx: HookContext) -> None:
-        await self._plugin.call(ctx)
-
-    async def on_complete(self, ctx: HookContext) -> None:
-        await self._plugin.call(ctx)
+    on_prepare_begin = on_prepare_finish = on_main = on_complete = _hook
 
 
 class HostilePlugin(ProtectionPlugin):
@@ -211,17 +195,8 @@ class HostilePlugin(ProtectionPlugin):
 
 def graph_edges() -> list[tuple[Resource, Resource]]:
     """p1 -> s1 -> (v1, v2); p1 -> s2 -> v3."""
-
-    def r(name: str) -> Resource:
-        kind = {"s": SERVER, "p": PROJECT}.get(name[0], VOLUME)
-        return Resource(kind, name, name=name)
-
-    return [
-        (r(a), r(b))
-        for a, b in [("p1", "s1"), ("s1", "v1"), ("s1", "v2"), ("p1", "s2"), ("s2", "v3")]
-    ]
+    pairs = [("p1", "s1"), ("s1", "v1"), ("s1", "v2"), ("p1", "s2"), ("s2", "v3")]
+    return [(res(a), res(b)) for a, b in pairs]
 
 
-def resource(name: str) -> Resource:
-    kind = {"s": SERVER, "p": PROJECT}.get(name[0], VOLUME)
-    return Resource(kind, name, name=name)
+resource = res

@@ -20,7 +20,8 @@ import anyio
 import attrs
 import pytest
 
-from hostile import SERVER, Behaviour, HostilePlugin, Key, graph_edges, resource
+from helpers import SERVER
+from hostile import Behaviour, HostilePlugin, Key, graph_edges, resource
 from karbor_async import (
     ConsistencyGroup,
     Engine,
