@@ -233,6 +233,10 @@ class _Node:
     """A non-aborting on_prepare_finish is running: aborts do not interrupt it."""
     thaw_done: bool = False
     frozen: bool = False
+    """Quiesced and not yet thawed (its thaw has not returned)."""
+    holding: bool = False
+    """Its quiesce still holds for cuts: from its quiesce until its thaw *starts* or its
+    budget fires, whichever is first (a cut after that is crash-consistent)."""
     thawed_early: bool = False
     crash_consistent: bool = False
     cut_at: float | None = None
@@ -864,6 +868,18 @@ class Run:
             return
         n.interrupt = kind
         n.scope.cancel()
+        if kind is _Interrupt.BUDGET:
+            # Before its thaw starts: the quiesce no longer holds for any cut from now on,
+            # and without the fallback no cut of the group starts at all.
+            n.holding = False
+            self.log.warning(
+                "quiesce_budget_exceeded",
+                resource=str(n.resource),
+                budget=n.budget,
+                group=n.group.name,
+            )
+            if not self.spec.plan.crash_consistent_fallback:
+                self._abort_group(n.group, AbortReason.BUDGET, None)
         # (c): a call the engine cancelled that has not ended timeouts.abort later is abandoned.
         now = self.now()
         if n.cancelled_at is None:
@@ -1264,6 +1280,7 @@ class Run:
                 return False
             if n.quiesces:
                 self._set_frozen(n, True)
+                n.holding = True
                 if n.quiesced_at is None:
                     n.quiesced_at = self.now()
                     if n.budget is not None:
@@ -1303,6 +1320,7 @@ class Run:
         start = self.now()
         if n.cuts:
             n.crash_consistent = not self._quiesce_held(n)
+        n.holding = False  # (a quiescing resource's own pf is its thaw: it starts now)
         n.in_cut = True
         try:
             err = await self._call(n, Hook.PREPARE_FINISH, n.pf)
@@ -1333,19 +1351,14 @@ class Run:
     def _quiesce_held(n: _Node) -> bool:
         """Whether some ancestor-or-self quiesced and every quiescing one is still frozen."""
         guards = n.guards
-        return bool(guards) and all(g.frozen for g in guards)
+        return bool(guards) and all(g.holding for g in guards)
 
     async def _budget_exceeded(self, n: _Node) -> Callable[[_Node], Awaitable[None]] | None:
         """The resource was frozen past its quiesce budget: thaw it now (guarantee 2)."""
-        g = n.group
         n.thawed_early = True
-        self.log.warning(
-            "quiesce_budget_exceeded", resource=str(n.resource), budget=n.budget, group=g.name
-        )
         await self._thaw(n, AbortReason.BUDGET, None)
         if not self.spec.plan.crash_consistent_fallback:
-            self._abort_group(g, AbortReason.BUDGET, None)
-            await self._on_cancelled(n)
+            await self._on_cancelled(n)  # _fire aborted the group when the budget fired
             return None
         self._signal_pb(n)
         await self._signal_pf(n)
@@ -1369,6 +1382,7 @@ class Run:
             return
         n.pf_started = True
         n.budget_token += 1
+        n.holding = False
         deadline = self.now() + self.spec.plan.timeouts.abort
         if n.group.abandon_at is not None:
             deadline = min(deadline, n.group.abandon_at)
