@@ -3,10 +3,28 @@ failed aborting calls are recorded, marks are checked, and the smaller rules."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
+import anyio
 import pytest
 
-from helpers import key, setup, sk
-from karbor_async import AbortReason, BarrierPolicy, Hook, ResourceStatus, RunError, Timeouts
+from helpers import TYPES, key, res, setup, sk
+from karbor_async import (
+    AbortReason,
+    BarrierPolicy,
+    Engine,
+    EventKind,
+    Hook,
+    HookContext,
+    MemoryStore,
+    Plan,
+    ProtectionPlugin,
+    ResourceStatus,
+    RunError,
+    Timeouts,
+)
+from karbor_async.exceptions import HookError, HookTimeoutError, ThawFailedError
+from karbor_async.testing import Fault, protectables_for
 
 PB, PF = Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH
 
@@ -56,3 +74,191 @@ async def test_budget_with_fallback_a_cut_during_the_thaw_is_crash_consistent(
     assert outcome.crash_consistent and outcome.groups["default"].crash_consistent
     assert not outcome.resources[key("v2")].crash_consistent, "v2 is not under s1"
     assert outcome.resources[key("s1")].status is ResourceStatus.SUCCEEDED
+
+
+# -- failed aborting calls are never lost -------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [Fault.RAISE, Fault.HANG])
+async def test_a_failed_aborting_call_of_a_non_quiescing_resource_is_recorded(
+    fault: Fault,
+) -> None:
+    """v1's aborting on_prepare_finish raises or hangs to the deadline: it is in the
+    outcome's errors, in order after nothing, and its HookError joins RunError."""
+    engine, plugin, plan = setup(
+        [("s1", "v1"), ("s1", "v2")],
+        ["s1"],
+        barrier=BarrierPolicy.CUT,  # v1 waits at the barrier until v2's prepare fails
+        delays={(sk("v2"), PB): 0.05},
+        faults={(sk("v1"), PF): fault, (sk("v2"), PB): Fault.RAISE},
+        fault_thaws=True,
+        timeouts=Timeouts(hook=30, abort=2),
+    )
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+    v1 = info.value.outcome.resources[key("v1")]
+    [(hook, reason, text)] = v1.errors
+    assert hook is PF and reason is AbortReason.FAILURE
+    assert ("InjectedError" if fault is Fault.RAISE else "before the abort deadline") in text
+    assert v1.error == text and v1.failed_hook is PF
+    assert len([c for c in plugin.calls(key("v1"), PF) if c.aborting]) == 1, "not retried"
+    grouped = [e for e in info.value.exceptions if isinstance(e, HookError)]
+    assert any(e.resource.id == "v1" and e.hook is PF for e in grouped)
+    if fault is Fault.HANG:
+        assert any(isinstance(e, HookTimeoutError) and e.resource.id == "v1" for e in grouped)
+
+
+async def test_errors_keep_every_failure_in_order_and_error_the_first() -> None:
+    """A server whose quiesce fails and whose thaws all fail: both failures, in order."""
+    engine, _plugin, plan = setup(
+        [("s1", "v1")],
+        ["s1"],
+        faults={(sk("s1"), PB): Fault.RAISE, (sk("s1"), PF): Fault.RAISE},
+        fault_thaws=True,
+        timeouts=Timeouts(hook=30, abort=1),
+    )
+    async with engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+    s1 = info.value.outcome.resources[key("s1")]
+    assert s1.status is ResourceStatus.THAW_FAILED
+    assert [(h, a) for h, a, _t in s1.errors] == [(PB, None), (PF, AbortReason.FAILURE)]
+    assert s1.failed_hook is PB and s1.error == s1.errors[0][2]
+    assert "ThawFailedError" in s1.errors[1][2]
+    assert any(isinstance(e, ThawFailedError) for e in info.value.exceptions)
+
+
+# -- marks are checked ----------------------------------------------------------------------
+
+Marker = Callable[[HookContext], None]
+
+
+class _MarkOp:
+    def __init__(self, plugin: MarkPlugin) -> None:
+        self._plugin = plugin
+
+    async def _hook(self, ctx: HookContext) -> None:
+        await anyio.sleep(0.01)
+        for marker in self._plugin.marks.get(
+            (ctx.resource.id, ctx.hook, ctx.aborting is not None), ()
+        ):
+            marker(ctx)
+
+    on_prepare_begin = on_prepare_finish = on_main = on_complete = _hook
+
+
+class MarkPlugin(ProtectionPlugin):
+    name = "marks"
+    types = TYPES
+
+    def __init__(self, marks: Mapping[tuple[str, Hook, bool], Sequence[Marker]]) -> None:
+        self.marks = dict(marks)
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return _MarkOp(self)
+
+
+def _cut(at: float | None = None) -> Marker:
+    return lambda ctx: ctx.mark_cut(at)
+
+
+def _quiesced(at: float | None = None) -> Marker:
+    return lambda ctx: ctx.mark_quiesced(at)
+
+
+def _thawed(at: float | None = None) -> Marker:
+    return lambda ctx: ctx.mark_thawed(at)
+
+
+REFUSED = {
+    "mark_cut twice": (("v1", PF, False), [_cut(), _cut()], "once per call"),
+    "mark_thawed in on_prepare_begin": (("s1", PB, False), [_thawed()], "mark_thawed is for"),
+    "mark_quiesced from on_main": (("s1", Hook.MAIN, False), [_quiesced()], "mark_quiesced is for"),
+    "mark_cut at -1e9": (("v1", PF, False), [_cut(-1e9)], "at must be between"),
+    "mark_cut in the future": (("v1", PF, False), [_cut(1e12)], "at must be between"),
+    "mark_cut on a type that takes no snapshot": (("s1", PF, False), [_cut()], "snapshots"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+async def test_a_refused_mark_fails_its_hook_naming_the_rule(case: str) -> None:
+    """In a non-aborting call, a mark against the rules raises MarkError; the hook fails."""
+    where, markers, rule = REFUSED[case]
+    plugin = MarkPlugin({where: markers})
+    store = MemoryStore()
+    async with Engine(
+        [plugin], protectables_for([(res("s1"), res("v1"))]), store=store, discover=False
+    ) as engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(Plan(name="m", resources=[res("s1")]))
+    r = info.value.outcome.resources[key(where[0])]
+    assert r.failed_hook is where[1]
+    assert r.error is not None and "MarkError" in r.error and rule in r.error
+    assert str(res(where[0])) in r.error and where[1].value in r.error
+    skews = [g.skew for g in info.value.outcome.groups.values() if g.skew is not None]
+    assert all(abs(s) < 100 for s in skews), "no absurd skew from a refused mark"
+
+
+async def test_an_aborting_call_never_raises_for_a_mark_it_warns() -> None:
+    """A refused mark in an aborting thaw is a mark_refused event; the default instant stands;
+    mark_thawed on a resource that never quiesced is ignored."""
+    plugin = MarkPlugin(
+        {
+            ("s1", PF, True): [_thawed(-1e9)],
+            ("v1", PF, True): [_cut(), _thawed()],
+        }
+    )
+
+    class Failing(MarkPlugin):
+        def get_protect_operation(self, resource_type: str) -> object:
+            op = _MarkOp(self)
+
+            async def fail(ctx: HookContext) -> None:
+                if ctx.resource.id == "v2":
+                    await anyio.sleep(0.05)  # v1 has prepared and waits at the cut barrier
+                    raise RuntimeError("v2 cannot prepare")
+                await _MarkOp._hook(op, ctx)
+
+            op.on_prepare_begin = fail  # type: ignore[method-assign]
+            return op
+
+    failing = Failing(plugin.marks)
+    store = MemoryStore()
+    edges = [(res("s1"), res("v1")), (res("s1"), res("v2"))]
+    async with Engine([failing], protectables_for(edges), store=store, discover=False) as engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(Plan(name="m", resources=[res("s1")], barrier=BarrierPolicy.CUT))
+    outcome = info.value.outcome
+    events = await store.read_events(outcome.run_id)
+    refused = [(e.resource, e.data["mark"]) for e in events if e.kind is EventKind.MARK_REFUSED]
+    assert (key("s1"), "thawed") in refused and (key("v1"), "cut") in refused
+    assert (key("v1"), "thawed") not in refused, "ignored: v1 never quiesced"
+    s1 = outcome.resources[key("s1")]
+    assert s1.thawed_at is not None and s1.quiesced_at is not None
+    assert s1.thawed_at >= s1.quiesced_at
+    assert outcome.resources[key("v1")].cut_at is None
+
+
+async def test_marked_instants_in_the_outcome_agree_with_the_stored_events() -> None:
+    """Marks inside their windows are used, and the events carry the same instants."""
+    plugin = MarkPlugin(
+        {
+            ("s1", PB, False): [_quiesced()],
+            ("v1", PF, False): [_cut()],
+            ("s1", PF, False): [_thawed()],
+        }
+    )
+    store = MemoryStore()
+    async with Engine(
+        [plugin], protectables_for([(res("s1"), res("v1"))]), store=store, discover=False
+    ) as engine:
+        outcome = await engine.protect(Plan(name="m", resources=[res("s1")]))
+    events = await store.read_events(outcome.run_id)
+    at = {(e.resource, e.kind): e.data["at"] for e in events if "at" in e.data}
+    s1, v1 = outcome.resources[key("s1")], outcome.resources[key("v1")]
+    assert at[(key("s1"), EventKind.QUIESCED)] == s1.quiesced_at
+    assert at[(key("s1"), EventKind.THAWED)] == s1.thawed_at
+    assert at[(key("v1"), EventKind.CUT)] == v1.cut_at
+    assert s1.quiesced_at is not None and v1.cut_at is not None and s1.thawed_at is not None
+    assert s1.quiesced_at <= v1.cut_at <= s1.thawed_at

@@ -58,6 +58,7 @@ from karbor_async.events import Event, EventKind, Progress
 from karbor_async.exceptions import (
     HookError,
     HookTimeoutError,
+    MarkError,
     RunCancelledError,
     RunError,
     ThawFailedError,
@@ -74,6 +75,7 @@ HookFn = Callable[[HookContext], Awaitable[None]]
 _THAW_FIRST_DELAY = 0.05
 _THAW_MAX_DELAY = 2.0
 _HOOK_BITS = {Hook.PREPARE_BEGIN: 1, Hook.PREPARE_FINISH: 2, Hook.MAIN: 4, Hook.COMPLETE: 8}
+_MARK_BITS = {"quiesced": 1, "cut": 2, "thawed": 4}
 
 
 def format_error(exc: BaseException) -> str:
@@ -269,6 +271,12 @@ class _Node:
     """What an abandoned call did when it finally ended: (hook, aborting, exception)."""
     thawed_late_at: float | None = None
     accounted: bool = False
+    call_start: float = 0.0
+    """When the running hook call started (engine clock): marks may not precede it."""
+    call_marks: int = 0
+    """Bit set of the marks the running call made (each is allowed once per call)."""
+    errors: list[tuple[Hook, AbortReason | None, BaseException]] = attrs.Factory(list)
+    """Every failure of the resource, in order (the first is also ``error``)."""
 
     def cancel_hook(self) -> None:
         """Cancel whatever hook call runs (the engine closing, or an abandoned hook)."""
@@ -291,18 +299,59 @@ class _Node:
         progress = self.last_progress = Progress(fraction, done, total, message)
         self.run.progress_tick(self, progress)
 
-    def mark(self, what: str, at: float | None) -> None:
-        when = self.run.now() if at is None else at
+    def mark(self, what: str, at: float | None, hook: Hook, aborting: bool) -> None:
+        """A hook marked an instant: check it against the rules, then record it."""
+        run = self.run
+        now = run.now()
+        when = now if at is None else at
+        rule = self._mark_refusal(what, when, now, hook, aborting)
+        if rule is not None:
+            if not aborting:
+                raise MarkError(
+                    f"{self.resource} {hook.value}: mark_{what}("
+                    f"{'' if at is None else at!r}) refused: {rule}"
+                )
+            if what == "thawed" and self.quiesced_at is None:
+                return  # a thaw of a resource that never quiesced: nothing to record
+            run.mark_refused(self, hook, what, at, rule)
+            return
+        self.call_marks |= _MARK_BITS[what]
         if what == "cut":
             self.cut_at = when
         elif what == "quiesced":
             self.quiesced_at = when
-            if self.budget is not None and self.current is Hook.PREPARE_BEGIN:
-                self.run.arm_budget(self, when + self.budget)
-        elif what == "thawed":
+            if self.budget is not None:
+                run.arm_budget(self, when + self.budget)
+        else:
             self.thawed_at = when
-        else:  # pragma: no cover - HookContext only sends the three above
-            raise ValueError(what)
+
+    def _mark_refusal(
+        self, what: str, when: float, now: float, hook: Hook, aborting: bool
+    ) -> str | None:
+        """Why the rules refuse this mark, or None (docs/plugins.md has the table)."""
+        spec = self.binding.spec
+        protect = self.run.operation is OperationKind.PROTECT
+        start = self.call_start
+        if what == "quiesced":
+            if not (protect and hook is Hook.PREPARE_BEGIN and spec.quiesces):
+                return "mark_quiesced is for protect's on_prepare_begin of a quiescing type"
+        elif what == "cut":
+            if not (protect and hook is Hook.PREPARE_FINISH and not aborting and spec.snapshots):
+                return (
+                    "mark_cut is for protect's non-aborting on_prepare_finish of a type that "
+                    "snapshots"
+                )
+        else:
+            if not (protect and hook is Hook.PREPARE_FINISH and spec.quiesces):
+                return "mark_thawed is for protect's on_prepare_finish of a quiescing type"
+            if self.quiesced_at is None:
+                return "the resource never quiesced"
+            start = max(start, self.quiesced_at)
+        if self.call_marks & _MARK_BITS[what]:
+            return f"mark_{what} may be called once per call"
+        if not (math.isfinite(when) and start <= when <= now):
+            return f"at must be between {start!r} and now ({now!r}) on the engine clock"
+        return None
 
     async def report_restored(self, new_id: str) -> None:
         await self.run.report_restored(self, new_id)
@@ -897,6 +946,13 @@ class Run:
                 self._abort_group(n.group, AbortReason.FAILURE, err)
 
     # -- abandoning what does not end ----------------------------------------------------
+    def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
+        """An aborting call's mark broke a rule: warn; the engine's default instant stands."""
+        self.log.warning(
+            "mark_refused", resource=str(n.resource), hook=hook.value, mark=what, rule=rule
+        )
+        self._emit(EventKind.MARK_REFUSED, n, hook, mark=what, at=at, rule=rule)
+
     def _due_all(self, nodes: Sequence[_Node]) -> None:
         due = self._timers.due
         due.extend(n for n in nodes if not n.done and not n.abandoned)
@@ -952,9 +1008,12 @@ class Run:
             # Its thaw is what hangs, or could not be called: never pretend.
             self._thaw_failed(n, cause)
         else:
-            if n.error is None:
-                n.error = cause
-                n.failed_hook = hook
+            self._record_error(
+                n,
+                hook or Hook.PREPARE_FINISH,
+                n.group.aborting if n.calling_aborting else None,
+                cause,
+            )
             n.status = ResourceStatus.ABANDONED
         self._tasks.abandon(
             n,
@@ -1418,10 +1477,19 @@ class Run:
                         self._emit(EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value)
                     return
                 if not n.quiesces:
-                    return
+                    break  # not retried: nothing of it is frozen
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _THAW_MAX_DELAY)
         if not n.quiesces:
+            # A failed aborting call is never lost: it joins the outcome and RunError.
+            if last is None:
+                last = HookTimeoutError(
+                    n.resource,
+                    Hook.PREPARE_FINISH,
+                    "aborting call did not finish before the abort deadline",
+                )
+                self._emit(EventKind.FAILED, n, Hook.PREPARE_FINISH, error=str(last))
+            self._record_error(n, Hook.PREPARE_FINISH, reason, last)
             return
         # Every thaw attempt failed or the abort deadline passed: never pretend.
         self._thaw_failed(
@@ -1432,6 +1500,18 @@ class Run:
             ),
         )
 
+    @staticmethod
+    def _record_error(
+        n: _Node, hook: Hook, aborting: AbortReason | None, err: BaseException
+    ) -> None:
+        """Keep every failure of ``n`` in order; ``error``/``failed_hook`` keep the first."""
+        if any(e is err for _h, _a, e in n.errors):
+            return
+        n.errors.append((hook, aborting, err))
+        if n.error is None:
+            n.error = err
+            n.failed_hook = hook
+
     def _thaw_failed(self, n: _Node, cause: BaseException) -> None:
         """The alert: ``n`` may still be frozen (DESIGN.md guarantee 1)."""
         if n.status is ResourceStatus.THAW_FAILED:
@@ -1441,8 +1521,7 @@ class Run:
         )
         exc.__cause__ = cause
         n.status = ResourceStatus.THAW_FAILED
-        n.failed_hook = Hook.PREPARE_FINISH
-        n.error = exc
+        self._record_error(n, Hook.PREPARE_FINISH, n.group.aborting or self._abort_reason, exc)
         self.log.error("thaw_failed", resource=str(n.resource), error=repr(cause))
         self._emit(EventKind.THAW_FAILED, n, Hook.PREPARE_FINISH, error=format_error(exc))
 
@@ -1538,6 +1617,8 @@ class Run:
             self._timers.arm_hook(n, n.timeout)
         n.current = hook
         n.calling_aborting = aborting is not None
+        n.call_start = self.now()
+        n.call_marks = 0
         try:
             await fn(ctx)
         except Exception as exc:
@@ -1617,9 +1698,7 @@ class Run:
             await anyio.lowlevel.checkpoint()
 
     def _fail(self, n: _Node, hook: Hook, err: HookError) -> None:
-        if n.error is None:
-            n.error = err
-            n.failed_hook = hook
+        self._record_error(n, hook, None, err)
         n.status = ResourceStatus.FAILED
         self.log.warning("hook_failed", resource=str(n.resource), hook=hook.value, error=str(err))
 
@@ -1787,8 +1866,7 @@ class Run:
                     if self._abort_reason in (AbortReason.CANCELLED, AbortReason.TIMEOUT)
                     else ResourceStatus.ABORTED
                 )
-            if n.error is not None and isinstance(n.error, Exception):
-                errors.append(n.error)
+            errors.extend(e for _h, _a, e in n.errors if isinstance(e, Exception))
             resources[n.resource.key] = ResourceOutcome(
                 resource=n.resource,
                 group=n.group.name,
@@ -1796,6 +1874,7 @@ class Run:
                 hooks_run=tuple(n.hooks_run),
                 failed_hook=n.failed_hook,
                 error=format_error(n.error) if n.error is not None else None,
+                errors=tuple((h, a, format_error(e)) for h, a, e in n.errors),
                 cut_at=n.cut_at,
                 quiesced_at=n.quiesced_at,
                 thawed_at=n.thawed_at,

@@ -37,6 +37,9 @@ class EventKind(enum.Enum):
     """Alert: every thaw attempt failed; the resource may still be frozen."""
     BARRIER_RELEASED = "barrier_released"
     GROUP_ABORTING = "group_aborting"
+    MARK_REFUSED = "mark_refused"
+    """Warning: an aborting call's mark broke a rule (``data['mark']``, ``data['rule']``);
+    the engine's default instant was used."""
     HOOK_ABANDONED = "hook_abandoned"
     """A hook did not end ``timeouts.abort`` after the engine cancelled it (or its group
     aborted); the run stopped waiting for it (``data['seconds']`` since then). Its task

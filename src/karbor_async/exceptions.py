@@ -27,6 +27,7 @@ __all__ = [
     "KarborError",
     "LeaseHeldError",
     "LeaseLostError",
+    "MarkError",
     "NewerSchemaError",
     "PlanError",
     "PluginConflictError",
@@ -54,6 +55,11 @@ class GraphError(KarborError):
 
 class PluginError(KarborError):
     """A plugin is missing or misdeclared: install or fix the plugin."""
+
+
+class MarkError(PluginError, ValueError):
+    """A hook marked cut, quiesced or thawed where the rules refuse it (the message says
+    which rule): fix the plugin's marks."""
 
 
 class PluginConflictError(PluginError):

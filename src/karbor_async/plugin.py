@@ -192,7 +192,7 @@ class _HookHandle(Protocol):
     def progress(
         self, fraction: float | None, done: int | None, total: int | None, message: str | None
     ) -> None: ...
-    def mark(self, what: str, at: float | None) -> None: ...
+    def mark(self, what: str, at: float | None, hook: Hook, aborting: bool) -> None: ...
     async def report_restored(self, new_id: str) -> None: ...
     def restored_id(self, key: ResourceKey) -> str | None: ...
     def neighbours(self, parents: bool) -> tuple[Resource, ...]: ...
@@ -289,16 +289,31 @@ class HookContext:
         self._handle.progress(fraction, done, total, message)
 
     def mark_cut(self, at: float | None = None) -> None:
-        """Record the instant this resource's consistent image was taken (default: now)."""
-        self._handle.mark("cut", at)
+        """Record the instant this resource's consistent image was taken (default: now).
+
+        Only in protect's non-aborting ``on_prepare_finish`` of a type that
+        snapshots, once, with ``at`` (engine clock) between the call's start and
+        now. A refused mark raises :class:`~karbor_async.exceptions.MarkError`
+        (in an aborting call it is a ``mark_refused`` warning event instead).
+        """
+        self._handle.mark("cut", at, self.hook, self.aborting is not None)
 
     def mark_quiesced(self, at: float | None = None) -> None:
-        """Record the instant the resource became frozen (default: now)."""
-        self._handle.mark("quiesced", at)
+        """Record the instant the resource became frozen (default: now).
+
+        Only in protect's ``on_prepare_begin`` of a type that quiesces, once per
+        call, with ``at`` between the call's start and now.
+        """
+        self._handle.mark("quiesced", at, self.hook, self.aborting is not None)
 
     def mark_thawed(self, at: float | None = None) -> None:
-        """Record the instant the resource was thawed (default: now)."""
-        self._handle.mark("thawed", at)
+        """Record the instant the resource was thawed (default: now).
+
+        Only in protect's ``on_prepare_finish`` (aborting or not) of a type that
+        quiesces, once per call, with ``at`` between the later of the call's start
+        and the quiesce, and now. On a resource that never quiesced it is ignored.
+        """
+        self._handle.mark("thawed", at, self.hook, self.aborting is not None)
 
     # -- restore ---------------------------------------------------------------------
     async def report_restored(self, new_id: str) -> None:

@@ -326,7 +326,9 @@ class HookRecorder:
     ) -> None:
         self.progress_reports.append((fraction, done, total, message))
 
-    def mark(self, what: str, at: float | None) -> None:
+    def mark(
+        self, what: str, at: float | None, hook: Hook | None = None, aborting: bool = False
+    ) -> None:
         self.marks[what] = anyio.current_time() if at is None else at
 
     async def report_restored(self, new_id: str) -> None:
