@@ -19,12 +19,13 @@ from karbor_async import (
     MemoryStore,
     Plan,
     ProtectionPlugin,
+    Resource,
     ResourceStatus,
     RunError,
     Timeouts,
 )
-from karbor_async.exceptions import HookError, HookTimeoutError, ThawFailedError
-from karbor_async.testing import Fault, protectables_for
+from karbor_async.exceptions import GraphError, HookError, HookTimeoutError, ThawFailedError
+from karbor_async.testing import Fault, MapProtectable, protectables_for
 
 PB, PF = Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH
 
@@ -262,3 +263,97 @@ async def test_marked_instants_in_the_outcome_agree_with_the_stored_events() -> 
     assert at[(key("v1"), EventKind.CUT)] == v1.cut_at
     assert s1.quiesced_at is not None and v1.cut_at is not None and s1.thawed_at is not None
     assert s1.quiesced_at <= v1.cut_at <= s1.thawed_at
+
+
+# -- smaller rules ----------------------------------------------------------------------------
+
+
+async def test_cancel_on_a_finished_run_does_nothing() -> None:
+    """Run.cancel() after the run ended appends nothing to its log."""
+    engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
+    async with engine:
+        run = await engine.build_protect(plan)
+        outcome = await engine.execute(run)
+        before = await engine.store.read_events(outcome.run_id)
+        run.cancel()
+        run.abandon()
+        after = await engine.store.read_events(outcome.run_id)
+    assert [e.seq for e in after] == [e.seq for e in before]
+    assert after[-1].kind is EventKind.RUN_FINISHED
+
+
+async def test_resources_a_cancelled_run_did_not_finish_are_cancelled_not_skipped() -> None:
+    """Cancelling during the children's copies: their parents are cancelled, not skipped."""
+    engine, plugin, plan = setup(
+        [("p1", "s1"), ("s1", "v1"), ("s1", "v2")],
+        ["p1"],
+        delays={(sk("v1"), Hook.MAIN): 100},
+        faults={(sk("v2"), Hook.MAIN): Fault.CANCEL_RUN},
+    )
+    async with engine:
+        run = await engine.build_protect(plan)
+        plugin.cancel_run = run.cancel
+        with pytest.raises(RunError) as info:
+            await engine.execute(run)
+    statuses = {k[1]: r.status for k, r in info.value.outcome.resources.items()}
+    assert statuses["s1"] is ResourceStatus.CANCELLED and statuses["p1"] is ResourceStatus.CANCELLED
+    assert ResourceStatus.SKIPPED not in statuses.values()
+
+
+async def test_a_hanging_protectable_is_named_when_discovery_times_out() -> None:
+    """timeouts.discovery: a protectable that never answers is named with its parent."""
+
+    class Hanging:
+        resource_type = "OS::Cinder::Volume"
+        parent_types: tuple[str, ...] = ("OS::Nova::Server",)
+
+        async def dependents(self, parent: Resource) -> list[Resource]:
+            await anyio.sleep_forever()
+            return []
+
+    engine = Engine([MarkPlugin({})], [Hanging()], discover=False)
+    plan = Plan(name="d", resources=[res("s1")], timeouts=Timeouts(discovery=5))
+    async with engine:
+        start = anyio.current_time()
+        with pytest.raises(
+            GraphError,
+            match=r"timeouts.discovery \(5 s\).*'OS::Cinder::Volume'.*OS::Nova::Server#s1",
+        ):
+            await engine.build_protect(plan)
+        assert anyio.current_time() - start < 6
+
+
+async def test_one_identity_with_two_names_is_a_graph_error_naming_both() -> None:
+    """Two parents report v1 under different names: an error names both and who said each."""
+    a = Resource("OS::Cinder::Volume", "v1", name="data")
+    b = Resource("OS::Cinder::Volume", "v1", name="logs")
+    finder = MapProtectable(
+        "OS::Cinder::Volume", ["OS::Nova::Server"], {res("s1").key: [a], res("s2").key: [b]}
+    )
+    engine = Engine([MarkPlugin({})], [finder], discover=False)
+    async with engine:
+        with pytest.raises(GraphError) as info:
+            await engine.build_protect(Plan(name="n", resources=[res("s1"), res("s2")]))
+    text = str(info.value)
+    assert "OS::Cinder::Volume#v1" in text and "'data'" in text and "'logs'" in text
+    assert "OS::Nova::Server#s1" in text and "OS::Nova::Server#s2" in text
+
+
+async def test_one_identity_with_a_different_extra_keeps_the_first() -> None:
+    """A different ``extra`` is allowed: the first one reported is kept."""
+
+    class Later:
+        resource_type = "OS::Cinder::Volume"
+        parent_types: tuple[str, ...] = ("OS::Nova::Server",)
+
+        async def dependents(self, parent: Resource) -> list[Resource]:
+            if parent.id == "s2":
+                await anyio.sleep(0.05)  # s2 reports it second
+            size = 1 if parent.id == "s1" else 2
+            return [Resource("OS::Cinder::Volume", "v1", name="v1", extra={"size": size})]
+
+    engine = Engine([MarkPlugin({})], [Later()], discover=False)
+    async with engine:
+        run = await engine.build_protect(Plan(name="n", resources=[res("s1"), res("s2")]))
+    [v1] = [r for r in run.spec.graph.resources if r.id == "v1"]
+    assert v1.extra["size"] == 1

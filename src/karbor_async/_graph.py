@@ -139,6 +139,8 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
     to expand (one task per worker, not per resource).
     """
     found: dict[ResourceKey, Resource] = {}
+    reported_by: dict[ResourceKey, str] = {r.key: "the plan" for r in plan.resources}
+    in_flight: dict[tuple[str, ResourceKey], Resource] = {}
     edges: dict[ResourceKey, set[ResourceKey]] = {}
     errors: list[GraphError] = []
     queue: deque[Resource] = deque()
@@ -155,6 +157,8 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
     async def expand(res: Resource) -> None:
         kids = edges.setdefault(res.key, set())
         for finder in registry.finders_under(res.type):
+            flight = (finder.resource_type, res.key)
+            in_flight[flight] = res
             try:
                 deps = list(await finder.dependents(res))
             except Exception as exc:
@@ -165,6 +169,7 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
                 err.__cause__ = exc
                 errors.append(err)
                 return
+            in_flight.pop(flight, None)  # (kept when cancelled: the timeout names it)
             for dep in deps:
                 if not isinstance(dep, Resource):
                     errors.append(
@@ -175,9 +180,23 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
                     )
                     return
                 kids.add(dep.key)
-                if dep.key not in found:
+                known = found.get(dep.key)
+                if known is None:
                     found[dep.key] = dep
+                    reported_by[dep.key] = _fmt(res)
                     queue.append(dep)
+                elif known.name != dep.name:
+                    # One identity, two names: which is the resource? (A different
+                    # ``extra`` is allowed; the first one reported is kept.)
+                    errors.append(
+                        GraphError(
+                            f"{_fmt(dep)} is reported with two names: {known.name!r} by "
+                            f"{reported_by[dep.key]} and {dep.name!r} by {_fmt(res)} (protectable "
+                            f"for {finder.resource_type!r}); a resource's (type, id) must name "
+                            "one resource: fix the protectable"
+                        )
+                    )
+                    return
 
     async def worker(tg: anyio.abc.TaskGroup) -> None:
         nonlocal busy, waiting
@@ -204,9 +223,20 @@ async def discover(plan: Plan, registry: PluginRegistry) -> ResourceGraph:
     for res in plan.resources:
         found[res.key] = res
         queue.append(res)
-    async with anyio.create_task_group() as tg:
-        for _ in range(max(1, min(plan.discovery_concurrency, len(queue) * 8))):
-            tg.start_soon(worker, tg)
+    limit = plan.timeouts.discovery
+    with anyio.move_on_after(limit) as scope:
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(plan.discovery_concurrency, len(queue) * 8))):
+                tg.start_soon(worker, tg)
+    if scope.cancelled_caught and not errors:
+        waiting_on = ", ".join(
+            f"the protectable for {ftype!r} listing the dependents of {_fmt(parent)}"
+            for (ftype, _key), parent in list(in_flight.items())[:5]
+        )
+        raise GraphError(
+            f"discovery did not finish within timeouts.discovery ({limit:g} s): still waiting "
+            f"on {waiting_on or 'no protectable'}; fix that protectable or raise the limit"
+        )
     if errors:
         raise errors[0]
 

@@ -85,12 +85,15 @@ class Timeouts:
     """Budget per ``"Type"`` or ``"Type#id"``."""
     abort: float = 60.0
     """Deadline for aborting calls (thaws), including their retries."""
+    discovery: float = 300.0
+    """Limit for finding the graph's dependents through the protectables."""
 
     def __attrs_post_init__(self) -> None:
         _positive("hook", self.hook)
         _positive("run", self.run)
         _positive("quiesce_budget", self.quiesce_budget)
         _positive("abort", self.abort)
+        _positive("discovery", self.discovery)
         for label, table in (
             ("per_plugin", self.per_plugin),
             ("per_type", self.per_type),
@@ -108,6 +111,7 @@ class Timeouts:
             "quiesce_budget": self.quiesce_budget,
             "quiesce_budget_per_type": dict(self.quiesce_budget_per_type),
             "abort": self.abort,
+            "discovery": self.discovery,
         }
 
 

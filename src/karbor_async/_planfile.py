@@ -48,7 +48,7 @@ _TOP_KEYS = (
 )
 _RESOURCE_KEYS = ("type", "id", "name", "extra")
 _GROUP_KEYS = ("name", "resources", "barrier")
-_TIMEOUT_SECONDS = ("hook", "run", "quiesce_budget", "abort")
+_TIMEOUT_SECONDS = ("hook", "run", "quiesce_budget", "abort", "discovery")
 _TIMEOUT_TABLES = ("per_plugin", "per_type", "quiesce_budget_per_type")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -456,7 +456,7 @@ def _timeouts(c: _Checker, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in _TIMEOUT_SECONDS:
         if key in table:
-            out[key] = c.seconds(table[key], (*at, key), nullable=key != "abort")
+            out[key] = c.seconds(table[key], (*at, key), nullable=key not in ("abort", "discovery"))
     for key in _TIMEOUT_TABLES:
         if key in table:
             sub = c.table(table[key], (*at, key), "a table of names and seconds")

@@ -1543,6 +1543,8 @@ class Run:
             n.ev_cp = anyio.Event()
             await n.ev_cp.wait()
             n.ev_cp = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
+            if self._aborting(n):
+                raise _Aborted  # cancelled or timed out: ``cancelled``, not ``skipped``
         if n.child_failed:
             if n.status is not ResourceStatus.THAW_FAILED:
                 n.status = ResourceStatus.SKIPPED
