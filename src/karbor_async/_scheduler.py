@@ -43,6 +43,7 @@ from karbor_async._hub import EventHub
 from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
 from karbor_async._registry import TypeBinding
+from karbor_async._scrub import Scrubber
 from karbor_async._tasks import AbandonedHook, EngineTasks
 from karbor_async._types import (
     AbortReason,
@@ -296,6 +297,8 @@ class _Node:
         self, fraction: float | None, done: int | None, total: int | None, message: str | None
     ) -> None:
         self.ticks += 1
+        if message is not None and self.run.scrubber.active:
+            message = self.run.scrubber.text(message)
         progress = self.last_progress = Progress(fraction, done, total, message)
         self.run.progress_tick(self, progress)
 
@@ -374,11 +377,37 @@ class _Node:
         return tuple(n.resource for n in (self.parents if parents else self.children))
 
     def logger(self, hook: Hook) -> Any:
-        return self.run.log.bind(resource=str(self.resource), hook=hook.value)
+        log = self.run.log.bind(resource=str(self.resource), hook=hook.value)
+        scrub = self.run.scrubber
+        return _ScrubbingLogger(log, scrub) if scrub.active else log
 
     @property
     def hooks_run(self) -> tuple[Hook, ...]:
         return tuple(h for h, bit in _HOOK_BITS.items() if self.hooks_done & bit)
+
+
+class _ScrubbingLogger:
+    """``ctx.log`` once the run resolved secrets: fields and messages are scrubbed first."""
+
+    __slots__ = ("_log", "_scrub")
+
+    def __init__(self, log: Any, scrub: Scrubber) -> None:
+        self._log = log
+        self._scrub = scrub
+
+    def bind(self, **kw: Any) -> _ScrubbingLogger:
+        return _ScrubbingLogger(self._log.bind(**self._scrub.data(kw)), self._scrub)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._log, name)
+        if not callable(method):
+            return method
+        scrub = self._scrub
+
+        def call(*args: Any, **kw: Any) -> Any:
+            return method(*scrub.data(list(args)), **scrub.data(kw))
+
+        return call
 
 
 class _Timers:
@@ -599,6 +628,8 @@ class Run:
         self._settled: anyio.Event | None = None
         self._t0: float | None = None
         self._timers = _Timers(self._fire, self._abandon_due)
+        self._scrub = Scrubber()
+        """The secret values this run resolved, kept out of all it writes."""
         self.now: Callable[[], float] = anyio.current_time
         """The engine clock: ``anyio.current_time``, read straight from the loop on asyncio."""
         self.log = _log.bind(run_id=spec.run_id, operation=spec.operation.value)
@@ -706,6 +737,8 @@ class Run:
     def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
         if not self._record or self._closed:
             return
+        if self._scrub.active:
+            data = self._scrub.data(data)
         self._seq += 1
         if node is not None:
             resource: ResourceKey | None = node.resource.key
@@ -776,6 +809,10 @@ class Run:
             n.progress_stored_at = now
             self._store.append(event)
 
+    @property
+    def scrubber(self) -> Scrubber:
+        return self._scrub
+
     # -- saved info and restore mapping -----------------------------------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
         own = self._own_saved.get(key)
@@ -783,6 +820,8 @@ class Run:
         return {**base, **own} if own else base
 
     def save_info(self, key: ResourceKey, info: Mapping[str, Any]) -> None:
+        if self._scrub.active:
+            info = self._scrub.data(info)
         if self.operation is OperationKind.PROTECT:
             merged = self._saved.setdefault(key, {})
             merged.update(info)
@@ -1041,7 +1080,7 @@ class Run:
             hook=hook.value if hook is not None else None,
             aborting=aborting,
             seconds_after_abandoned=round(late, 6),
-            error=repr(exc) if exc is not None else None,
+            error=self._scrub.text(repr(exc)) if exc is not None else None,
         )
         if not (n.quiesces and n.pb_started) or n.thaw_done or n.pf is None:
             return
@@ -1071,7 +1110,9 @@ class Run:
                         await n.pf(ctx)
                     except Exception as exc:
                         self.log.warning(
-                            "late_thaw_failed", resource=str(n.resource), error=repr(exc)
+                            "late_thaw_failed",
+                            resource=str(n.resource),
+                            error=self._scrub.text(repr(exc)),
                         )
                     else:
                         await self._thawed_late(n)
@@ -1512,6 +1553,9 @@ class Run:
             n.error = err
             n.failed_hook = hook
 
+    def _format(self, exc: BaseException) -> str:
+        return self._scrub.text(format_error(exc))
+
     def _thaw_failed(self, n: _Node, cause: BaseException) -> None:
         """The alert: ``n`` may still be frozen (DESIGN.md guarantee 1)."""
         if n.status is ResourceStatus.THAW_FAILED:
@@ -1612,6 +1656,7 @@ class Run:
         params = n.params.values
         if n.params.secrets:
             params = await resolve_secrets(n.params, self._secrets)
+            self._scrub.add(params[k] for k in n.params.secrets)
         ctx = HookContext(n.resource, hook, params, n, aborting, abort_error)
         if not started and self._record:
             self._emit(EventKind.STARTED, n, hook, aborting=aborting.value if aborting else None)
@@ -1630,8 +1675,7 @@ class Run:
             if n.interrupt is _Interrupt.TIMEOUT:
                 # The plugin turned our cancellation into its own error: deliver the timeout.
                 await anyio.lowlevel.checkpoint()
-            err = HookError(n.resource, hook, f"{type(exc).__name__}: {exc}")
-            err.__cause__ = exc
+            err = self._hook_error(n, hook, exc)
             self._emit(EventKind.FAILED, n, hook, error=format_error(err))
             return err
         except BaseException as exc:
@@ -1641,8 +1685,7 @@ class Run:
             if _only_cancellation(exc) and self._cancel_requested(n, aborting, scopes):
                 raise
             # Not a cancellation the engine asked for: the hook's own failure.
-            err = HookError(n.resource, hook, f"{type(exc).__name__}: {exc}")
-            err.__cause__ = exc
+            err = self._hook_error(n, hook, exc)
             self._emit(EventKind.FAILED, n, hook, error=format_error(err))
             fatal = _fatal_in(exc)
             if fatal is not None:
@@ -1664,6 +1707,13 @@ class Run:
         if self._record:
             self._emit(EventKind.FINISHED, n, hook)
         return None
+
+    def _hook_error(self, n: _Node, hook: Hook, exc: BaseException) -> HookError:
+        """Wrap a plugin's exception (``raise ... from``), keeping resolved secrets out."""
+        scrub = self._scrub
+        err = HookError(n.resource, hook, scrub.text(f"{type(exc).__name__}: {exc}"))
+        err.__cause__ = scrub.exception(exc)
+        return err
 
     def _cancel_requested(
         self, n: _Node, aborting: AbortReason | None, scopes: tuple[anyio.CancelScope, ...]
@@ -1875,8 +1925,8 @@ class Run:
                 status=n.status,
                 hooks_run=tuple(n.hooks_run),
                 failed_hook=n.failed_hook,
-                error=format_error(n.error) if n.error is not None else None,
-                errors=tuple((h, a, format_error(e)) for h, a, e in n.errors),
+                error=self._format(n.error) if n.error is not None else None,
+                errors=tuple((h, a, self._format(e)) for h, a, e in n.errors),
                 cut_at=n.cut_at,
                 quiesced_at=n.quiesced_at,
                 thawed_at=n.thawed_at,

@@ -34,6 +34,7 @@ __all__ = [
     "PluginError",
     "RunCancelledError",
     "RunError",
+    "ScrubbedError",
     "SecretError",
     "StoreError",
     "StoreFileError",
@@ -125,6 +126,18 @@ class HookTimeoutError(HookError):
 
 class ThawFailedError(HookError):
     """Every attempt to thaw a frozen resource failed: it may still be frozen."""
+
+
+class ScrubbedError(KarborError):
+    """Stands in for a plugin exception whose text held a resolved secret.
+
+    ``original_type`` names the plugin's exception class; the message and the
+    original traceback text (a note, shown with the traceback) are scrubbed.
+    """
+
+    def __init__(self, original_type: str, message: str) -> None:
+        super().__init__(f"{original_type}: {message}")
+        self.original_type = original_type
 
 
 class RunCancelledError(KarborError):
