@@ -20,6 +20,7 @@ from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._registry import PluginRegistry, TypeBinding
 from karbor_async._scheduler import Run, RunSpec
+from karbor_async._stall import StallMonitor
 from karbor_async._tasks import AbandonedHook, EngineTasks
 from karbor_async._types import BarrierPolicy, Hook, OperationKind, ResourceKey, RunStatus
 from karbor_async.exceptions import PlanError, RunError
@@ -83,6 +84,12 @@ class Engine:
     logging what it waits for, at most ``close_timeout`` seconds for hooks that
     end once cancelled (a hook that swallows every cancellation is a plugin bug:
     its task lives until the process ends, and closing keeps waiting for it).
+
+    ``stall_threshold`` (seconds of real time, default 0.1; 0 turns it off): a
+    loop that does not run for longer is *stalled*; a monitor thread names who
+    held it. A hook that blocked the loop gets a ``LOOP_BLOCKED`` event and is
+    charged the time (it may fail with ``HookTimeoutError``); the other hooks'
+    limits are pushed back by it.
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class Engine:
         event_coalesce: float = 0.01,
         quiet_gc: float = 10.0,
         close_timeout: float = 10.0,
+        stall_threshold: float = 0.1,
     ) -> None:
         if not close_timeout > 0:
             raise ValueError(
@@ -116,6 +124,11 @@ class Engine:
         self._recover_first = recover
         self._recovered: anyio.Event | None = None
         self._close_timeout = close_timeout
+        if stall_threshold < 0:
+            raise ValueError(
+                f"stall_threshold must be 0 (off) or a number of seconds, not {stall_threshold!r}"
+            )
+        self._stall_threshold = stall_threshold
         self._tasks: EngineTasks | None = None
         self._outer: anyio.abc.TaskGroup | None = None
         self._closing = anyio.Event()
@@ -158,11 +171,21 @@ class Engine:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 tasks = EngineTasks(tg)
-                task_status.started(tasks)
-                await self._closing.wait()
-                tasks.closing = True
-                tg.cancel_scope.cancel()  # runs still executing end cancelled, then thaw
-                await tasks.drain(self._close_timeout, forever=True)
+                if self._stall_threshold > 0:
+                    tasks.monitor = StallMonitor(
+                        self._stall_threshold, Run.hook_call_code(), tasks.stalled
+                    )
+                    tasks.monitor.start()
+                try:
+                    task_status.started(tasks)
+                    await self._closing.wait()
+                    tasks.closing = True
+                    tg.cancel_scope.cancel()  # runs still executing end cancelled, then thaw
+                    await tasks.drain(self._close_timeout, forever=True)
+                finally:
+                    if tasks.monitor is not None:
+                        tasks.monitor.catch_up()  # a stall the last run ended inside of
+                        tasks.monitor.stop()
 
     def _open_tasks(self) -> EngineTasks:
         tasks = self._tasks

@@ -44,6 +44,7 @@ from karbor_async._params import NodeParams, resolve_secrets
 from karbor_async._plan import Plan
 from karbor_async._registry import TypeBinding
 from karbor_async._scrub import Scrubber
+from karbor_async._stall import Stall
 from karbor_async._tasks import AbandonedHook, EngineTasks
 from karbor_async._types import (
     AbortReason,
@@ -276,6 +277,12 @@ class _Node:
     """When the running hook call started (engine clock): marks may not precede it."""
     call_marks: int = 0
     """Bit set of the marks the running call made (each is allowed once per call)."""
+    call_stalled: float = 0.0
+    """The run's stall total when the running call started (others' stalls are not its)."""
+    blocked_loop_s: float = 0.0
+    """How long this resource's hooks held the event loop, in all (stalls blamed on it)."""
+    timeout_note: str | None = None
+    """Why the watcher's TIMEOUT fires, when it is not the plain limit (a held loop)."""
     errors: list[tuple[Hook, AbortReason | None, BaseException]] = attrs.Factory(list)
     """Every failure of the resource, in order (the first is also ``error``)."""
 
@@ -440,6 +447,11 @@ class _Timers:
         self._alarms: list[tuple[float, int, Callable[[], None]]] = []
         self.due: list[_Node] = []
         """Nodes whose hooks the run stops waiting for at the watcher's next step."""
+        self.stalled = 0.0
+        """Seconds the loop was stalled during the run: hook limits run on ``now - stalled``
+        (a stall is not counted against the hooks that only waited behind it)."""
+        self.catch_up: Callable[[], None] | None = None
+        """Settles a stall the loop just came out of, before any deadline is looked at."""
 
     def poke(self) -> None:
         if self._wake is not None:
@@ -459,14 +471,14 @@ class _Timers:
             self._wake.set()
 
     def arm_hook(self, n: _Node, limit: float) -> None:
-        deadline = self.now() + limit
+        deadline = self.now() - self.stalled + limit  # hook time
         fifo = self._fifos.get(limit)
         if fifo is None:
             fifo = self._fifos[limit] = deque()
         while fifo and fifo[0][1].token != fifo[0][2]:
             fifo.popleft()  # that call has ended: do not keep it until its deadline
         fifo.append((deadline, n, n.token))
-        if deadline < self._target and self._wake is not None:
+        if deadline + self.stalled < self._target and self._wake is not None:
             self._wake.set()
 
     def arm_budget(self, n: _Node, deadline: float) -> None:
@@ -478,6 +490,8 @@ class _Timers:
 
     async def watch(self) -> None:
         while True:
+            if self.catch_up is not None:
+                self.catch_up()
             if self._soon:
                 calls, self._soon = self._soon, []
                 for call in calls:
@@ -492,16 +506,17 @@ class _Timers:
                     break
                 heapq.heappop(alarms)
                 call()
+            hook_now = now - self.stalled
             for fifo in self._fifos.values():
                 while fifo:
                     deadline, n, token = fifo[0]
                     if token != n.token:
                         fifo.popleft()  # that call already ended
-                    elif deadline <= now:
+                    elif deadline <= hook_now:
                         fifo.popleft()
                         self._fire(n, _Interrupt.TIMEOUT)
                     else:
-                        earliest = min(earliest, deadline)
+                        earliest = min(earliest, deadline + self.stalled)
                         break
             budgets = self._budgets
             while budgets:
@@ -978,7 +993,8 @@ class Run:
             # The hook failed now, whenever it ends: a prepare hook aborts its group at once.
             hook = n.interrupt_hook
             assert hook is not None
-            err = HookTimeoutError(n.resource, hook, f"timed out after {n.timeout} s")
+            note, n.timeout_note = n.timeout_note, None
+            err = HookTimeoutError(n.resource, hook, note or f"timed out after {n.timeout} s")
             self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
             self._fail(n, hook, err)
             if hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH):
@@ -1208,6 +1224,9 @@ class Run:
     ) -> None:
         """Start ``walk`` for each node in the engine's task group and wait until each
         one ended or was abandoned; the watcher keeps deadlines meanwhile."""
+        monitor = self._tasks.monitor
+        self._timers.catch_up = monitor.catch_up if monitor is not None else None
+        self._tasks.runs.add(self)
         try:
             async with anyio.create_task_group() as tg:
                 self._watching = True
@@ -1223,6 +1242,7 @@ class Run:
                     await self._settled.wait()
                 tg.cancel_scope.cancel()  # stops the watcher and the watchdog
         finally:
+            self._tasks.runs.discard(self)
             self._watching = False
             self._gc_give_all()  # whatever is still held (a thaw that failed, a cancelled task)
             self._hold_writes(False)
@@ -1666,6 +1686,8 @@ class Run:
         n.calling_aborting = aborting is not None
         n.call_start = self.now()
         n.call_marks = 0
+        n.call_stalled = self._timers.stalled
+        token = n.token
         try:
             await fn(ctx)
         except Exception as exc:
@@ -1699,6 +1721,11 @@ class Run:
         if n.abandoned:
             n.late = (hook, aborting is not None, None)
             raise _Abandoned
+        monitor = self._tasks.monitor
+        if monitor is not None and monitor.stalling and aborting is None and n.timeout is not None:
+            held = self._held_too_long(n, hook, token)
+            if held is not None:
+                return held
         if n.interrupt is _Interrupt.TIMEOUT:
             # The hook returned after its deadline passed; the cancellation is pending.
             await anyio.lowlevel.checkpoint()
@@ -1707,6 +1734,77 @@ class Run:
         if self._record:
             self._emit(EventKind.FINISHED, n, hook)
         return None
+
+    # -- the event loop held by a hook ------------------------------------------------------
+    @staticmethod
+    def hook_call_code() -> Any:
+        """The code object of the frame that calls hooks (the stall monitor looks for it)."""
+        return Run._call.__code__
+
+    def _run_time(self, n: _Node) -> float:
+        """The running call's time so far, other resources' stalls left out."""
+        return (self.now() - n.call_start) - (self._timers.stalled - n.call_stalled)
+
+    def _held_too_long(self, n: _Node, hook: Hook, token: int) -> HookError | None:
+        """A hook that returned inside the stall it caused: charged, it may have timed out."""
+        monitor = self._tasks.monitor
+        blame = monitor.blamed() if monitor is not None else None
+        if blame is None or blame[0] is not n or blame[1] != token:
+            return None
+        assert n.timeout is not None
+        if self._run_time(n) <= n.timeout:
+            return None
+        held = time.monotonic() - blame[2]
+        err = HookTimeoutError(
+            n.resource, hook, f"held the event loop for {held:.1f} s; limit {n.timeout:g} s"
+        )
+        self._emit(EventKind.FAILED, n, hook, error=str(err), timeout=True)
+        return err
+
+    def stalled(self, stall: Stall) -> None:
+        """The loop was stalled (settled on the loop thread): push back the hook limits,
+        and name and charge the hook that held it if it is one of ours."""
+        timers = self._timers
+        timers.stalled += stall.seconds
+        n = stall.node
+        if stall.culprit != "hook" or not isinstance(n, _Node) or n.run is not self:
+            return
+        if stall.hook is None or n.abandoned or self._closed:
+            return
+        n.blocked_loop_s += stall.seconds
+        n.call_stalled += stall.seconds  # its own stall is charged to it, not pushed back
+        self.log.warning(
+            "loop_blocked",
+            resource=str(n.resource),
+            hook=stall.hook.value,
+            seconds=round(stall.seconds, 3),
+            frame=stall.frame,
+        )
+        self._emit(
+            EventKind.LOOP_BLOCKED,
+            n,
+            stall.hook,
+            seconds=round(stall.seconds, 6),
+            frame=stall.frame,
+        )
+        still = n.token == stall.token and n.current is stall.hook and not n.calling_aborting
+        if not still or n.timeout is None:
+            return
+        note = f"held the event loop for {stall.seconds:.1f} s; limit {n.timeout:g} s"
+        remaining = n.timeout - self._run_time(n)
+        if remaining <= 0:
+            n.timeout_note = note
+            self._fire(n, _Interrupt.TIMEOUT)
+            return
+        # Its deadline was pushed back with everyone's: bring its own back in.
+        token = n.token
+
+        def charge() -> None:
+            if n.token == token and n.current is stall.hook and not n.done:
+                n.timeout_note = note
+                self._fire(n, _Interrupt.TIMEOUT)
+
+        timers.alarm(self.now() + remaining, charge)
 
     def _hook_error(self, n: _Node, hook: Hook, exc: BaseException) -> HookError:
         """Wrap a plugin's exception (``raise ... from``), keeping resolved secrets out."""
@@ -1935,6 +2033,7 @@ class Run:
                 attempt=n.attempt,
                 abandoned_hook=n.abandoned_hook,
                 thawed_late_at=n.thawed_late_at,
+                blocked_loop_s=n.blocked_loop_s,
             )
         groups: dict[str, GroupOutcome] = {}
         for g in self.groups.values():

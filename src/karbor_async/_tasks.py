@@ -24,9 +24,10 @@ import anyio.abc
 import attrs
 import structlog
 
+from karbor_async._stall import Stall, StallMonitor
 from karbor_async._types import Hook, Resource
 
-__all__ = ["AbandonedHook", "EngineTasks", "Owned", "what_runs"]
+__all__ = ["STALL_LISTENERS", "AbandonedHook", "EngineTasks", "Owned", "StallAware", "what_runs"]
 
 _log = structlog.get_logger("karbor_async")
 
@@ -80,6 +81,16 @@ class Owned(Protocol):
     def cancel_hook(self) -> None: ...
 
 
+class StallAware(Protocol):
+    """A running run: told of every stall of the loop, to push its deadlines back."""
+
+    def stalled(self, stall: Stall) -> None: ...
+
+
+STALL_LISTENERS: list[Callable[[Stall], None]] = []
+"""Process-wide observers of settled stalls (``testing.no_loop_stalls``)."""
+
+
 class EngineTasks:
     """The engine's task group and the registry of abandoned hooks."""
 
@@ -91,6 +102,18 @@ class EngineTasks:
         self._changed: anyio.Event | None = None
         self.closing = False
         """The engine is closing: a cancellation its hooks see now is the engine's."""
+        self.runs: set[StallAware] = set()
+        """Runs executing now (they hear of stalls)."""
+        self.monitor: StallMonitor | None = None
+
+    def stalled(self, stall: Stall) -> None:
+        """The monitor settled a stall (loop thread): every running run hears of it."""
+        for run in list(self.runs):
+            run.stalled(stall)
+        if stall.culprit != "hook":
+            _log.warning("loop_blocked", culprit=stall.culprit, seconds=round(stall.seconds, 3))
+        for listener in STALL_LISTENERS[:]:
+            listener(stall)
 
     def start_soon(self, fn: Callable[[Any], Coroutine[Any, Any, None]], arg: Any) -> None:
         self.running += 1

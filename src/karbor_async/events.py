@@ -37,6 +37,9 @@ class EventKind(enum.Enum):
     """Alert: every thaw attempt failed; the resource may still be frozen."""
     BARRIER_RELEASED = "barrier_released"
     GROUP_ABORTING = "group_aborting"
+    LOOP_BLOCKED = "loop_blocked"
+    """A hook held the event loop for ``data['seconds']`` (``data['frame']``: the innermost
+    frame outside the engine)."""
     MARK_REFUSED = "mark_refused"
     """Warning: an aborting call's mark broke a rule (``data['mark']``, ``data['rule']``);
     the engine's default instant was used."""

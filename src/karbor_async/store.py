@@ -109,6 +109,8 @@ class ResourceOutcome:
     """The hook the run stopped waiting for (it did not end once cancelled), if any."""
     thawed_late_at: float | None = None
     """A thaw that was abandoned (``thaw_failed``) and then succeeded, after the run ended."""
+    blocked_loop_s: float = 0.0
+    """How long this resource's hooks held the event loop (stalls blamed on them)."""
     errors: tuple[tuple[Hook, AbortReason | None, str], ...] = ()
     """Every failure, in order: (hook, the aborting reason of the call or None, the
     formatted chain). ``error`` and ``failed_hook`` are the first of them."""
@@ -135,6 +137,7 @@ class ResourceOutcome:
             "attempt": self.attempt,
             "abandoned_hook": self.abandoned_hook.value if self.abandoned_hook else None,
             "thawed_late_at": self.thawed_late_at,
+            "blocked_loop_s": self.blocked_loop_s,
             "errors": [[h.value, a.value if a else None, text] for h, a, text in self.errors],
         }
 
@@ -155,6 +158,7 @@ class ResourceOutcome:
             attempt=int(data.get("attempt", 1)),
             abandoned_hook=Hook(data["abandoned_hook"]) if data.get("abandoned_hook") else None,
             thawed_late_at=data.get("thawed_late_at"),
+            blocked_loop_s=float(data.get("blocked_loop_s", 0.0)),
             errors=tuple(
                 (Hook(h), AbortReason(a) if a else None, str(text))
                 for h, a, text in data.get("errors", ())

@@ -11,8 +11,9 @@ and run cancellations (:class:`Fault`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -22,6 +23,8 @@ import structlog
 from karbor_async._engine import Engine
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._plan import Plan, Timeouts
+from karbor_async._stall import Stall
+from karbor_async._tasks import STALL_LISTENERS
 from karbor_async._types import AbortReason, Hook, OperationKind, Resource, ResourceKey
 from karbor_async.plugin import Bank, HookContext, ProtectionPlugin, ResourceType
 from karbor_async.store import RunOutcome
@@ -35,7 +38,9 @@ __all__ = [
     "RecordingPlugin",
     "ScriptKey",
     "TraceEntry",
+    "LoopBlockedError",
     "make_context",
+    "no_loop_stalls",
     "protectables_for",
     "run_hooks",
 ]
@@ -247,6 +252,82 @@ def protectables_for(
     return [MapProtectable(t, sorted(parents[t]), m) for t, m in by_type.items()]
 
 
+class LoopBlockedError(AssertionError):
+    """A hook held the event loop (raised by :func:`no_loop_stalls` and :func:`run_hooks`)."""
+
+
+@contextlib.contextmanager
+def no_loop_stalls() -> Iterator[list[str]]:
+    """Fail the block, naming the hook, if a hook held the event loop past the engine's
+    ``stall_threshold`` meanwhile (any engine in the process; asyncio and trio).
+
+    On asyncio, with the ``karbor-async[testing]`` extra installed, blockbuster is
+    also on inside the block, so the first blocking call fails at once even below
+    the threshold (blockbuster does nothing on trio). Yields the list of what was
+    seen (it fills as stalls are settled)::
+
+        with no_loop_stalls():
+            await engine.protect(plan)
+
+    As a pytest fixture: ``@pytest.fixture`` wrapping ``with no_loop_stalls(): yield``.
+    """
+    seen: list[str] = []
+
+    def listen(stall: Stall) -> None:
+        if stall.culprit == "hook":
+            node = stall.node
+            hook = getattr(stall.hook, "value", stall.hook)
+            where = f" at {stall.frame}" if stall.frame else ""
+            seen.append(
+                f"{getattr(node, 'resource', '?')} {hook} held the event loop for "
+                f"{stall.seconds:.2f} s{where}"
+            )
+
+    STALL_LISTENERS.append(listen)
+    try:
+        with _blockbuster():
+            yield seen
+    except BaseException as exc:
+        seen.extend(_blocking_calls(exc))
+        if seen:  # the hook's failure came from holding the loop: say that first
+            raise LoopBlockedError("; ".join(seen)) from exc
+        raise
+    finally:
+        STALL_LISTENERS.remove(listen)
+    if seen:
+        raise LoopBlockedError("; ".join(seen))
+
+
+def _blocking_calls(exc: BaseException) -> list[str]:
+    """The hooks that blockbuster stopped, from a run's error (HookError causes)."""
+    found: list[str] = []
+    for inner in exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,):
+        cause = inner.__cause__
+        if cause is not None and type(cause).__name__ == "BlockingError":
+            found.append(f"{inner}: a blocking call in the event loop (blockbuster)")
+    return found
+
+
+@contextlib.contextmanager
+def _blockbuster() -> Iterator[None]:
+    try:
+        import sniffio
+
+        on_asyncio = sniffio.current_async_library() == "asyncio"
+    except Exception:  # not in an event loop: nothing to patch for
+        on_asyncio = False
+    if not on_asyncio:
+        yield
+        return
+    try:
+        from blockbuster import blockbuster_ctx
+    except ImportError:  # the [testing] extra is not installed: the stall detector only
+        yield
+        return
+    with blockbuster_ctx():
+        yield
+
+
 @attrs.frozen
 class HookRun:
     """What :func:`run_hooks` observed: the outcomes, the saved info and the bank's objects."""
@@ -267,13 +348,33 @@ async def run_hooks(
     delete: bool = False,
     secrets: Callable[[str], Any] | None = None,
     timeouts: Timeouts | None = None,
+    fail_on_block: bool = True,
 ) -> HookRun:
     """Run one plugin's hooks for one resource exactly as the engine does.
 
     Protects the resource (all four hooks, in order, with the real engine, an
     in-memory store and bank), then optionally restores and deletes the
-    checkpoint. Raises :class:`~karbor_async.exceptions.RunError` if a run fails.
+    checkpoint. Raises :class:`~karbor_async.exceptions.RunError` if a run fails,
+    and, with ``fail_on_block``, :class:`LoopBlockedError` naming the hook if one
+    held the event loop (see :func:`no_loop_stalls`).
     """
+    if fail_on_block:
+        with no_loop_stalls():
+            return await _run_hooks(
+                plugin, resource, parameters, restore, delete, secrets, timeouts
+            )
+    return await _run_hooks(plugin, resource, parameters, restore, delete, secrets, timeouts)
+
+
+async def _run_hooks(
+    plugin: ProtectionPlugin,
+    resource: Resource,
+    parameters: Mapping[str, Any] | None,
+    restore: bool,
+    delete: bool,
+    secrets: Callable[[str], Any] | None,
+    timeouts: Timeouts | None,
+) -> HookRun:
     store = MemoryStore()
     bank = MemoryBank()
     plan = Plan(
