@@ -51,6 +51,7 @@ from benchmarks._measure import (
 )
 from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
+from benchmarks.abort_latency import abort_latency_section
 from karbor_async import BarrierPolicy, Engine, Plan
 
 HERE = Path(__file__).resolve().parent
@@ -72,6 +73,7 @@ class Config:
     karbor_realistic_ns: tuple[int, ...]
     karbor_timeout: float
     fanout_ns: tuple[int, ...]
+    abort_ns: tuple[int, ...]
     out: Path
 
 
@@ -98,6 +100,7 @@ def parse(argv: list[str]) -> Config:
             karbor_realistic_ns=(10,),
             karbor_timeout=30.0,
             fanout_ns=(100,),
+            abort_ns=(200,),
             out=HERE / "quick",
         )
     else:
@@ -115,6 +118,7 @@ def parse(argv: list[str]) -> Config:
             karbor_realistic_ns=(10, 100),
             karbor_timeout=300.0,
             fanout_ns=(1000,),
+            abort_ns=(2000, 10_000),
             out=HERE,
         )
     changes: dict[str, Any] = {}
@@ -128,6 +132,7 @@ def parse(argv: list[str]) -> Config:
             "karbor_ns",
             "karbor_realistic_ns",
             "fanout_ns",
+            "abort_ns",
         ):
             changes[name] = tuple(n for n in getattr(cfg, name) if n <= cap)
     if args.reps is not None:
@@ -901,6 +906,8 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     log("SQLite store and fan-out sections")
     sqlite = await sqlite_section(cfg, workloads)
     fanout, hundred = await fanout_section(cfg, workloads)
+    log("abort latency section")
+    aborts = await abort_latency_section(cfg.abort_ns, cfg.realistic_reps, SEED)
     plots = make_plots(cfg, res, karbor, real)
     shape = workloads[max(ns)].cloud.stats()
     body = [
@@ -927,6 +934,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         *realistic_section(cfg, real, karbor_real),
         *sqlite,
         *fanout,
+        *aborts,
     ]
     return "\n".join(body) + "\n"
 

@@ -357,3 +357,39 @@ async def test_one_identity_with_a_different_extra_keeps_the_first() -> None:
         run = await engine.build_protect(Plan(name="n", resources=[res("s1"), res("s2")]))
     [v1] = [r for r in run.spec.graph.resources if r.id == "v1"]
     assert v1.extra["size"] == 1
+
+
+async def test_cancelling_the_callers_scope_starts_no_hook_after_it() -> None:
+    """1,000 resources; a hook cancels the caller's scope: no non-aborting hook starts
+    after that instant (the same as Run.cancel() then)."""
+    starts: list[tuple[str, bool]] = []
+    cancelled_at: list[int] = []
+    scope = anyio.CancelScope()
+
+    class Op:
+        async def _hook(self, ctx: HookContext) -> None:
+            starts.append((ctx.resource.id, ctx.aborting is not None))
+            if ctx.resource.id == "v500" and ctx.hook is Hook.MAIN:
+                cancelled_at.append(len(starts))
+                scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+        on_prepare_begin = on_prepare_finish = on_main = on_complete = _hook
+
+    class Many(ProtectionPlugin):
+        name = "many"
+        types = TYPES
+
+        def get_protect_operation(self, resource_type: str) -> object:
+            return Op()
+
+    plan = Plan(name="c", resources=[Resource("OS::Cinder::Volume", f"v{i}") for i in range(1000)])
+    async with Engine([Many()], discover=False) as engine:
+        with scope:
+            await engine.protect(plan)
+        assert scope.cancelled_caught
+        [cp] = await engine.store.list_checkpoints()
+        assert cp.status.value == "cancelled"
+    [at] = cancelled_at
+    after = [s for s in starts[at:] if not s[1]]
+    assert after == [], f"{len(after)} hooks started after the caller was cancelled"

@@ -36,6 +36,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import attrs
+import sniffio
 import structlog
 
 from karbor_async._graph import ResourceGraph
@@ -91,6 +92,34 @@ def _fast_clock() -> Callable[[], float]:
         return asyncio.get_running_loop().time  # the same clock anyio reads on asyncio
     except RuntimeError:  # not on asyncio (trio): keep anyio's own, mock clocks included
         return anyio.current_time
+
+
+def _cancel_probe() -> Callable[[], bool] | None:
+    """Whether the current task is cancelled, asked cheaply from any task later.
+
+    Lets the run see its caller's cancellation the instant it happens, not at the
+    guard task's next step (by then dozens of hooks may have started). asyncio:
+    anyio delivers a scope's cancellation with ``Task.cancel()`` at once, so
+    ``cancelling()`` says it; trio: the task's cancel status (private, so looked
+    up defensively; without it the guard task's step is what notices).
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    if library == "asyncio":
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        return lambda: task.cancelling() > 0
+    if library == "trio":
+        import trio
+
+        status = getattr(trio.lowlevel.current_task(), "_cancel_status", None)
+        if status is None or not hasattr(status, "effectively_cancelled"):
+            return None
+        return lambda: bool(status.effectively_cancelled)
+    return None
 
 
 def _debug_enabled(log: Any) -> bool:
@@ -641,6 +670,9 @@ class Run:
         """A KeyboardInterrupt or SystemExit a hook raised: re-raised once all is thawed."""
         self._pending = 0
         self._settled: anyio.Event | None = None
+        self._caller_probe: Callable[[], bool] | None = None
+        """Asks whether the caller's task was cancelled (checked before each hook starts)."""
+        self._caller_cancelled = False
         self._t0: float | None = None
         self._timers = _Timers(self._fire, self._abandon_due)
         self._scrub = Scrubber()
@@ -914,6 +946,21 @@ class Run:
             return
         self._abort_all(AbortReason.CANCELLED)
 
+    def _on_caller_cancel(self) -> None:
+        """The caller's scope was cancelled: the same as :meth:`cancel` at that instant."""
+        if self._caller_cancelled:
+            return
+        self._caller_cancelled = True
+        self._caller_probe = None
+        self.log.warning("run_cancelled_by_caller")
+        self._abort_all(AbortReason.CANCELLED)
+
+    def _check_caller(self) -> None:
+        """Before a hook starts: has the caller been cancelled since the last look?"""
+        probe = self._caller_probe
+        if probe is not None and not self._finished and probe():
+            self._on_caller_cancel()
+
     def abandon(self) -> None:
         """Stop waiting at once for every hook still running (a second Ctrl-C).
 
@@ -1167,17 +1214,14 @@ class Run:
             raise RuntimeError("a Run executes once; build a new one with the engine")
         self._started = True
         result: list[tuple[RunOutcome, list[Exception]]] = []
-        caller_cancelled = False
 
         async def guard() -> None:
-            nonlocal caller_cancelled
+            self._caller_probe = _cancel_probe()
             try:
                 await anyio.sleep_forever()
             except anyio.get_cancelled_exc_class():
                 if not self._finished:
-                    caller_cancelled = True
-                    self.log.warning("run_cancelled_by_caller")
-                    self._abort_all(AbortReason.CANCELLED)
+                    self._on_caller_cancel()
                 raise
 
         async with anyio.create_task_group() as guard_tg:
@@ -1186,7 +1230,7 @@ class Run:
                 result.append(await self._execute_shielded())
             self._finished = True
             guard_tg.cancel_scope.cancel()
-        if caller_cancelled:
+        if self._caller_cancelled:
             # Everything is thawed and recorded: now let the caller's cancellation through.
             await anyio.lowlevel.checkpoint()
         outcome, errors = result[0]
@@ -1381,6 +1425,9 @@ class Run:
             n.status = ResourceStatus.RUNNING
             if n.quiesces:
                 # Commit point 1: recovery must know this resource may be frozen.
+                self._check_caller()
+                if self._aborting(n):
+                    raise _Aborted
                 self._emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
                 await self._store.commit()
                 if self._aborting(n):
@@ -1432,6 +1479,7 @@ class Run:
         """
         assert n.pf is not None
         g = n.group
+        self._check_caller()  # (before in_cut: a cancelled caller starts no cut)
         if n.scope is not None and n.scope.cancel_called:
             await self._deliver_pending(n)
         n.pf_started = True
@@ -1671,8 +1719,10 @@ class Run:
         ``SystemExit`` also abort the whole run (:meth:`_fatal_raised`). If the run
         abandoned the call meanwhile, :class:`_Abandoned` unwinds the node's task.
         """
-        if aborting is None and n.scope is not None and n.scope.cancel_called:
-            await self._deliver_pending(n)
+        if aborting is None:
+            self._check_caller()
+            if n.scope is not None and n.scope.cancel_called:
+                await self._deliver_pending(n)
         params = n.params.values
         if n.params.secrets:
             params = await resolve_secrets(n.params, self._secrets)
