@@ -129,3 +129,11 @@ async def test_no_loop_stalls_names_the_hook(anyio_backend: Any) -> None:
     with pytest.raises(LoopBlockedError, match=r"Test::Volume:bad on_main"), no_loop_stalls():
         async with Engine([Blocking(0.3)], discover=False) as engine:
             await engine.protect(_plan(5))
+
+
+async def test_the_pytest_fixture_sees_what_the_test_blocks(no_loop_stalls: list[str]) -> None:
+    """The ``no_loop_stalls`` fixture (the package's pytest plugin) collects hook stalls;
+    a clean run leaves it empty, so the test passes."""
+    async with Engine([Blocking(0.0)], discover=False) as engine:
+        await engine.protect(_plan(5))
+    assert no_loop_stalls == []
