@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from karbor_async import BarrierPolicy, Engine, MemoryStore, Plan, Resource, ResourceType, Timeouts
@@ -59,3 +60,15 @@ def setup(
         **plan_kw,
     )
     return engine, plugin, plan
+
+
+def install_plugin(root: Path, name: str, source: str, entry_points: str) -> Path:
+    """A vendor's plugin as pip would leave it: ``<name>_plugin.py`` and a ``.dist-info``
+    with ``entry_points`` (INI text), in a directory to put on a child's ``PYTHONPATH``."""
+    site = root / "site"
+    dist = site / f"{name}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (site / f"{name}_plugin.py").write_text(source)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    return site

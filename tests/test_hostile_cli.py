@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 
+from helpers import install_plugin
 from karbor_async import SqliteStore
 from karbor_async._cli import EXIT_CANCELLED, EXIT_FAILED
 
@@ -72,16 +73,13 @@ abort = 1
 
 
 def _install(root: Path) -> Path:
-    site = root / "site"
-    dist = site / "hostile_cli-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (site / "hostile_cli_plugin.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hostile-cli\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
+    return install_plugin(
+        root,
+        "hostile_cli",
+        PLUGIN,
         "[karbor_async.protections]\nhostile = hostile_cli_plugin:plugin\n\n"
-        "[karbor_async.protectables]\nhostile-disks = hostile_cli_plugin:disks\n"
+        "[karbor_async.protectables]\nhostile-disks = hostile_cli_plugin:disks\n",
     )
-    return site
 
 
 def _start(root: Path, env_extra: dict[str, str]) -> subprocess.Popen[str]:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
+from helpers import install_plugin
 from karbor_async import (
     Engine,
     FsBank,
@@ -139,13 +140,11 @@ plugin = Leaky()
 
 def test_the_cli_prints_no_secret(tmp_path: Path) -> None:
     """Through the CLI (secret from KARBOR_SECRET_*): stdout, stderr, --json, report."""
-    site = tmp_path / "site"
-    dist = site / "leaky_cli-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (site / "leaky_cli_plugin.py").write_text(CLI_PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: leaky-cli\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[karbor_async.protections]\nleaky = leaky_cli_plugin:plugin\n"
+    site = install_plugin(
+        tmp_path,
+        "leaky_cli",
+        CLI_PLUGIN,
+        "[karbor_async.protections]\nleaky = leaky_cli_plugin:plugin\n",
     )
     plan = tmp_path / "plan.toml"
     plan.write_text(
