@@ -20,6 +20,7 @@ from karbor_async import (
     Engine,
     FsBank,
     HookContext,
+    MemoryStore,
     Param,
     Plan,
     ProtectionPlugin,
@@ -183,3 +184,26 @@ def test_the_cli_prints_no_secret(tmp_path: Path) -> None:
     for text in outputs:
         _assert_clean("the CLI output", text)
     assert "login failed" in outputs[0]
+
+
+async def test_scrubbed_on_both_backends(caplog: pytest.LogCaptureFixture) -> None:
+    """The same leaky plugin with the in-memory store, on asyncio and trio."""
+    caplog.set_level(logging.DEBUG)
+
+    async def resolver(name: str) -> str:
+        return SECRET
+
+    store = MemoryStore()
+    plan = Plan(
+        name="db", resources=[Resource(DB, "d1")], parameters={DB: {"password": "db-password"}}
+    )
+    async with Engine([Leaky()], store=store, secrets=resolver, discover=False) as engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        events = await store.read_events(info.value.outcome.run_id)
+        saved = await store.load_saved_info(info.value.outcome.run_id)
+    _assert_clean("the RunError's traceback", "".join(traceback.format_exception(info.value)))
+    _assert_clean("the event log", repr([e.to_json() for e in events]))
+    _assert_clean("the saved info", repr(saved))
+    _assert_clean("the captured logs", caplog.text)
+    assert "***" in repr(saved)
