@@ -94,7 +94,7 @@ def _fast_clock() -> Callable[[], float]:
         return anyio.current_time
 
 
-def _cancel_probe() -> Callable[[], bool] | None:
+def _cancel_probe() -> Callable[[], object] | None:
     """Whether the current task is cancelled, asked cheaply from any task later.
 
     Lets the run see its caller's cancellation the instant it happens, not at the
@@ -111,7 +111,7 @@ def _cancel_probe() -> Callable[[], bool] | None:
         task = asyncio.current_task()
         if task is None:
             return None
-        return lambda: task.cancelling() > 0
+        return task.cancelling  # (an int: non-zero once cancelled)
     if library == "trio":
         import trio
 
@@ -499,8 +499,8 @@ class _Timers:
         if deadline < self._target and self._wake is not None:
             self._wake.set()
 
-    def arm_hook(self, n: _Node, limit: float) -> None:
-        deadline = self.now() - self.stalled + limit  # hook time
+    def arm_hook(self, n: _Node, limit: float, now: float) -> None:
+        deadline = now - self.stalled + limit  # hook time
         fifo = self._fifos.get(limit)
         if fifo is None:
             fifo = self._fifos[limit] = deque()
@@ -670,11 +670,12 @@ class Run:
         """A KeyboardInterrupt or SystemExit a hook raised: re-raised once all is thawed."""
         self._pending = 0
         self._settled: anyio.Event | None = None
-        self._caller_probe: Callable[[], bool] | None = None
+        self._caller_probe: Callable[[], object] | None = None
         """Asks whether the caller's task was cancelled (checked before each hook starts)."""
         self._caller_cancelled = False
         self._t0: float | None = None
         self._timers = _Timers(self._fire, self._abandon_due)
+        self._monitor = tasks.monitor
         self._scrub = Scrubber()
         """The secret values this run resolved, kept out of all it writes."""
         self.now: Callable[[], float] = anyio.current_time
@@ -781,7 +782,15 @@ class Run:
         return per.get(f"{res.type}#{res.id}", per.get(res.type, t.quiesce_budget))
 
     # -- events --------------------------------------------------------------------------
-    def _emit(self, kind: EventKind, node: _Node | None, hook: Hook | None, **data: Any) -> None:
+    def _emit(
+        self,
+        kind: EventKind,
+        node: _Node | None,
+        hook: Hook | None,
+        _mono: float | None = None,
+        **data: Any,
+    ) -> None:
+        """Record a lifecycle event (``_mono``: its engine-clock time, if already read)."""
         if not self._record or self._closed:
             return
         if self._scrub.active:
@@ -800,7 +809,7 @@ class Run:
             kind,
             self.operation,
             time.time(),
-            self.now(),
+            self.now() if _mono is None else _mono,
             resource,
             hook,
             group,
@@ -956,9 +965,11 @@ class Run:
         self._abort_all(AbortReason.CANCELLED)
 
     def _check_caller(self) -> None:
-        """Before a hook starts: has the caller been cancelled since the last look?"""
+        """Before a hook starts: has the caller been cancelled since the last look?
+
+        (Inlined on the per-hook path in ``_call``.)"""
         probe = self._caller_probe
-        if probe is not None and not self._finished and probe():
+        if probe is not None and probe():
             self._on_caller_cancel()
 
     def abandon(self) -> None:
@@ -1479,13 +1490,14 @@ class Run:
         """
         assert n.pf is not None
         g = n.group
-        self._check_caller()  # (before in_cut: a cancelled caller starts no cut)
+        probe = self._caller_probe  # (before in_cut: a cancelled caller starts no cut)
+        if probe is not None and probe():
+            self._on_caller_cancel()
         if n.scope is not None and n.scope.cancel_called:
             await self._deliver_pending(n)
         n.pf_started = True
         n.budget_token += 1  # the budget no longer applies: the thaw is under way
         n.status = ResourceStatus.RUNNING
-        start = self.now()
         if n.cuts:
             n.crash_consistent = not self._quiesce_held(n)
         n.holding = False  # (a quiescing resource's own pf is its thaw: it starts now)
@@ -1504,7 +1516,7 @@ class Run:
             return False
         if n.cuts:
             if n.cut_at is None:
-                n.cut_at = start
+                n.cut_at = n.call_start  # the default cut: the start of the call
             if self._record:
                 self._emit(EventKind.CUT, n, None, at=n.cut_at, crash_consistent=n.crash_consistent)
         if n.quiesces:
@@ -1720,7 +1732,9 @@ class Run:
         abandoned the call meanwhile, :class:`_Abandoned` unwinds the node's task.
         """
         if aborting is None:
-            self._check_caller()
+            probe = self._caller_probe
+            if probe is not None and probe():
+                self._on_caller_cancel()
             if n.scope is not None and n.scope.cancel_called:
                 await self._deliver_pending(n)
         params = n.params.values
@@ -1728,14 +1742,17 @@ class Run:
             params = await resolve_secrets(n.params, self._secrets)
             self._scrub.add(params[k] for k in n.params.secrets)
         ctx = HookContext(n.resource, hook, params, n, aborting, abort_error)
+        now = n.call_start = self.now()
         if not started and self._record:
-            self._emit(EventKind.STARTED, n, hook, aborting=aborting.value if aborting else None)
+            self._emit(
+                EventKind.STARTED, n, hook, now, aborting=aborting.value if aborting else None
+            )
         if aborting is None and n.timeout is not None:
-            self._timers.arm_hook(n, n.timeout)
+            self._timers.arm_hook(n, n.timeout, now)
         n.current = hook
         n.calling_aborting = aborting is not None
-        n.call_start = self.now()
-        n.call_marks = 0
+        if n.call_marks:
+            n.call_marks = 0
         n.call_stalled = self._timers.stalled
         token = n.token
         try:
@@ -1771,7 +1788,7 @@ class Run:
         if n.abandoned:
             n.late = (hook, aborting is not None, None)
             raise _Abandoned
-        monitor = self._tasks.monitor
+        monitor = self._monitor
         if monitor is not None and monitor.stalling and aborting is None and n.timeout is not None:
             held = self._held_too_long(n, hook, token)
             if held is not None:

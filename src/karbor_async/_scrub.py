@@ -36,15 +36,13 @@ def _spellings(value: str) -> set[str]:
 class Scrubber:
     """The secret values one run resolved, and the ways to take them out of text."""
 
-    __slots__ = ("_known", "_pattern")
+    __slots__ = ("_known", "_pattern", "active")
 
     def __init__(self) -> None:
         self._known: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
-
-    @property
-    def active(self) -> bool:
-        return self._pattern is not None
+        self.active = False
+        """Some value is known (a plain attribute: read for every event)."""
 
     def add(self, values: Iterable[Any]) -> None:
         new = {str(v) for v in values if v is not None and str(v)} - self._known
@@ -55,6 +53,7 @@ class Scrubber:
         # Longest first, so a value is masked whole before any of its parts.
         alternatives = sorted(spellings, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(s) for s in alternatives))
+        self.active = True
 
     def text(self, text: str) -> str:
         pattern = self._pattern

@@ -91,6 +91,9 @@ class StallMonitor:
         self._acked_at = 0.0
         self._since: float | None = None
         """When the stall being watched began (the post the loop did not answer)."""
+        self.stalling = False
+        """A stall is under way or not yet settled (a plain attribute: read on every
+        hook's return)."""
         self._sample: tuple[str, Any, Any, int, str | None] | None = None
         self._loop_thread = threading.get_ident()
         self._post: Callable[[Callable[[], None]], Any] | None = None
@@ -115,11 +118,6 @@ class StallMonitor:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def stalling(self) -> bool:
-        """A stall is under way or not yet settled (cheap: read on every hook's return)."""
-        return self._since is not None
-
     def blamed(self) -> tuple[Any, int, float] | None:
         """(node, call token, since when) the stall under way is blamed on, if a hook."""
         sample, since = self._sample, self._since
@@ -142,6 +140,7 @@ class StallMonitor:
         with self._lock:
             since, sample = self._since, self._sample
             self._since = self._sample = None
+            self.stalling = False
         if since is None:
             return
         seconds = now - since
@@ -168,6 +167,7 @@ class StallMonitor:
                 with self._lock:
                     if self._since is None:
                         self._since = self._posted_at
+                        self.stalling = True
                     if self._sample is None or self._sample[0] != "hook":
                         self._sample = sample
 
