@@ -391,3 +391,31 @@ async def test_a_hook_keyboard_interrupt_aborts_every_group_and_reaches_the_call
                 assert out.resources[resource(name).key].thawed_at is not None
         [cp] = await store.list_checkpoints()
         assert cp.status.value == "error"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])  # real clocks: it spins
+async def test_a_quiesce_that_ignores_cancellation_is_thawed_beside_it_then_again() -> None:
+    """s1's on_prepare_begin swallows every cancellation: half the abort deadline after
+    it was cancelled its thaw is called beside it (the resource is not left frozen);
+    when the quiesce finally ends, it is thawed once more."""
+    key: Key = (P, "s1", Hook.PREPARE_BEGIN, False)
+    plugin = HostilePlugin({key: Behaviour.SWALLOW_FOREVER})
+    store = MemoryStore()
+    async with _engine(plugin, store) as engine:
+        plan = Plan(name="r", resources=[resource("p1")], timeouts=Timeouts(hook=0.5, abort=1))
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        s1 = info.value.outcome.resources[resource("s1").key]
+        assert s1.status is ResourceStatus.ABANDONED, "thawed by the rescue: not thaw_failed"
+        assert s1.abandoned_hook is Hook.PREPARE_BEGIN and s1.thawed_at is not None
+        rescue = [c for c in plugin.calls_of("s1", Hook.PREPARE_FINISH) if c.aborting]
+        assert [c.outcome for c in rescue] == ["ok"]
+        events = await store.read_events(info.value.outcome.run_id)
+        assert any(e.kind is EventKind.THAWED and e.data.get("rescue") for e in events)
+        plugin.release = True
+        for _ in range(100):
+            if len([c for c in plugin.calls_of("s1", Hook.PREPARE_FINISH) if c.aborting]) > 1:
+                break
+            await anyio.sleep(0.02)
+    thaws = [c for c in plugin.calls_of("s1", Hook.PREPARE_FINISH) if c.aborting]
+    assert len(thaws) == 2 and thaws[-1].outcome == "ok", "thawed again after the late quiesce"

@@ -73,7 +73,8 @@ def replay(events: Sequence[Event]) -> _Replay:
                 r.done.setdefault(key, set()).add(e.hook)
             if e.hook is Hook.PREPARE_FINISH:
                 r.maybe_frozen.discard(key)
-        elif e.kind is EventKind.THAWED:
+        elif e.kind is EventKind.THAWED and not e.data.get("rescue"):
+            # (a rescue thaw ran beside a quiesce that may have frozen after it)
             r.maybe_frozen.discard(key)
     return r
 

@@ -302,6 +302,10 @@ class _Node:
     """What an abandoned call did when it finally ended: (hook, aborting, exception)."""
     thawed_late_at: float | None = None
     accounted: bool = False
+    rescue_armed: bool = False
+    rescued: bool = False
+    """Its thaw ran beside an on_prepare_begin that did not end once cancelled; the
+    node thaws again when that call ends (it may have frozen after the rescue)."""
     call_start: float = 0.0
     """When the running hook call started (engine clock): marks may not precede it."""
     call_marks: int = 0
@@ -444,6 +448,20 @@ class _ScrubbingLogger:
             return method(*scrub.data(list(args)), **scrub.data(kw))
 
         return call
+
+
+class _Rescue:
+    """The engine's handle on a rescue thaw's task (see ``Run._rescue_thaw``)."""
+
+    __slots__ = ("node", "scope")
+
+    def __init__(self, node: _Node) -> None:
+        self.node = node
+        self.scope: anyio.CancelScope | None = None
+
+    def cancel_hook(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class _Timers:
@@ -1008,6 +1026,7 @@ class Run:
             if n.scope is None or n.in_cut:
                 continue  # not started, or running a cut that must finish
             n.scope.cancel()
+            self._arm_rescue(n, now)
         # (b): what of the group still runs timeouts.abort from now is abandoned.
         self._timers.alarm(group.abandon_at, lambda: self._due_all(group.nodes))
 
@@ -1047,6 +1066,7 @@ class Run:
             n.cancelled_at = now
         token = n.token
         self._timers.alarm(now + self.spec.plan.timeouts.abort, lambda: self._due_call(n, token))
+        self._arm_rescue(n, now)
         if kind is _Interrupt.TIMEOUT:
             # The hook failed now, whenever it ends: a prepare hook aborts its group at once.
             hook = n.interrupt_hook
@@ -1057,6 +1077,68 @@ class Run:
             self._fail(n, hook, err)
             if hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH):
                 self._abort_group(n.group, AbortReason.FAILURE, err)
+
+    # -- a quiesce that does not end: its thaw beside it ------------------------------------
+    def _arm_rescue(self, n: _Node, now: float) -> None:
+        """A quiescing on_prepare_begin was cancelled: if it has not ended half the abort
+        deadline later, its thaw is called beside it, so the resource is not left frozen
+        while the engine waits (the thaw must be safe on a resource never frozen)."""
+        if n.rescue_armed or not n.quiesces or n.current is not Hook.PREPARE_BEGIN:
+            return
+        n.rescue_armed = True
+        token = n.token
+
+        def due() -> None:
+            if n.token == token and not n.done and not n.thaw_done and n.pf is not None:
+                self._tasks.start_soon(self._rescue_thaw, _Rescue(n))
+
+        self._timers.alarm(now + self.spec.plan.timeouts.abort / 2, due)
+
+    async def _rescue_thaw(self, rescue: _Rescue) -> None:
+        n = rescue.node
+        assert n.pf is not None
+        g = n.group
+        reason = g.aborting or self._abort_reason or AbortReason.FAILURE
+        deadline = g.abandon_at if g.abandon_at is not None else math.inf
+        self.log.warning(
+            "rescue_thaw",
+            resource=str(n.resource),
+            note="on_prepare_begin did not end once cancelled: its thaw is called beside it",
+        )
+        delay = _THAW_FIRST_DELAY
+        try:
+            with anyio.CancelScope(shield=True), anyio.CancelScope(deadline=deadline) as scope:
+                rescue.scope = scope
+                while not n.thaw_done:
+                    try:
+                        params = n.params.values
+                        if n.params.secrets:
+                            params = await resolve_secrets(n.params, self._secrets)
+                        await n.pf(
+                            HookContext(
+                                n.resource, Hook.PREPARE_FINISH, params, n, reason, g.abort_error
+                            )
+                        )
+                    except BaseException as exc:
+                        if _only_cancellation(exc) and scope.cancel_called:
+                            raise
+                        self.log.warning(
+                            "rescue_thaw_failed",
+                            resource=str(n.resource),
+                            error=self._scrub.text(repr(exc)),
+                        )
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, _THAW_MAX_DELAY)
+                        continue
+                    n.thaw_done = n.rescued = True
+                    if n.thawed_at is None:
+                        n.thawed_at = self.now()
+                    # (rescue: recovery still thaws it, the quiesce may freeze after this)
+                    self._emit(
+                        EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value, rescue=True
+                    )
+        finally:
+            self._tasks.ended(rescue)
 
     # -- abandoning what does not end ----------------------------------------------------
     def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
@@ -1156,12 +1238,15 @@ class Run:
             seconds_after_abandoned=round(late, 6),
             error=self._scrub.text(repr(exc)) if exc is not None else None,
         )
-        if not (n.quiesces and n.pb_started) or n.thaw_done or n.pf is None:
+        if not (n.quiesces and n.pb_started) or n.pf is None:
             return
-        if hook is Hook.PREPARE_FINISH and exc is None:
-            await self._thawed_late(n)  # the thaw that was abandoned did thaw, late
-            return
-        await self._late_thaw(n)
+        if hook is Hook.PREPARE_BEGIN:
+            await self._late_thaw(n)  # it may have frozen after a rescue thaw, or not thawed
+        elif not n.thaw_done:
+            if hook is Hook.PREPARE_FINISH and exc is None:
+                await self._thawed_late(n)  # the thaw that was abandoned did thaw, late
+            else:
+                await self._late_thaw(n)
 
     async def _late_thaw(self, n: _Node) -> None:
         """Thaw a resource whose quiesce or thaw ended after it was abandoned.
@@ -1556,9 +1641,14 @@ class Run:
 
         Callers shield it from the run's cancellation.
         """
-        if n.pf is None or n.thaw_done or not n.pb_started:
+        if n.pf is None or not n.pb_started:
             return
-        if n.pf_started and not after_failed_finish:
+        if n.thaw_done and not n.rescued:
+            return
+        if n.rescued:
+            # A rescue thaw ran while the quiesce was still under way: thaw once more.
+            n.rescued = n.thaw_done = False
+        elif n.pf_started and not after_failed_finish:
             return
         n.pf_started = True
         n.budget_token += 1
