@@ -419,3 +419,30 @@ async def test_a_quiesce_that_ignores_cancellation_is_thawed_beside_it_then_agai
             await anyio.sleep(0.02)
     thaws = [c for c in plugin.calls_of("s1", Hook.PREPARE_FINISH) if c.aborting]
     assert len(thaws) == 2 and thaws[-1].outcome == "ok", "thawed again after the late quiesce"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])  # real clocks: it spins
+async def test_a_late_thaw_that_raises_keyboard_interrupt_does_not_break_the_engine() -> None:
+    """The quiesce swallows cancellation and every thaw raises KeyboardInterrupt: the
+    rescue and the late thaw both fail, the resource is thaw_failed with its alert, and
+    the engine still closes cleanly (nothing escapes a task it owns)."""
+    plugin = HostilePlugin(
+        {
+            (P, "s1", Hook.PREPARE_BEGIN, False): Behaviour.SWALLOW_FOREVER,
+            (P, "s1", Hook.PREPARE_FINISH, True): Behaviour.KEYBOARD_INTERRUPT,
+        }
+    )
+    async with _engine(plugin) as engine:
+        plan = Plan(name="k", resources=[resource("p1")], timeouts=Timeouts(hook=0.3, abort=0.4))
+        with pytest.raises(RunError) as info:
+            await engine.protect(plan)
+        s1 = info.value.outcome.resources[resource("s1").key]
+        assert s1.status is ResourceStatus.THAW_FAILED
+        plugin.release = True  # the quiesce ends: the late thaw runs, and raises too
+        for _ in range(100):
+            if len([c for c in plugin.calls_of("s1", Hook.PREPARE_FINISH) if c.aborting]) > 2:
+                break
+            await anyio.sleep(0.02)
+    assert engine.statistics().tasks == 0
+    late = [c for c in plugin.calls_of("s1", Hook.PREPARE_FINISH) if c.aborting]
+    assert late and all(isinstance(c.raised, KeyboardInterrupt) for c in late)

@@ -1096,49 +1096,52 @@ class Run:
 
     async def _rescue_thaw(self, rescue: _Rescue) -> None:
         n = rescue.node
-        assert n.pf is not None
         g = n.group
-        reason = g.aborting or self._abort_reason or AbortReason.FAILURE
         deadline = g.abandon_at if g.abandon_at is not None else math.inf
         self.log.warning(
             "rescue_thaw",
             resource=str(n.resource),
             note="on_prepare_begin did not end once cancelled: its thaw is called beside it",
         )
-        delay = _THAW_FIRST_DELAY
         try:
             with anyio.CancelScope(shield=True), anyio.CancelScope(deadline=deadline) as scope:
                 rescue.scope = scope
-                while not n.thaw_done:
-                    try:
-                        params = n.params.values
-                        if n.params.secrets:
-                            params = await resolve_secrets(n.params, self._secrets)
-                        await n.pf(
-                            HookContext(
-                                n.resource, Hook.PREPARE_FINISH, params, n, reason, g.abort_error
-                            )
-                        )
-                    except BaseException as exc:
-                        if _only_cancellation(exc) and scope.cancel_called:
-                            raise
-                        self.log.warning(
-                            "rescue_thaw_failed",
-                            resource=str(n.resource),
-                            error=self._scrub.text(repr(exc)),
-                        )
-                        await anyio.sleep(delay)
-                        delay = min(delay * 2, _THAW_MAX_DELAY)
-                        continue
-                    n.thaw_done = n.rescued = True
-                    if n.thawed_at is None:
-                        n.thawed_at = self.now()
-                    # (rescue: recovery still thaws it, the quiesce may freeze after this)
-                    self._emit(
-                        EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value, rescue=True
-                    )
+                reason = await self._thaw_beside(n, scope, "rescue_thaw_failed")
+                n.thaw_done = n.rescued = True
+                if n.thawed_at is None:
+                    n.thawed_at = self.now()
+                # (rescue: recovery still thaws it, the quiesce may freeze after this)
+                self._emit(
+                    EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value, rescue=True
+                )
         finally:
             self._tasks.ended(rescue)
+
+    async def _thaw_beside(self, n: _Node, scope: anyio.CancelScope, failed: str) -> AbortReason:
+        """Call ``n``'s aborting on_prepare_finish outside its walk (beside a quiesce that
+        does not end, or late, after it was abandoned) until one succeeds; retried with
+        backoff until ``scope`` ends it. Returns the reason the calls were given."""
+        assert n.pf is not None
+        g = n.group
+        reason = g.aborting or self._abort_reason or AbortReason.FAILURE
+        delay = _THAW_FIRST_DELAY
+        while True:
+            try:
+                params = n.params.values
+                if n.params.secrets:
+                    params = await resolve_secrets(n.params, self._secrets)
+                ctx = HookContext(n.resource, Hook.PREPARE_FINISH, params, n, reason, g.abort_error)
+                await n.pf(ctx)
+            except BaseException as exc:  # nothing may escape a task the engine owns
+                if _only_cancellation(exc) and scope.cancel_called:
+                    raise
+                self.log.warning(
+                    failed, resource=str(n.resource), error=self._scrub.text(repr(exc))
+                )
+            else:
+                return reason
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _THAW_MAX_DELAY)
 
     # -- abandoning what does not end ----------------------------------------------------
     def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
@@ -1249,36 +1252,16 @@ class Run:
                 await self._late_thaw(n)
 
     async def _late_thaw(self, n: _Node) -> None:
-        """Thaw a resource whose quiesce or thaw ended after it was abandoned.
-
-        Aborting calls, retried like any thaw under the abort deadline; run from
-        the node's own task, which the engine owns (closing cancels it).
-        """
-        assert n.pf is not None
-        reason = n.group.aborting or self._abort_reason or AbortReason.FAILURE
-        delay = _THAW_FIRST_DELAY
+        """Thaw a resource whose quiesce or thaw ended after it was abandoned (bounded by
+        the abort deadline; run from the node's own task, which closing cancels)."""
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.spec.plan.timeouts.abort) as scope:
                 n.hook_scope = scope
-                while True:
-                    params = n.params.values
-                    try:
-                        if n.params.secrets:
-                            params = await resolve_secrets(n.params, self._secrets)
-                        ctx = HookContext(n.resource, Hook.PREPARE_FINISH, params, n, reason, None)
-                        await n.pf(ctx)
-                    except Exception as exc:
-                        self.log.warning(
-                            "late_thaw_failed",
-                            resource=str(n.resource),
-                            error=self._scrub.text(repr(exc)),
-                        )
-                    else:
-                        await self._thawed_late(n)
-                        return
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, _THAW_MAX_DELAY)
-            n.hook_scope = None
+                try:
+                    await self._thaw_beside(n, scope, "late_thaw_failed")
+                finally:
+                    n.hook_scope = None
+                await self._thawed_late(n)
 
     async def _thawed_late(self, n: _Node) -> None:
         """Record a thaw that succeeded after its resource was reported ``thaw_failed``."""
@@ -1904,7 +1887,7 @@ class Run:
 
     def _held_too_long(self, n: _Node, hook: Hook, token: int) -> HookError | None:
         """A hook that returned inside the stall it caused: charged, it may have timed out."""
-        monitor = self._tasks.monitor
+        monitor = self._monitor
         blame = monitor.blamed() if monitor is not None else None
         if blame is None or blame[0] is not n or blame[1] != token:
             return None

@@ -148,7 +148,6 @@ class EngineTasks:
         waiting (a hook that swallows every cancellation keeps its task);
         without, it returns what is still running.
         """
-        self.closing = True
         for owned in list(self._abandoned):
             owned.cancel_hook()
         if self.running == 0:
