@@ -18,11 +18,12 @@ from karbor_async._hub import EventHub, Subscription
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
+from karbor_async._recovery import Resume, recover_all
 from karbor_async._registry import PluginRegistry, TypeBinding
 from karbor_async._scheduler import Run, RunSpec
 from karbor_async._stall import StallMonitor
 from karbor_async._tasks import AbandonedHook, EngineTasks
-from karbor_async._types import BarrierPolicy, Hook, OperationKind, ResourceKey, RunStatus
+from karbor_async._types import BarrierPolicy, OperationKind, ResourceKey, RunStatus
 from karbor_async.exceptions import PlanError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord, Store
@@ -51,16 +52,6 @@ class EngineStatistics:
     """Resource tasks alive in the engine: those of running runs and abandoned ones."""
     abandoned: tuple[AbandonedHook, ...]
     """Hooks the engine stopped waiting for that have not ended yet."""
-
-
-@attrs.frozen
-class Resume:
-    """What a recovered run carries over from the attempt that crashed."""
-
-    done_hooks: Mapping[ResourceKey, frozenset[Hook]]
-    attempts: Mapping[ResourceKey, int]
-    restored: Mapping[ResourceKey, str]
-    first_seq: int
 
 
 class Engine:
@@ -469,8 +460,6 @@ class Engine:
         resume. Hooks whose finish was committed are not run again; the others run
         with ``attempt`` + 1. Returns the outcome of every run it handled.
         """
-        from karbor_async._recovery import recover_all
-
         self._open_tasks()
         if self._recovered is None:
             self._recovered = anyio.Event()

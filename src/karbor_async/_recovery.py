@@ -1,12 +1,14 @@
 """Crash recovery: finish or clean up the runs a dead engine left (DESIGN.md guarantee 5).
 
 Everything is derived from the committed event log of the run, so it works with
-any store that keeps one and hands out leases.
+any store that keeps one and hands out leases. Recovery does not import the
+engine: the engine passes itself as a :class:`RecoveryHost`, the operations
+recovery calls, and builds resumed runs from a :class:`Resume`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
@@ -18,12 +20,13 @@ from karbor_async._plan import Plan
 from karbor_async._types import Hook, OperationKind, ResourceKey
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import LeaseHeldError, RunError
-from karbor_async.store import RunOutcome, RunRecord
+from karbor_async.store import RunOutcome, RunRecord, Store
 
 if TYPE_CHECKING:
-    from karbor_async._engine import Engine
+    from karbor_async._registry import PluginRegistry
+    from karbor_async._scheduler import Run
 
-__all__ = ["RecoverableStore", "recover_all", "replay"]
+__all__ = ["RecoverableStore", "RecoveryHost", "Resume", "recover_all", "replay"]
 
 _log = structlog.get_logger("karbor_async.recovery")
 
@@ -41,6 +44,40 @@ class RecoverableStore(Protocol):
     async def last_seq(self, run_id: str) -> int: ...
 
     async def release_lease(self, run_id: str) -> None: ...
+
+
+@attrs.frozen
+class Resume:
+    """What a recovered run carries over from the attempt that crashed."""
+
+    done_hooks: Mapping[ResourceKey, frozenset[Hook]]
+    attempts: Mapping[ResourceKey, int]
+    restored: Mapping[ResourceKey, str]
+    first_seq: int
+
+
+class RecoveryHost(Protocol):
+    """The engine operations recovery calls (the engine passes itself)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def registry(self) -> PluginRegistry: ...
+
+    async def _build(
+        self,
+        op: OperationKind,
+        plan: Plan,
+        graph: ResourceGraph,
+        run_id: str,
+        checkpoint_id: str | None,
+        resume: Resume | None = None,
+    ) -> Run:
+        """A validated run over a stored plan and graph (``resume`` given: a resumed one)."""
+
+    async def delete(self, checkpoint_id: str) -> RunOutcome:
+        """Delete a checkpoint through the plugins' delete operation."""
 
 
 @attrs.define
@@ -79,7 +116,7 @@ def replay(events: Sequence[Event]) -> _Replay:
     return r
 
 
-async def recover_all(engine: Engine) -> list[RunOutcome]:
+async def recover_all(engine: RecoveryHost) -> list[RunOutcome]:
     store = engine.store
     if not isinstance(store, RecoverableStore):
         return []  # an in-memory store dies with its process: nothing to recover
@@ -100,9 +137,9 @@ async def recover_all(engine: Engine) -> list[RunOutcome]:
     return outcomes
 
 
-async def _recover_one(engine: Engine, store: RecoverableStore, record: RunRecord) -> RunOutcome:
-    from karbor_async._engine import Resume
-
+async def _recover_one(
+    engine: RecoveryHost, store: RecoverableStore, record: RunRecord
+) -> RunOutcome:
     events = await engine.store.read_events(record.run_id)
     r = replay(events)
     plan = Plan.from_json(record.plan)
@@ -137,7 +174,9 @@ async def _recover_one(engine: Engine, store: RecoverableStore, record: RunRecor
     return outcome
 
 
-def _cuts_committed(engine: Engine, record: RunRecord, graph: ResourceGraph, r: _Replay) -> bool:
+def _cuts_committed(
+    engine: RecoveryHost, record: RunRecord, graph: ResourceGraph, r: _Replay
+) -> bool:
     """True when every resource that has an on_prepare_finish committed its finish."""
     for res in graph.resources:
         binding = engine.registry.binding(res.type)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
+    from karbor_async._outcome import RunOutcome
     from karbor_async._types import Hook, Resource
-    from karbor_async.store import RunOutcome
 
 __all__ = [
     "BankKeyError",
