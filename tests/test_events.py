@@ -303,7 +303,7 @@ async def test_batch_readers_join_late_fall_behind_and_still_get_everything() ->
 
 def test_per_event_logs_are_skipped_when_debug_is_filtered() -> None:
     """A filtering logger that drops debug costs nothing per event (the check is made once)."""
-    from karbor_async._scheduler import _debug_enabled
+    from karbor_async._calls import debug_enabled as _debug_enabled
 
     before = structlog.get_config()["wrapper_class"]
     try:

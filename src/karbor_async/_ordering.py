@@ -220,17 +220,18 @@ def complete_done(s: S, *, failed: bool) -> list[S]:
     return woken
 
 
-def settle(s: S) -> tuple[list[S], list[S], list[S]]:
+def settle(s: S) -> tuple[list[S], list[S], list[S], list[S]]:
     """``s`` leaves early (aborted, abandoned): it still releases all that waits on it.
 
-    Returns the slots woken per wait (parents' begins, children's finishes,
-    parents' completes). Its gate is aborting, so no ``main`` barrier opens.
+    Returns, as :func:`begin_done` does, the slots woken and the openers of a
+    ``cut`` barrier, then the slots woken by its finish and by its complete. It
+    opens no ``main`` barrier: it left because its gate aborts.
     """
-    woken_pb, _opened = begin_done(s)
+    woken_pb, opened = begin_done(s)
     woken_pf: list[S] = []
     if not s.signalled_pf:
         woken_pf, _last = finish_done(s)
-    return woken_pb, woken_pf, complete_done(s, failed=True)
+    return woken_pb, opened, woken_pf, complete_done(s, failed=True)
 
 
 def abort(g: Gate, reason: AbortReason) -> bool:
@@ -452,15 +453,22 @@ class Ordering:
     def _leave(self, s: _Seq) -> None:
         s.phase = Phase.DONE
         self.ready.pop(s.index, None)
-        for woken in settle(s):
+        woken_pb, opened, woken_pf, woken_cp = settle(s)
+        self._opened(opened)
+        for woken in (woken_pb, woken_pf, woken_cp):
             self._advance_all(woken)
+        for x in opened:
+            self._advance_all(self._members[x.gate.name])
 
     def _begin_done(self, s: _Seq) -> None:
         woken, opened = begin_done(s)
+        self._opened(opened)
         self._advance_all(woken)
         for x in opened:
-            self.released.append((x.gate.name, "cut"))
             self._advance_all(self._members[x.gate.name])
+
+    def _opened(self, openers: list[_Seq]) -> None:
+        self.released.extend((x.gate.name, "cut") for x in openers)
 
     def _finish_done(self, s: _Seq) -> None:
         woken, last = finish_done(s)

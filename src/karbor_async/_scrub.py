@@ -18,7 +18,7 @@ from urllib.parse import quote, quote_plus
 
 from karbor_async.exceptions import ScrubbedError
 
-__all__ = ["MASK", "Scrubber"]
+__all__ = ["MASK", "Scrubber", "ScrubbingLogger"]
 
 MASK = "***"
 
@@ -85,3 +85,27 @@ class Scrubber:
         scrubbed = ScrubbedError(type(exc).__name__, self.text(str(exc)))
         scrubbed.add_note(self.text(full.rstrip()))
         return scrubbed
+
+
+class ScrubbingLogger:
+    """``ctx.log`` once the run resolved secrets: fields and messages are scrubbed first."""
+
+    __slots__ = ("_log", "_scrub")
+
+    def __init__(self, log: Any, scrub: Scrubber) -> None:
+        self._log = log
+        self._scrub = scrub
+
+    def bind(self, **kw: Any) -> ScrubbingLogger:
+        return ScrubbingLogger(self._log.bind(**self._scrub.data(kw)), self._scrub)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._log, name)
+        if not callable(method):
+            return method
+        scrub = self._scrub
+
+        def call(*args: Any, **kw: Any) -> Any:
+            return method(*scrub.data(list(args)), **scrub.data(kw))
+
+        return call

@@ -115,9 +115,9 @@ class EngineTasks:
         for listener in STALL_LISTENERS[:]:
             listener(stall)
 
-    def start_soon(self, fn: Callable[[Any], Coroutine[Any, Any, None]], arg: Any) -> None:
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         self.running += 1
-        self._tg.start_soon(fn, arg)
+        self._tg.start_soon(fn, *args)
 
     def ended(self, owned: Owned) -> None:
         """A resource task returned (call once per ``start_soon``, from its ``finally``)."""

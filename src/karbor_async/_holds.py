@@ -1,0 +1,140 @@
+"""What a run holds back while resources are frozen: the garbage collector, the store's writes.
+
+A full collection in a large heap takes tens to hundreds of milliseconds;
+inside a quiesce window or a cut wave each one is added to the window or the
+skew. So the collector is held off while anything is frozen and while a cut
+wave is dispatched (for ``quiet_gc`` seconds at most per run), and the store is
+asked to keep its write-behind records back while anything is frozen.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from karbor_async._node import _Node
+from karbor_async._timers import Timers
+
+__all__ = ["Holds", "QuietGc"]
+
+
+class QuietGc:
+    """Holds the cyclic garbage collector off while cut waves are dispatched.
+
+    Process-wide and counted (several runs, several threads): the collector is
+    disabled by the first holder, if it was enabled, and enabled again by the
+    last.
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+    _resume = False
+
+    @classmethod
+    def take(cls) -> None:
+        with cls._lock:
+            if cls._holders == 0:
+                cls._resume = gc.isenabled()
+                if cls._resume:
+                    gc.disable()
+            cls._holders += 1
+
+    @classmethod
+    def give(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0 and cls._resume:
+                gc.enable()
+
+
+class Holds:
+    """One run's holds: counted collector holds (capped in time) and the write hold."""
+
+    __slots__ = (
+        "_cap_armed",
+        "_capped",
+        "_for_frozen",
+        "_frozen_now",
+        "_holds",
+        "_quiet_gc",
+        "_store",
+        "_timers",
+        "_writes_held",
+        "now",
+        "watching",
+    )
+
+    def __init__(self, store: Any, timers: Timers, quiet_gc: float) -> None:
+        self._store = store
+        self._timers = timers
+        self._quiet_gc = quiet_gc
+        self._holds = 0
+        self._for_frozen = False
+        self._capped = False
+        self._cap_armed = False
+        self._frozen_now = 0
+        self._writes_held = False
+        self.watching = False
+        """The run's watcher task is up (it keeps the collector hold's chores)."""
+        self.now: Callable[[], float] = timers.now
+
+    def set_frozen(self, n: _Node, frozen: bool) -> None:
+        """Track what is frozen: the collector is held off while anything is."""
+        if n.frozen is frozen:
+            return
+        n.frozen = frozen
+        if frozen:
+            self._frozen_now += 1
+            if self._frozen_now == 1:
+                self._for_frozen = self.gc_take()
+                self.hold_writes(True)
+        else:
+            self._frozen_now -= 1
+            if self._frozen_now == 0:
+                self.hold_writes(False)
+                if self._for_frozen:
+                    self._for_frozen = False
+                    self.gc_give()
+
+    def hold_writes(self, hold: bool) -> None:
+        """Ask the store (if it can) to keep write-behind records back while things are frozen.
+
+        Commit points still commit; everything else is written at the next commit or
+        when the last thaw releases the hold.
+        """
+        if hold is self._writes_held:
+            return
+        hint = getattr(self._store, "hold_background_writes", None)
+        if hint is not None:
+            self._writes_held = hold
+            hint(hold)
+
+    def gc_take(self) -> bool:
+        if self._quiet_gc <= 0 or self._capped or not self.watching:
+            return False
+        QuietGc.take()
+        self._holds += 1
+        if not self._cap_armed:
+            self._cap_armed = True
+            self._timers.alarm(self.now() + self._quiet_gc, self._cap)
+        return True
+
+    def gc_give(self) -> None:
+        if self._holds:
+            self._holds -= 1
+            QuietGc.give()
+
+    def release_all(self) -> None:
+        """The run's watcher stops: give back every hold (a failed thaw, a cancelled task)."""
+        self.watching = False
+        while self._holds:
+            self.gc_give()
+        self.hold_writes(False)
+
+    def _cap(self) -> None:
+        """However long things stay frozen, the collector is held off this long at most."""
+        self._capped = True
+        while self._holds:
+            self.gc_give()

@@ -1,0 +1,234 @@
+"""Recording a run: lifecycle events, progress ticks, saved info, the restore mapping, errors.
+
+One :class:`Recorder` per run. It is also what each node's hook context acts
+through for run-wide facts (it implements ``_node.NodeRun``), and it keeps
+every resolved secret out of what it writes.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+
+from karbor_async._hub import EventHub
+from karbor_async._node import _Node
+from karbor_async._scrub import Scrubber
+from karbor_async._timers import Timers
+from karbor_async._types import AbortReason, Hook, OperationKind, ResourceKey, ResourceStatus
+from karbor_async.events import Event, EventKind, Progress
+from karbor_async.exceptions import HookError, ThawFailedError
+from karbor_async.plugin import Bank
+from karbor_async.store import Store
+
+__all__ = ["Recorder", "format_error", "record_error"]
+
+
+def format_error(exc: BaseException) -> str:
+    """The exception chain, outermost first, with the tracebacks."""
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def record_error(n: _Node, hook: Hook, aborting: AbortReason | None, err: BaseException) -> None:
+    """Keep every failure of ``n`` in order; ``error``/``failed_hook`` keep the first."""
+    if any(e is err for _h, _a, e in n.errors):
+        return
+    n.errors.append((hook, aborting, err))
+    if n.error is None:
+        n.error = err
+        n.failed_hook = hook
+
+
+class Recorder:
+    """The run's event log writer and its hooks' window on run-wide facts."""
+
+    _PROGRESS_STORE_INTERVAL = 0.1
+    """Progress is stored coalesced: at most ten ticks a second per resource."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        checkpoint_id: str,
+        operation: OperationKind,
+        store: Store,
+        bank: Bank,
+        hub: EventHub | None,
+        record: bool,
+        first_seq: int,
+        saved: Mapping[ResourceKey, Mapping[str, Any]],
+        restored: Mapping[ResourceKey, str],
+        timers: Timers,
+        log: Any,
+    ) -> None:
+        self.run_id = run_id
+        self.checkpoint_id = checkpoint_id
+        self.operation = operation
+        self.store = store
+        self.bank = bank
+        self.hub = hub
+        self.record = record
+        self.closed = False
+        """RUN_FINISHED was emitted: the run's log is closed (late hooks emit nothing)."""
+        self.log_events = False
+        self.seq = first_seq
+        self.scrub = Scrubber()
+        """The secret values this run resolved, kept out of all it writes."""
+        self.log = log
+        self.now: Callable[[], float] = anyio.current_time
+        self.timers = timers
+        self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in saved.items()}
+        self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
+        self.restored: dict[ResourceKey, str] = dict(restored)
+
+    @property
+    def scrubber(self) -> Scrubber:
+        return self.scrub
+
+    # -- events --------------------------------------------------------------------------
+    def emit(
+        self,
+        kind: EventKind,
+        node: _Node | None,
+        hook: Hook | None,
+        _mono: float | None = None,
+        **data: Any,
+    ) -> None:
+        """Record a lifecycle event (``_mono``: its engine-clock time, if already read)."""
+        if not self.record or self.closed:
+            return
+        if self.scrub.active:
+            data = self.scrub.data(data)
+        self.seq += 1
+        if node is not None:
+            resource: ResourceKey | None = node.resource.key
+            group = node.gate.name
+            attempt = node.attempt
+        else:
+            resource, group, attempt = None, data.pop("group", None), 1
+        # Positional, in Event's field order: a third cheaper than keywords (a hot path).
+        event = Event(
+            self.run_id,
+            self.seq,
+            kind,
+            self.operation,
+            time.time(),
+            self.now() if _mono is None else _mono,
+            resource,
+            hook,
+            group,
+            attempt,
+            None,
+            0,
+            data,
+        )
+        self.store.append(event)
+        if self.hub is not None:
+            self.hub.lifecycle(event)
+        if self.log_events:
+            self.log.debug(
+                kind.value,
+                seq=event.seq,
+                resource=f"{event.resource[0]}#{event.resource[1]}" if event.resource else None,
+                hook=hook.value if hook else None,
+                group=event.group,
+                **data,
+            )
+
+    def progress_tick(self, n: _Node, progress: Progress) -> None:
+        """A plugin reported progress: live to subscribers, stored at most 10 times a second."""
+        if not self.record or n.abandoned:
+            return
+        hub = self.hub
+        live = hub is not None and hub.active
+        now = self.now()
+        due = now - n.progress_stored_at >= self._PROGRESS_STORE_INTERVAL
+        if not live and not due:
+            return
+        event = Event(
+            run_id=self.run_id,
+            seq=self.seq,
+            kind=EventKind.PROGRESS,
+            operation=self.operation,
+            wall=time.time(),
+            mono=now,
+            resource=n.resource.key,
+            hook=n.current,
+            group=n.gate.name,
+            attempt=n.attempt,
+            progress=progress,
+            tick=n.ticks,
+        )
+        if live:
+            assert hub is not None
+            hub.tick(event)
+        if due:
+            n.progress_stored_at = now
+            self.store.append(event)
+
+    def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
+        """An aborting call's mark broke a rule: warn; the engine's default instant stands."""
+        self.log.warning(
+            "mark_refused", resource=str(n.resource), hook=hook.value, mark=what, rule=rule
+        )
+        self.emit(EventKind.MARK_REFUSED, n, hook, mark=what, at=at, rule=rule)
+
+    def arm_budget(self, n: _Node, deadline: float) -> None:
+        self.timers.arm_budget(n, deadline)
+
+    # -- saved info and restore mapping -----------------------------------------------------
+    def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
+        own = self._own_saved.get(key)
+        base = self._saved.get(key, {})
+        return {**base, **own} if own else base
+
+    def save_info(self, key: ResourceKey, info: Mapping[str, Any]) -> None:
+        if self.scrub.active:
+            info = self.scrub.data(info)
+        if self.operation is OperationKind.PROTECT:
+            merged = self._saved.setdefault(key, {})
+            merged.update(info)
+            self.store.save_info(self.checkpoint_id, key, merged)
+        else:
+            merged = self._own_saved.setdefault(key, {})
+            merged.update(info)
+            self.store.save_info(self.run_id, key, merged)
+
+    async def report_restored(self, n: _Node, new_id: str) -> None:
+        key = n.resource.key
+        self.restored[key] = new_id
+        self.store.record_restored(self.run_id, key, new_id)
+        self.emit(EventKind.RESTORED, n, None, new_id=new_id)
+        await self.store.commit()
+
+    # -- failures --------------------------------------------------------------------------
+    def format(self, exc: BaseException) -> str:
+        return self.scrub.text(format_error(exc))
+
+    def hook_error(self, n: _Node, hook: Hook, exc: BaseException) -> HookError:
+        """Wrap a plugin's exception (``raise ... from``), keeping resolved secrets out."""
+        scrub = self.scrub
+        err = HookError(n.resource, hook, scrub.text(f"{type(exc).__name__}: {exc}"))
+        err.__cause__ = scrub.exception(exc)
+        return err
+
+    def fail(self, n: _Node, hook: Hook, err: HookError) -> None:
+        record_error(n, hook, None, err)
+        n.status = ResourceStatus.FAILED
+        self.log.warning("hook_failed", resource=str(n.resource), hook=hook.value, error=str(err))
+
+    def thaw_failed(self, n: _Node, cause: BaseException, reason: AbortReason | None) -> None:
+        """The alert: ``n`` may still be frozen (DESIGN.md guarantee 1)."""
+        if n.status is ResourceStatus.THAW_FAILED:
+            return
+        exc = ThawFailedError(
+            n.resource, Hook.PREPARE_FINISH, "every thaw attempt failed; it may still be frozen"
+        )
+        exc.__cause__ = cause
+        n.status = ResourceStatus.THAW_FAILED
+        record_error(n, Hook.PREPARE_FINISH, n.gate.aborting or reason, exc)
+        self.log.error("thaw_failed", resource=str(n.resource), error=repr(cause))
+        self.emit(EventKind.THAW_FAILED, n, Hook.PREPARE_FINISH, error=format_error(exc))
