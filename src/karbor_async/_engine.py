@@ -101,10 +101,7 @@ class Engine:
         close_timeout: float = 10.0,
         stall_threshold: float = 0.1,
     ) -> None:
-        if not close_timeout > 0:
-            raise ValueError(
-                f"close_timeout must be a positive number of seconds, not {close_timeout!r}"
-            )
+        _check_options(close_timeout, stall_threshold)
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
@@ -115,10 +112,6 @@ class Engine:
         self._recover_first = recover
         self._recovered: anyio.Event | None = None
         self._close_timeout = close_timeout
-        if stall_threshold < 0:
-            raise ValueError(
-                f"stall_threshold must be 0 (off) or a number of seconds, not {stall_threshold!r}"
-            )
         self._stall_threshold = stall_threshold
         self._tasks: EngineTasks | None = None
         self._outer: anyio.abc.TaskGroup | None = None
@@ -391,16 +384,7 @@ class Engine:
         self._open_tasks()
         if keep < 0:
             raise PlanError(f"keep must be 0 or more, not {keep}")
-        available: list[CheckpointRecord] = []
-        before: str | None = None
-        while True:
-            page = await self.store.list_checkpoints(
-                plan_name=plan_name, status=CheckpointStatus.AVAILABLE, limit=500, before_id=before
-            )
-            available.extend(page)
-            if len(page) < 500:
-                break
-            before = page[-1].id
+        available = await _available(self.store, plan_name)
         return available[:keep], available[keep:]
 
     async def retain(self, plan_name: str, keep: int) -> list[RunOutcome]:
@@ -467,3 +451,28 @@ class Engine:
             return await recover_all(self)
         finally:
             self._recovered.set()
+
+
+async def _available(store: Store, plan_name: str) -> list[CheckpointRecord]:
+    """Every available checkpoint of a plan, newest first (read in pages of 500)."""
+    available: list[CheckpointRecord] = []
+    before: str | None = None
+    while True:
+        page = await store.list_checkpoints(
+            plan_name=plan_name, status=CheckpointStatus.AVAILABLE, limit=500, before_id=before
+        )
+        available.extend(page)
+        if len(page) < 500:
+            return available
+        before = page[-1].id
+
+
+def _check_options(close_timeout: float, stall_threshold: float) -> None:
+    if not close_timeout > 0:
+        raise ValueError(
+            f"close_timeout must be a positive number of seconds, not {close_timeout!r}"
+        )
+    if stall_threshold < 0:
+        raise ValueError(
+            f"stall_threshold must be 0 (off) or a number of seconds, not {stall_threshold!r}"
+        )
