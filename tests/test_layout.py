@@ -1,4 +1,4 @@
-"""The package's layout: no module imports itself back through its own imports."""
+"""The package's layout: no import circles, and no class too long to find one's way in."""
 
 from __future__ import annotations
 
@@ -244,3 +244,19 @@ def test_every_kind_of_import_is_an_edge(tmp_path: Path) -> None:
         ["pkg", "pkg.a", "pkg.c", "pkg"],
         ["pkg._sub.x", "pkg.a", "pkg.b", "pkg._sub.x"],
     ]
+
+
+MAX_CLASS_LINES = 400
+
+
+def test_no_class_is_over_400_lines() -> None:
+    """Each rule stays findable from a file name: no class of the package, docstrings and
+    comments included, is longer than 400 lines (split it into rooms instead)."""
+    big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    big.append(f"{path.relative_to(PACKAGE)}: {node.name} ({lines} lines)")
+    assert not big, "classes over 400 lines: " + ", ".join(big)
