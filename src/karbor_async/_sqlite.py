@@ -36,14 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
-import json
 import os
-import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -63,22 +59,34 @@ import attrs
 import structlog
 from anyio.abc import TaskStatus
 
-from karbor_async._sqlite_schema import (
-    APPLICATION_ID,
-    MAGIC,
-    inspect_file,
-    migration_statements,
-    schema_version,
+from karbor_async._sqlite_file import _close, _connect, _default_owner, _fetchone, _prepare
+from karbor_async._sqlite_records import (
+    _CHECKPOINT_COLUMNS,
+    _EVENT_COLUMNS,
+    _INSERT_EVENT,
+    _RUN_COLUMNS,
+    _UPSERT_PROGRESS,
+    _UPSERT_RESTORED,
+    _UPSERT_SAVED,
+    HookRecord,
+    HookStatus,
+    _checkpoint_record,
+    _encode,
+    _event_from_row,
+    _event_row,
+    _loads_mapping,
+    _outcome_from,
+    _progress_rows,
+    _run_record,
 )
-from karbor_async._types import Hook, OperationKind, ResourceKey, RunStatus
-from karbor_async.events import Event, EventKind, Progress
+from karbor_async._sqlite_schema import inspect_file
+from karbor_async._types import OperationKind, ResourceKey, RunStatus
+from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
     CheckpointNotFoundError,
-    ForeignFileError,
     IllegalTransitionError,
     LeaseHeldError,
     LeaseLostError,
-    NewerSchemaError,
     StoreError,
 )
 from karbor_async.store import (
@@ -108,9 +116,6 @@ _CLOSE_TIMEOUT = 10.0
 _CHECKPOINT_INTERVAL = 0.5
 """How often the checkpointer copies new WAL content into the database file."""
 
-_BUSY_TIMEOUT = 10.0
-"""How long a connection waits for another process's lock before failing."""
-
 _MAX_HELD_WRITES = 20_000
 """Write-behind records held back (see ``hold_background_writes``) before writing anyway."""
 
@@ -126,50 +131,6 @@ _IMPORT_RUN_STATUS = {
     CheckpointStatus.ERROR: RunStatus.FAILED,
     CheckpointStatus.CANCELLED: RunStatus.CANCELLED,
 }
-
-
-class HookStatus(enum.Enum):
-    """Where one hook call (of one attempt) stands: the kind of its latest lifecycle event."""
-
-    STARTED = "started"
-    FINISHED = "finished"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    ABORTED = "aborted"
-    THAW_FAILED = "thaw_failed"
-
-
-@attrs.frozen
-class HookRecord:
-    """One hook call of one attempt on one resource, as committed (for crash recovery)."""
-
-    run_id: str
-    resource: ResourceKey
-    hook: Hook
-    attempt: int
-    status: HookStatus
-    group: str | None
-    started_wall: float | None
-    ended_wall: float | None
-    error: str | None
-    first_seq: int
-    last_seq: int
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> HookRecord:
-        return cls(
-            run_id=row["run_id"],
-            resource=(row["rtype"], row["rid"]),
-            hook=Hook(row["hook"]),
-            attempt=int(row["attempt"]),
-            status=HookStatus(row["status"]),
-            group=row["grp"],
-            started_wall=row["started_wall"],
-            ended_wall=row["ended_wall"],
-            error=None if row["error"] is None else str(row["error"]),
-            first_seq=int(row["first_seq"]),
-            last_seq=int(row["last_seq"]),
-        )
 
 
 @attrs.frozen
@@ -238,265 +199,6 @@ class _Batch:
         self.progress = {k: v for k, v in self.progress.items() if k[0] not in lost}
         self.restored = {k: v for k, v in self.restored.items() if k[0] not in lost}
         self.saved = {k: v for k, v in self.saved.items() if k[0] not in lost_checkpoints}
-
-
-# -- JSON --------------------------------------------------------------------------------
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, set | frozenset):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
-
-
-_encode = functools.partial(
-    json.dumps, default=_json_default, separators=(",", ":"), ensure_ascii=False
-)
-
-
-def _loads_mapping(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise StoreError(f"stored JSON is not an object: {text[:80]!r}")
-    return value
-
-
-# -- rows -> records ---------------------------------------------------------------------
-
-_RUN_COLUMNS = "run_id, operation, checkpoint_id, plan, graph, status, started_wall, outcome"
-_CHECKPOINT_COLUMNS = "c.id, c.plan_name, c.status, c.created_wall, r.plan, r.graph, r.outcome"
-
-
-def _outcome_from(text: str | None) -> RunOutcome | None:
-    return None if text is None else RunOutcome.from_json(_loads_mapping(text))
-
-
-def _run_record(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(
-        run_id=row["run_id"],
-        operation=OperationKind(row["operation"]),
-        checkpoint_id=row["checkpoint_id"],
-        plan=_loads_mapping(row["plan"]),
-        graph=_loads_mapping(row["graph"]),
-        status=RunStatus(row["status"]),
-        started_wall=float(row["started_wall"]),
-        outcome=_outcome_from(row["outcome"]),
-    )
-
-
-def _checkpoint_record(row: sqlite3.Row) -> CheckpointRecord:
-    return CheckpointRecord(
-        id=row["id"],
-        plan_name=row["plan_name"],
-        status=CheckpointStatus(row["status"]),
-        created_wall=float(row["created_wall"]),
-        plan=_loads_mapping(row["plan"]),
-        graph=_loads_mapping(row["graph"]),
-        outcome=_outcome_from(row["outcome"]),
-    )
-
-
-# -- batch rows (generators run on the writer connection's thread) -------------------------
-
-_EVENT_COLUMNS = (
-    "run_id, seq, kind, operation, wall, mono, rtype, rid, hook, grp, attempt, data, progress"
-)
-
-_INSERT_EVENT = (
-    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-_UPSERT_PROGRESS = """
-INSERT INTO progress (run_id, rtype, rid, body) VALUES (?, ?, ?, ?)
-ON CONFLICT (run_id, rtype, rid) DO UPDATE SET body = excluded.body
-"""
-
-_UPSERT_SAVED = """
-INSERT INTO saved_info (checkpoint_id, rtype, rid, info) VALUES (?, ?, ?, ?)
-ON CONFLICT (checkpoint_id, rtype, rid) DO UPDATE SET info = excluded.info
-"""
-
-_UPSERT_RESTORED = """
-INSERT INTO restored (run_id, rtype, rid, new_id) VALUES (?, ?, ?, ?)
-ON CONFLICT (run_id, rtype, rid) DO UPDATE SET new_id = excluded.new_id
-"""
-
-_EventRow = tuple[
-    str,
-    int,
-    str,
-    str,
-    float,
-    float,
-    str | None,
-    str | None,
-    str | None,
-    str | None,
-    int,
-    str | None,
-    str | None,
-]
-
-
-def _event_row(e: Event) -> _EventRow:
-    res = e.resource
-    progress = None
-    if e.progress is not None or e.tick:
-        progress = _encode(
-            {"progress": attrs.asdict(e.progress) if e.progress else None, "tick": e.tick}
-        )
-    return (
-        e.run_id,
-        e.seq,
-        e.kind.value,
-        e.operation.value,
-        e.wall,
-        e.mono,
-        None if res is None else res[0],
-        None if res is None else res[1],
-        None if e.hook is None else e.hook.value,
-        e.group,
-        e.attempt,
-        _encode(e.data) if e.data else None,
-        progress,
-    )
-
-
-def _event_from_row(row: sqlite3.Row) -> Event:
-    rtype, rid = row["rtype"], row["rid"]
-    hook = row["hook"]
-    extra = None if row["progress"] is None else _loads_mapping(row["progress"])
-    progress = None if extra is None else extra.get("progress")
-    return Event(
-        run_id=row["run_id"],
-        seq=int(row["seq"]),
-        kind=EventKind(row["kind"]),
-        operation=OperationKind(row["operation"]),
-        wall=float(row["wall"]),
-        mono=float(row["mono"]),
-        resource=None if rtype is None else (rtype, rid),
-        hook=None if hook is None else Hook(hook),
-        group=row["grp"],
-        attempt=int(row["attempt"]),
-        progress=None
-        if progress is None
-        else Progress(
-            fraction=progress.get("fraction"),
-            done=progress.get("done"),
-            total=progress.get("total"),
-            message=progress.get("message"),
-        ),
-        tick=0 if extra is None else int(extra.get("tick", 0)),
-        data={} if row["data"] is None else _loads_mapping(row["data"]),
-    )
-
-
-def _progress_rows(
-    progress: Mapping[tuple[str, str, str], Event],
-) -> Iterator[tuple[str, str, str, str]]:
-    for (run_id, rtype, rid), e in progress.items():
-        yield (run_id, rtype, rid, _encode(e.to_json()))
-
-
-def _default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
-    conn = await aiosqlite.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT)
-    conn.row_factory = sqlite3.Row
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
-        if read_only:
-            await conn.execute("PRAGMA query_only = ON")
-        else:
-            # The checkpointer task copies the WAL back on its own connection, so a
-            # commit never pays for a checkpoint (that kept commit p99 near p50).
-            await conn.execute("PRAGMA wal_autocheckpoint = 0")
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await conn.close()
-        raise
-    return conn
-
-
-async def _close(conn: aiosqlite.Connection) -> None:
-    with anyio.CancelScope(shield=True):
-        await conn.close()
-
-
-async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Sequence[object] = ()) -> Any:
-    async with conn.execute(sql, params) as cur:
-        return await cur.fetchone()
-
-
-async def _version_under_lock(conn: aiosqlite.Connection, path: Path, target: int) -> int:
-    """Read the file's schema version again under the write lock.
-
-    Another process may have created or migrated the file since we inspected it.
-    """
-    app_id = int((await _fetchone(conn, "PRAGMA application_id"))[0])
-    tables = {
-        str(r[0])
-        for r in await conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    if app_id == 0 and not tables:
-        return 0
-    if app_id != APPLICATION_ID:
-        raise ForeignFileError(
-            f"{path} became another application's database while opening; left untouched"
-        )
-    found = await _fetchone(conn, "SELECT value FROM meta WHERE key = 'schema_version'")
-    version = int(found[0])
-    if version > target:
-        raise NewerSchemaError(
-            f"{path} has store schema version {version}, written by a newer karbor-async; "
-            f"this one reads up to version {target}: upgrade karbor-async to open it"
-        )
-    return version
-
-
-async def _prepare(conn: aiosqlite.Connection, path: Path, inspected: int) -> int:
-    """Switch to WAL and migrate forward; return the schema version now in the file."""
-    row = await _fetchone(conn, "PRAGMA journal_mode = WAL")
-    if row is None or str(row[0]).lower() != "wal":
-        raise StoreError(
-            f"{path}: SQLite could not switch the store to WAL mode (got {row and row[0]!r}); "
-            "put the store on a local file system"
-        )
-    await conn.execute("PRAGMA synchronous = NORMAL")
-    target = schema_version()
-    if inspected == target:
-        return target
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = await _version_under_lock(conn, path, target)
-        for produces, statements in migration_statements(version):
-            for statement in statements:
-                await conn.execute(statement)
-            _log.info("sqlite_store_migrated", path=str(path), schema_version=produces)
-        if version == 0:
-            await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            await conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("magic", MAGIC), ("created_wall", repr(time.time()))],
-            )
-        await conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(target),),
-        )
-        await conn.execute(f"PRAGMA user_version = {target}")
-        await conn.execute("COMMIT")
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await conn.execute("ROLLBACK")
-        raise
-    return target
 
 
 class SqliteStore:
