@@ -51,7 +51,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -80,6 +80,7 @@ from karbor_async._sqlite_records import (
     _run_record,
 )
 from karbor_async._sqlite_schema import inspect_file
+from karbor_async._sqlite_state import _Batch, _LeaseBook, _Op
 from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
@@ -149,58 +150,6 @@ class StoreStatistics:
     leases_lost: int
 
 
-@attrs.define
-class _Held:
-    token: int
-    checkpoint_id: str
-
-
-@attrs.define(eq=False)
-class _Op(Generic[_T]):
-    """An async store operation run by the writer inside its own savepoint."""
-
-    fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
-    result: Any = None
-    error: Exception | None = None
-
-
-@attrs.define(eq=False)
-class _Batch:
-    """Everything enqueued between two writer transactions."""
-
-    events: list[Event] = attrs.Factory(list)
-    progress: dict[tuple[str, str, str], Event] = attrs.Factory(dict)
-    saved: dict[tuple[str, str, str], str] = attrs.Factory(dict)
-    restored: dict[tuple[str, str, str], str] = attrs.Factory(dict)
-    ops: list[_Op[Any]] = attrs.Factory(list)
-    done: anyio.Event = attrs.Factory(anyio.Event)
-    error: StoreError | None = None
-    lost: set[str] = attrs.Factory(set)
-    waiters: int = 0
-
-    @property
-    def writes(self) -> int:
-        return len(self.events) + len(self.progress) + len(self.saved) + len(self.restored)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.ops) or self.writes > 0
-
-    def run_ids(self, held_by_checkpoint: Mapping[str, str]) -> set[str]:
-        runs = {e.run_id for e in self.events}
-        runs.update(k[0] for k in self.progress)
-        runs.update(k[0] for k in self.restored)
-        runs.update(held_by_checkpoint[k[0]] for k in self.saved if k[0] in held_by_checkpoint)
-        return runs
-
-    def drop_runs(self, lost: set[str], checkpoint_of: Mapping[str, str]) -> None:
-        lost_checkpoints = {checkpoint_of[r] for r in lost if r in checkpoint_of}
-        self.events = [e for e in self.events if e.run_id not in lost]
-        self.progress = {k: v for k, v in self.progress.items() if k[0] not in lost}
-        self.restored = {k: v for k, v in self.restored.items() if k[0] not in lost}
-        self.saved = {k: v for k, v in self.saved.items() if k[0] not in lost_checkpoints}
-
-
 class SqliteStore:
     """A :class:`~karbor_async.store.Store` in one SQLite file (WAL, ``synchronous=NORMAL``).
 
@@ -231,11 +180,14 @@ class SqliteStore:
         self._poked = False
         self._quiet = 0
         self._closed = False
-        self._held: dict[str, _Held] = {}
-        self._held_by_checkpoint: dict[str, str] = {}
-        self._lost: dict[str, str] = {}
+        book = _LeaseBook(owner=owner, path=path)
+        self._book = book
+        # The book's own dicts (never rebound), so that the per-event methods below
+        # read them with one attribute load, as when they lived here.
+        self._held = book.held
+        self._lost = book.lost
         """Runs another owner took from this store, with their checkpoint ids."""
-        self._lost_by_checkpoint: dict[str, str] = {}
+        self._lost_by_checkpoint = book.lost_by_checkpoint
         self._unreported: StoreError | None = None
         self._transactions = 0
         self._events_written = 0
@@ -383,12 +335,6 @@ class SqliteStore:
         if self._closed:
             raise StoreError(f"the store {self._path} is closed")
 
-    def _check_lease(self, run_id: str) -> None:
-        if run_id in self._lost:
-            raise LeaseLostError(
-                f"run {run_id!r} is owned by another engine now; {self._owner} must stop writing"
-            )
-
     async def _write_loop(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -450,7 +396,7 @@ class SqliteStore:
         if not self._held and not self._lost:
             return
         by_checkpoint = (
-            {**self._lost_by_checkpoint, **self._held_by_checkpoint} if batch.saved else {}
+            {**self._lost_by_checkpoint, **self._book.held_by_checkpoint} if batch.saved else {}
         )
         touched = batch.run_ids(by_checkpoint)
         lost = touched & self._lost.keys()
@@ -463,7 +409,7 @@ class SqliteStore:
             )
             tokens = {str(r[0]): int(r[1]) for r in rows}
             taken = {r for r in check if tokens.get(r) != self._held[r].token}
-            self._mark_lost(taken)
+            self._book.mark_lost(taken)
             lost |= taken
         if lost:
             batch.drop_runs(lost, {r: self._lost[r] for r in lost})
@@ -546,28 +492,6 @@ class SqliteStore:
             raise op.error
         return cast(_T, op.result), batch
 
-    def _mark_lost(self, runs: Iterable[str]) -> None:
-        for run_id in runs:
-            held = self._held.pop(run_id, None)
-            if held is None:
-                continue
-            if self._held_by_checkpoint.get(held.checkpoint_id) == run_id:
-                del self._held_by_checkpoint[held.checkpoint_id]
-            self._lost[run_id] = held.checkpoint_id
-            self._lost_by_checkpoint[held.checkpoint_id] = run_id
-            _log.warning("lease_lost", run_id=run_id, owner=self._owner, path=str(self._path))
-
-    def _hold(self, run_id: str, token: int, checkpoint_id: str) -> None:
-        self._held[run_id] = _Held(token=token, checkpoint_id=checkpoint_id)
-        self._held_by_checkpoint[checkpoint_id] = run_id
-        if self._lost.pop(run_id, None) is not None:
-            self._lost_by_checkpoint.pop(checkpoint_id, None)
-
-    def _unhold(self, run_id: str) -> None:
-        held = self._held.pop(run_id, None)
-        if held is not None and self._held_by_checkpoint.get(held.checkpoint_id) == run_id:
-            del self._held_by_checkpoint[held.checkpoint_id]
-
     async def _shutdown(self) -> None:
         """Flush what is pending and release this store's leases (clean close)."""
         self._closed = True
@@ -586,7 +510,7 @@ class SqliteStore:
             except StoreError as exc:
                 _log.error("lease_release_failed", path=str(self._path), error=str(exc))
             for run_id in held:
-                self._unhold(run_id)
+                self._book.unhold(run_id)
         else:
             await self._wait_for(self._pending if self._pending.has_work else self._inflight)
 
@@ -623,7 +547,7 @@ class SqliteStore:
             except StoreError as exc:
                 _log.error("lease_renew_failed", path=str(self._path), error=str(exc))
                 continue
-            self._mark_lost(
+            self._book.mark_lost(
                 [
                     r
                     for r, token in held.items()
@@ -649,7 +573,7 @@ class SqliteStore:
         """Enqueue a lifecycle event (a progress tick is kept coalesced, latest per resource)."""
         if self._closed or event.run_id in self._lost:
             self._check_open()
-            self._check_lease(event.run_id)
+            self._book.check(event.run_id)
         if event.kind is EventKind.PROGRESS:
             rtype, rid = event.resource or ("", "")
             self._pending.progress[(event.run_id, rtype, rid)] = event
@@ -661,13 +585,13 @@ class SqliteStore:
         """Enqueue a resource's saved info (encoded now: later mutation does not leak in)."""
         self._check_open()
         if self._lost:
-            self._check_lease(self._lost_by_checkpoint.get(checkpoint_id, checkpoint_id))
+            self._book.check(self._lost_by_checkpoint.get(checkpoint_id, checkpoint_id))
         self._pending.saved[(checkpoint_id, key[0], key[1])] = _encode(dict(info))
         self._poke()
 
     def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
         self._check_open()
-        self._check_lease(run_id)
+        self._book.check(run_id)
         self._pending.restored[(run_id, key[0], key[1])] = str(new_id)
         self._poke()
 
@@ -682,7 +606,7 @@ class SqliteStore:
         self._commits += 1
         batch = await self._wait_for(self._pending if self._pending.has_work else self._inflight)
         if run_id is not None:
-            self._check_lease(run_id)
+            self._book.check(run_id)
         if batch is not None:
             if batch.lost and (run_id is None or run_id in batch.lost):
                 names = ", ".join(sorted(batch.lost))
@@ -745,14 +669,14 @@ class SqliteStore:
 
         await self._submit(op)
         if leased:
-            self._hold(record.run_id, 1, record.checkpoint_id)
+            self._book.hold(record.run_id, 1, record.checkpoint_id)
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         """Store the outcome, end the run (``running`` -> its status), move a protect run's
         checkpoint to its end state and release the lease; commits everything before it."""
         if outcome.status is RunStatus.RUNNING:
             raise IllegalTransitionError(f"run {outcome.run_id!r} cannot finish as running")
-        self._check_lease(outcome.run_id)
+        self._book.check(outcome.run_id)
         body = _encode(outcome.to_json())
         held = self._held.get(outcome.run_id)
 
@@ -765,7 +689,7 @@ class SqliteStore:
             if row is None:
                 raise CheckpointNotFoundError(f"no run with id {outcome.run_id!r}")
             if held is not None and int(row["lease_token"]) != held.token:
-                self._mark_lost([outcome.run_id])
+                self._book.mark_lost([outcome.run_id])
                 raise LeaseLostError(
                     f"run {outcome.run_id!r} is owned by another engine now; "
                     "its outcome was not stored"
@@ -810,7 +734,7 @@ class SqliteStore:
             )
 
         _, batch = await self._submit(op)
-        self._unhold(outcome.run_id)
+        self._book.unhold(outcome.run_id)
         if batch.error is not None:
             raise batch.error
 
@@ -977,13 +901,13 @@ class SqliteStore:
             return token, str(row["checkpoint_id"])
 
         (token, checkpoint_id), _ = await self._submit(op)
-        self._hold(run_id, token, checkpoint_id)
+        self._book.hold(run_id, token, checkpoint_id)
         _log.info("lease_acquired", run_id=run_id, owner=who, token=token)
         return token
 
     async def renew_lease(self, run_id: str, ttl: float | None = None) -> None:
         """Extend this store's lease on ``run_id``; :class:`LeaseLostError` if it was taken."""
-        self._check_lease(run_id)
+        self._book.check(run_id)
         held = self._held.get(run_id)
         if held is None:
             raise LeaseLostError(f"this store holds no lease on run {run_id!r}")
@@ -992,7 +916,7 @@ class SqliteStore:
             functools.partial(self._renew_with_ttl, run_id, held.token, seconds)
         )
         if not renewed:
-            self._mark_lost([run_id])
+            self._book.mark_lost([run_id])
             raise LeaseLostError(f"run {run_id!r} is owned by another engine now")
 
     @staticmethod
@@ -1020,7 +944,7 @@ class SqliteStore:
             )
 
         await self._submit(op)
-        self._unhold(run_id)
+        self._book.unhold(run_id)
 
     async def unfinished_runs(self) -> list[RunRecord]:
         """Runs still ``running`` whose lease expired or that have no owner (oldest first)."""
