@@ -60,24 +60,18 @@ import structlog
 from anyio.abc import TaskStatus
 
 from karbor_async._sqlite_file import _close, _connect, _default_owner, _fetchone, _prepare
+from karbor_async._sqlite_queries import _Queries
 from karbor_async._sqlite_records import (
-    _CHECKPOINT_COLUMNS,
-    _EVENT_COLUMNS,
     _INSERT_EVENT,
-    _RUN_COLUMNS,
     _UPSERT_PROGRESS,
     _UPSERT_RESTORED,
     _UPSERT_SAVED,
     HookRecord,
     HookStatus,
-    _checkpoint_record,
     _encode,
-    _event_from_row,
     _event_row,
-    _loads_mapping,
     _outcome_from,
     _progress_rows,
-    _run_record,
 )
 from karbor_async._sqlite_schema import inspect_file
 from karbor_async._sqlite_state import _Batch, _LeaseBook, _Op
@@ -192,6 +186,7 @@ class SqliteStore:
         self._transactions = 0
         self._events_written = 0
         self._commits = 0
+        self._queries = _Queries(reader=reader, check_open=self._check_open)
 
     @classmethod
     @asynccontextmanager
@@ -948,12 +943,7 @@ class SqliteStore:
 
     async def unfinished_runs(self) -> list[RunRecord]:
         """Runs still ``running`` whose lease expired or that have no owner (oldest first)."""
-        rows = await self._read(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running'"
-            " AND (lease_owner IS NULL OR lease_expires <= ?) ORDER BY started_wall, run_id",
-            (time.time(),),
-        )
-        return [_run_record(r) for r in rows]
+        return await self._queries.unfinished_runs()
 
     def fencing_token(self, run_id: str) -> int | None:
         """The token this store holds for ``run_id`` (``None`` if it holds no lease)."""
@@ -962,25 +952,11 @@ class SqliteStore:
 
     # -- Store protocol: reads ---------------------------------------------------------
 
-    async def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        self._check_open()
-        return list(await self._reader.execute_fetchall(sql, params))
-
     async def get_run(self, run_id: str) -> RunRecord:
-        rows = await self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
-        if not rows:
-            raise CheckpointNotFoundError(f"no run with id {run_id!r}")
-        return _run_record(rows[0])
+        return await self._queries.get_run(run_id)
 
     async def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
-        rows = await self._read(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints c JOIN runs r ON r.run_id = c.id"
-            " WHERE c.id = ?",
-            (checkpoint_id,),
-        )
-        if not rows:
-            raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
-        return _checkpoint_record(rows[0])
+        return await self._queries.get_checkpoint(checkpoint_id)
 
     async def list_checkpoints(
         self,
@@ -997,94 +973,40 @@ class SqliteStore:
         Keyset paging on ``(created_wall, id)``: each page costs an index seek,
         however deep. An unknown ``before_id`` gives an empty page.
         """
-        where: list[str] = []
-        params: list[object] = []
-        if before_id is not None:
-            anchor = await self._read(
-                "SELECT created_wall FROM checkpoints WHERE id = ?", (before_id,)
-            )
-            if not anchor:
-                return []
-            where.append("(c.created_wall, c.id) < (?, ?)")
-            params += [anchor[0]["created_wall"], before_id]
-        if plan_name is not None:
-            where.append("c.plan_name = ?")
-            params.append(plan_name)
-        if status is not None:
-            where.append("c.status = ?")
-            params.append(status.value)
-        if since is not None:
-            where.append("c.created_wall >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("c.created_wall < ?")
-            params.append(until)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        params.append(max(0, limit))
-        rows = await self._read(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints c JOIN runs r ON r.run_id = c.id"
-            f" {clause} ORDER BY c.created_wall DESC, c.id DESC LIMIT ?",
-            params,
+        return await self._queries.list_checkpoints(
+            plan_name=plan_name,
+            status=status,
+            since=since,
+            until=until,
+            limit=limit,
+            before_id=before_id,
         )
-        return [_checkpoint_record(r) for r in rows]
 
     async def list_runs(
         self, *, checkpoint_id: str | None = None, limit: int = 100
     ) -> Sequence[RunRecord]:
-        if checkpoint_id is None:
-            rows = await self._read(
-                f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_wall DESC, run_id DESC LIMIT ?",
-                (max(0, limit),),
-            )
-        else:
-            rows = await self._read(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE checkpoint_id = ?"
-                " ORDER BY started_wall DESC, run_id DESC LIMIT ?",
-                (checkpoint_id, max(0, limit)),
-            )
-        return [_run_record(r) for r in rows]
+        return await self._queries.list_runs(checkpoint_id=checkpoint_id, limit=limit)
 
     async def load_saved_info(self, checkpoint_id: str) -> dict[ResourceKey, dict[str, Any]]:
-        rows = await self._read(
-            "SELECT rtype, rid, info FROM saved_info WHERE checkpoint_id = ?", (checkpoint_id,)
-        )
-        return {(r["rtype"], r["rid"]): _loads_mapping(r["info"]) for r in rows}
+        return await self._queries.load_saved_info(checkpoint_id)
 
     async def load_restored(self, run_id: str) -> dict[ResourceKey, str]:
-        rows = await self._read(
-            "SELECT rtype, rid, new_id FROM restored WHERE run_id = ?", (run_id,)
-        )
-        return {(r["rtype"], r["rid"]): str(r["new_id"]) for r in rows}
+        return await self._queries.load_restored(run_id)
 
     async def read_events(
         self, run_id: str, since: int = 0, *, limit: int | None = None
     ) -> Sequence[Event]:
         """Committed lifecycle events of a run with ``seq > since``, in order (up to ``limit``)."""
-        rows = await self._read(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (run_id, since, -1 if limit is None else limit),
-        )
-        return [_event_from_row(r) for r in rows]
+        return await self._queries.read_events(run_id, since, limit=limit)
 
     async def last_seq(self, run_id: str) -> int:
         """The highest committed lifecycle ``seq`` of a run (0 if none)."""
-        rows = await self._read("SELECT MAX(seq) AS seq FROM events WHERE run_id = ?", (run_id,))
-        value = rows[0]["seq"] if rows else None
-        return 0 if value is None else int(value)
+        return await self._queries.last_seq(run_id)
 
     async def load_hook_records(self, run_id: str) -> list[HookRecord]:
         """Every committed hook call of a run, per resource, hook and attempt, in start order."""
-        rows = await self._read(
-            "SELECT run_id, rtype, rid, hook, attempt, grp, status, started_wall, ended_wall,"
-            " error, first_seq, last_seq FROM hook_records WHERE run_id = ? ORDER BY first_seq",
-            (run_id,),
-        )
-        return [HookRecord.from_row(r) for r in rows]
+        return await self._queries.load_hook_records(run_id)
 
     async def load_progress(self, run_id: str) -> list[Event]:
         """The latest committed progress tick of each resource of a run."""
-        rows = await self._read(
-            "SELECT body FROM progress WHERE run_id = ? ORDER BY rtype, rid", (run_id,)
-        )
-        return [Event.from_json(_loads_mapping(r["body"])) for r in rows]
+        return await self._queries.load_progress(run_id)
