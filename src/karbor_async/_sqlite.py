@@ -42,8 +42,6 @@ import sqlite3
 import time
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
-    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -51,30 +49,24 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
 import attrs
 import structlog
-from anyio.abc import TaskStatus
 
 from karbor_async._sqlite_file import _close, _connect, _default_owner, _fetchone, _prepare
 from karbor_async._sqlite_queries import _Queries
 from karbor_async._sqlite_records import (
-    _INSERT_EVENT,
-    _UPSERT_PROGRESS,
-    _UPSERT_RESTORED,
-    _UPSERT_SAVED,
     HookRecord,
     HookStatus,
     _encode,
-    _event_row,
     _outcome_from,
-    _progress_rows,
 )
 from karbor_async._sqlite_schema import inspect_file
-from karbor_async._sqlite_state import _Batch, _LeaseBook, _Op
+from karbor_async._sqlite_state import _LeaseBook
+from karbor_async._sqlite_writer import _Writer
 from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
@@ -107,12 +99,6 @@ _T = TypeVar("_T")
 
 _CLOSE_TIMEOUT = 10.0
 """How long closing may take to flush pending writes and release leases."""
-
-_CHECKPOINT_INTERVAL = 0.5
-"""How often the checkpointer copies new WAL content into the database file."""
-
-_MAX_HELD_WRITES = 20_000
-"""Write-behind records held back (see ``hold_background_writes``) before writing anyway."""
 
 _END_STATUS = {
     RunStatus.SUCCEEDED: CheckpointStatus.AVAILABLE,
@@ -165,28 +151,20 @@ class SqliteStore:
         self._writer = writer
         self._reader = reader
         self._checkpointer = checkpointer
-        self._checkpointed_at = 0
         self._owner = owner
         self._lease_seconds = lease_seconds
-        self._pending = _Batch()
-        self._inflight: _Batch | None = None
-        self._wake = anyio.Event()
-        self._poked = False
-        self._quiet = 0
-        self._closed = False
         book = _LeaseBook(owner=owner, path=path)
         self._book = book
+        self._writes = _Writer(path=path, conn=writer, checkpointer=checkpointer, book=book)
+        """The writer: the pending batch, the writer and checkpointer tasks, fencing."""
         # The book's own dicts (never rebound), so that the per-event methods below
         # read them with one attribute load, as when they lived here.
         self._held = book.held
         self._lost = book.lost
         """Runs another owner took from this store, with their checkpoint ids."""
         self._lost_by_checkpoint = book.lost_by_checkpoint
-        self._unreported: StoreError | None = None
-        self._transactions = 0
-        self._events_written = 0
         self._commits = 0
-        self._queries = _Queries(reader=reader, check_open=self._check_open)
+        self._queries = _Queries(reader=reader, check_open=self._writes.check_open)
 
     @classmethod
     @asynccontextmanager
@@ -248,8 +226,8 @@ class SqliteStore:
                     owner=store.owner,
                 )
                 async with anyio.create_task_group() as tg:
-                    await tg.start(store._write_loop)
-                    tg.start_soon(store._checkpoint_loop)
+                    await tg.start(store._writes.write_loop)
+                    tg.start_soon(store._writes.checkpoint_loop)
                     if auto_renew:
                         tg.start_soon(store._renew_loop)
                     try:
@@ -289,27 +267,17 @@ class SqliteStore:
         return self._commits
 
     def statistics(self) -> StoreStatistics:
+        writes = self._writes
         return StoreStatistics(
-            transactions=self._transactions,
-            events_written=self._events_written,
-            pending_writes=self._pending.writes,
+            transactions=writes.transactions,
+            events_written=writes.events_written,
+            pending_writes=writes.pending.writes,
             commits_awaited=self._commits,
             leases_held=len(self._held),
             leases_lost=len(self._lost),
         )
 
     # -- the writer ----------------------------------------------------------------------
-
-    def _poke(self) -> None:
-        """A write-behind record is waiting: wake the writer, unless writes are held."""
-        if self._quiet and self._pending.writes < _MAX_HELD_WRITES:
-            return
-        self._poke_now()
-
-    def _poke_now(self) -> None:
-        if not self._poked:
-            self._poked = True
-            self._wake.set()
 
     def hold_background_writes(self, hold: bool) -> None:
         """While held, write-behind records wait for the next ``commit()`` (or the release).
@@ -320,176 +288,12 @@ class SqliteStore:
         for. Commits and store operations are never held. Counted: several
         runs may hold at once.
         """
-        self._quiet += 1 if hold else -1
-        if self._quiet < 0:
-            self._quiet = 0
-        if not self._quiet and self._pending.has_work:
-            self._poke_now()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"the store {self._path} is closed")
-
-    async def _write_loop(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            batch, self._pending = self._pending, _Batch()
-            self._wake = anyio.Event()
-            self._poked = False
-            self._inflight = batch
-            try:
-                # A batch is short; shielding it keeps a transaction from being cut in half.
-                with anyio.CancelScope(shield=True):
-                    await self._write_batch(batch)
-            finally:
-                self._inflight = None
-                if batch.error is not None and batch.waiters == 0:
-                    self._unreported = batch.error
-                batch.done.set()
-
-    async def _write_batch(self, batch: _Batch) -> None:
-        conn = self._writer
-        try:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
-            await conn.execute("BEGIN IMMEDIATE")
-            if batch.writes:
-                await self._fence(batch)
-                await self._write_records(batch)
-            for op in batch.ops:
-                await conn.execute("SAVEPOINT op")
-                try:
-                    op.result = await op.fn(conn)
-                except Exception as exc:  # the op's own failure: undo just the op
-                    op.error = exc
-                    await conn.execute("ROLLBACK TO op")
-                await conn.execute("RELEASE op")
-            await conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
-            error = StoreError(f"writing to the store {self._path} failed: {exc}")
-            error.__cause__ = exc
-            batch.error = error
-            for op in batch.ops:
-                op.error = op.error or error
-            _log.error("store_write_failed", path=str(self._path), error=str(exc))
-            return
-        self._transactions += 1
-        self._events_written += len(batch.events)
-
-    async def _fence(self, batch: _Batch) -> None:
-        """Drop the writes of runs another owner took over (checked under the write lock).
-
-        A run is dropped if it was already known lost (its lease may have been found
-        taken after its records were enqueued) or if the token in the file is no
-        longer the one this store was given.
-        """
-        if not self._held and not self._lost:
-            return
-        by_checkpoint = (
-            {**self._lost_by_checkpoint, **self._book.held_by_checkpoint} if batch.saved else {}
-        )
-        touched = batch.run_ids(by_checkpoint)
-        lost = touched & self._lost.keys()
-        check = touched & self._held.keys()
-        if check:
-            marks = ", ".join("?" * len(check))
-            rows = await self._writer.execute_fetchall(
-                f"SELECT run_id, lease_token FROM runs WHERE run_id IN ({marks})",
-                tuple(check),
-            )
-            tokens = {str(r[0]): int(r[1]) for r in rows}
-            taken = {r for r in check if tokens.get(r) != self._held[r].token}
-            self._book.mark_lost(taken)
-            lost |= taken
-        if lost:
-            batch.drop_runs(lost, {r: self._lost[r] for r in lost})
-            batch.lost |= lost
-
-    async def _write_records(self, batch: _Batch) -> None:
-        conn = self._writer
-        await conn.execute("SAVEPOINT records")
-        try:
-            await self._write_all(batch)
-        except (sqlite3.Error, TypeError, ValueError) as exc:
-            await conn.execute("ROLLBACK TO records")
-            failures = await self._write_one_by_one(batch)
-            error = StoreError(
-                f"{len(failures)} record(s) could not be written to {self._path} "
-                f"and were dropped: {'; '.join(failures[:5])}"
-            )
-            error.__cause__ = exc
-            batch.error = error
-            _log.error("store_records_dropped", path=str(self._path), failures=failures[:20])
-        await conn.execute("RELEASE records")
-
-    async def _write_all(self, batch: _Batch) -> None:
-        conn = self._writer
-        if batch.events:
-            await conn.executemany(_INSERT_EVENT, map(_event_row, batch.events))
-        if batch.progress:
-            await conn.executemany(_UPSERT_PROGRESS, _progress_rows(batch.progress))
-        if batch.saved:
-            await conn.executemany(_UPSERT_SAVED, [(*k, v) for k, v in batch.saved.items()])
-        if batch.restored:
-            await conn.executemany(_UPSERT_RESTORED, [(*k, v) for k, v in batch.restored.items()])
-
-    async def _write_one_by_one(self, batch: _Batch) -> list[str]:
-        """After a failed bulk write: write each record alone and report the ones that fail."""
-        conn = self._writer
-        failures: list[str] = []
-        kept: list[Event] = []
-        for e in batch.events:
-            try:
-                await conn.execute(_INSERT_EVENT, _event_row(e))
-                kept.append(e)
-            except (sqlite3.Error, TypeError, ValueError) as exc:
-                failures.append(f"event {e.run_id}#{e.seq}: {exc}")
-        batch.events = kept
-        for (run_id, rtype, rid), e in batch.progress.items():
-            try:
-                await conn.execute(_UPSERT_PROGRESS, (run_id, rtype, rid, _encode(e.to_json())))
-            except (sqlite3.Error, TypeError, ValueError) as exc:
-                failures.append(f"progress {run_id} {rtype}#{rid}: {exc}")
-        for k, v in batch.saved.items():
-            try:
-                await conn.execute(_UPSERT_SAVED, (*k, v))
-            except sqlite3.Error as exc:
-                failures.append(f"saved info {k}: {exc}")
-        for k, v in batch.restored.items():
-            try:
-                await conn.execute(_UPSERT_RESTORED, (*k, v))
-            except sqlite3.Error as exc:
-                failures.append(f"restored id {k}: {exc}")
-        return failures
-
-    async def _submit(
-        self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
-    ) -> tuple[_T, _Batch]:
-        """Run ``fn`` in the writer's next transaction and wait for it to commit."""
-        self._check_open()
-        return await self._submit_unchecked(fn)
-
-    async def _submit_unchecked(
-        self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
-    ) -> tuple[_T, _Batch]:
-        op: _Op[_T] = _Op(fn)
-        batch = self._pending
-        batch.ops.append(op)
-        batch.waiters += 1
-        self._poke_now()
-        await batch.done.wait()
-        if op.error is not None:
-            raise op.error
-        return cast(_T, op.result), batch
+        self._writes.hold(hold)
 
     async def _shutdown(self) -> None:
         """Flush what is pending and release this store's leases (clean close)."""
-        self._closed = True
+        writes = self._writes
+        writes.closed = True
         held = list(self._held)
         if held:
 
@@ -501,44 +305,23 @@ class SqliteStore:
                 )
 
             try:
-                await self._submit_unchecked(release)
+                await writes.submit_unchecked(release)
             except StoreError as exc:
                 _log.error("lease_release_failed", path=str(self._path), error=str(exc))
             for run_id in held:
                 self._book.unhold(run_id)
         else:
-            await self._wait_for(self._pending if self._pending.has_work else self._inflight)
-
-    async def _wait_for(self, batch: _Batch | None) -> _Batch | None:
-        if batch is None:
-            return None
-        batch.waiters += 1
-        if batch is self._pending:
-            self._poke_now()
-        await batch.done.wait()
-        return batch
-
-    async def _checkpoint_loop(self) -> None:
-        """Copy the WAL back into the database while the writer keeps committing."""
-        while True:
-            await anyio.sleep(_CHECKPOINT_INTERVAL)
-            if self._transactions == self._checkpointed_at:
-                continue
-            self._checkpointed_at = self._transactions
-            try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:  # a checkpoint is an optimisation; retry later
-                _log.warning("wal_checkpoint_failed", path=str(self._path), error=str(exc))
+            await writes.wait_for(writes.pending if writes.pending.has_work else writes.inflight)
 
     async def _renew_loop(self) -> None:
         interval = self._lease_seconds / 3
         while True:
             await anyio.sleep(interval)
-            if not self._held or self._closed:
+            if not self._held or self._writes.closed:
                 continue
             held = {r: h.token for r, h in self._held.items()}
             try:
-                renewed, _ = await self._submit(functools.partial(self._renew_op, held))
+                renewed, _ = await self._writes.submit(functools.partial(self._renew_op, held))
             except StoreError as exc:
                 _log.error("lease_renew_failed", path=str(self._path), error=str(exc))
                 continue
@@ -566,29 +349,32 @@ class SqliteStore:
 
     def append(self, event: Event) -> None:
         """Enqueue a lifecycle event (a progress tick is kept coalesced, latest per resource)."""
-        if self._closed or event.run_id in self._lost:
-            self._check_open()
+        writes = self._writes
+        if writes.closed or event.run_id in self._lost:
+            writes.check_open()
             self._book.check(event.run_id)
         if event.kind is EventKind.PROGRESS:
             rtype, rid = event.resource or ("", "")
-            self._pending.progress[(event.run_id, rtype, rid)] = event
+            writes.pending.progress[(event.run_id, rtype, rid)] = event
         else:
-            self._pending.events.append(event)
-        self._poke()
+            writes.pending.events.append(event)
+        writes.poke()
 
     def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
         """Enqueue a resource's saved info (encoded now: later mutation does not leak in)."""
-        self._check_open()
+        writes = self._writes
+        writes.check_open()
         if self._lost:
             self._book.check(self._lost_by_checkpoint.get(checkpoint_id, checkpoint_id))
-        self._pending.saved[(checkpoint_id, key[0], key[1])] = _encode(dict(info))
-        self._poke()
+        writes.pending.saved[(checkpoint_id, key[0], key[1])] = _encode(dict(info))
+        writes.poke()
 
     def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
-        self._check_open()
+        writes = self._writes
+        writes.check_open()
         self._book.check(run_id)
-        self._pending.restored[(run_id, key[0], key[1])] = str(new_id)
-        self._poke()
+        writes.pending.restored[(run_id, key[0], key[1])] = str(new_id)
+        writes.poke()
 
     async def commit(self, *, run_id: str | None = None) -> None:
         """Return when everything enqueued before this call is committed.
@@ -597,9 +383,12 @@ class SqliteStore:
         owner took a run over (only for ``run_id`` if given), and
         :class:`StoreError` when write-behind records could not be written.
         """
-        self._check_open()
+        writes = self._writes
+        writes.check_open()
         self._commits += 1
-        batch = await self._wait_for(self._pending if self._pending.has_work else self._inflight)
+        batch = await writes.wait_for(
+            writes.pending if writes.pending.has_work else writes.inflight
+        )
         if run_id is not None:
             self._book.check(run_id)
         if batch is not None:
@@ -610,8 +399,8 @@ class SqliteStore:
                 )
             if batch.error is not None:
                 raise batch.error
-        if self._unreported is not None:
-            error, self._unreported = self._unreported, None
+        if writes.unreported is not None:
+            error, writes.unreported = writes.unreported, None
             raise error
 
     async def create_run(self, record: RunRecord) -> None:
@@ -662,7 +451,7 @@ class SqliteStore:
                         f"a checkpoint with id {record.checkpoint_id!r} already exists"
                     ) from exc
 
-        await self._submit(op)
+        await self._writes.submit(op)
         if leased:
             self._book.hold(record.run_id, 1, record.checkpoint_id)
 
@@ -728,14 +517,14 @@ class SqliteStore:
                 ],
             )
 
-        _, batch = await self._submit(op)
+        _, batch = await self._writes.submit(op)
         self._book.unhold(outcome.run_id)
         if batch.error is not None:
             raise batch.error
 
     async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
         """Set ``thawed_late_at`` of one resource of a finished run (its outcome otherwise kept)."""
-        self._check_open()
+        self._writes.check_open()
 
         async def op(conn: aiosqlite.Connection) -> None:
             row = await _fetchone(conn, "SELECT outcome FROM runs WHERE run_id = ?", (run_id,))
@@ -753,7 +542,7 @@ class SqliteStore:
                 (at, run_id, key[0], key[1]),
             )
 
-        _, batch = await self._submit_unchecked(op)
+        _, batch = await self._writes.submit_unchecked(op)
         if batch.error is not None:
             raise batch.error
 
@@ -793,7 +582,7 @@ class SqliteStore:
                 "UPDATE checkpoints SET status = ? WHERE id = ?", (status.value, checkpoint_id)
             )
 
-        await self._submit(op)
+        await self._writes.submit(op)
 
     async def import_checkpoints(self, records: Iterable[CheckpointRecord]) -> int:
         """Insert finished checkpoints (and their protect runs) in one transaction.
@@ -853,7 +642,7 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"importing checkpoints failed: {exc}") from exc
 
-        await self._submit(op)
+        await self._writes.submit(op)
         return len(rows)
 
     # -- leases ------------------------------------------------------------------------
@@ -895,7 +684,7 @@ class SqliteStore:
             )
             return token, str(row["checkpoint_id"])
 
-        (token, checkpoint_id), _ = await self._submit(op)
+        (token, checkpoint_id), _ = await self._writes.submit(op)
         self._book.hold(run_id, token, checkpoint_id)
         _log.info("lease_acquired", run_id=run_id, owner=who, token=token)
         return token
@@ -907,7 +696,7 @@ class SqliteStore:
         if held is None:
             raise LeaseLostError(f"this store holds no lease on run {run_id!r}")
         seconds = self._lease_seconds if ttl is None else ttl
-        renewed, _ = await self._submit(
+        renewed, _ = await self._writes.submit(
             functools.partial(self._renew_with_ttl, run_id, held.token, seconds)
         )
         if not renewed:
@@ -938,7 +727,7 @@ class SqliteStore:
                 (run_id, token),
             )
 
-        await self._submit(op)
+        await self._writes.submit(op)
         self._book.unhold(run_id)
 
     async def unfinished_runs(self) -> list[RunRecord]:
