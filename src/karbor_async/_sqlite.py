@@ -57,6 +57,7 @@ import attrs
 import structlog
 
 from karbor_async._sqlite_file import _close, _connect, _default_owner, _fetchone, _prepare
+from karbor_async._sqlite_leases import _Leases
 from karbor_async._sqlite_queries import _Queries
 from karbor_async._sqlite_records import (
     HookRecord,
@@ -157,6 +158,7 @@ class SqliteStore:
         self._book = book
         self._writes = _Writer(path=path, conn=writer, checkpointer=checkpointer, book=book)
         """The writer: the pending batch, the writer and checkpointer tasks, fencing."""
+        self._leases = _Leases(writer=self._writes, book=book, lease_seconds=lease_seconds)
         # The book's own dicts (never rebound), so that the per-event methods below
         # read them with one attribute load, as when they lived here.
         self._held = book.held
@@ -229,7 +231,7 @@ class SqliteStore:
                     await tg.start(store._writes.write_loop)
                     tg.start_soon(store._writes.checkpoint_loop)
                     if auto_renew:
-                        tg.start_soon(store._renew_loop)
+                        tg.start_soon(store._leases.renew_loop)
                     try:
                         yield store
                     except BaseException as exc:
@@ -294,56 +296,10 @@ class SqliteStore:
         """Flush what is pending and release this store's leases (clean close)."""
         writes = self._writes
         writes.closed = True
-        held = list(self._held)
-        if held:
-
-            async def release(conn: aiosqlite.Connection) -> None:
-                await conn.executemany(
-                    "UPDATE runs SET lease_owner = NULL, lease_expires = 0"
-                    " WHERE run_id = ? AND lease_token = ? AND status = 'running'",
-                    [(r, self._held[r].token) for r in held],
-                )
-
-            try:
-                await writes.submit_unchecked(release)
-            except StoreError as exc:
-                _log.error("lease_release_failed", path=str(self._path), error=str(exc))
-            for run_id in held:
-                self._book.unhold(run_id)
+        if self._held:
+            await self._leases.release_all()
         else:
             await writes.wait_for(writes.pending if writes.pending.has_work else writes.inflight)
-
-    async def _renew_loop(self) -> None:
-        interval = self._lease_seconds / 3
-        while True:
-            await anyio.sleep(interval)
-            if not self._held or self._writes.closed:
-                continue
-            held = {r: h.token for r, h in self._held.items()}
-            try:
-                renewed, _ = await self._writes.submit(functools.partial(self._renew_op, held))
-            except StoreError as exc:
-                _log.error("lease_renew_failed", path=str(self._path), error=str(exc))
-                continue
-            self._book.mark_lost(
-                [
-                    r
-                    for r, token in held.items()
-                    if r not in renewed and r in self._held and self._held[r].token == token
-                ]
-            )
-
-    async def _renew_op(self, held: Mapping[str, int], conn: aiosqlite.Connection) -> set[str]:
-        expires = time.time() + self._lease_seconds
-        renewed: set[str] = set()
-        for run_id, token in held.items():
-            async with conn.execute(
-                "UPDATE runs SET lease_expires = ? WHERE run_id = ? AND lease_token = ?",
-                (expires, run_id, token),
-            ) as cur:
-                if cur.rowcount:
-                    renewed.add(run_id)
-        return renewed
 
     # -- Store protocol: writes ----------------------------------------------------------
 
@@ -653,82 +609,15 @@ class SqliteStore:
         """Take over ``run_id`` for ``owner`` (default: this store's) and return the new
         fencing token. Raises :class:`LeaseHeldError` if another owner's lease is live,
         :class:`IllegalTransitionError` if the run has ended."""
-        who = owner or self._owner
-        seconds = self._lease_seconds if ttl is None else ttl
-
-        async def op(conn: aiosqlite.Connection) -> tuple[int, str]:
-            row = await _fetchone(
-                conn,
-                "SELECT checkpoint_id, status, lease_owner, lease_token, lease_expires"
-                " FROM runs WHERE run_id = ?",
-                (run_id,),
-            )
-            if row is None:
-                raise CheckpointNotFoundError(f"no run with id {run_id!r}")
-            if RunStatus(row["status"]) is not RunStatus.RUNNING:
-                raise IllegalTransitionError(
-                    f"run {run_id!r} has ended ({row['status']}); there is nothing to take over"
-                )
-            now = time.time()
-            current = row["lease_owner"]
-            if current is not None and current != who and float(row["lease_expires"]) > now:
-                raise LeaseHeldError(
-                    f"run {run_id!r} is owned by {current} for another "
-                    f"{float(row['lease_expires']) - now:.1f}s; leave it to that engine"
-                )
-            token = int(row["lease_token"]) + 1
-            await conn.execute(
-                "UPDATE runs SET lease_owner = ?, lease_token = ?, lease_expires = ?"
-                " WHERE run_id = ?",
-                (who, token, now + seconds, run_id),
-            )
-            return token, str(row["checkpoint_id"])
-
-        (token, checkpoint_id), _ = await self._writes.submit(op)
-        self._book.hold(run_id, token, checkpoint_id)
-        _log.info("lease_acquired", run_id=run_id, owner=who, token=token)
-        return token
+        return await self._leases.acquire(run_id, owner, ttl)
 
     async def renew_lease(self, run_id: str, ttl: float | None = None) -> None:
         """Extend this store's lease on ``run_id``; :class:`LeaseLostError` if it was taken."""
-        self._book.check(run_id)
-        held = self._held.get(run_id)
-        if held is None:
-            raise LeaseLostError(f"this store holds no lease on run {run_id!r}")
-        seconds = self._lease_seconds if ttl is None else ttl
-        renewed, _ = await self._writes.submit(
-            functools.partial(self._renew_with_ttl, run_id, held.token, seconds)
-        )
-        if not renewed:
-            self._book.mark_lost([run_id])
-            raise LeaseLostError(f"run {run_id!r} is owned by another engine now")
-
-    @staticmethod
-    async def _renew_with_ttl(
-        run_id: str, token: int, seconds: float, conn: aiosqlite.Connection
-    ) -> bool:
-        async with conn.execute(
-            "UPDATE runs SET lease_expires = ? WHERE run_id = ? AND lease_token = ?",
-            (time.time() + seconds, run_id, token),
-        ) as cur:
-            return cur.rowcount > 0
+        await self._leases.renew(run_id, ttl)
 
     async def release_lease(self, run_id: str) -> None:
         """Give up this store's lease on ``run_id`` (the run becomes recoverable at once)."""
-        held = self._held.get(run_id)
-        if held is None:
-            return
-        token = held.token
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
-                "UPDATE runs SET lease_owner = NULL, lease_expires = 0"
-                " WHERE run_id = ? AND lease_token = ?",
-                (run_id, token),
-            )
-
-        await self._writes.submit(op)
-        self._book.unhold(run_id)
+        await self._leases.release(run_id)
 
     async def unfinished_runs(self) -> list[RunRecord]:
         """Runs still ``running`` whose lease expired or that have no owner (oldest first)."""
