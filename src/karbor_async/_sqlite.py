@@ -30,6 +30,7 @@ Leases and fencing
     touches still carries the token this store was given; writes of a run that
     another owner took over are dropped and :class:`LeaseLostError` is raised
     from ``commit()`` and from the next write of that run.
+
 """
 
 from __future__ import annotations
@@ -38,52 +39,32 @@ import asyncio
 import contextlib
 import functools
 import os
-import sqlite3
-import time
-from collections.abc import (
-    AsyncIterator,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 import anyio
 import attrs
 import structlog
 
-from karbor_async._sqlite_file import _close, _connect, _default_owner, _fetchone, _prepare
+from karbor_async._sqlite_file import _close, _connect, _default_owner, _prepare
 from karbor_async._sqlite_leases import _Leases
 from karbor_async._sqlite_queries import _Queries
-from karbor_async._sqlite_records import (
-    HookRecord,
-    HookStatus,
-    _encode,
-    _outcome_from,
-)
+from karbor_async._sqlite_records import HookRecord, HookStatus, _encode
+from karbor_async._sqlite_runs import _Runs
 from karbor_async._sqlite_schema import inspect_file
 from karbor_async._sqlite_state import _LeaseBook
 from karbor_async._sqlite_writer import _Writer
-from karbor_async._types import OperationKind, ResourceKey, RunStatus
+from karbor_async._types import ResourceKey
 from karbor_async.events import Event, EventKind
-from karbor_async.exceptions import (
-    CheckpointNotFoundError,
-    IllegalTransitionError,
-    LeaseHeldError,
-    LeaseLostError,
-    StoreError,
-)
+from karbor_async.exceptions import LeaseHeldError, LeaseLostError, StoreError
 from karbor_async.store import (
     CheckpointRecord,
     CheckpointStatus,
     RunOutcome,
     RunRecord,
-    check_checkpoint_transition,
-    with_late_thaw,
 )
 
 __all__ = [
@@ -96,23 +77,8 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-_T = TypeVar("_T")
-
 _CLOSE_TIMEOUT = 10.0
 """How long closing may take to flush pending writes and release leases."""
-
-_END_STATUS = {
-    RunStatus.SUCCEEDED: CheckpointStatus.AVAILABLE,
-    RunStatus.FAILED: CheckpointStatus.ERROR,
-    RunStatus.CANCELLED: CheckpointStatus.CANCELLED,
-}
-
-_IMPORT_RUN_STATUS = {
-    CheckpointStatus.PROTECTING: RunStatus.RUNNING,
-    CheckpointStatus.AVAILABLE: RunStatus.SUCCEEDED,
-    CheckpointStatus.ERROR: RunStatus.FAILED,
-    CheckpointStatus.CANCELLED: RunStatus.CANCELLED,
-}
 
 
 @attrs.frozen
@@ -159,6 +125,8 @@ class SqliteStore:
         self._writes = _Writer(path=path, conn=writer, checkpointer=checkpointer, book=book)
         """The writer: the pending batch, the writer and checkpointer tasks, fencing."""
         self._leases = _Leases(writer=self._writes, book=book, lease_seconds=lease_seconds)
+        self._runs = _Runs(writer=self._writes, book=book, lease_seconds=lease_seconds)
+        self._queries = _Queries(reader=reader, check_open=self._writes.check_open)
         # The book's own dicts (never rebound), so that the per-event methods below
         # read them with one attribute load, as when they lived here.
         self._held = book.held
@@ -166,7 +134,6 @@ class SqliteStore:
         """Runs another owner took from this store, with their checkpoint ids."""
         self._lost_by_checkpoint = book.lost_by_checkpoint
         self._commits = 0
-        self._queries = _Queries(reader=reader, check_open=self._writes.check_open)
 
     @classmethod
     @asynccontextmanager
@@ -362,183 +329,20 @@ class SqliteStore:
     async def create_run(self, record: RunRecord) -> None:
         """Record a new run and take its lease for this store's owner (a protect run also
         creates its checkpoint, ``protecting``). A duplicate id raises :class:`StoreError`."""
-        plan = _encode(record.plan)
-        graph = _encode(record.graph)
-        outcome = None if record.outcome is None else _encode(record.outcome.to_json())
-        leased = record.status is RunStatus.RUNNING
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            expires = time.time() + self._lease_seconds
-            try:
-                await conn.execute(
-                    "INSERT INTO runs (run_id, operation, checkpoint_id, plan, graph, status,"
-                    " started_wall, outcome, lease_owner, lease_token, lease_expires)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.run_id,
-                        record.operation.value,
-                        record.checkpoint_id,
-                        plan,
-                        graph,
-                        record.status.value,
-                        record.started_wall,
-                        outcome,
-                        self._owner if leased else None,
-                        1 if leased else 0,
-                        expires if leased else 0.0,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"a run with id {record.run_id!r} already exists") from exc
-            if record.operation is OperationKind.PROTECT:
-                try:
-                    await conn.execute(
-                        "INSERT INTO checkpoints (id, plan_name, status, created_wall)"
-                        " VALUES (?, ?, ?, ?)",
-                        (
-                            record.checkpoint_id,
-                            str(record.plan.get("name", "")),
-                            CheckpointStatus.PROTECTING.value,
-                            record.started_wall,
-                        ),
-                    )
-                except sqlite3.IntegrityError as exc:
-                    raise StoreError(
-                        f"a checkpoint with id {record.checkpoint_id!r} already exists"
-                    ) from exc
-
-        await self._writes.submit(op)
-        if leased:
-            self._book.hold(record.run_id, 1, record.checkpoint_id)
+        await self._runs.create_run(record)
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         """Store the outcome, end the run (``running`` -> its status), move a protect run's
         checkpoint to its end state and release the lease; commits everything before it."""
-        if outcome.status is RunStatus.RUNNING:
-            raise IllegalTransitionError(f"run {outcome.run_id!r} cannot finish as running")
-        self._book.check(outcome.run_id)
-        body = _encode(outcome.to_json())
-        held = self._held.get(outcome.run_id)
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            row = await _fetchone(
-                conn,
-                "SELECT operation, checkpoint_id, status, lease_token FROM runs WHERE run_id = ?",
-                (outcome.run_id,),
-            )
-            if row is None:
-                raise CheckpointNotFoundError(f"no run with id {outcome.run_id!r}")
-            if held is not None and int(row["lease_token"]) != held.token:
-                self._book.mark_lost([outcome.run_id])
-                raise LeaseLostError(
-                    f"run {outcome.run_id!r} is owned by another engine now; "
-                    "its outcome was not stored"
-                )
-            old = RunStatus(row["status"])
-            if old is not RunStatus.RUNNING:
-                raise IllegalTransitionError(
-                    f"run {outcome.run_id!r} already ended {old.value}; it cannot end again"
-                )
-            if OperationKind(row["operation"]) is OperationKind.PROTECT:
-                await self._finish_checkpoint(conn, row["checkpoint_id"], outcome)
-            await conn.execute(
-                "UPDATE runs SET status = ?, ended_wall = ?, outcome = ?, error = ?,"
-                " lease_owner = NULL, lease_expires = 0 WHERE run_id = ?",
-                (outcome.status.value, outcome.ended_wall, body, outcome.error, outcome.run_id),
-            )
-            await conn.executemany(
-                "INSERT OR REPLACE INTO resource_outcomes (run_id, rtype, rid, grp, status,"
-                " failed_hook, error, cut_at, quiesced_at, thawed_at, crash_consistent,"
-                " thawed_early, attempt, abandoned_hook, thawed_late_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        outcome.run_id,
-                        key[0],
-                        key[1],
-                        r.group,
-                        r.status.value,
-                        r.failed_hook.value if r.failed_hook else None,
-                        r.error,
-                        r.cut_at,
-                        r.quiesced_at,
-                        r.thawed_at,
-                        int(r.crash_consistent),
-                        int(r.thawed_early),
-                        r.attempt,
-                        r.abandoned_hook.value if r.abandoned_hook else None,
-                        r.thawed_late_at,
-                    )
-                    for key, r in outcome.resources.items()
-                ],
-            )
-
-        _, batch = await self._writes.submit(op)
-        self._book.unhold(outcome.run_id)
-        if batch.error is not None:
-            raise batch.error
+        await self._runs.finish_run(outcome)
 
     async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
         """Set ``thawed_late_at`` of one resource of a finished run (its outcome otherwise kept)."""
-        self._writes.check_open()
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            row = await _fetchone(conn, "SELECT outcome FROM runs WHERE run_id = ?", (run_id,))
-            outcome = _outcome_from(row["outcome"]) if row is not None else None
-            if outcome is None:
-                raise CheckpointNotFoundError(f"no finished run with id {run_id!r}")
-            updated = with_late_thaw(outcome, key, at)
-            await conn.execute(
-                "UPDATE runs SET outcome = ? WHERE run_id = ?",
-                (_encode(updated.to_json()), run_id),
-            )
-            await conn.execute(
-                "UPDATE resource_outcomes SET thawed_late_at = ?"
-                " WHERE run_id = ? AND rtype = ? AND rid = ?",
-                (at, run_id, key[0], key[1]),
-            )
-
-        _, batch = await self._writes.submit_unchecked(op)
-        if batch.error is not None:
-            raise batch.error
-
-    async def _finish_checkpoint(
-        self, conn: aiosqlite.Connection, checkpoint_id: str, outcome: RunOutcome
-    ) -> None:
-        row = await _fetchone(conn, "SELECT status FROM checkpoints WHERE id = ?", (checkpoint_id,))
-        if row is None:
-            raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
-        new = _END_STATUS[outcome.status]
-        check_checkpoint_transition(CheckpointStatus(row["status"]), new)
-        await conn.execute(
-            "UPDATE checkpoints SET status = ?, ended_wall = ?, resources = ?, skew = ?,"
-            " crash_consistent = ?, error = ? WHERE id = ?",
-            (
-                new.value,
-                outcome.ended_wall,
-                len(outcome.resources),
-                outcome.skew,
-                int(outcome.crash_consistent),
-                outcome.error,
-                checkpoint_id,
-            ),
-        )
+        await self._runs.record_late_thaw(run_id, key, at)
 
     async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
         """Move a checkpoint along its lifecycle; an illegal transition raises, changes nothing."""
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            row = await _fetchone(
-                conn, "SELECT status FROM checkpoints WHERE id = ?", (checkpoint_id,)
-            )
-            if row is None:
-                raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
-            check_checkpoint_transition(CheckpointStatus(row["status"]), status)
-            await conn.execute(
-                "UPDATE checkpoints SET status = ? WHERE id = ?", (status.value, checkpoint_id)
-            )
-
-        await self._writes.submit(op)
+        await self._runs.set_checkpoint_status(checkpoint_id, status)
 
     async def import_checkpoints(self, records: Iterable[CheckpointRecord]) -> int:
         """Insert finished checkpoints (and their protect runs) in one transaction.
@@ -546,60 +350,7 @@ class SqliteStore:
         The bulk path for imports and for building large stores in tests and
         benchmarks; it bypasses the lifecycle. Returns how many were inserted.
         """
-        rows = list(records)
-
-        def run_rows() -> Iterator[tuple[object, ...]]:
-            for c in rows:
-                status = (
-                    c.outcome.status
-                    if c.outcome
-                    else _IMPORT_RUN_STATUS.get(c.status, RunStatus.SUCCEEDED)
-                )
-                yield (
-                    c.id,
-                    OperationKind.PROTECT.value,
-                    c.id,
-                    _encode(c.plan),
-                    _encode(c.graph),
-                    status.value,
-                    c.created_wall,
-                    None if c.outcome is None else c.outcome.ended_wall,
-                    None if c.outcome is None else _encode(c.outcome.to_json()),
-                )
-
-        def checkpoint_rows() -> Iterator[tuple[object, ...]]:
-            for c in rows:
-                o = c.outcome
-                yield (
-                    c.id,
-                    c.plan_name,
-                    c.status.value,
-                    c.created_wall,
-                    None if o is None else o.ended_wall,
-                    None if o is None else len(o.resources),
-                    None if o is None else o.skew,
-                    None if o is None else int(o.crash_consistent),
-                    None if o is None else o.error,
-                )
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            try:
-                await conn.executemany(
-                    "INSERT INTO runs (run_id, operation, checkpoint_id, plan, graph, status,"
-                    " started_wall, ended_wall, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    run_rows(),
-                )
-                await conn.executemany(
-                    "INSERT INTO checkpoints (id, plan_name, status, created_wall, ended_wall,"
-                    " resources, skew, crash_consistent, error)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    checkpoint_rows(),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"importing checkpoints failed: {exc}") from exc
-
-        await self._writes.submit(op)
-        return len(rows)
+        return await self._runs.import_checkpoints(records)
 
     # -- leases ------------------------------------------------------------------------
 
