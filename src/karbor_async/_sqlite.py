@@ -31,6 +31,18 @@ Leases and fencing
     another owner took over are dropped and :class:`LeaseLostError` is raised
     from ``commit()`` and from the next write of that run.
 
+Layout
+    This module is the facade: :class:`SqliteStore` (the ``Store`` protocol),
+    opening and closing, and the per-event methods, which fill the writer's
+    pending batch directly. Each other concern has its own module, and imports
+    go one way (down this list): ``_sqlite_leases`` (acquire, renew, release,
+    the renew loop) and ``_sqlite_runs`` (creating and finishing runs, the
+    checkpoint lifecycle, imports), both operations on ``_sqlite_writer`` (the
+    write-behind batch loop, the write hold, group commit, fencing, the WAL
+    checkpointer); ``_sqlite_queries`` (every read); ``_sqlite_state`` (the
+    shared types: batches, operations, the lease book); ``_sqlite_records``
+    (JSON and row codecs, the hook records); ``_sqlite_file`` (connections, WAL
+    mode, migration) and ``_sqlite_schema`` (the file format).
 """
 
 from __future__ import annotations
