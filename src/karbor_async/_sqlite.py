@@ -30,64 +30,53 @@ Leases and fencing
     touches still carries the token this store was given; writes of a run that
     another owner took over are dropped and :class:`LeaseLostError` is raised
     from ``commit()`` and from the next write of that run.
+
+Layout
+    This module is the facade: :class:`SqliteStore` (the ``Store`` protocol),
+    opening and closing, and the per-event methods, which fill the writer's
+    pending batch directly. Each other concern has its own module, and imports
+    go one way (down this list): ``_sqlite_leases`` (acquire, renew, release,
+    the renew loop) and ``_sqlite_runs`` (creating and finishing runs, the
+    checkpoint lifecycle, imports), both operations on ``_sqlite_writer`` (the
+    write-behind batch loop, the write hold, group commit, fencing, the WAL
+    checkpointer); ``_sqlite_queries`` (every read); ``_sqlite_state`` (the
+    shared types: batches, operations, the lease book); ``_sqlite_records``
+    (JSON and row codecs, the hook records); ``_sqlite_file`` (connections, WAL
+    mode, migration) and ``_sqlite_schema`` (the file format).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
-import json
 import os
-import socket
-import sqlite3
-import time
-import uuid
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any
 
 import aiosqlite
 import anyio
 import attrs
 import structlog
-from anyio.abc import TaskStatus
 
-from karbor_async._sqlite_schema import (
-    APPLICATION_ID,
-    MAGIC,
-    inspect_file,
-    migration_statements,
-    schema_version,
-)
-from karbor_async._types import Hook, OperationKind, ResourceKey, RunStatus
-from karbor_async.events import Event, EventKind, Progress
-from karbor_async.exceptions import (
-    CheckpointNotFoundError,
-    ForeignFileError,
-    IllegalTransitionError,
-    LeaseHeldError,
-    LeaseLostError,
-    NewerSchemaError,
-    StoreError,
-)
+from karbor_async._sqlite_file import _close, _connect, _default_owner, _prepare
+from karbor_async._sqlite_leases import _Leases
+from karbor_async._sqlite_queries import _Queries
+from karbor_async._sqlite_records import HookRecord, HookStatus, _encode
+from karbor_async._sqlite_runs import _Runs
+from karbor_async._sqlite_schema import inspect_file
+from karbor_async._sqlite_state import _LeaseBook
+from karbor_async._sqlite_writer import _Writer
+from karbor_async._types import ResourceKey
+from karbor_async.events import Event, EventKind
+from karbor_async.exceptions import LeaseHeldError, LeaseLostError, StoreError
 from karbor_async.store import (
     CheckpointRecord,
     CheckpointStatus,
     RunOutcome,
     RunRecord,
-    check_checkpoint_transition,
-    with_late_thaw,
 )
 
 __all__ = [
@@ -100,76 +89,8 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-_T = TypeVar("_T")
-
 _CLOSE_TIMEOUT = 10.0
 """How long closing may take to flush pending writes and release leases."""
-
-_CHECKPOINT_INTERVAL = 0.5
-"""How often the checkpointer copies new WAL content into the database file."""
-
-_BUSY_TIMEOUT = 10.0
-"""How long a connection waits for another process's lock before failing."""
-
-_MAX_HELD_WRITES = 20_000
-"""Write-behind records held back (see ``hold_background_writes``) before writing anyway."""
-
-_END_STATUS = {
-    RunStatus.SUCCEEDED: CheckpointStatus.AVAILABLE,
-    RunStatus.FAILED: CheckpointStatus.ERROR,
-    RunStatus.CANCELLED: CheckpointStatus.CANCELLED,
-}
-
-_IMPORT_RUN_STATUS = {
-    CheckpointStatus.PROTECTING: RunStatus.RUNNING,
-    CheckpointStatus.AVAILABLE: RunStatus.SUCCEEDED,
-    CheckpointStatus.ERROR: RunStatus.FAILED,
-    CheckpointStatus.CANCELLED: RunStatus.CANCELLED,
-}
-
-
-class HookStatus(enum.Enum):
-    """Where one hook call (of one attempt) stands: the kind of its latest lifecycle event."""
-
-    STARTED = "started"
-    FINISHED = "finished"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    ABORTED = "aborted"
-    THAW_FAILED = "thaw_failed"
-
-
-@attrs.frozen
-class HookRecord:
-    """One hook call of one attempt on one resource, as committed (for crash recovery)."""
-
-    run_id: str
-    resource: ResourceKey
-    hook: Hook
-    attempt: int
-    status: HookStatus
-    group: str | None
-    started_wall: float | None
-    ended_wall: float | None
-    error: str | None
-    first_seq: int
-    last_seq: int
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> HookRecord:
-        return cls(
-            run_id=row["run_id"],
-            resource=(row["rtype"], row["rid"]),
-            hook=Hook(row["hook"]),
-            attempt=int(row["attempt"]),
-            status=HookStatus(row["status"]),
-            group=row["grp"],
-            started_wall=row["started_wall"],
-            ended_wall=row["ended_wall"],
-            error=None if row["error"] is None else str(row["error"]),
-            first_seq=int(row["first_seq"]),
-            last_seq=int(row["last_seq"]),
-        )
 
 
 @attrs.frozen
@@ -186,317 +107,6 @@ class StoreStatistics:
     """How many times :meth:`SqliteStore.commit` was awaited."""
     leases_held: int
     leases_lost: int
-
-
-@attrs.define
-class _Held:
-    token: int
-    checkpoint_id: str
-
-
-@attrs.define(eq=False)
-class _Op(Generic[_T]):
-    """An async store operation run by the writer inside its own savepoint."""
-
-    fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
-    result: Any = None
-    error: Exception | None = None
-
-
-@attrs.define(eq=False)
-class _Batch:
-    """Everything enqueued between two writer transactions."""
-
-    events: list[Event] = attrs.Factory(list)
-    progress: dict[tuple[str, str, str], Event] = attrs.Factory(dict)
-    saved: dict[tuple[str, str, str], str] = attrs.Factory(dict)
-    restored: dict[tuple[str, str, str], str] = attrs.Factory(dict)
-    ops: list[_Op[Any]] = attrs.Factory(list)
-    done: anyio.Event = attrs.Factory(anyio.Event)
-    error: StoreError | None = None
-    lost: set[str] = attrs.Factory(set)
-    waiters: int = 0
-
-    @property
-    def writes(self) -> int:
-        return len(self.events) + len(self.progress) + len(self.saved) + len(self.restored)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.ops) or self.writes > 0
-
-    def run_ids(self, held_by_checkpoint: Mapping[str, str]) -> set[str]:
-        runs = {e.run_id for e in self.events}
-        runs.update(k[0] for k in self.progress)
-        runs.update(k[0] for k in self.restored)
-        runs.update(held_by_checkpoint[k[0]] for k in self.saved if k[0] in held_by_checkpoint)
-        return runs
-
-    def drop_runs(self, lost: set[str], checkpoint_of: Mapping[str, str]) -> None:
-        lost_checkpoints = {checkpoint_of[r] for r in lost if r in checkpoint_of}
-        self.events = [e for e in self.events if e.run_id not in lost]
-        self.progress = {k: v for k, v in self.progress.items() if k[0] not in lost}
-        self.restored = {k: v for k, v in self.restored.items() if k[0] not in lost}
-        self.saved = {k: v for k, v in self.saved.items() if k[0] not in lost_checkpoints}
-
-
-# -- JSON --------------------------------------------------------------------------------
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, set | frozenset):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
-
-
-_encode = functools.partial(
-    json.dumps, default=_json_default, separators=(",", ":"), ensure_ascii=False
-)
-
-
-def _loads_mapping(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise StoreError(f"stored JSON is not an object: {text[:80]!r}")
-    return value
-
-
-# -- rows -> records ---------------------------------------------------------------------
-
-_RUN_COLUMNS = "run_id, operation, checkpoint_id, plan, graph, status, started_wall, outcome"
-_CHECKPOINT_COLUMNS = "c.id, c.plan_name, c.status, c.created_wall, r.plan, r.graph, r.outcome"
-
-
-def _outcome_from(text: str | None) -> RunOutcome | None:
-    return None if text is None else RunOutcome.from_json(_loads_mapping(text))
-
-
-def _run_record(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(
-        run_id=row["run_id"],
-        operation=OperationKind(row["operation"]),
-        checkpoint_id=row["checkpoint_id"],
-        plan=_loads_mapping(row["plan"]),
-        graph=_loads_mapping(row["graph"]),
-        status=RunStatus(row["status"]),
-        started_wall=float(row["started_wall"]),
-        outcome=_outcome_from(row["outcome"]),
-    )
-
-
-def _checkpoint_record(row: sqlite3.Row) -> CheckpointRecord:
-    return CheckpointRecord(
-        id=row["id"],
-        plan_name=row["plan_name"],
-        status=CheckpointStatus(row["status"]),
-        created_wall=float(row["created_wall"]),
-        plan=_loads_mapping(row["plan"]),
-        graph=_loads_mapping(row["graph"]),
-        outcome=_outcome_from(row["outcome"]),
-    )
-
-
-# -- batch rows (generators run on the writer connection's thread) -------------------------
-
-_EVENT_COLUMNS = (
-    "run_id, seq, kind, operation, wall, mono, rtype, rid, hook, grp, attempt, data, progress"
-)
-
-_INSERT_EVENT = (
-    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-_UPSERT_PROGRESS = """
-INSERT INTO progress (run_id, rtype, rid, body) VALUES (?, ?, ?, ?)
-ON CONFLICT (run_id, rtype, rid) DO UPDATE SET body = excluded.body
-"""
-
-_UPSERT_SAVED = """
-INSERT INTO saved_info (checkpoint_id, rtype, rid, info) VALUES (?, ?, ?, ?)
-ON CONFLICT (checkpoint_id, rtype, rid) DO UPDATE SET info = excluded.info
-"""
-
-_UPSERT_RESTORED = """
-INSERT INTO restored (run_id, rtype, rid, new_id) VALUES (?, ?, ?, ?)
-ON CONFLICT (run_id, rtype, rid) DO UPDATE SET new_id = excluded.new_id
-"""
-
-_EventRow = tuple[
-    str,
-    int,
-    str,
-    str,
-    float,
-    float,
-    str | None,
-    str | None,
-    str | None,
-    str | None,
-    int,
-    str | None,
-    str | None,
-]
-
-
-def _event_row(e: Event) -> _EventRow:
-    res = e.resource
-    progress = None
-    if e.progress is not None or e.tick:
-        progress = _encode(
-            {"progress": attrs.asdict(e.progress) if e.progress else None, "tick": e.tick}
-        )
-    return (
-        e.run_id,
-        e.seq,
-        e.kind.value,
-        e.operation.value,
-        e.wall,
-        e.mono,
-        None if res is None else res[0],
-        None if res is None else res[1],
-        None if e.hook is None else e.hook.value,
-        e.group,
-        e.attempt,
-        _encode(e.data) if e.data else None,
-        progress,
-    )
-
-
-def _event_from_row(row: sqlite3.Row) -> Event:
-    rtype, rid = row["rtype"], row["rid"]
-    hook = row["hook"]
-    extra = None if row["progress"] is None else _loads_mapping(row["progress"])
-    progress = None if extra is None else extra.get("progress")
-    return Event(
-        run_id=row["run_id"],
-        seq=int(row["seq"]),
-        kind=EventKind(row["kind"]),
-        operation=OperationKind(row["operation"]),
-        wall=float(row["wall"]),
-        mono=float(row["mono"]),
-        resource=None if rtype is None else (rtype, rid),
-        hook=None if hook is None else Hook(hook),
-        group=row["grp"],
-        attempt=int(row["attempt"]),
-        progress=None
-        if progress is None
-        else Progress(
-            fraction=progress.get("fraction"),
-            done=progress.get("done"),
-            total=progress.get("total"),
-            message=progress.get("message"),
-        ),
-        tick=0 if extra is None else int(extra.get("tick", 0)),
-        data={} if row["data"] is None else _loads_mapping(row["data"]),
-    )
-
-
-def _progress_rows(
-    progress: Mapping[tuple[str, str, str], Event],
-) -> Iterator[tuple[str, str, str, str]]:
-    for (run_id, rtype, rid), e in progress.items():
-        yield (run_id, rtype, rid, _encode(e.to_json()))
-
-
-def _default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
-    conn = await aiosqlite.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT)
-    conn.row_factory = sqlite3.Row
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
-        if read_only:
-            await conn.execute("PRAGMA query_only = ON")
-        else:
-            # The checkpointer task copies the WAL back on its own connection, so a
-            # commit never pays for a checkpoint (that kept commit p99 near p50).
-            await conn.execute("PRAGMA wal_autocheckpoint = 0")
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await conn.close()
-        raise
-    return conn
-
-
-async def _close(conn: aiosqlite.Connection) -> None:
-    with anyio.CancelScope(shield=True):
-        await conn.close()
-
-
-async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Sequence[object] = ()) -> Any:
-    async with conn.execute(sql, params) as cur:
-        return await cur.fetchone()
-
-
-async def _version_under_lock(conn: aiosqlite.Connection, path: Path, target: int) -> int:
-    """Read the file's schema version again under the write lock.
-
-    Another process may have created or migrated the file since we inspected it.
-    """
-    app_id = int((await _fetchone(conn, "PRAGMA application_id"))[0])
-    tables = {
-        str(r[0])
-        for r in await conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    if app_id == 0 and not tables:
-        return 0
-    if app_id != APPLICATION_ID:
-        raise ForeignFileError(
-            f"{path} became another application's database while opening; left untouched"
-        )
-    found = await _fetchone(conn, "SELECT value FROM meta WHERE key = 'schema_version'")
-    version = int(found[0])
-    if version > target:
-        raise NewerSchemaError(
-            f"{path} has store schema version {version}, written by a newer karbor-async; "
-            f"this one reads up to version {target}: upgrade karbor-async to open it"
-        )
-    return version
-
-
-async def _prepare(conn: aiosqlite.Connection, path: Path, inspected: int) -> int:
-    """Switch to WAL and migrate forward; return the schema version now in the file."""
-    row = await _fetchone(conn, "PRAGMA journal_mode = WAL")
-    if row is None or str(row[0]).lower() != "wal":
-        raise StoreError(
-            f"{path}: SQLite could not switch the store to WAL mode (got {row and row[0]!r}); "
-            "put the store on a local file system"
-        )
-    await conn.execute("PRAGMA synchronous = NORMAL")
-    target = schema_version()
-    if inspected == target:
-        return target
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = await _version_under_lock(conn, path, target)
-        for produces, statements in migration_statements(version):
-            for statement in statements:
-                await conn.execute(statement)
-            _log.info("sqlite_store_migrated", path=str(path), schema_version=produces)
-        if version == 0:
-            await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            await conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("magic", MAGIC), ("created_wall", repr(time.time()))],
-            )
-        await conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(target),),
-        )
-        await conn.execute(f"PRAGMA user_version = {target}")
-        await conn.execute("COMMIT")
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await conn.execute("ROLLBACK")
-        raise
-    return target
 
 
 class SqliteStore:
@@ -520,23 +130,21 @@ class SqliteStore:
         self._writer = writer
         self._reader = reader
         self._checkpointer = checkpointer
-        self._checkpointed_at = 0
         self._owner = owner
         self._lease_seconds = lease_seconds
-        self._pending = _Batch()
-        self._inflight: _Batch | None = None
-        self._wake = anyio.Event()
-        self._poked = False
-        self._quiet = 0
-        self._closed = False
-        self._held: dict[str, _Held] = {}
-        self._held_by_checkpoint: dict[str, str] = {}
-        self._lost: dict[str, str] = {}
+        book = _LeaseBook(owner=owner, path=path)
+        self._book = book
+        self._writes = _Writer(path=path, conn=writer, checkpointer=checkpointer, book=book)
+        """The writer: the pending batch, the writer and checkpointer tasks, fencing."""
+        self._leases = _Leases(writer=self._writes, book=book, lease_seconds=lease_seconds)
+        self._runs = _Runs(writer=self._writes, book=book, lease_seconds=lease_seconds)
+        self._queries = _Queries(reader=reader, check_open=self._writes.check_open)
+        # The book's own dicts (never rebound), so that the per-event methods below
+        # read them with one attribute load, as when they lived here.
+        self._held = book.held
+        self._lost = book.lost
         """Runs another owner took from this store, with their checkpoint ids."""
-        self._lost_by_checkpoint: dict[str, str] = {}
-        self._unreported: StoreError | None = None
-        self._transactions = 0
-        self._events_written = 0
+        self._lost_by_checkpoint = book.lost_by_checkpoint
         self._commits = 0
 
     @classmethod
@@ -599,10 +207,10 @@ class SqliteStore:
                     owner=store.owner,
                 )
                 async with anyio.create_task_group() as tg:
-                    await tg.start(store._write_loop)
-                    tg.start_soon(store._checkpoint_loop)
+                    await tg.start(store._writes.write_loop)
+                    tg.start_soon(store._writes.checkpoint_loop)
                     if auto_renew:
-                        tg.start_soon(store._renew_loop)
+                        tg.start_soon(store._leases.renew_loop)
                     try:
                         yield store
                     except BaseException as exc:
@@ -640,27 +248,17 @@ class SqliteStore:
         return self._commits
 
     def statistics(self) -> StoreStatistics:
+        writes = self._writes
         return StoreStatistics(
-            transactions=self._transactions,
-            events_written=self._events_written,
-            pending_writes=self._pending.writes,
+            transactions=writes.transactions,
+            events_written=writes.events_written,
+            pending_writes=writes.pending.writes,
             commits_awaited=self._commits,
             leases_held=len(self._held),
             leases_lost=len(self._lost),
         )
 
     # -- the writer ----------------------------------------------------------------------
-
-    def _poke(self) -> None:
-        """A write-behind record is waiting: wake the writer, unless writes are held."""
-        if self._quiet and self._pending.writes < _MAX_HELD_WRITES:
-            return
-        self._poke_now()
-
-    def _poke_now(self) -> None:
-        if not self._poked:
-            self._poked = True
-            self._wake.set()
 
     def hold_background_writes(self, hold: bool) -> None:
         """While held, write-behind records wait for the next ``commit()`` (or the release).
@@ -671,303 +269,47 @@ class SqliteStore:
         for. Commits and store operations are never held. Counted: several
         runs may hold at once.
         """
-        self._quiet += 1 if hold else -1
-        if self._quiet < 0:
-            self._quiet = 0
-        if not self._quiet and self._pending.has_work:
-            self._poke_now()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"the store {self._path} is closed")
-
-    def _check_lease(self, run_id: str) -> None:
-        if run_id in self._lost:
-            raise LeaseLostError(
-                f"run {run_id!r} is owned by another engine now; {self._owner} must stop writing"
-            )
-
-    async def _write_loop(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            batch, self._pending = self._pending, _Batch()
-            self._wake = anyio.Event()
-            self._poked = False
-            self._inflight = batch
-            try:
-                # A batch is short; shielding it keeps a transaction from being cut in half.
-                with anyio.CancelScope(shield=True):
-                    await self._write_batch(batch)
-            finally:
-                self._inflight = None
-                if batch.error is not None and batch.waiters == 0:
-                    self._unreported = batch.error
-                batch.done.set()
-
-    async def _write_batch(self, batch: _Batch) -> None:
-        conn = self._writer
-        try:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
-            await conn.execute("BEGIN IMMEDIATE")
-            if batch.writes:
-                await self._fence(batch)
-                await self._write_records(batch)
-            for op in batch.ops:
-                await conn.execute("SAVEPOINT op")
-                try:
-                    op.result = await op.fn(conn)
-                except Exception as exc:  # the op's own failure: undo just the op
-                    op.error = exc
-                    await conn.execute("ROLLBACK TO op")
-                await conn.execute("RELEASE op")
-            await conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
-            error = StoreError(f"writing to the store {self._path} failed: {exc}")
-            error.__cause__ = exc
-            batch.error = error
-            for op in batch.ops:
-                op.error = op.error or error
-            _log.error("store_write_failed", path=str(self._path), error=str(exc))
-            return
-        self._transactions += 1
-        self._events_written += len(batch.events)
-
-    async def _fence(self, batch: _Batch) -> None:
-        """Drop the writes of runs another owner took over (checked under the write lock).
-
-        A run is dropped if it was already known lost (its lease may have been found
-        taken after its records were enqueued) or if the token in the file is no
-        longer the one this store was given.
-        """
-        if not self._held and not self._lost:
-            return
-        by_checkpoint = (
-            {**self._lost_by_checkpoint, **self._held_by_checkpoint} if batch.saved else {}
-        )
-        touched = batch.run_ids(by_checkpoint)
-        lost = touched & self._lost.keys()
-        check = touched & self._held.keys()
-        if check:
-            marks = ", ".join("?" * len(check))
-            rows = await self._writer.execute_fetchall(
-                f"SELECT run_id, lease_token FROM runs WHERE run_id IN ({marks})",
-                tuple(check),
-            )
-            tokens = {str(r[0]): int(r[1]) for r in rows}
-            taken = {r for r in check if tokens.get(r) != self._held[r].token}
-            self._mark_lost(taken)
-            lost |= taken
-        if lost:
-            batch.drop_runs(lost, {r: self._lost[r] for r in lost})
-            batch.lost |= lost
-
-    async def _write_records(self, batch: _Batch) -> None:
-        conn = self._writer
-        await conn.execute("SAVEPOINT records")
-        try:
-            await self._write_all(batch)
-        except (sqlite3.Error, TypeError, ValueError) as exc:
-            await conn.execute("ROLLBACK TO records")
-            failures = await self._write_one_by_one(batch)
-            error = StoreError(
-                f"{len(failures)} record(s) could not be written to {self._path} "
-                f"and were dropped: {'; '.join(failures[:5])}"
-            )
-            error.__cause__ = exc
-            batch.error = error
-            _log.error("store_records_dropped", path=str(self._path), failures=failures[:20])
-        await conn.execute("RELEASE records")
-
-    async def _write_all(self, batch: _Batch) -> None:
-        conn = self._writer
-        if batch.events:
-            await conn.executemany(_INSERT_EVENT, map(_event_row, batch.events))
-        if batch.progress:
-            await conn.executemany(_UPSERT_PROGRESS, _progress_rows(batch.progress))
-        if batch.saved:
-            await conn.executemany(_UPSERT_SAVED, [(*k, v) for k, v in batch.saved.items()])
-        if batch.restored:
-            await conn.executemany(_UPSERT_RESTORED, [(*k, v) for k, v in batch.restored.items()])
-
-    async def _write_one_by_one(self, batch: _Batch) -> list[str]:
-        """After a failed bulk write: write each record alone and report the ones that fail."""
-        conn = self._writer
-        failures: list[str] = []
-        kept: list[Event] = []
-        for e in batch.events:
-            try:
-                await conn.execute(_INSERT_EVENT, _event_row(e))
-                kept.append(e)
-            except (sqlite3.Error, TypeError, ValueError) as exc:
-                failures.append(f"event {e.run_id}#{e.seq}: {exc}")
-        batch.events = kept
-        for (run_id, rtype, rid), e in batch.progress.items():
-            try:
-                await conn.execute(_UPSERT_PROGRESS, (run_id, rtype, rid, _encode(e.to_json())))
-            except (sqlite3.Error, TypeError, ValueError) as exc:
-                failures.append(f"progress {run_id} {rtype}#{rid}: {exc}")
-        for k, v in batch.saved.items():
-            try:
-                await conn.execute(_UPSERT_SAVED, (*k, v))
-            except sqlite3.Error as exc:
-                failures.append(f"saved info {k}: {exc}")
-        for k, v in batch.restored.items():
-            try:
-                await conn.execute(_UPSERT_RESTORED, (*k, v))
-            except sqlite3.Error as exc:
-                failures.append(f"restored id {k}: {exc}")
-        return failures
-
-    async def _submit(
-        self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
-    ) -> tuple[_T, _Batch]:
-        """Run ``fn`` in the writer's next transaction and wait for it to commit."""
-        self._check_open()
-        return await self._submit_unchecked(fn)
-
-    async def _submit_unchecked(
-        self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]
-    ) -> tuple[_T, _Batch]:
-        op: _Op[_T] = _Op(fn)
-        batch = self._pending
-        batch.ops.append(op)
-        batch.waiters += 1
-        self._poke_now()
-        await batch.done.wait()
-        if op.error is not None:
-            raise op.error
-        return cast(_T, op.result), batch
-
-    def _mark_lost(self, runs: Iterable[str]) -> None:
-        for run_id in runs:
-            held = self._held.pop(run_id, None)
-            if held is None:
-                continue
-            if self._held_by_checkpoint.get(held.checkpoint_id) == run_id:
-                del self._held_by_checkpoint[held.checkpoint_id]
-            self._lost[run_id] = held.checkpoint_id
-            self._lost_by_checkpoint[held.checkpoint_id] = run_id
-            _log.warning("lease_lost", run_id=run_id, owner=self._owner, path=str(self._path))
-
-    def _hold(self, run_id: str, token: int, checkpoint_id: str) -> None:
-        self._held[run_id] = _Held(token=token, checkpoint_id=checkpoint_id)
-        self._held_by_checkpoint[checkpoint_id] = run_id
-        if self._lost.pop(run_id, None) is not None:
-            self._lost_by_checkpoint.pop(checkpoint_id, None)
-
-    def _unhold(self, run_id: str) -> None:
-        held = self._held.pop(run_id, None)
-        if held is not None and self._held_by_checkpoint.get(held.checkpoint_id) == run_id:
-            del self._held_by_checkpoint[held.checkpoint_id]
+        self._writes.hold(hold)
 
     async def _shutdown(self) -> None:
         """Flush what is pending and release this store's leases (clean close)."""
-        self._closed = True
-        held = list(self._held)
-        if held:
-
-            async def release(conn: aiosqlite.Connection) -> None:
-                await conn.executemany(
-                    "UPDATE runs SET lease_owner = NULL, lease_expires = 0"
-                    " WHERE run_id = ? AND lease_token = ? AND status = 'running'",
-                    [(r, self._held[r].token) for r in held],
-                )
-
-            try:
-                await self._submit_unchecked(release)
-            except StoreError as exc:
-                _log.error("lease_release_failed", path=str(self._path), error=str(exc))
-            for run_id in held:
-                self._unhold(run_id)
+        writes = self._writes
+        writes.closed = True
+        if self._held:
+            await self._leases.release_all()
         else:
-            await self._wait_for(self._pending if self._pending.has_work else self._inflight)
-
-    async def _wait_for(self, batch: _Batch | None) -> _Batch | None:
-        if batch is None:
-            return None
-        batch.waiters += 1
-        if batch is self._pending:
-            self._poke_now()
-        await batch.done.wait()
-        return batch
-
-    async def _checkpoint_loop(self) -> None:
-        """Copy the WAL back into the database while the writer keeps committing."""
-        while True:
-            await anyio.sleep(_CHECKPOINT_INTERVAL)
-            if self._transactions == self._checkpointed_at:
-                continue
-            self._checkpointed_at = self._transactions
-            try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:  # a checkpoint is an optimisation; retry later
-                _log.warning("wal_checkpoint_failed", path=str(self._path), error=str(exc))
-
-    async def _renew_loop(self) -> None:
-        interval = self._lease_seconds / 3
-        while True:
-            await anyio.sleep(interval)
-            if not self._held or self._closed:
-                continue
-            held = {r: h.token for r, h in self._held.items()}
-            try:
-                renewed, _ = await self._submit(functools.partial(self._renew_op, held))
-            except StoreError as exc:
-                _log.error("lease_renew_failed", path=str(self._path), error=str(exc))
-                continue
-            self._mark_lost(
-                [
-                    r
-                    for r, token in held.items()
-                    if r not in renewed and r in self._held and self._held[r].token == token
-                ]
-            )
-
-    async def _renew_op(self, held: Mapping[str, int], conn: aiosqlite.Connection) -> set[str]:
-        expires = time.time() + self._lease_seconds
-        renewed: set[str] = set()
-        for run_id, token in held.items():
-            async with conn.execute(
-                "UPDATE runs SET lease_expires = ? WHERE run_id = ? AND lease_token = ?",
-                (expires, run_id, token),
-            ) as cur:
-                if cur.rowcount:
-                    renewed.add(run_id)
-        return renewed
+            await writes.wait_for(writes.pending if writes.pending.has_work else writes.inflight)
 
     # -- Store protocol: writes ----------------------------------------------------------
 
     def append(self, event: Event) -> None:
         """Enqueue a lifecycle event (a progress tick is kept coalesced, latest per resource)."""
-        if self._closed or event.run_id in self._lost:
-            self._check_open()
-            self._check_lease(event.run_id)
+        writes = self._writes
+        if writes.closed or event.run_id in self._lost:
+            writes.check_open()
+            self._book.check(event.run_id)
         if event.kind is EventKind.PROGRESS:
             rtype, rid = event.resource or ("", "")
-            self._pending.progress[(event.run_id, rtype, rid)] = event
+            writes.pending.progress[(event.run_id, rtype, rid)] = event
         else:
-            self._pending.events.append(event)
-        self._poke()
+            writes.pending.events.append(event)
+        writes.poke()
 
     def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
         """Enqueue a resource's saved info (encoded now: later mutation does not leak in)."""
-        self._check_open()
+        writes = self._writes
+        writes.check_open()
         if self._lost:
-            self._check_lease(self._lost_by_checkpoint.get(checkpoint_id, checkpoint_id))
-        self._pending.saved[(checkpoint_id, key[0], key[1])] = _encode(dict(info))
-        self._poke()
+            self._book.check(self._lost_by_checkpoint.get(checkpoint_id, checkpoint_id))
+        writes.pending.saved[(checkpoint_id, key[0], key[1])] = _encode(dict(info))
+        writes.poke()
 
     def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
-        self._check_open()
-        self._check_lease(run_id)
-        self._pending.restored[(run_id, key[0], key[1])] = str(new_id)
-        self._poke()
+        writes = self._writes
+        writes.check_open()
+        self._book.check(run_id)
+        writes.pending.restored[(run_id, key[0], key[1])] = str(new_id)
+        writes.poke()
 
     async def commit(self, *, run_id: str | None = None) -> None:
         """Return when everything enqueued before this call is committed.
@@ -976,11 +318,14 @@ class SqliteStore:
         owner took a run over (only for ``run_id`` if given), and
         :class:`StoreError` when write-behind records could not be written.
         """
-        self._check_open()
+        writes = self._writes
+        writes.check_open()
         self._commits += 1
-        batch = await self._wait_for(self._pending if self._pending.has_work else self._inflight)
+        batch = await writes.wait_for(
+            writes.pending if writes.pending.has_work else writes.inflight
+        )
         if run_id is not None:
-            self._check_lease(run_id)
+            self._book.check(run_id)
         if batch is not None:
             if batch.lost and (run_id is None or run_id in batch.lost):
                 names = ", ".join(sorted(batch.lost))
@@ -989,190 +334,27 @@ class SqliteStore:
                 )
             if batch.error is not None:
                 raise batch.error
-        if self._unreported is not None:
-            error, self._unreported = self._unreported, None
+        if writes.unreported is not None:
+            error, writes.unreported = writes.unreported, None
             raise error
 
     async def create_run(self, record: RunRecord) -> None:
         """Record a new run and take its lease for this store's owner (a protect run also
         creates its checkpoint, ``protecting``). A duplicate id raises :class:`StoreError`."""
-        plan = _encode(record.plan)
-        graph = _encode(record.graph)
-        outcome = None if record.outcome is None else _encode(record.outcome.to_json())
-        leased = record.status is RunStatus.RUNNING
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            expires = time.time() + self._lease_seconds
-            try:
-                await conn.execute(
-                    "INSERT INTO runs (run_id, operation, checkpoint_id, plan, graph, status,"
-                    " started_wall, outcome, lease_owner, lease_token, lease_expires)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.run_id,
-                        record.operation.value,
-                        record.checkpoint_id,
-                        plan,
-                        graph,
-                        record.status.value,
-                        record.started_wall,
-                        outcome,
-                        self._owner if leased else None,
-                        1 if leased else 0,
-                        expires if leased else 0.0,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"a run with id {record.run_id!r} already exists") from exc
-            if record.operation is OperationKind.PROTECT:
-                try:
-                    await conn.execute(
-                        "INSERT INTO checkpoints (id, plan_name, status, created_wall)"
-                        " VALUES (?, ?, ?, ?)",
-                        (
-                            record.checkpoint_id,
-                            str(record.plan.get("name", "")),
-                            CheckpointStatus.PROTECTING.value,
-                            record.started_wall,
-                        ),
-                    )
-                except sqlite3.IntegrityError as exc:
-                    raise StoreError(
-                        f"a checkpoint with id {record.checkpoint_id!r} already exists"
-                    ) from exc
-
-        await self._submit(op)
-        if leased:
-            self._hold(record.run_id, 1, record.checkpoint_id)
+        await self._runs.create_run(record)
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         """Store the outcome, end the run (``running`` -> its status), move a protect run's
         checkpoint to its end state and release the lease; commits everything before it."""
-        if outcome.status is RunStatus.RUNNING:
-            raise IllegalTransitionError(f"run {outcome.run_id!r} cannot finish as running")
-        self._check_lease(outcome.run_id)
-        body = _encode(outcome.to_json())
-        held = self._held.get(outcome.run_id)
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            row = await _fetchone(
-                conn,
-                "SELECT operation, checkpoint_id, status, lease_token FROM runs WHERE run_id = ?",
-                (outcome.run_id,),
-            )
-            if row is None:
-                raise CheckpointNotFoundError(f"no run with id {outcome.run_id!r}")
-            if held is not None and int(row["lease_token"]) != held.token:
-                self._mark_lost([outcome.run_id])
-                raise LeaseLostError(
-                    f"run {outcome.run_id!r} is owned by another engine now; "
-                    "its outcome was not stored"
-                )
-            old = RunStatus(row["status"])
-            if old is not RunStatus.RUNNING:
-                raise IllegalTransitionError(
-                    f"run {outcome.run_id!r} already ended {old.value}; it cannot end again"
-                )
-            if OperationKind(row["operation"]) is OperationKind.PROTECT:
-                await self._finish_checkpoint(conn, row["checkpoint_id"], outcome)
-            await conn.execute(
-                "UPDATE runs SET status = ?, ended_wall = ?, outcome = ?, error = ?,"
-                " lease_owner = NULL, lease_expires = 0 WHERE run_id = ?",
-                (outcome.status.value, outcome.ended_wall, body, outcome.error, outcome.run_id),
-            )
-            await conn.executemany(
-                "INSERT OR REPLACE INTO resource_outcomes (run_id, rtype, rid, grp, status,"
-                " failed_hook, error, cut_at, quiesced_at, thawed_at, crash_consistent,"
-                " thawed_early, attempt, abandoned_hook, thawed_late_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        outcome.run_id,
-                        key[0],
-                        key[1],
-                        r.group,
-                        r.status.value,
-                        r.failed_hook.value if r.failed_hook else None,
-                        r.error,
-                        r.cut_at,
-                        r.quiesced_at,
-                        r.thawed_at,
-                        int(r.crash_consistent),
-                        int(r.thawed_early),
-                        r.attempt,
-                        r.abandoned_hook.value if r.abandoned_hook else None,
-                        r.thawed_late_at,
-                    )
-                    for key, r in outcome.resources.items()
-                ],
-            )
-
-        _, batch = await self._submit(op)
-        self._unhold(outcome.run_id)
-        if batch.error is not None:
-            raise batch.error
+        await self._runs.finish_run(outcome)
 
     async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
         """Set ``thawed_late_at`` of one resource of a finished run (its outcome otherwise kept)."""
-        self._check_open()
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            row = await _fetchone(conn, "SELECT outcome FROM runs WHERE run_id = ?", (run_id,))
-            outcome = _outcome_from(row["outcome"]) if row is not None else None
-            if outcome is None:
-                raise CheckpointNotFoundError(f"no finished run with id {run_id!r}")
-            updated = with_late_thaw(outcome, key, at)
-            await conn.execute(
-                "UPDATE runs SET outcome = ? WHERE run_id = ?",
-                (_encode(updated.to_json()), run_id),
-            )
-            await conn.execute(
-                "UPDATE resource_outcomes SET thawed_late_at = ?"
-                " WHERE run_id = ? AND rtype = ? AND rid = ?",
-                (at, run_id, key[0], key[1]),
-            )
-
-        _, batch = await self._submit_unchecked(op)
-        if batch.error is not None:
-            raise batch.error
-
-    async def _finish_checkpoint(
-        self, conn: aiosqlite.Connection, checkpoint_id: str, outcome: RunOutcome
-    ) -> None:
-        row = await _fetchone(conn, "SELECT status FROM checkpoints WHERE id = ?", (checkpoint_id,))
-        if row is None:
-            raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
-        new = _END_STATUS[outcome.status]
-        check_checkpoint_transition(CheckpointStatus(row["status"]), new)
-        await conn.execute(
-            "UPDATE checkpoints SET status = ?, ended_wall = ?, resources = ?, skew = ?,"
-            " crash_consistent = ?, error = ? WHERE id = ?",
-            (
-                new.value,
-                outcome.ended_wall,
-                len(outcome.resources),
-                outcome.skew,
-                int(outcome.crash_consistent),
-                outcome.error,
-                checkpoint_id,
-            ),
-        )
+        await self._runs.record_late_thaw(run_id, key, at)
 
     async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
         """Move a checkpoint along its lifecycle; an illegal transition raises, changes nothing."""
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            row = await _fetchone(
-                conn, "SELECT status FROM checkpoints WHERE id = ?", (checkpoint_id,)
-            )
-            if row is None:
-                raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
-            check_checkpoint_transition(CheckpointStatus(row["status"]), status)
-            await conn.execute(
-                "UPDATE checkpoints SET status = ? WHERE id = ?", (status.value, checkpoint_id)
-            )
-
-        await self._submit(op)
+        await self._runs.set_checkpoint_status(checkpoint_id, status)
 
     async def import_checkpoints(self, records: Iterable[CheckpointRecord]) -> int:
         """Insert finished checkpoints (and their protect runs) in one transaction.
@@ -1180,60 +362,7 @@ class SqliteStore:
         The bulk path for imports and for building large stores in tests and
         benchmarks; it bypasses the lifecycle. Returns how many were inserted.
         """
-        rows = list(records)
-
-        def run_rows() -> Iterator[tuple[object, ...]]:
-            for c in rows:
-                status = (
-                    c.outcome.status
-                    if c.outcome
-                    else _IMPORT_RUN_STATUS.get(c.status, RunStatus.SUCCEEDED)
-                )
-                yield (
-                    c.id,
-                    OperationKind.PROTECT.value,
-                    c.id,
-                    _encode(c.plan),
-                    _encode(c.graph),
-                    status.value,
-                    c.created_wall,
-                    None if c.outcome is None else c.outcome.ended_wall,
-                    None if c.outcome is None else _encode(c.outcome.to_json()),
-                )
-
-        def checkpoint_rows() -> Iterator[tuple[object, ...]]:
-            for c in rows:
-                o = c.outcome
-                yield (
-                    c.id,
-                    c.plan_name,
-                    c.status.value,
-                    c.created_wall,
-                    None if o is None else o.ended_wall,
-                    None if o is None else len(o.resources),
-                    None if o is None else o.skew,
-                    None if o is None else int(o.crash_consistent),
-                    None if o is None else o.error,
-                )
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            try:
-                await conn.executemany(
-                    "INSERT INTO runs (run_id, operation, checkpoint_id, plan, graph, status,"
-                    " started_wall, ended_wall, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    run_rows(),
-                )
-                await conn.executemany(
-                    "INSERT INTO checkpoints (id, plan_name, status, created_wall, ended_wall,"
-                    " resources, skew, crash_consistent, error)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    checkpoint_rows(),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"importing checkpoints failed: {exc}") from exc
-
-        await self._submit(op)
-        return len(rows)
+        return await self._runs.import_checkpoints(records)
 
     # -- leases ------------------------------------------------------------------------
 
@@ -1243,91 +372,19 @@ class SqliteStore:
         """Take over ``run_id`` for ``owner`` (default: this store's) and return the new
         fencing token. Raises :class:`LeaseHeldError` if another owner's lease is live,
         :class:`IllegalTransitionError` if the run has ended."""
-        who = owner or self._owner
-        seconds = self._lease_seconds if ttl is None else ttl
-
-        async def op(conn: aiosqlite.Connection) -> tuple[int, str]:
-            row = await _fetchone(
-                conn,
-                "SELECT checkpoint_id, status, lease_owner, lease_token, lease_expires"
-                " FROM runs WHERE run_id = ?",
-                (run_id,),
-            )
-            if row is None:
-                raise CheckpointNotFoundError(f"no run with id {run_id!r}")
-            if RunStatus(row["status"]) is not RunStatus.RUNNING:
-                raise IllegalTransitionError(
-                    f"run {run_id!r} has ended ({row['status']}); there is nothing to take over"
-                )
-            now = time.time()
-            current = row["lease_owner"]
-            if current is not None and current != who and float(row["lease_expires"]) > now:
-                raise LeaseHeldError(
-                    f"run {run_id!r} is owned by {current} for another "
-                    f"{float(row['lease_expires']) - now:.1f}s; leave it to that engine"
-                )
-            token = int(row["lease_token"]) + 1
-            await conn.execute(
-                "UPDATE runs SET lease_owner = ?, lease_token = ?, lease_expires = ?"
-                " WHERE run_id = ?",
-                (who, token, now + seconds, run_id),
-            )
-            return token, str(row["checkpoint_id"])
-
-        (token, checkpoint_id), _ = await self._submit(op)
-        self._hold(run_id, token, checkpoint_id)
-        _log.info("lease_acquired", run_id=run_id, owner=who, token=token)
-        return token
+        return await self._leases.acquire(run_id, owner, ttl)
 
     async def renew_lease(self, run_id: str, ttl: float | None = None) -> None:
         """Extend this store's lease on ``run_id``; :class:`LeaseLostError` if it was taken."""
-        self._check_lease(run_id)
-        held = self._held.get(run_id)
-        if held is None:
-            raise LeaseLostError(f"this store holds no lease on run {run_id!r}")
-        seconds = self._lease_seconds if ttl is None else ttl
-        renewed, _ = await self._submit(
-            functools.partial(self._renew_with_ttl, run_id, held.token, seconds)
-        )
-        if not renewed:
-            self._mark_lost([run_id])
-            raise LeaseLostError(f"run {run_id!r} is owned by another engine now")
-
-    @staticmethod
-    async def _renew_with_ttl(
-        run_id: str, token: int, seconds: float, conn: aiosqlite.Connection
-    ) -> bool:
-        async with conn.execute(
-            "UPDATE runs SET lease_expires = ? WHERE run_id = ? AND lease_token = ?",
-            (time.time() + seconds, run_id, token),
-        ) as cur:
-            return cur.rowcount > 0
+        await self._leases.renew(run_id, ttl)
 
     async def release_lease(self, run_id: str) -> None:
         """Give up this store's lease on ``run_id`` (the run becomes recoverable at once)."""
-        held = self._held.get(run_id)
-        if held is None:
-            return
-        token = held.token
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
-                "UPDATE runs SET lease_owner = NULL, lease_expires = 0"
-                " WHERE run_id = ? AND lease_token = ?",
-                (run_id, token),
-            )
-
-        await self._submit(op)
-        self._unhold(run_id)
+        await self._leases.release(run_id)
 
     async def unfinished_runs(self) -> list[RunRecord]:
         """Runs still ``running`` whose lease expired or that have no owner (oldest first)."""
-        rows = await self._read(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running'"
-            " AND (lease_owner IS NULL OR lease_expires <= ?) ORDER BY started_wall, run_id",
-            (time.time(),),
-        )
-        return [_run_record(r) for r in rows]
+        return await self._queries.unfinished_runs()
 
     def fencing_token(self, run_id: str) -> int | None:
         """The token this store holds for ``run_id`` (``None`` if it holds no lease)."""
@@ -1336,25 +393,11 @@ class SqliteStore:
 
     # -- Store protocol: reads ---------------------------------------------------------
 
-    async def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        self._check_open()
-        return list(await self._reader.execute_fetchall(sql, params))
-
     async def get_run(self, run_id: str) -> RunRecord:
-        rows = await self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
-        if not rows:
-            raise CheckpointNotFoundError(f"no run with id {run_id!r}")
-        return _run_record(rows[0])
+        return await self._queries.get_run(run_id)
 
     async def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
-        rows = await self._read(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints c JOIN runs r ON r.run_id = c.id"
-            " WHERE c.id = ?",
-            (checkpoint_id,),
-        )
-        if not rows:
-            raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
-        return _checkpoint_record(rows[0])
+        return await self._queries.get_checkpoint(checkpoint_id)
 
     async def list_checkpoints(
         self,
@@ -1371,94 +414,40 @@ class SqliteStore:
         Keyset paging on ``(created_wall, id)``: each page costs an index seek,
         however deep. An unknown ``before_id`` gives an empty page.
         """
-        where: list[str] = []
-        params: list[object] = []
-        if before_id is not None:
-            anchor = await self._read(
-                "SELECT created_wall FROM checkpoints WHERE id = ?", (before_id,)
-            )
-            if not anchor:
-                return []
-            where.append("(c.created_wall, c.id) < (?, ?)")
-            params += [anchor[0]["created_wall"], before_id]
-        if plan_name is not None:
-            where.append("c.plan_name = ?")
-            params.append(plan_name)
-        if status is not None:
-            where.append("c.status = ?")
-            params.append(status.value)
-        if since is not None:
-            where.append("c.created_wall >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("c.created_wall < ?")
-            params.append(until)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        params.append(max(0, limit))
-        rows = await self._read(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints c JOIN runs r ON r.run_id = c.id"
-            f" {clause} ORDER BY c.created_wall DESC, c.id DESC LIMIT ?",
-            params,
+        return await self._queries.list_checkpoints(
+            plan_name=plan_name,
+            status=status,
+            since=since,
+            until=until,
+            limit=limit,
+            before_id=before_id,
         )
-        return [_checkpoint_record(r) for r in rows]
 
     async def list_runs(
         self, *, checkpoint_id: str | None = None, limit: int = 100
     ) -> Sequence[RunRecord]:
-        if checkpoint_id is None:
-            rows = await self._read(
-                f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_wall DESC, run_id DESC LIMIT ?",
-                (max(0, limit),),
-            )
-        else:
-            rows = await self._read(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE checkpoint_id = ?"
-                " ORDER BY started_wall DESC, run_id DESC LIMIT ?",
-                (checkpoint_id, max(0, limit)),
-            )
-        return [_run_record(r) for r in rows]
+        return await self._queries.list_runs(checkpoint_id=checkpoint_id, limit=limit)
 
     async def load_saved_info(self, checkpoint_id: str) -> dict[ResourceKey, dict[str, Any]]:
-        rows = await self._read(
-            "SELECT rtype, rid, info FROM saved_info WHERE checkpoint_id = ?", (checkpoint_id,)
-        )
-        return {(r["rtype"], r["rid"]): _loads_mapping(r["info"]) for r in rows}
+        return await self._queries.load_saved_info(checkpoint_id)
 
     async def load_restored(self, run_id: str) -> dict[ResourceKey, str]:
-        rows = await self._read(
-            "SELECT rtype, rid, new_id FROM restored WHERE run_id = ?", (run_id,)
-        )
-        return {(r["rtype"], r["rid"]): str(r["new_id"]) for r in rows}
+        return await self._queries.load_restored(run_id)
 
     async def read_events(
         self, run_id: str, since: int = 0, *, limit: int | None = None
     ) -> Sequence[Event]:
         """Committed lifecycle events of a run with ``seq > since``, in order (up to ``limit``)."""
-        rows = await self._read(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (run_id, since, -1 if limit is None else limit),
-        )
-        return [_event_from_row(r) for r in rows]
+        return await self._queries.read_events(run_id, since, limit=limit)
 
     async def last_seq(self, run_id: str) -> int:
         """The highest committed lifecycle ``seq`` of a run (0 if none)."""
-        rows = await self._read("SELECT MAX(seq) AS seq FROM events WHERE run_id = ?", (run_id,))
-        value = rows[0]["seq"] if rows else None
-        return 0 if value is None else int(value)
+        return await self._queries.last_seq(run_id)
 
     async def load_hook_records(self, run_id: str) -> list[HookRecord]:
         """Every committed hook call of a run, per resource, hook and attempt, in start order."""
-        rows = await self._read(
-            "SELECT run_id, rtype, rid, hook, attempt, grp, status, started_wall, ended_wall,"
-            " error, first_seq, last_seq FROM hook_records WHERE run_id = ? ORDER BY first_seq",
-            (run_id,),
-        )
-        return [HookRecord.from_row(r) for r in rows]
+        return await self._queries.load_hook_records(run_id)
 
     async def load_progress(self, run_id: str) -> list[Event]:
         """The latest committed progress tick of each resource of a run."""
-        rows = await self._read(
-            "SELECT body FROM progress WHERE run_id = ? ORDER BY rtype, rid", (run_id,)
-        )
-        return [Event.from_json(_loads_mapping(r["body"])) for r in rows]
+        return await self._queries.load_progress(run_id)
