@@ -117,6 +117,9 @@ class Slot(Generic[G]):
 
 S = TypeVar("S", bound="Slot[Any]")
 
+_NONE: tuple[Any, ...] = ()
+"""What an input returns when it woke nothing (most do: no allocation then)."""
+
 
 class OrderingError(Exception):
     """An input the rules do not allow (a start that is not allowed, an unknown call)."""
@@ -147,7 +150,7 @@ def limit_order(names: Iterable[str], limits: Iterable[str]) -> tuple[str, ...]:
 
 
 # -- inputs -----------------------------------------------------------------------------
-def begin_done(s: S) -> tuple[list[S], list[S]]:
+def begin_done(s: S) -> tuple[Sequence[S], Sequence[S]]:
     """``s``'s on_prepare_begin is done (or it left early): count it off.
 
     Returns the slots whose wait for their parents just ended, and the slots
@@ -155,6 +158,16 @@ def begin_done(s: S) -> tuple[list[S], list[S]]:
     on_prepare_begin is counted off here too, without waiting for its own turn,
     so the last quiesce of a gate opens its barrier in the same step.
     """
+    if s.signalled_pb:
+        return _NONE, _NONE
+    if not s.children:  # a leaf (most resources): count it off its gate only
+        s.signalled_pb = True
+        g = s.gate
+        g.pending_pb -= 1
+        if g.pending_pb == 0 and g.policy is BarrierPolicy.CUT and g.aborting is None:
+            g.cut_open = True
+            return _NONE, [s]
+        return _NONE, _NONE
     woken: list[S] = []
     opened: list[S] = []
     todo = [s]
@@ -177,7 +190,7 @@ def begin_done(s: S) -> tuple[list[S], list[S]]:
     return woken, opened
 
 
-def finish_done(s: S) -> tuple[list[S], bool]:
+def finish_done(s: S) -> tuple[Sequence[S], bool]:
     """``s``'s on_prepare_finish is done (or it left early): release its parents.
 
     Returns the parents whose wait for their children just ended, and whether
@@ -185,11 +198,11 @@ def finish_done(s: S) -> tuple[list[S], bool]:
     then calls :func:`open_main`).
     """
     s.signalled_pf = True
-    woken: list[S] = []
+    woken: Sequence[S] = _NONE
     for p in s.parents:
         p.wait_pf -= 1
         if p.wait_pf == 0:
-            woken.append(p)
+            woken = [*woken, p]
     g = s.gate
     g.pending_pf -= 1
     return woken, g.pending_pf == 0 and g.aborting is None
@@ -204,10 +217,10 @@ def open_main(g: Gate) -> bool:
     return True
 
 
-def complete_done(s: S, *, failed: bool) -> list[S]:
+def complete_done(s: S, *, failed: bool) -> Sequence[S]:
     """``s``'s on_complete is done, or was skipped or failed (``failed``): count it off
     its parents. Returns the parents whose wait just ended."""
-    woken: list[S] = []
+    woken: Sequence[S] = _NONE
     if s.signalled_cp:
         return woken
     s.signalled_cp = True
@@ -216,11 +229,11 @@ def complete_done(s: S, *, failed: bool) -> list[S]:
         if failed:
             p.child_failed = True
         if p.wait_cp == 0:
-            woken.append(p)
+            woken = [*woken, p]
     return woken
 
 
-def settle(s: S) -> tuple[list[S], list[S], list[S], list[S]]:
+def settle(s: S) -> tuple[Sequence[S], Sequence[S], Sequence[S], Sequence[S]]:
     """``s`` leaves early (aborted, abandoned): it still releases all that waits on it.
 
     Returns, as :func:`begin_done` does, the slots woken and the openers of a
@@ -228,7 +241,7 @@ def settle(s: S) -> tuple[list[S], list[S], list[S], list[S]]:
     opens no ``main`` barrier: it left because its gate aborts.
     """
     woken_pb, opened = begin_done(s)
-    woken_pf: list[S] = []
+    woken_pf: Sequence[S] = _NONE
     if not s.signalled_pf:
         woken_pf, _last = finish_done(s)
     return woken_pb, opened, woken_pf, complete_done(s, failed=True)
@@ -467,7 +480,7 @@ class Ordering:
         for x in opened:
             self._advance_all(self._members[x.gate.name])
 
-    def _opened(self, openers: list[_Seq]) -> None:
+    def _opened(self, openers: Sequence[_Seq]) -> None:
         self.released.extend((x.gate.name, "cut") for x in openers)
 
     def _finish_done(self, s: _Seq) -> None:
