@@ -28,6 +28,7 @@ __all__ = [
     "abort_all",
     "abort_group",
     "arm_rescue",
+    "check_caller",
     "due_call",
     "on_caller_cancel",
     "only_cancellation",
@@ -85,6 +86,15 @@ def on_caller_cancel(run: RunState) -> None:
     run.caller_probe = None
     run.log.warning("run_cancelled_by_caller")
     abort_all(run, AbortReason.CANCELLED)
+
+
+def check_caller(run: RunState) -> None:
+    """Before a hook starts: has the caller been cancelled since the last look?
+
+    (Inlined on the per-hook path in ``_calls.call``.)"""
+    probe = run.caller_probe
+    if probe is not None and probe():
+        on_caller_cancel(run)
 
 
 def due_all(run: RunState, nodes: Sequence[_Node]) -> None:

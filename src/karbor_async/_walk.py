@@ -16,7 +16,7 @@ import anyio
 
 from karbor_async import _ordering
 from karbor_async._abandon import after_abandoned
-from karbor_async._abort import abort_group, on_caller_cancel
+from karbor_async._abort import abort_group, check_caller
 from karbor_async._calls import call, call_limited, deliver_pending
 from karbor_async._node import Interrupt, _Abandoned, _Aborted, _Node
 from karbor_async._runstate import RunState
@@ -150,9 +150,7 @@ async def _prepare(run: RunState, n: _Node) -> bool:
         n.status = ResourceStatus.RUNNING
         if n.quiesces:
             # Commit point 1: recovery must know this resource may be frozen.
-            probe = run.caller_probe
-            if probe is not None and probe():
-                on_caller_cancel(run)
+            check_caller(run)
             if g.aborting is not None:
                 raise _Aborted
             run.rec.emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
@@ -207,9 +205,7 @@ async def _finish_prepare(run: RunState, n: _Node) -> bool:
     """
     assert n.pf is not None
     g = n.gate
-    probe = run.caller_probe  # (before in_cut: a cancelled caller starts no cut)
-    if probe is not None and probe():
-        on_caller_cancel(run)
+    check_caller(run)  # (before in_cut: a cancelled caller starts no cut)
     if n.scope is not None and n.scope.cancel_called:
         await deliver_pending(n)
     n.pf_started = True
