@@ -98,8 +98,20 @@ checkpoints_app = typer.Typer(
 runs_app = typer.Typer(
     help="List and show protect, restore and delete runs.", no_args_is_help=True, epilog=_EPILOG
 )
+simcloud_app = typer.Typer(
+    help="Show the SIMULATED cloud's shared state; store fault rules in it.",
+    no_args_is_help=True,
+    epilog=_EPILOG,
+)
+fault_app = typer.Typer(
+    help="Fault rules stored in the SIMULATED cloud's state (every process obeys them).",
+    no_args_is_help=True,
+    epilog=_EPILOG,
+)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(runs_app, name="runs")
+app.add_typer(simcloud_app, name="simcloud")
+simcloud_app.add_typer(fault_app, name="fault")
 
 T = TypeVar("T")
 
@@ -125,9 +137,30 @@ SimcloudOption = Annotated[
         envvar="KARBOR_SIMCLOUD",
         metavar="N[:SEED[:LATENCY]]",
         help=(
-            "Bind a SIMULATED cloud of N resources (karbor_simcloud plugins) for this process: "
-            "for demos and tests; LATENCY is realistic (default), zero or slow. "
-            "Its project is prj-0000001."
+            "Bind a SIMULATED cloud of N resources (karbor_simcloud plugins): for demos and "
+            "tests; LATENCY is realistic (default), zero or slow. Its project is prj-0000001. "
+            "Its state (frozen servers, snapshots, restored resources) is shared by every "
+            "process through --simcloud-state, created there if absent."
+        ),
+    ),
+]
+SimcloudStateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--simcloud-state",
+        envvar="KARBOR_SIMCLOUD_STATE",
+        metavar="DIR",
+        help="Directory of the SIMULATED cloud's shared state (default: simcloud/ beside --db).",
+    ),
+]
+SimcloudFaultOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--simcloud-fault",
+        metavar="OPERATION:HOOK:TYPE[#ID]:raise|hang[:PROBABILITY]",
+        help=(
+            "Inject a fault into the SIMULATED plugins' hooks for this process (repeatable; "
+            "* for any operation, hook or type), e.g. protect:on_main:OS::Cinder::Volume:raise."
         ),
     ),
 ]
@@ -291,9 +324,8 @@ def _simcloud_module() -> Any:
         ) from None
 
 
-def _generate_cloud(spec: SimcloudSpec, out: _Out) -> Any:
-    sim = _simcloud_module()
-    profiles = {
+def _latency_profiles(sim: Any) -> dict[str, Any]:
+    return {
         "realistic": sim.LatencyProfile.realistic(),
         "zero": sim.LatencyProfile.zero(),
         # Long enough to interrupt by hand: servers stay frozen while the cuts are taken.
@@ -306,13 +338,54 @@ def _generate_cloud(spec: SimcloudSpec, out: _Out) -> Any:
             create=sim.Latency.fixed(0.05),
         ),
     }
-    cloud = sim.SimCloud.generate(spec.resources, seed=spec.seed, latency=profiles[spec.latency])
+
+
+def _generate_cloud(spec: SimcloudSpec | None, out: _Out, state: Path | None) -> Any:
+    """The cloud of ``spec``: in this process (``state`` None: the demo), or in the shared
+    state directory, created there if absent (``spec`` None: an existing one)."""
+    sim = _simcloud_module()
+    profiles = _latency_profiles(sim)
+    if state is None:
+        assert spec is not None
+        cloud = sim.SimCloud.generate(
+            spec.resources, seed=spec.seed, latency=profiles[spec.latency]
+        )
+        where = ""
+    else:
+        if spec is None:
+            spec = _stored_spec(sim, state)
+        try:
+            cloud, created = sim.SimCloud.shared(
+                state,
+                spec.resources,
+                spec.seed,
+                latency=profiles[spec.latency],
+                latency_name=spec.latency,
+            )
+        except sim.SharedStateError as exc:
+            raise CliUsageError(str(exc)) from None
+        for text in cloud.state.fault_rules():
+            cloud.faults.add(sim.FaultRule.parse(text))
+        where = f", state {state} ({'created' if created else 'shared'})"
     project = cloud.project_resources()[0]
     out.err.print(
         f"[bold]SIMULATED cloud[/bold] (no real cloud is touched): {spec.resources} resources, "
-        f"seed {spec.seed}, latency {spec.latency}, project {project.id}"
+        f"seed {spec.seed}, latency {spec.latency}, project {project.id}{escape(where)}"
     )
     return cloud
+
+
+def _stored_spec(sim: Any, state: Path) -> SimcloudSpec:
+    """What application an existing state directory holds (``--simcloud-state`` alone)."""
+    try:
+        shared, _created = sim.SharedState.open(state)
+    except sim.SharedStateError as exc:
+        raise CliUsageError(str(exc)) from None
+    try:
+        meta = shared.meta
+    finally:
+        shared.close()
+    return SimcloudSpec(int(meta["resources"]), int(meta["seed"]), meta.get("latency", "zero"))
 
 
 def _needs_simcloud(engine: Engine, types: Sequence[str]) -> list[str]:
@@ -325,13 +398,26 @@ def _needs_simcloud(engine: Engine, types: Sequence[str]) -> list[str]:
     return found
 
 
+def _check_sim_params(plan: Plan, cloud: Any) -> None:
+    """A plan's ``sim_faults`` parse before anything runs (their syntax named if not)."""
+    if cloud is None:
+        return
+    sim = _simcloud_module()
+    for key, values in plan.parameters.items():
+        if "sim_faults" in values:
+            try:
+                sim.plan_faults(key.partition("#")[0], values["sim_faults"])
+            except (TypeError, ValueError) as exc:
+                raise CliUsageError(f"plan {plan.name!r} parameters of {key}: {exc}") from None
+
+
 def _check_cloud(engine: Engine, types: Sequence[str], cloud: Any) -> None:
     simulated = _needs_simcloud(engine, types)
     if simulated and cloud is None:
         raise CliUsageError(
             f"the resource types {', '.join(simulated)} are handled by the SIMULATED cloud plugins "
-            "(karbor_simcloud), which act on a cloud generated in this process: pass "
-            "--simcloud N[:SEED] (or set KARBOR_SIMCLOUD)"
+            "(karbor_simcloud), which act on a SIMULATED cloud: pass --simcloud N[:SEED] "
+            "(or set KARBOR_SIMCLOUD), or --simcloud-state DIR of an existing one"
         )
 
 
@@ -607,10 +693,42 @@ def _secrets(out: _Out, secrets_file: Path | None) -> CliSecrets:
     return _guard(out, lambda: CliSecrets.from_options(secrets_file))
 
 
-def _cloud(out: _Out, simcloud: str | None) -> Any:
-    if simcloud is None:
+def _cloud(
+    out: _Out,
+    simcloud: str | None,
+    db: Path,
+    state: Path | None = None,
+    faults: Sequence[str] | None = None,
+) -> Any:
+    """The SIMULATED cloud of a command: ``--simcloud`` opens (or creates) its shared state;
+    ``--simcloud-state`` alone opens an existing one; neither: no simulated cloud."""
+    if simcloud is None and state is None:
+        if faults:
+            _exit_with(out, "--simcloud-fault needs a SIMULATED cloud: pass --simcloud N[:SEED]", 2)
         return None
-    return _guard(out, lambda: _generate_cloud(SimcloudSpec.parse(simcloud), out))
+    directory = state if state is not None else _default_state(db)
+
+    def make() -> Any:
+        spec = SimcloudSpec.parse(simcloud) if simcloud is not None else None
+        cloud = _generate_cloud(spec, out, directory)
+        _add_faults(cloud, faults or ())
+        return cloud
+
+    return _guard(out, make)
+
+
+def _default_state(db: Path) -> Path:
+    return db.parent / "simcloud"
+
+
+def _add_faults(cloud: Any, texts: Sequence[str]) -> None:
+    sim = _simcloud_module()
+    for text in texts:
+        try:
+            rule = sim.FaultRule.parse(text)
+        except ValueError as exc:
+            raise CliUsageError(f"--simcloud-fault: {exc}") from None
+        cloud.faults.add(rule)
 
 
 @app.command()
@@ -619,6 +737,8 @@ def protect(
     db: DbOption = DEFAULT_DB,
     bank: BankOption = DEFAULT_BANK,
     simcloud: SimcloudOption = None,
+    simcloud_state: SimcloudStateOption = None,
+    simcloud_fault: SimcloudFaultOption = None,
     secrets_file: SecretsOption = None,
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write the timeline HTML here.")
@@ -630,7 +750,7 @@ def protect(
     out = _out(as_json, plain)
     plan = _guard(out, lambda: load_plan_file(plan_file))
     resolver = _secrets(out, secrets_file)
-    cloud = _cloud(out, simcloud)
+    cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _protect, out, plan, db, bank, resolver, cloud, report)
 
 
@@ -645,6 +765,7 @@ async def _protect(
 ) -> int:
     async with _session(out, db, bank, secrets=secrets, cloud=cloud) as engine:
         _check_cloud(engine, [r.type for r in plan.resources], cloud)
+        _check_sim_params(plan, cloud)
         await _recover_first(out, engine)
         run = await engine.build_protect(plan)
         out.note(
@@ -714,6 +835,8 @@ def restore(
     db: DbOption = DEFAULT_DB,
     bank: BankOption = DEFAULT_BANK,
     simcloud: SimcloudOption = None,
+    simcloud_state: SimcloudStateOption = None,
+    simcloud_fault: SimcloudFaultOption = None,
     secrets_file: SecretsOption = None,
     as_json: JsonOption = False,
     plain: PlainOption = False,
@@ -721,7 +844,7 @@ def restore(
     """Restore an available checkpoint (its stored graph) with optional parameters."""
     out = _out(as_json, plain)
     resolver = _secrets(out, secrets_file)
-    cloud = _cloud(out, simcloud)
+    cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _restore, out, checkpoint, param or [], barrier, db, bank, resolver, cloud)
 
 
@@ -763,6 +886,8 @@ def delete(
     db: DbOption = DEFAULT_DB,
     bank: BankOption = DEFAULT_BANK,
     simcloud: SimcloudOption = None,
+    simcloud_state: SimcloudStateOption = None,
+    simcloud_fault: SimcloudFaultOption = None,
     secrets_file: SecretsOption = None,
     as_json: JsonOption = False,
     plain: PlainOption = False,
@@ -770,7 +895,7 @@ def delete(
     """Delete a checkpoint: the plugins remove what they saved, then its bank data goes."""
     out = _out(as_json, plain)
     resolver = _secrets(out, secrets_file)
-    cloud = _cloud(out, simcloud)
+    cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _delete, out, checkpoint, db, bank, resolver, cloud)
 
 
@@ -881,13 +1006,15 @@ def checkpoints_prune(
     db: DbOption = DEFAULT_DB,
     bank: BankOption = DEFAULT_BANK,
     simcloud: SimcloudOption = None,
+    simcloud_state: SimcloudStateOption = None,
+    simcloud_fault: SimcloudFaultOption = None,
     secrets_file: SecretsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Delete all but the newest KEEP available checkpoints of a plan (plugins clean up)."""
     out = _out(as_json, plain=True)
     resolver = _secrets(out, secrets_file)
-    cloud = _cloud(out, simcloud)
+    cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _prune, out, plan, keep, dry_run, db, bank, resolver, cloud)
 
 
@@ -1106,13 +1233,15 @@ def recover(
     db: DbOption = DEFAULT_DB,
     bank: BankOption = DEFAULT_BANK,
     simcloud: SimcloudOption = None,
+    simcloud_state: SimcloudStateOption = None,
+    simcloud_fault: SimcloudFaultOption = None,
     secrets_file: SecretsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Finish or clean up runs that an earlier process left unfinished (thaws first)."""
     out = _out(as_json, plain=True)
     resolver = _secrets(out, secrets_file)
-    cloud = _cloud(out, simcloud)
+    cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _recover, out, db, bank, resolver, cloud)
 
 
@@ -1253,7 +1382,7 @@ def demo(
     out = _out(plain=plain)
     if resources < 3:
         _exit_with(out, "--resources must be at least 3 (a project, a server, a volume)", 2)
-    cloud = _guard(out, lambda: _generate_cloud(SimcloudSpec(resources, seed), out))
+    cloud = _guard(out, lambda: _generate_cloud(SimcloudSpec(resources, seed), out, None))
     _run_async(out, _demo, out, cloud, db, bank, report)
 
 
@@ -1309,6 +1438,140 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
             "checkpoint listed, or try `karbor-async checkpoints list`."
         )
     return EXIT_OK
+
+
+# -- the simulated cloud's shared state ----------------------------------------------------
+
+
+def _open_state(out: _Out, state: Path | None, db: Path) -> Any:
+    directory = state if state is not None else _default_state(db)
+    sim = _simcloud_module()
+
+    def opened() -> Any:
+        try:
+            return sim.SharedState.open(directory)[0]
+        except sim.SharedStateError as exc:
+            raise CliUsageError(str(exc)) from None
+
+    return _guard(out, opened)
+
+
+@simcloud_app.command("show")
+def simcloud_show(
+    simcloud_state: SimcloudStateOption = None,
+    db: DbOption = DEFAULT_DB,
+    as_json: JsonOption = False,
+) -> None:
+    """What is frozen and by whom, the snapshots and their checkpoints, what restores made."""
+    out = _out(as_json, plain=True)
+    shared = _open_state(out, simcloud_state, db)
+    try:
+        view = _guard(out, shared.view)
+    finally:
+        shared.close()
+    if out.json:
+        out.emit(
+            {
+                "state": str(view.path),
+                "meta": view.meta,
+                "frozen": [attrs.asdict(r) for r in view.frozen],
+                "snapshots": [attrs.asdict(r) for r in view.snapshots],
+                "created": [attrs.asdict(r) for r in view.created],
+                "faults": list(view.faults),
+            }
+        )
+        raise typer.Exit(EXIT_OK)
+    meta = view.meta
+    console = out.console
+    console.print(
+        f"SIMULATED cloud state in {view.path}: {meta.get('resources')} resources, seed "
+        f"{meta.get('seed')}, latency {meta.get('latency')}"
+    )
+    alive = {True: "running", False: "gone (no longer running)", None: "on another host"}
+    _print_rows(
+        out,
+        f"Frozen servers ({len(view.frozen)})",
+        ("server", "since", "by", "that process"),
+        [(r.server_id, _when(r.since_wall), r.by or "-", alive[r.alive]) for r in view.frozen],
+    )
+    _print_rows(
+        out,
+        f"Snapshots ({len(view.snapshots)})",
+        ("snapshot", "volume", "checkpoint", "taken", "by"),
+        [
+            (sn.id, sn.volume_id, sn.checkpoint_id or "-", _when(sn.taken_wall), sn.owner or "-")
+            for sn in view.snapshots
+        ],
+    )
+    _print_rows(
+        out,
+        f"Created by restores ({len(view.created)})",
+        ("type", "id", "from checkpoint", "original", "by"),
+        [
+            (c.kind, c.id, c.origin_checkpoint or "-", c.origin_id or "-", c.by or "-")
+            for c in view.created
+        ],
+    )
+    console.print(
+        f"Stored fault rules ({len(view.faults)}): "
+        + (", ".join(escape(f) for f in view.faults) if view.faults else "none")
+    )
+    raise typer.Exit(EXIT_OK)
+
+
+def _print_rows(
+    out: _Out, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]
+) -> None:
+    if not rows:
+        out.console.print(f"{title}: none")
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    out.console.print(table)
+
+
+@fault_app.command("add")
+def simcloud_fault_add(
+    rules: Annotated[
+        list[str], typer.Argument(metavar="RULE...", help="OPERATION:HOOK:TYPE[#ID]:raise|hang[:P]")
+    ],
+    simcloud_state: SimcloudStateOption = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Store fault rules: every process using the state injects them until cleared."""
+    out = _out(plain=True)
+    sim = _simcloud_module()
+    parsed = []
+    for text in rules:
+        try:
+            parsed.append(sim.FaultRule.parse(text).text())
+        except ValueError as exc:
+            _exit_with(out, str(exc), EXIT_BAD_INPUT)
+    shared = _open_state(out, simcloud_state, db)
+    try:
+        _guard(out, lambda: shared.add_faults(parsed))
+    finally:
+        shared.close()
+    out.console.print(f"stored {len(parsed)} fault rule(s) in {shared.directory}")
+    raise typer.Exit(EXIT_OK)
+
+
+@fault_app.command("clear")
+def simcloud_fault_clear(
+    simcloud_state: SimcloudStateOption = None, db: DbOption = DEFAULT_DB
+) -> None:
+    """Remove every stored fault rule."""
+    out = _out(plain=True)
+    shared = _open_state(out, simcloud_state, db)
+    try:
+        n = _guard(out, shared.clear_faults)
+    finally:
+        shared.close()
+    out.console.print(f"cleared {n} stored fault rule(s) in {shared.directory}")
+    raise typer.Exit(EXIT_OK)
 
 
 def main() -> None:

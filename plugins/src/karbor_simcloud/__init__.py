@@ -19,6 +19,10 @@ arguments; they act on the cloud given by :func:`use_cloud` (context) or
 
 Or bind plugins explicitly: ``Engine(all_protections(cloud), all_protectables(cloud),
 discover=False)``.
+
+``SimCloud.shared(directory, n, seed)`` keeps the cloud's state in a directory
+shared by every process (the CLI's mode): frozen servers, snapshots, restored
+resources and fault rules survive the process that made them.
 """
 
 from karbor_simcloud._cloud import (
@@ -39,18 +43,22 @@ from karbor_simcloud._cloud import (
     SimVolume,
     SnapshotRecord,
     content_digest,
+    snapshot_name,
 )
 from karbor_simcloud._config import NoCloudError, current_cloud, set_cloud, use_cloud
 from karbor_simcloud._faults import (
+    FAULT_SYNTAX,
     FaultAction,
     FaultInjector,
     FaultRule,
+    FaultSyntaxError,
     FiredFault,
     SimulatedFault,
 )
 from karbor_simcloud._latency import Distribution, Latency, LatencyProfile
+from karbor_simcloud._shared import SharedState, SharedStateError, StateView
 from karbor_simcloud.protectables import all_protectables
-from karbor_simcloud.protections import RestoreError, all_protections
+from karbor_simcloud.protections import RestoreError, all_protections, plan_faults
 
 __all__ = [
     # the simulated cloud
@@ -65,6 +73,7 @@ __all__ = [
     "Origin",
     "SimCloudError",
     "content_digest",
+    "snapshot_name",
     "PROJECT",
     "SERVER",
     "VOLUME",
@@ -75,11 +84,17 @@ __all__ = [
     "Distribution",
     "Latency",
     "LatencyProfile",
+    "FAULT_SYNTAX",
     "FaultAction",
     "FaultInjector",
     "FaultRule",
+    "FaultSyntaxError",
     "FiredFault",
     "SimulatedFault",
+    # the shared state (SimCloud.shared)
+    "SharedState",
+    "SharedStateError",
+    "StateView",
     # finding the cloud
     "current_cloud",
     "set_cloud",
@@ -89,6 +104,7 @@ __all__ = [
     "all_protections",
     "all_protectables",
     "RestoreError",
+    "plan_faults",
 ]
 
 __version__ = "0.1.0"

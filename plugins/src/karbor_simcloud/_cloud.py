@@ -4,11 +4,16 @@ Nothing here talks to a real cloud. :class:`SimCloud` holds projects, servers,
 volumes, images and networks as plain records; its calls (quiesce, snapshot,
 copy, create) sleep for latencies drawn from a seeded :class:`LatencyProfile`
 and may fail through :class:`FaultInjector` rules. :class:`SimStorage` is the
-fake array: it records the exact instant (``anyio.current_time()``) at which it
-takes each snapshot and limits how many copies run at once.
+fake array: it stamps each snapshot's instant on its own clock (the request
+time plus its sampled delay, fixed at the call: a busy event loop that resumes
+the call late does not move it) and limits how many copies run at once.
 
-A cloud is meant to be used from one event loop at a time (its copy limiter
-binds to the loop that first uses it).
+A cloud lives in this process by default (the library's, the tests' and the
+benchmarks' mode). :meth:`SimCloud.shared` puts its state in a directory that
+every process uses and that survives them (``_shared``): frozen servers,
+snapshots, restored resources and stored fault rules. A cloud is meant to be
+used from one event loop at a time (its copy limiter binds to the loop that
+first uses it).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import time
 from collections.abc import Iterator
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import attrs
@@ -25,6 +32,7 @@ import attrs
 from karbor_simcloud._compat import Resource
 from karbor_simcloud._faults import FaultInjector, FaultRule
 from karbor_simcloud._latency import Latency, LatencyProfile
+from karbor_simcloud._shared import SharedState, process_owner
 
 __all__ = [
     "IMAGE",
@@ -43,6 +51,7 @@ __all__ = [
     "SimStorage",
     "SimVolume",
     "SnapshotRecord",
+    "snapshot_name",
 ]
 
 _T = TypeVar("_T")
@@ -145,6 +154,25 @@ class SnapshotRecord:
     deleted: bool = False
 
 
+def snapshot_name(checkpoint_id: str, volume_id: str) -> str:
+    """The snapshot a cut of ``volume_id`` for ``checkpoint_id`` makes (deterministic, so a
+    delete finds it without saved info, and a re-run cut finds the one it already took)."""
+    return f"snap-{checkpoint_id}-{volume_id}"
+
+
+def _snapshot_record(row: dict[str, Any]) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=row["id"],
+        volume_id=row["volume_id"],
+        content=row["content"],
+        requested_at=float(row["requested_at"]),
+        taken_at=float(row["taken_at"]),
+        delay=float(row["delay"]),
+        returned_at=row.get("returned_at"),
+        deleted=bool(row.get("deleted")),
+    )
+
+
 def chunk_bytes(content: str, index: int, size: int) -> bytes:
     """The deterministic bytes of chunk ``index`` of simulated data ``content``."""
     seed = hashlib.blake2b(f"{content}:{index}".encode(), digest_size=32).digest()
@@ -175,25 +203,83 @@ class SimStorage:
         self._limiter: anyio.CapacityLimiter | None = None
         self._ids = itertools.count(1)
 
-    async def snapshot(self, volume_id: str) -> SnapshotRecord:
-        """Take a snapshot of a volume and record the instant the image is taken."""
-        volume = self._cloud.volume(volume_id)
+    async def snapshot(
+        self,
+        volume_id: str,
+        *,
+        name: str | None = None,
+        checkpoint_id: str | None = None,
+        owner: str | None = None,
+    ) -> SnapshotRecord:
+        """Take a snapshot of a volume; its instant is the request time plus the array's
+        sampled delay, stamped at the call.
+
+        With ``name`` (see :func:`snapshot_name`), a live snapshot of that name is
+        returned as it is: taking it again is a no-op (a re-run cut, another process).
+        """
+        cloud = self._cloud
+        volume = cloud.volume(volume_id)
+        state = cloud.state
+        if name is not None:
+            existing = await self.find_snapshot(name)
+            if existing is not None:
+                return existing
         requested_at = anyio.current_time()
-        delay = self._cloud.sample(self._cloud.latency.snapshot)
-        if delay > 0:
-            await anyio.sleep(delay)
+        delay = cloud.sample(cloud.latency.snapshot)
         record = SnapshotRecord(
-            id=f"snap-{next(self._ids):07d}",
+            id=name or f"snap-{next(self._ids):07d}",
             volume_id=volume.id,
             content=volume.content,
             requested_at=requested_at,
-            taken_at=anyio.current_time(),
+            taken_at=requested_at + delay,  # the array's clock, not the loop's resumption
             delay=delay,
         )
+        wall = time.time() + delay
+        if delay > 0:
+            await anyio.sleep(delay)
+        if state is not None:
+            row = await state.put_snapshot(
+                {
+                    **attrs.asdict(record),
+                    "checkpoint_id": checkpoint_id,
+                    "owner": owner or process_owner(),
+                    "taken_wall": wall,
+                }
+            )
+            if row["taken_at"] != record.taken_at or row["requested_at"] != requested_at:
+                record = _snapshot_record(row)  # another process took it first: that one
         self.snapshots[record.id] = record
-        await self._cloud.delay(self._cloud.latency.snapshot_return)
-        record.returned_at = anyio.current_time()
+        await cloud.delay(cloud.latency.snapshot_return)
+        if record.returned_at is None:
+            record.returned_at = anyio.current_time()
         return record
+
+    async def find_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        """The live snapshot of that id (in the shared state: whoever took it)."""
+        state = self._cloud.state
+        if state is None:
+            return self.get_snapshot(snapshot_id)
+        row = await state.get_snapshot(snapshot_id)
+        if row is None:
+            local = self.snapshots.get(snapshot_id)
+            if local is not None:
+                local.deleted = True
+            return None
+        local = self.snapshots.get(snapshot_id)
+        if local is None or local.deleted:
+            local = self.snapshots[snapshot_id] = _snapshot_record(row)
+        return local
+
+    async def remove_snapshot(self, snapshot_id: str) -> bool:
+        """Delete a snapshot; ``False`` if it was already gone or never taken (idempotent)."""
+        state = self._cloud.state
+        if state is None:
+            return self.delete_snapshot(snapshot_id)
+        removed = await state.delete_snapshot(snapshot_id)
+        local = self.snapshots.get(snapshot_id)
+        if local is not None:
+            local.deleted = True
+        return removed
 
     def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
         record = self.snapshots.get(snapshot_id)
@@ -255,8 +341,13 @@ class SimCloud:
         latency: LatencyProfile | None = None,
         faults: list[FaultRule] | None = None,
         max_concurrent_copies: int = 8,
+        state: SharedState | None = None,
     ) -> None:
         self.seed = seed
+        self.state = state
+        """Where the cloud's mutable state lives across processes (None: this process)."""
+        self._seen = 0
+        """The last created resource of the shared state this process has loaded."""
         self.latency = latency or LatencyProfile.zero()
         self.faults = FaultInjector(list(faults or ()), seed=seed + 1)
         self.storage = SimStorage(self, max_concurrent_copies=max_concurrent_copies)
@@ -270,8 +361,9 @@ class SimCloud:
         self._by_origin: dict[tuple[str, Origin], str] = {}
 
     def __repr__(self) -> str:
+        where = f" state={self.state.directory}" if self.state is not None else ""
         return (
-            f"<SimCloud (simulated) seed={self.seed} projects={len(self.projects)} "
+            f"<SimCloud (simulated){where} seed={self.seed} projects={len(self.projects)} "
             f"servers={len(self.servers)} volumes={len(self.volumes)} "
             f"images={len(self.images)} networks={len(self.networks)}>"
         )
@@ -289,8 +381,8 @@ class SimCloud:
             await anyio.sleep(seconds)
 
     # -- inventory -----------------------------------------------------------------
-    def _new_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids):07d}"
+    def _new_id(self, prefix: str, rid: str | None = None) -> str:
+        return rid if rid is not None else f"{prefix}-{next(self._ids):07d}"
 
     def add_project(self, name: str = "") -> SimProject:
         pid = self._new_id("prj")
@@ -305,10 +397,16 @@ class SimCloud:
         return self.projects[project_id]
 
     def add_network(
-        self, project_id: str, name: str = "", *, cidr: str = "", origin: Origin | None = None
+        self,
+        project_id: str,
+        name: str = "",
+        *,
+        cidr: str = "",
+        origin: Origin | None = None,
+        rid: str | None = None,
     ) -> SimNetwork:
         self.project(project_id)
-        nid = self._new_id("net")
+        nid = self._new_id("net", rid)
         n = len(self.networks)
         network = SimNetwork(
             nid, name or nid, project_id, cidr or f"10.{n // 256 % 256}.{n % 256}.0/24", origin
@@ -325,9 +423,10 @@ class SimCloud:
         size: int = 2048,
         content: str = "",
         origin: Origin | None = None,
+        rid: str | None = None,
     ) -> SimImage:
         self.project(project_id)
-        iid = self._new_id("img")
+        iid = self._new_id("img", rid)
         image = SimImage(iid, name or iid, project_id, size, content or iid, origin)
         self.images[iid] = image
         self._note_origin(IMAGE, iid, origin)
@@ -341,9 +440,10 @@ class SimCloud:
         size: int = 4096,
         content: str = "",
         origin: Origin | None = None,
+        rid: str | None = None,
     ) -> SimVolume:
         self.project(project_id)
-        vid = self._new_id("vol")
+        vid = self._new_id("vol", rid)
         volume = SimVolume(vid, name or vid, project_id, size, content or vid, origin=origin)
         self.volumes[vid] = volume
         self._note_origin(VOLUME, vid, origin)
@@ -359,12 +459,13 @@ class SimCloud:
         *,
         flavor: str = "m1.small",
         origin: Origin | None = None,
+        rid: str | None = None,
     ) -> SimServer:
         self.project(project_id)
         self.image(image_id)
         for nid in network_ids:
             self.network(nid)
-        sid = self._new_id("srv")
+        sid = self._new_id("srv", rid)
         server = SimServer(
             sid, name or sid, project_id, flavor, image_id, [], list(network_ids), origin
         )
@@ -443,13 +544,22 @@ class SimCloud:
         return [self.resource_of(PROJECT, project_id)]
 
     # -- calls the plugins make --------------------------------------------------------
-    async def quiesce(self, server_id: str) -> SimServer:
-        """Freeze a server's file systems (idempotent: freezing a frozen server is a no-op)."""
+    async def quiesce(self, server_id: str, *, by: str | None = None) -> SimServer:
+        """Freeze a server's file systems (idempotent: freezing a frozen server is a no-op).
+
+        ``by`` says who froze it (the shared state shows it; default: this process)."""
         server = self.server(server_id)
-        if server.frozen:
+        state = self.state
+        if state is not None and await state.is_frozen(server_id):
+            server.frozen = True  # frozen by this process earlier, or by another
+            return server
+        if state is None and server.frozen:
             return server
         server.quiesce_started_at = anyio.current_time()
         await self.delay(self.latency.quiesce)
+        if state is not None and not await state.freeze(server_id, by or process_owner()):
+            server.frozen = True  # another process froze it meanwhile
+            return server
         server.frozen = True
         server.freezes += 1
         server.frozen_at = anyio.current_time()
@@ -459,32 +569,77 @@ class SimCloud:
     async def thaw(self, server_id: str) -> bool:
         """Thaw a server; ``False`` if it was not frozen (safe to call on any server)."""
         server = self.server(server_id)
+        state = self.state
+        if state is not None:
+            server.frozen = await state.is_frozen(server_id)  # whoever froze it
         if not server.frozen:
             return False
         server.thaw_started_at = anyio.current_time()
         await self.delay(self.latency.thaw)
+        if state is not None and not await state.thaw(server_id):
+            server.frozen = False  # another process thawed it meanwhile
+            return False
         server.frozen = False
         server.thaws += 1
         server.thawed_at = anyio.current_time()
         return True
 
+    async def _created(
+        self, kind: str, prefix: str, fields: dict[str, Any], origin: Origin
+    ) -> tuple[str | None, bool]:
+        """In the shared state: the id to create with (allocated there), or the one a
+        process already created from ``origin`` (adopted: True)."""
+        if self.state is None:
+            return None, False
+        fields = {**fields, "origin": [origin.checkpoint_id, origin.original_id]}
+        rid, record, new = await self.state.create(
+            kind, prefix, fields, (origin.checkpoint_id, origin.original_id), process_owner()
+        )
+        if new:
+            return rid, False
+        await self.refresh()  # (what it needs may come from that process too)
+        self._load_created(kind, record)
+        return rid, True
+
+    def _table(self, kind: str) -> dict[str, Any]:
+        tables: dict[str, dict[str, Any]] = {
+            PROJECT: self.projects,
+            SERVER: self.servers,
+            VOLUME: self.volumes,
+            IMAGE: self.images,
+            NETWORK: self.networks,
+        }
+        return tables[kind]
+
     async def create_volume(
         self, project_id: str, name: str, size: int, content: str, origin: Origin
     ) -> SimVolume:
         await self.delay(self.latency.create)
-        return self.add_volume(project_id, name, size=size, content=content, origin=origin)
+        fields = {"project_id": project_id, "name": name, "size": size, "content": content}
+        rid, adopted = await self._created(VOLUME, "vol", fields, origin)
+        if adopted:
+            return self.volume(str(rid))
+        return self.add_volume(project_id, name, size=size, content=content, origin=origin, rid=rid)
 
     async def create_image(
         self, project_id: str, name: str, size: int, content: str, origin: Origin
     ) -> SimImage:
         await self.delay(self.latency.create)
-        return self.add_image(project_id, name, size=size, content=content, origin=origin)
+        fields = {"project_id": project_id, "name": name, "size": size, "content": content}
+        rid, adopted = await self._created(IMAGE, "img", fields, origin)
+        if adopted:
+            return self.image(str(rid))
+        return self.add_image(project_id, name, size=size, content=content, origin=origin, rid=rid)
 
     async def create_network(
         self, project_id: str, name: str, cidr: str, origin: Origin
     ) -> SimNetwork:
         await self.delay(self.latency.create)
-        return self.add_network(project_id, name, cidr=cidr, origin=origin)
+        fields = {"project_id": project_id, "name": name, "cidr": cidr}
+        rid, adopted = await self._created(NETWORK, "net", fields, origin)
+        if adopted:
+            return self.network(str(rid))
+        return self.add_network(project_id, name, cidr=cidr, origin=origin, rid=rid)
 
     async def create_server(
         self,
@@ -497,9 +652,117 @@ class SimCloud:
         origin: Origin,
     ) -> SimServer:
         await self.delay(self.latency.create)
+        await self.refresh()  # its volumes and image may come from another process
+        fields = {
+            "project_id": project_id,
+            "name": name,
+            "flavor": flavor,
+            "image_id": image_id,
+            "volume_ids": list(volume_ids),
+            "network_ids": list(network_ids),
+        }
+        rid, adopted = await self._created(SERVER, "srv", fields, origin)
+        if adopted:
+            return self.server(str(rid))
         return self.add_server(
-            project_id, image_id, volume_ids, network_ids, name, flavor=flavor, origin=origin
+            project_id,
+            image_id,
+            volume_ids,
+            network_ids,
+            name,
+            flavor=flavor,
+            origin=origin,
+            rid=rid,
         )
+
+    async def lookup_restored(self, kind: str, origin: Origin) -> str | None:
+        """:meth:`find_restored`, asking the shared state too (another process's restore)."""
+        if self.state is None:
+            return self.find_restored(kind, origin)
+        found = await self.state.find_created(kind, (origin.checkpoint_id, origin.original_id))
+        if found is not None and found not in self._table(kind):
+            await self.refresh()
+        return found
+
+    async def refresh(self) -> None:
+        """Load what other processes created since this one last looked (shared state)."""
+        if self.state is None:
+            return
+        for seq, kind, record in await self.state.created_since(self._seen):
+            self._seen = seq
+            self._load_created(kind, record)
+
+    def _load_created(self, kind: str, record: dict[str, Any]) -> None:
+        rid = str(record["id"])
+        if rid in self._table(kind):
+            return
+        origin_raw = record.get("origin")
+        origin = Origin(*origin_raw) if origin_raw else None
+        project = str(record["project_id"])
+        self.ensure_project(project)
+        if kind == VOLUME:
+            self.add_volume(
+                project,
+                record["name"],
+                size=int(record["size"]),
+                content=record["content"],
+                origin=origin,
+                rid=rid,
+            )
+        elif kind == IMAGE:
+            self.add_image(
+                project,
+                record["name"],
+                size=int(record["size"]),
+                content=record["content"],
+                origin=origin,
+                rid=rid,
+            )
+        elif kind == NETWORK:
+            self.add_network(project, record["name"], cidr=record["cidr"], origin=origin, rid=rid)
+        elif kind == SERVER:
+            self.add_server(
+                project,
+                record["image_id"],
+                [v for v in record["volume_ids"] if v in self.volumes],
+                [n for n in record["network_ids"] if n in self.networks],
+                record["name"],
+                flavor=record["flavor"],
+                origin=origin,
+                rid=rid,
+            )
+
+    # -- the shared state ------------------------------------------------------------------
+    @classmethod
+    def shared(
+        cls,
+        directory: Path,
+        n_resources: int,
+        seed: int,
+        *,
+        latency: LatencyProfile | None = None,
+        latency_name: str = "custom",
+    ) -> tuple[SimCloud, bool]:
+        """The cloud whose state lives in ``directory``, created there if absent.
+
+        Every process that opens it sees the same application (regenerated from
+        ``n_resources`` and ``seed``), the same frozen servers, snapshots and
+        restored resources, and the fault rules stored there. Returns the cloud
+        and whether the state was created now. Call it outside the event loop (at
+        start-up): it reads the state synchronously.
+        """
+        meta = {"resources": str(n_resources), "seed": str(seed), "latency": latency_name}
+        state, created = SharedState.open(directory, meta)
+        cloud = cls.generate(n_resources, seed, latency=latency)
+        cloud.state = state
+        for seq, kind, record in state.created_since_sync(0):
+            cloud._seen = seq
+            cloud._load_created(kind, record)
+        view = state.view()
+        for row in view.frozen:
+            if row.server_id in cloud.servers:
+                cloud.servers[row.server_id].frozen = True
+        return cloud, created
 
     # -- generation --------------------------------------------------------------------
     @classmethod

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Sequence
 
 import anyio
 import attrs
 
 from karbor_simcloud._compat import Hook, OperationKind, Resource
 
-__all__ = ["FaultAction", "FaultInjector", "FaultRule", "FiredFault", "SimulatedFault"]
+__all__ = [
+    "FAULT_SYNTAX",
+    "FaultAction",
+    "FaultInjector",
+    "FaultRule",
+    "FaultSyntaxError",
+    "FiredFault",
+    "SimulatedFault",
+]
+
+FAULT_SYNTAX = "OPERATION:HOOK:TYPE[#ID]:raise|hang[:PROBABILITY]"
+"""The text form of a rule (``*`` for any operation, hook or type), e.g.
+``protect:on_main:OS::Cinder::Volume:raise:0.5`` or ``*:on_prepare_begin:*:hang``."""
+
+
+class FaultSyntaxError(ValueError):
+    """A fault rule's text does not parse; the message names the part and the syntax."""
 
 
 class FaultAction(enum.Enum):
@@ -58,6 +75,79 @@ class FaultRule:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"probability must be within [0, 1], not {value!r}")
 
+    @classmethod
+    def parse(cls, text: str, *, resource_type: str | None = None) -> FaultRule:
+        """A rule from its text (:data:`FAULT_SYNTAX`). With ``resource_type`` (a plan's
+        ``sim_faults`` under that type), the text leaves the type out:
+        ``OPERATION:HOOK[#ID]:raise|hang[:PROBABILITY]``."""
+        syntax = (
+            FAULT_SYNTAX
+            if resource_type is None
+            else "OPERATION:HOOK[#ID]:raise|hang[:PROBABILITY]"
+        )
+
+        def bad(why: str) -> FaultSyntaxError:
+            return FaultSyntaxError(f"fault rule {text!r}: {why}; expected {syntax}")
+
+        parts = text.strip().split(":")
+        probability = 1.0
+        try:
+            probability = float(parts[-1])
+            parts = parts[:-1]
+        except ValueError:
+            pass
+        else:
+            if not 0.0 <= probability <= 1.0:
+                raise bad(f"probability {probability!r} is not within [0, 1]")
+        if len(parts) < 3:
+            raise bad("too few parts")
+        op_text, hook_text, action_text = parts[0], parts[1], parts[-1]
+        target = ":".join(parts[2:-1]) if resource_type is None else ""
+        rid: str | None = None
+        if resource_type is not None:
+            if len(parts) != 3:
+                raise bad("too many parts (the type is the plan section's)")
+            hook_text, _, rid_text = hook_text.partition("#")
+            rid = rid_text or None
+            rtype: str | None = resource_type
+        else:
+            if not target:
+                raise bad("no TYPE (use * for any type)")
+            target, _, rid_text = target.partition("#")
+            rid = rid_text or None
+            rtype = None if target == "*" else target
+        try:
+            operation = None if op_text == "*" else OperationKind(op_text)
+        except ValueError:
+            allowed = ", ".join(k.value for k in OperationKind)
+            raise bad(f"unknown operation {op_text!r} (one of {allowed}, or *)") from None
+        try:
+            hook = None if hook_text == "*" else Hook(hook_text)
+        except ValueError:
+            allowed = ", ".join(h.value for h in Hook)
+            raise bad(f"unknown hook {hook_text!r} (one of {allowed}, or *)") from None
+        try:
+            action = FaultAction(action_text)
+        except ValueError:
+            raise bad(f"unknown action {action_text!r} (raise or hang)") from None
+        return cls(
+            operation=operation,
+            hook=hook,
+            resource_type=rtype,
+            resource_id=rid,
+            probability=probability,
+            action=action,
+        )
+
+    def text(self) -> str:
+        """The rule in :data:`FAULT_SYNTAX` (``times`` is not part of the text)."""
+        target = (self.resource_type or "*") + (f"#{self.resource_id}" if self.resource_id else "")
+        out = (
+            f"{self.operation.value if self.operation else '*'}:"
+            f"{self.hook.value if self.hook else '*'}:{target}:{self.action.value}"
+        )
+        return out if self.probability == 1.0 else f"{out}:{self.probability:g}"
+
     def matches(self, operation: OperationKind, hook: Hook, resource: Resource) -> bool:
         return (
             (self.operation is None or self.operation is operation)
@@ -99,9 +189,17 @@ class FaultInjector:
         self.rules.clear()
         self._counts.clear()
 
-    def decide(self, operation: OperationKind, hook: Hook, resource: Resource) -> FaultRule | None:
-        """The rule that fires for this hook call, if any (and count it as fired)."""
-        for index, rule in enumerate(self.rules):
+    def decide(
+        self,
+        operation: OperationKind,
+        hook: Hook,
+        resource: Resource,
+        extra: Sequence[FaultRule] = (),
+    ) -> FaultRule | None:
+        """The rule that fires for this hook call, if any (and count it as fired).
+
+        ``extra``: rules of this call only (a plan's ``sim_faults``), after the cloud's."""
+        for index, rule in enumerate([*self.rules, *extra] if extra else self.rules):
             if not rule.matches(operation, hook, resource):
                 continue
             if rule.times is not None and self._counts.get(index, 0) >= rule.times:
@@ -112,11 +210,17 @@ class FaultInjector:
             return rule
         return None
 
-    async def check(self, operation: OperationKind, hook: Hook, resource: Resource) -> None:
+    async def check(
+        self,
+        operation: OperationKind,
+        hook: Hook,
+        resource: Resource,
+        extra: Sequence[FaultRule] = (),
+    ) -> None:
         """Raise or hang if a rule fires for this hook call; otherwise return at once."""
-        if not self.rules:
+        if not self.rules and not extra:
             return
-        rule = self.decide(operation, hook, resource)
+        rule = self.decide(operation, hook, resource, extra)
         if rule is None:
             return
         self.fired.append(FiredFault(rule, operation, hook, resource, anyio.current_time()))

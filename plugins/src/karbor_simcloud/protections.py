@@ -8,18 +8,23 @@ drops the temporary snapshot. Restore recreates volumes, images and networks
 in ``on_main`` and each server in ``on_complete`` from its restored children.
 Delete removes what protect saved (bank objects and any snapshot left).
 
-Every hook first asks the cloud's fault injector whether to fail, and is
-idempotent per attempt: a volume that already cut (saved ``snapshot_id``)
-reuses its snapshot, a copy skips chunks already in the bank, and a restore
-adopts what it (or a crashed attempt) already created.
+Every hook first asks the cloud's fault injector whether to fail (the cloud's
+rules, then the plan's ``sim_faults`` for the type), sleeps ``sim_latency`` if
+the plan sets it, and is idempotent per attempt: a volume's snapshot is named
+after the checkpoint and the volume (:func:`~karbor_simcloud.snapshot_name`), so
+a re-run cut reuses it and a delete finds it without saved info; a copy skips
+chunks already in the bank; a restore adopts what it (or a crashed attempt, in
+this process or another sharing the cloud's state) already created.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+import anyio
 
 from karbor_simcloud._cloud import (
     IMAGE,
@@ -30,6 +35,7 @@ from karbor_simcloud._cloud import (
     Origin,
     SimCloud,
     SimCloudError,
+    snapshot_name,
 )
 from karbor_simcloud._compat import (
     BankSection,
@@ -40,6 +46,8 @@ from karbor_simcloud._compat import (
     ResourceType,
 )
 from karbor_simcloud._config import current_cloud
+from karbor_simcloud._faults import FaultRule
+from karbor_simcloud._shared import process_owner
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -59,6 +67,39 @@ DATA_PREFIX = "data/"
 _TARGET_PROJECT = Param(
     str, default=None, description="restore: the project to recreate into (default: original's)"
 )
+_SIM = {
+    "sim_faults": Param(
+        list,
+        default=None,
+        description=(
+            "SIMULATION: faults for this type's hooks, OPERATION:HOOK[#ID]:raise|hang[:P] each"
+        ),
+    ),
+    "sim_latency": Param(
+        float, default=None, description="SIMULATION: seconds each of this type's hooks sleeps"
+    ),
+}
+"""Parameters every simulated type declares (a plan's knobs for the simulation only)."""
+
+
+def plan_faults(resource_type: str, texts: object) -> tuple[FaultRule, ...]:
+    """The rules a plan's ``sim_faults`` for ``resource_type`` says (FaultSyntaxError if not)."""
+    if texts is None:
+        return ()
+    if not isinstance(texts, Sequence) or isinstance(texts, str):
+        raise TypeError(f"sim_faults of {resource_type} must be a list of rule strings")
+    return _parsed(resource_type, tuple(str(t) for t in texts))
+
+
+_PARSED: dict[tuple[str, tuple[str, ...]], tuple[FaultRule, ...]] = {}
+
+
+def _parsed(resource_type: str, texts: tuple[str, ...]) -> tuple[FaultRule, ...]:
+    key = (resource_type, texts)
+    rules = _PARSED.get(key)
+    if rules is None:
+        rules = _PARSED[key] = tuple(FaultRule.parse(t, resource_type=resource_type) for t in texts)
+    return rules
 
 
 class RestoreError(RuntimeError):
@@ -130,7 +171,14 @@ class _SimOperation:
 
     async def _enter(self, ctx: HookContext) -> SimCloud:
         cloud = self.cloud
-        await cloud.faults.check(ctx.operation, ctx.hook, ctx.resource)
+        params = ctx.parameters
+        extra = plan_faults(ctx.resource.type, params.get("sim_faults"))
+        await cloud.faults.check(ctx.operation, ctx.hook, ctx.resource, extra)
+        latency = params.get("sim_latency")
+        if latency:
+            await anyio.sleep(float(latency))
+        if cloud.state is not None and ctx.operation is not OperationKind.PROTECT:
+            await cloud.refresh()  # another process may have restored what this one needs
         return cloud
 
     async def on_prepare_begin(self, ctx: HookContext) -> None:
@@ -200,7 +248,7 @@ async def _adopt(ctx: HookContext, cloud: SimCloud) -> bool:
     """Skip a restore already done: reported before, or created by a crashed attempt."""
     if ctx.restored_id(ctx.resource) is not None:
         return True
-    existing = cloud.find_restored(ctx.resource.type, _origin(ctx))
+    existing = await cloud.lookup_restored(ctx.resource.type, _origin(ctx))
     if existing is None:
         return False
     await ctx.report_restored(existing)
@@ -249,7 +297,7 @@ class ProjectProtection(_SimPlugin):
             PROJECT,
             quiesces=False,
             snapshots=False,
-            parameters={"target_project": _TARGET_PROJECT},
+            parameters={"target_project": _TARGET_PROJECT, **_SIM},
         ),
     )
     _protect = _ProjectProtect
@@ -265,7 +313,7 @@ class _ServerProtect(_SimOperation):
         cloud = await self._enter(ctx)
         if not ctx.parameters.get("quiesce", True):
             return
-        server = await cloud.quiesce(ctx.resource.id)
+        server = await cloud.quiesce(ctx.resource.id, by=process_owner(ctx.run_id))
         ctx.mark_quiesced(server.frozen_at)
 
     async def on_prepare_finish(self, ctx: HookContext) -> None:
@@ -339,6 +387,7 @@ class ServerProtection(_SimPlugin):
                 "quiesce": Param(bool, default=True, description="freeze file systems first"),
                 "flavor": Param(str, default=None, description="restore: flavor override"),
                 "target_project": _TARGET_PROJECT,
+                **_SIM,
             },
         ),
     )
@@ -355,13 +404,16 @@ class _VolumeProtect(_SimOperation):
         cloud = await self._enter(ctx)
         if ctx.aborting is not None:
             return  # never cut while the run aborts
-        previous = ctx.saved.get("snapshot_id")
-        if previous is not None:
-            record = cloud.storage.get_snapshot(str(previous))
-            if record is not None:
-                ctx.mark_cut(record.taken_at)
-                return
-        record = await cloud.storage.snapshot(ctx.resource.id)
+        name = snapshot_name(ctx.checkpoint_id, ctx.resource.id)
+        previous = str(ctx.saved.get("snapshot_id") or name)
+        record = await cloud.storage.find_snapshot(previous)
+        if record is None:
+            record = await cloud.storage.snapshot(
+                ctx.resource.id,
+                name=name,
+                checkpoint_id=ctx.checkpoint_id,
+                owner=process_owner(ctx.run_id),
+            )
         ctx.save(snapshot_id=record.id, taken_at=record.taken_at)
         ctx.mark_cut(record.taken_at)
 
@@ -369,8 +421,10 @@ class _VolumeProtect(_SimOperation):
         cloud = await self._enter(ctx)
         if ctx.saved.get("copied"):
             return
-        snapshot_id = ctx.saved.get("snapshot_id")
-        record = cloud.storage.get_snapshot(str(snapshot_id)) if snapshot_id else None
+        snapshot_id = ctx.saved.get("snapshot_id") or snapshot_name(
+            ctx.checkpoint_id, ctx.resource.id
+        )
+        record = await cloud.storage.find_snapshot(str(snapshot_id))
         if record is None:
             raise SimCloudError(f"{ctx.resource}: no snapshot to copy (saved {snapshot_id!r})")
         volume = cloud.volume(ctx.resource.id)
@@ -392,7 +446,7 @@ class _VolumeProtect(_SimOperation):
         cloud = await self._enter(ctx)
         snapshot_id = ctx.saved.get("snapshot_id")
         if snapshot_id and not ctx.parameters.get("keep_snapshot", False):
-            cloud.storage.delete_snapshot(str(snapshot_id))
+            await cloud.storage.remove_snapshot(str(snapshot_id))
 
 
 class _DataRestore(_SimOperation):
@@ -425,10 +479,15 @@ class _DataRestore(_SimOperation):
 
 class _VolumeDelete(_WipeOperation):
     async def on_main(self, ctx: HookContext) -> None:
-        snapshot_id = ctx.saved.get("snapshot_id")
+        """Remove the bank data and the cut's snapshot: found by its name without saved
+        info; a cut never taken (or already dropped) is a no-op."""
         await super().on_main(ctx)
-        if snapshot_id:
-            self.cloud.storage.delete_snapshot(str(snapshot_id))
+        storage = self.cloud.storage
+        names = {snapshot_name(ctx.checkpoint_id, ctx.resource.id)}
+        if ctx.saved.get("snapshot_id"):
+            names.add(str(ctx.saved["snapshot_id"]))
+        for name in sorted(names):
+            await storage.remove_snapshot(name)
 
 
 class VolumeProtection(_SimPlugin):
@@ -444,6 +503,7 @@ class VolumeProtection(_SimPlugin):
                 "chunk_size": Param(int, default=DEFAULT_CHUNK_SIZE, description="copy chunk"),
                 "keep_snapshot": Param(bool, default=False, description="keep after the copy"),
                 "target_project": _TARGET_PROJECT,
+                **_SIM,
             },
         ),
     )
@@ -487,6 +547,7 @@ class ImageProtection(_SimPlugin):
             parameters={
                 "chunk_size": Param(int, default=DEFAULT_CHUNK_SIZE, description="copy chunk"),
                 "target_project": _TARGET_PROJECT,
+                **_SIM,
             },
         ),
     )
@@ -538,7 +599,7 @@ class NetworkProtection(_SimPlugin):
             NETWORK,
             quiesces=False,
             snapshots=False,
-            parameters={"target_project": _TARGET_PROJECT},
+            parameters={"target_project": _TARGET_PROJECT, **_SIM},
         ),
     )
     _protect = _NetworkProtect
