@@ -105,6 +105,12 @@ def _cli(root: Path, *args: str, code: int = EXIT_OK, data: bool = False) -> Any
     return result
 
 
+def _protect(root: Path, *args: str, code: int = EXIT_OK) -> Any:
+    """``protect plan.toml`` on the 12-resource SIMULATED cloud (zero latency)."""
+    plan = str(root / "plan.toml")
+    return _cli(root, "protect", plan, "--simcloud", "12:3:zero", "--plain", *args, code=code)
+
+
 def _show(root: Path) -> dict[str, Any]:
     out = _cli(root, "simcloud", "show", "--json").stdout
     doc: dict[str, Any] = json.loads(out)
@@ -204,17 +210,7 @@ def test_command_line_faults_fire_in_the_hooks_they_name(tmp_path: Path, action:
     fails exactly the volumes' on_main."""
     (tmp_path / "plan.toml").write_text(PLAN.replace("hook = 30", "hook = 0.5"))
     rule = f"protect:on_main:{VOLUME}:{action}"
-    result = _cli(
-        tmp_path,
-        "protect",
-        str(tmp_path / "plan.toml"),
-        "--simcloud",
-        "12:3:zero",
-        "--simcloud-fault",
-        rule,
-        "--plain",
-        code=EXIT_FAILED,
-    )
+    result = _protect(tmp_path, "--simcloud-fault", rule, code=EXIT_FAILED)
     said = "simulated fault in protect on_main" if action == "raise" else "timed out after 0.5 s"
     assert said in result.output
     assert _failed_hooks(tmp_path) == {(VOLUME, "on_main")}
@@ -227,16 +223,16 @@ def test_plan_file_faults_and_stored_faults_fire(tmp_path: Path) -> None:
     plan.write_text(
         PLAN + f'\n[parameters."{SERVER}"]\nsim_faults = ["protect:on_prepare_begin:raise"]\n'
     )
-    _cli(tmp_path, "protect", str(plan), "--simcloud", "12:3:zero", "--plain", code=EXIT_FAILED)
+    _protect(tmp_path, code=EXIT_FAILED)
     assert _failed_hooks(tmp_path) == {(SERVER, "on_prepare_begin")}
 
     plan.write_text(PLAN)
     _cli(tmp_path, "simcloud", "fault", "add", f"protect:on_complete:{VOLUME}:raise")
     assert _show(tmp_path)["faults"] == [f"protect:on_complete:{VOLUME}:raise"]
-    _cli(tmp_path, "protect", str(plan), "--simcloud", "12:3:zero", "--plain", code=EXIT_FAILED)
+    _protect(tmp_path, code=EXIT_FAILED)
     assert _failed_hooks(tmp_path) == {(VOLUME, "on_complete")}
     _cli(tmp_path, "simcloud", "fault", "clear")
-    _cli(tmp_path, "protect", str(plan), "--simcloud", "12:3:zero", "--plain")
+    _protect(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -252,15 +248,7 @@ def test_plan_file_faults_and_stored_faults_fire(tmp_path: Path) -> None:
 def test_bad_fault_rules_are_bad_input(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
     """A fault rule that does not parse is bad input naming the part and the syntax."""
     (tmp_path / "plan.toml").write_text(PLAN)
-    result = _cli(
-        tmp_path,
-        "protect",
-        str(tmp_path / "plan.toml"),
-        "--simcloud",
-        "12:3:zero",
-        *args,
-        code=EXIT_BAD_INPUT,
-    )
+    result = _protect(tmp_path, *args, code=EXIT_BAD_INPUT)
     assert needle in result.output and "OPERATION:HOOK:TYPE[#ID]" in result.output
 
 

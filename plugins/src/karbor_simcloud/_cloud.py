@@ -700,17 +700,9 @@ class SimCloud:
         origin = Origin(*origin_raw) if origin_raw else None
         project = str(record["project_id"])
         self.ensure_project(project)
-        if kind == VOLUME:
-            self.add_volume(
-                project,
-                record["name"],
-                size=int(record["size"]),
-                content=record["content"],
-                origin=origin,
-                rid=rid,
-            )
-        elif kind == IMAGE:
-            self.add_image(
+        if kind in (VOLUME, IMAGE):
+            add = self.add_volume if kind == VOLUME else self.add_image
+            add(
                 project,
                 record["name"],
                 size=int(record["size"]),
