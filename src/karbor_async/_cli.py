@@ -42,7 +42,7 @@ from karbor_async._scheduler import Run
 from karbor_async._secrets_cli import CliSecrets
 from karbor_async._sqlite import SqliteStore
 from karbor_async._tasks import AbandonedHook, what_runs
-from karbor_async._types import BarrierPolicy, ResourceStatus, RunStatus
+from karbor_async._types import BarrierPolicy, OperationKind, ResourceStatus, RunStatus
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
     BankKeyError,
@@ -64,6 +64,7 @@ __all__ = [
     "EXIT_CANCELLED",
     "EXIT_FAILED",
     "EXIT_OK",
+    "EXIT_BUSY",
     "app",
     "main",
 ]
@@ -76,11 +77,13 @@ EXIT_BAD_INPUT = 2
 """Bad input: plan file, options, unknown id, secrets, or a store file that cannot be used."""
 EXIT_CANCELLED = 3
 """Cancelled (Ctrl-C): the run was stopped and everything it froze was thawed."""
+EXIT_BUSY = 4
+"""Busy: a run is held by a live engine (or the store stayed locked); retry after."""
 
 _EPILOG = (
     "Exit codes: 0 success; 1 a run failed; 2 bad input (plan file, options, unknown id, "
-    "secrets, unusable store file); 3 cancelled by Ctrl-C (everything frozen was thawed). "
-    "Manual: docs/cli.md."
+    "secrets, unusable store file); 3 cancelled by Ctrl-C (everything frozen was thawed); "
+    "4 busy (a run held by a live engine: retry after). Manual: docs/cli.md."
 )
 
 app = typer.Typer(
@@ -174,6 +177,8 @@ SecretsOption = Annotated[
 ]
 
 DEFAULT_DB = Path("karbor.db")
+_SETTINGS: dict[str, float] = {"lease_seconds": 30.0}
+"""Global options that reach the store (set by the app's callback)."""
 DEFAULT_BANK = Path("bank")
 
 
@@ -431,7 +436,7 @@ async def _store(db: Path, *, must_exist: bool) -> AsyncIterator[SqliteStore]:
             f"no checkpoint store at {db}: protect something first, or point --db "
             "(or KARBOR_DB) at an existing store"
         )
-    async with SqliteStore.open(db) as store:
+    async with SqliteStore.open(db, lease_seconds=_SETTINGS["lease_seconds"]) as store:
         yield store
 
 
@@ -492,12 +497,24 @@ async def _exit_leaving(out: _Out, store: SqliteStore, left: Sequence[AbandonedH
 
 
 async def _recover_first(out: _Out, engine: Engine) -> None:
-    """Finish or clean up what an earlier process left, when this engine knows how."""
-    for outcome in await engine.recover():
+    """Finish or clean up what an earlier process left, when this engine knows how;
+    name the runs live engines hold, and go on."""
+    report = await engine.recover_report()
+    for outcome in report.outcomes:
         out.note(
             f"recovered {outcome.operation.value} run {outcome.run_id} left unfinished "
             f"by an earlier process: {outcome.status.value}"
         )
+    for held in report.held:
+        out.note(f"left to its engine: {_held_line(held)}")
+
+
+def _held_line(held: Any) -> str:
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.expires))
+    return (
+        f"{held.operation.value} run {held.run_id} is held by {held.owner} (lease until "
+        f"{until}, renewed while it lives)"
+    )
 
 
 def _watch_interrupts(out: _Out, run: Run) -> Callable[[], Coroutine[Any, Any, None]] | None:
@@ -549,7 +566,11 @@ async def _drive(out: _Out, engine: Engine, run: Run) -> tuple[RunOutcome, int]:
 
 
 def _frozen_summary(outcome: RunOutcome) -> str:
-    frozen = [r for r in outcome.resources.values() if r.quiesced_at is not None]
+    frozen = [
+        r
+        for r in outcome.resources.values()
+        if r.quiesced_at is not None or r.thawed_at is not None  # (recovery thaws only)
+    ]
     stuck = [r for r in outcome.resources.values() if r.status is ResourceStatus.THAW_FAILED]
     if stuck:
         names = ", ".join(str(r.resource) for r in stuck[:10])
@@ -621,8 +642,24 @@ def _configure(
         str, typer.Option(help="Log level of the engine's structured logs (to stderr).")
     ] = "warning",
     log_json: Annotated[bool, typer.Option(help="Write logs as JSON lines.")] = False,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="KARBOR_LEASE_SECONDS",
+            help=(
+                "How long a run's lease outlives its engine on another host (renewed every "
+                "third of it; on this host a dead engine's runs are taken over at once)."
+            ),
+        ),
+    ] = 30.0,
 ) -> None:
     """The CLI is an application, so it (not the library) configures structlog."""
+    if not lease_seconds > 0:
+        raise typer.BadParameter(
+            f"must be a positive number of seconds, not {lease_seconds!r}",
+            param_hint="--lease-seconds",
+        )
+    _SETTINGS["lease_seconds"] = lease_seconds
     level = logging.getLevelNamesMapping().get(log_level.upper())
     if level is None:
         raise typer.BadParameter(
@@ -1253,23 +1290,38 @@ async def _recover(out: _Out, db: Path, bank: Path, secrets: CliSecrets, cloud: 
             unfinished = await store.unfinished_runs()
         types = [str(r["type"]) for run in unfinished for r in run.graph.get("resources", ())]
         _check_cloud(engine, types, cloud)
-        outcomes = await engine.recover()
-        stuck = [
+        report = await engine.recover_report()
+        outcomes = report.outcomes
+        bad = [
             o
             for o in outcomes
-            if any(r.status is ResourceStatus.THAW_FAILED for r in o.resources.values())
+            if o.status is not RunStatus.SUCCEEDED
+            or any(r.status is ResourceStatus.THAW_FAILED for r in o.resources.values())
         ]
-        code = EXIT_FAILED if stuck else EXIT_OK
+        code = EXIT_FAILED if bad else EXIT_BUSY if report.held else EXIT_OK
         if out.json:
-            out.emit({"recovered": [o.to_json() for o in outcomes], "exit_code": code})
-        elif not outcomes:
-            out.console.print("nothing to recover: no unfinished runs")
+            out.emit(
+                {
+                    "recovered": [o.to_json() for o in outcomes],
+                    "held": [h.to_json() for h in report.held],
+                    "exit_code": code,
+                }
+            )
         else:
+            if not outcomes and not report.held:
+                out.console.print("nothing to recover: no unfinished runs")
             for o in outcomes:
                 out.console.print(
                     f"{o.operation.value} run {o.run_id} (checkpoint {o.checkpoint_id}): "
                     f"{o.status.value}; {_frozen_summary(o)}"
                 )
+                if o.operation is OperationKind.PROTECT and o.status is not RunStatus.SUCCEEDED:
+                    out.console.print(
+                        f"  its cuts were not all committed: checkpoint {o.checkpoint_id} is "
+                        "lost and what it saved was deleted; protect again"
+                    )
+            for held in report.held:
+                out.console.print(f"{_held_line(held)}: retry after that, or leave it to it")
     return code
 
 
@@ -1478,6 +1530,7 @@ def simcloud_show(
                 "snapshots": [attrs.asdict(r) for r in view.snapshots],
                 "created": [attrs.asdict(r) for r in view.created],
                 "faults": list(view.faults),
+                "fired": [attrs.asdict(r) for r in view.fired],
             }
         )
         raise typer.Exit(EXIT_OK)
@@ -1511,6 +1564,12 @@ def simcloud_show(
             (c.kind, c.id, c.origin_checkpoint or "-", c.origin_id or "-", c.by or "-")
             for c in view.created
         ],
+    )
+    _print_rows(
+        out,
+        f"Faults that fired (last {len(view.fired)})",
+        ("when", "rule", "hook", "resource", "by"),
+        [(_when(f.wall), f.rule, f"{f.operation} {f.hook}", f.resource, f.by) for f in view.fired],
     )
     console.print(
         f"Stored fault rules ({len(view.faults)}): "

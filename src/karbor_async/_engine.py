@@ -6,6 +6,7 @@ import secrets as _secrets
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Self
 
@@ -18,7 +19,7 @@ from karbor_async._hub import EventHub, Subscription
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
-from karbor_async._recovery import Resume, recover_all
+from karbor_async._recovery import RecoveryReport, Resume, recover_all
 from karbor_async._registry import PluginRegistry, TypeBinding
 from karbor_async._scheduler import Run, RunSpec
 from karbor_async._stall import StallMonitor
@@ -31,6 +32,10 @@ from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, R
 __all__ = ["Engine", "EngineStatistics", "new_run_id"]
 
 _log = structlog.get_logger("karbor_async")
+
+_RECOVERING: ContextVar[bool] = ContextVar("karbor_async_recovering", default=False)
+"""Set while a recovery runs, in it and in every task it starts: what recovery starts
+(its clean-up deletes) must not wait for the recovery itself to end."""
 
 _DEFAULT_BARRIER = {
     OperationKind.PROTECT: BarrierPolicy.MAIN,
@@ -274,36 +279,8 @@ class Engine:
         checkpoint_id: str | None,
         resume: Resume | None = None,
     ) -> Run:
-        check_types(graph, self.registry)
-        bindings: list[TypeBinding] = []
-        for res in graph.resources:
-            binding = self.registry.binding(res.type)
-            assert binding is not None  # check_types guarantees it
-            bindings.append(binding)
-        assignment = assign_groups(graph, plan, _DEFAULT_BARRIER[op])
-        params = merge_parameters(plan, graph, self.registry)
-        await check_secrets(graph, params, self._secrets)
-        saved: dict[ResourceKey, dict[str, Any]] = {}
-        if checkpoint_id is not None:
-            saved = await self.store.load_saved_info(checkpoint_id)
-        if resume is not None and checkpoint_id != run_id:
-            for key, info in (await self.store.load_saved_info(run_id)).items():
-                saved.setdefault(key, {}).update(info)
-        spec = RunSpec(
-            run_id=run_id,
-            checkpoint_id=checkpoint_id or run_id,
-            operation=op,
-            plan=plan,
-            graph=graph,
-            group_of=assignment.group_of,
-            groups=assignment.barriers,
-            bindings=tuple(bindings),
-            params=tuple(params),
-            saved=saved,
-            restored=resume.restored if resume else {},
-            attempts=resume.attempts if resume else {},
-            done_hooks=resume.done_hooks if resume else {},
-            first_seq=resume.first_seq if resume else 0,
+        spec = await _spec(
+            self.registry, self.store, self._secrets, op, plan, graph, run_id, checkpoint_id, resume
         )
         return Run(
             spec,
@@ -428,8 +405,8 @@ class Engine:
         return self.hub.subscribe(run_id, since)
 
     async def _recover_once(self) -> None:
-        if not self._recover_first:
-            return
+        if not self._recover_first or _RECOVERING.get():
+            return  # (inside a recovery: its own clean-up must not wait for it)
         if self._recovered is None:
             await self.recover()
         else:
@@ -442,14 +419,22 @@ class Engine:
         whose cuts were all committed resumes ``on_main``/``on_complete``; one whose
         cuts were not fails and its saved data is deleted; restores and deletes
         resume. Hooks whose finish was committed are not run again; the others run
-        with ``attempt`` + 1. Returns the outcome of every run it handled.
+        with ``attempt`` + 1. Returns the outcome of every run it handled; runs a
+        live engine holds are left to it (:meth:`recover_report` names them).
         """
+        return list((await self.recover_report()).outcomes)
+
+    async def recover_report(self) -> RecoveryReport:
+        """:meth:`recover`, also naming the unfinished runs it left to the live engines
+        that hold them (run, owner, lease expiry)."""
         self._open_tasks()
         if self._recovered is None:
             self._recovered = anyio.Event()
+        token = _RECOVERING.set(True)
         try:
             return await recover_all(self)
         finally:
+            _RECOVERING.reset(token)
             self._recovered.set()
 
 
@@ -476,3 +461,48 @@ def _check_options(close_timeout: float, stall_threshold: float) -> None:
         raise ValueError(
             f"stall_threshold must be 0 (off) or a number of seconds, not {stall_threshold!r}"
         )
+
+
+async def _spec(
+    registry: PluginRegistry,
+    store: Store,
+    secrets: SecretResolver | None,
+    op: OperationKind,
+    plan: Plan,
+    graph: ResourceGraph,
+    run_id: str,
+    checkpoint_id: str | None,
+    resume: Resume | None,
+) -> RunSpec:
+    """A validated run's spec: bindings, groups, parameters, secrets checked, saved info."""
+    check_types(graph, registry)
+    bindings: list[TypeBinding] = []
+    for res in graph.resources:
+        binding = registry.binding(res.type)
+        assert binding is not None  # check_types guarantees it
+        bindings.append(binding)
+    assignment = assign_groups(graph, plan, _DEFAULT_BARRIER[op])
+    params = merge_parameters(plan, graph, registry)
+    await check_secrets(graph, params, secrets)
+    saved: dict[ResourceKey, dict[str, Any]] = {}
+    if checkpoint_id is not None:
+        saved = await store.load_saved_info(checkpoint_id)
+    if resume is not None and checkpoint_id != run_id:
+        for key, info in (await store.load_saved_info(run_id)).items():
+            saved.setdefault(key, {}).update(info)
+    return RunSpec(
+        run_id=run_id,
+        checkpoint_id=checkpoint_id or run_id,
+        operation=op,
+        plan=plan,
+        graph=graph,
+        group_of=assignment.group_of,
+        groups=assignment.barriers,
+        bindings=tuple(bindings),
+        params=tuple(params),
+        saved=saved,
+        restored=resume.restored if resume else {},
+        attempts=resume.attempts if resume else {},
+        done_hooks=resume.done_hooks if resume else {},
+        first_seq=resume.first_seq if resume else 0,
+    )

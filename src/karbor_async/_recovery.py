@@ -26,7 +26,15 @@ if TYPE_CHECKING:
     from karbor_async._registry import PluginRegistry
     from karbor_async._scheduler import Run
 
-__all__ = ["RecoverableStore", "RecoveryHost", "Resume", "recover_all", "replay"]
+__all__ = [
+    "HeldRun",
+    "RecoverableStore",
+    "RecoveryHost",
+    "RecoveryReport",
+    "Resume",
+    "recover_all",
+    "replay",
+]
 
 _log = structlog.get_logger("karbor_async.recovery")
 
@@ -44,6 +52,33 @@ class RecoverableStore(Protocol):
     async def last_seq(self, run_id: str) -> int: ...
 
     async def release_lease(self, run_id: str) -> None: ...
+
+
+@attrs.frozen
+class HeldRun:
+    """An unfinished run recovery left alone: a live engine holds its lease."""
+
+    run_id: str
+    operation: OperationKind
+    owner: str
+    expires: float
+    """Until when (wall clock) the lease holds unless that engine renews it."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "operation": self.operation.value,
+            "owner": self.owner,
+            "expires": self.expires,
+        }
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What one recovery did: the runs it finished or cleaned up, and those it left."""
+
+    outcomes: tuple[RunOutcome, ...]
+    held: tuple[HeldRun, ...]
 
 
 @attrs.frozen
@@ -116,16 +151,23 @@ def replay(events: Sequence[Event]) -> _Replay:
     return r
 
 
-async def recover_all(engine: RecoveryHost) -> list[RunOutcome]:
+async def recover_all(engine: RecoveryHost) -> RecoveryReport:
     store = engine.store
     if not isinstance(store, RecoverableStore):
-        return []  # an in-memory store dies with its process: nothing to recover
+        return RecoveryReport((), ())  # an in-memory store dies with its process
     outcomes: list[RunOutcome] = []
+    held: list[HeldRun] = []
+    held_runs = getattr(store, "held_runs", None)
+    if held_runs is not None:
+        for record, owner, expires in await held_runs():
+            held.append(HeldRun(record.run_id, record.operation, owner, expires))
     for record in await store.unfinished_runs():
         try:
             await store.acquire_lease(record.run_id)
-        except LeaseHeldError:
-            continue  # another live engine took it first
+        except LeaseHeldError as exc:  # a live engine runs it (or took it first)
+            held.append(HeldRun(record.run_id, record.operation, exc.owner, exc.expires))
+            _log.info("recovery_left_held_run", run_id=record.run_id, owner=exc.owner)
+            continue
         _log.warning("recovering_run", run_id=record.run_id, operation=record.operation.value)
         try:
             outcomes.append(await _recover_one(engine, store, record))
@@ -134,7 +176,7 @@ async def recover_all(engine: RecoveryHost) -> list[RunOutcome]:
             with anyio.CancelScope(shield=True):
                 await store.release_lease(record.run_id)
             raise
-    return outcomes
+    return RecoveryReport(tuple(outcomes), tuple(held))
 
 
 async def _recover_one(

@@ -383,8 +383,14 @@ class SqliteStore:
         await self._leases.release(run_id)
 
     async def unfinished_runs(self) -> list[RunRecord]:
-        """Runs still ``running`` whose lease expired or that have no owner (oldest first)."""
-        return await self._queries.unfinished_runs()
+        """Runs still ``running`` that recovery may take now (oldest first): no owner,
+        an expired lease, or an owner on this host whose process no longer runs."""
+        return (await self._queries.unfinished_runs(self.owner))[0]
+
+    async def held_runs(self) -> list[tuple[RunRecord, str, float]]:
+        """Runs still ``running`` that a live engine other than this store holds, with
+        its owner name and lease expiry (wall clock): what recovery leaves alone."""
+        return (await self._queries.unfinished_runs(self.owner))[1]
 
     def fencing_token(self, run_id: str) -> int | None:
         """The token this store holds for ``run_id`` (``None`` if it holds no lease)."""

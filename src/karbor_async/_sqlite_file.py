@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ import aiosqlite
 import anyio
 import structlog
 
+from karbor_async._liveness import owner_name
 from karbor_async._sqlite_schema import (
     APPLICATION_ID,
     MAGIC,
@@ -30,7 +28,7 @@ _BUSY_TIMEOUT = 10.0
 
 
 def _default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return owner_name()
 
 
 async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:

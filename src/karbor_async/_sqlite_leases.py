@@ -16,6 +16,7 @@ import aiosqlite
 import anyio
 import structlog
 
+from karbor_async._liveness import owner_gone
 from karbor_async._sqlite_file import _fetchone
 from karbor_async._sqlite_state import _LeaseBook
 from karbor_async._sqlite_writer import _Writer
@@ -58,11 +59,11 @@ class _Leases:
                 )
             now = time.time()
             current = row["lease_owner"]
-            if current is not None and current != who and float(row["lease_expires"]) > now:
-                raise LeaseHeldError(
-                    f"run {run_id!r} is owned by {current} for another "
-                    f"{float(row['lease_expires']) - now:.1f}s; leave it to that engine"
-                )
+            expires = float(row["lease_expires"])
+            if current is not None and current != who and expires > now:
+                if not owner_gone(current):
+                    raise LeaseHeldError(run_id, str(current), expires)
+                _log.warning("lease_owner_gone", run_id=run_id, owner=current)
             token = int(row["lease_token"]) + 1
             await conn.execute(
                 "UPDATE runs SET lease_owner = ?, lease_token = ?, lease_expires = ?"

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiosqlite
 
+from karbor_async._liveness import owner_gone
 from karbor_async._sqlite_records import (
     _CHECKPOINT_COLUMNS,
     _EVENT_COLUMNS,
@@ -154,10 +155,25 @@ class _Queries:
         )
         return [Event.from_json(_loads_mapping(r["body"])) for r in rows]
 
-    async def unfinished_runs(self) -> list[RunRecord]:
+    async def unfinished_runs(
+        self, owner: str
+    ) -> tuple[list[RunRecord], list[tuple[RunRecord, str, float]]]:
+        """Running runs this owner does not hold: (those recovery may take now, and those
+        live engines hold, with the owner and lease expiry). A lease whose owner is a
+        process of this host that no longer runs is free at once (``_liveness``)."""
         rows = await self.read(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running'"
-            " AND (lease_owner IS NULL OR lease_expires <= ?) ORDER BY started_wall, run_id",
-            (time.time(),),
+            f"SELECT {_RUN_COLUMNS}, lease_owner, lease_expires FROM runs"
+            " WHERE status = 'running' AND (lease_owner IS NULL OR lease_owner != ?)"
+            " ORDER BY started_wall, run_id",
+            (owner,),
         )
-        return [_run_record(r) for r in rows]
+        now = time.time()
+        free: list[RunRecord] = []
+        held: list[tuple[RunRecord, str, float]] = []
+        for r in rows:
+            holder, expires = r["lease_owner"], float(r["lease_expires"])
+            if holder is None or expires <= now or owner_gone(str(holder)):
+                free.append(_run_record(r))
+            else:
+                held.append((_run_record(r), str(holder), expires))
+        return free, held

@@ -8,6 +8,7 @@ exception group that carries the run's outcome.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
@@ -92,7 +93,22 @@ class CorruptStoreError(StoreFileError):
 
 
 class LeaseHeldError(StoreError):
-    """Another live owner holds this run's lease: leave the run to it."""
+    """Another live owner holds this run's lease: leave the run to it.
+
+    ``run_id``, ``owner`` (host:pid:start:nonce) and ``expires`` (wall clock) say
+    which run, held by whom, until when (renewed while that owner lives)."""
+
+    def __init__(self, run_id: str, owner: str, expires: float) -> None:
+        left = max(0.0, expires - time.time())
+        super().__init__(
+            f"run {run_id!r} is held by {owner} until "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))} (another "
+            f"{left:.1f} s, renewed while that engine lives); leave it to that engine, or "
+            "retry after that"
+        )
+        self.run_id = run_id
+        self.owner = owner
+        self.expires = expires
 
 
 class CheckpointNotFoundError(StoreError):

@@ -30,7 +30,7 @@ import anyio
 import attrs
 
 from karbor_simcloud._compat import Resource
-from karbor_simcloud._faults import FaultInjector, FaultRule
+from karbor_simcloud._faults import FaultInjector, FaultRule, FiredFault
 from karbor_simcloud._latency import Latency, LatencyProfile
 from karbor_simcloud._shared import SharedState, process_owner
 
@@ -747,6 +747,17 @@ class SimCloud:
         state, created = SharedState.open(directory, meta)
         cloud = cls.generate(n_resources, seed, latency=latency)
         cloud.state = state
+
+        async def report(fired: FiredFault) -> None:
+            await state.record_fired(
+                fired.rule.text(),
+                fired.operation.value,
+                fired.hook.value,
+                f"{fired.resource.type}#{fired.resource.id}",
+                process_owner(),
+            )
+
+        cloud.faults.report = report
         for seq, kind, record in state.created_since_sync(0):
             cloud._seen = seq
             cloud._load_created(kind, record)

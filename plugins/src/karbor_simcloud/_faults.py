@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import attrs
@@ -175,6 +175,8 @@ class FaultInjector:
     rules: list[FaultRule] = attrs.field(factory=list)
     seed: int = 0
     fired: list[FiredFault] = attrs.field(factory=list)
+    report: Callable[[FiredFault], Awaitable[None]] | None = None
+    """Told of each fault before it acts (the shared state records it for every process)."""
     _counts: dict[int, int] = attrs.field(factory=dict, init=False)
     _rng: random.Random = attrs.field(init=False)
 
@@ -223,7 +225,10 @@ class FaultInjector:
         rule = self.decide(operation, hook, resource, extra)
         if rule is None:
             return
-        self.fired.append(FiredFault(rule, operation, hook, resource, anyio.current_time()))
+        fired = FiredFault(rule, operation, hook, resource, anyio.current_time())
+        self.fired.append(fired)
+        if self.report is not None:
+            await self.report(fired)
         if rule.action is FaultAction.HANG:
             await anyio.sleep_forever()
         raise SimulatedFault(operation, hook, resource)

@@ -34,7 +34,15 @@ from typing import Any, TypeVar
 import anyio
 import attrs
 
-__all__ = ["CreatedRow", "FrozenRow", "SharedState", "SharedStateError", "SnapshotRow", "StateView"]
+__all__ = [
+    "CreatedRow",
+    "FiredRow",
+    "FrozenRow",
+    "SharedState",
+    "SharedStateError",
+    "SnapshotRow",
+    "StateView",
+]
 
 _T = TypeVar("_T")
 
@@ -84,6 +92,15 @@ CREATE TABLE IF NOT EXISTS created (
 CREATE UNIQUE INDEX IF NOT EXISTS created_origin ON created (kind, origin_checkpoint, origin_id)
     WHERE origin_checkpoint IS NOT NULL;
 CREATE TABLE IF NOT EXISTS faults (seq INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fired (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rule TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    hook TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    by TEXT NOT NULL,
+    wall REAL NOT NULL
+);
 """
 
 
@@ -128,6 +145,16 @@ class CreatedRow:
 
 
 @attrs.frozen
+class FiredRow:
+    rule: str
+    operation: str
+    hook: str
+    resource: str
+    by: str
+    wall: float
+
+
+@attrs.frozen
 class StateView:
     """What ``karbor-async simcloud show`` prints."""
 
@@ -137,6 +164,8 @@ class StateView:
     snapshots: tuple[SnapshotRow, ...]
     created: tuple[CreatedRow, ...]
     faults: tuple[str, ...]
+    fired: tuple[FiredRow, ...] = ()
+    """The last faults that fired (newest last, at most 50)."""
 
 
 def process_started(pid: int) -> int | None:
@@ -429,6 +458,21 @@ class SharedState:
         return await self._call(op)
 
     # -- faults --------------------------------------------------------------------------
+    async def record_fired(
+        self, rule: str, operation: str, hook: str, resource: str, by: str
+    ) -> None:
+        """A fault fired (before it acts): every process can see where a run was hit."""
+        now = time.time()
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO fired (rule, operation, hook, resource, by, wall)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (rule, operation, hook, resource, by, now),
+            )
+
+        await self._call(op)
+
     def fault_rules(self) -> list[str]:
         with self._txn() as c:
             return [str(r[0]) for r in c.execute("SELECT rule FROM faults ORDER BY seq")]
@@ -467,7 +511,16 @@ class SharedState:
                 )
             )
             faults = tuple(str(r[0]) for r in c.execute("SELECT rule FROM faults ORDER BY seq"))
-        return StateView(self.directory, meta, frozen, snaps, created, faults)
+            fired = tuple(
+                FiredRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]))
+                for r in reversed(
+                    c.execute(
+                        "SELECT rule, operation, hook, resource, by, wall FROM fired"
+                        " ORDER BY seq DESC LIMIT 50"
+                    ).fetchall()
+                )
+            )
+        return StateView(self.directory, meta, frozen, snaps, created, faults, fired)
 
 
 def _snapshot(c: sqlite3.Connection, snapshot_id: str) -> dict[str, Any] | None:

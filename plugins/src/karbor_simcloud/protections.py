@@ -240,6 +240,18 @@ async def _read_chunks(ctx: HookContext, size: int) -> str:
     return digest.hexdigest()
 
 
+async def _copied_before(ctx: HookContext, snapshot_id: str) -> bool:
+    """Whether an earlier attempt finished the copy of this snapshot (its meta is written
+    last, so its presence means every chunk is in the bank)."""
+    if META_KEY not in await ctx.bank.list():
+        return False
+    meta = await _get_json(ctx.bank, META_KEY)
+    if meta.get("snapshot_id") != snapshot_id:
+        return False
+    ctx.save(copied=True, digest=meta["digest"])
+    return True
+
+
 def _origin(ctx: HookContext) -> Origin:
     return Origin(ctx.checkpoint_id, ctx.resource.id)
 
@@ -426,6 +438,8 @@ class _VolumeProtect(_SimOperation):
         )
         record = await cloud.storage.find_snapshot(str(snapshot_id))
         if record is None:
+            if ctx.attempt > 1 and await _copied_before(ctx, str(snapshot_id)):
+                return  # an earlier attempt copied it all (and its on_complete dropped it)
             raise SimCloudError(f"{ctx.resource}: no snapshot to copy (saved {snapshot_id!r})")
         volume = cloud.volume(ctx.resource.id)
         chunk_size = int(ctx.parameters.get("chunk_size") or DEFAULT_CHUNK_SIZE)

@@ -1,0 +1,211 @@
+"""`kill -9` of the CLI at five points, then `recover` and `protect` with the defaults.
+
+Each trial runs the real command line on a 200-resource SIMULATED cloud in its
+shared state, holds the run at one point with a hanging fault on one resource
+(the state records where the fault fired, so the point reached is checked, not
+guessed), kills the process with SIGKILL, and then, as an operator would, runs
+`karbor-async recover` (default engine options) and the next command on the
+same store. Recovery must end within 30 s with the documented exit code, leave
+nothing frozen, leave no snapshot that does not belong to an available
+checkpoint, and leave a checkpoint that restores (or, for a protect whose cuts
+were not all committed, none, and the next protect's restores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sim = pytest.importorskip("karbor_simcloud")
+
+N, SEED = 200, 11
+SIM = f"{N}:{SEED}:zero"
+KARBOR = str(Path(sys.executable).parent / "karbor-async")
+PROJECT = "OS::Keystone::Project"
+SERVER = "OS::Nova::Server"
+VOLUME = "OS::Cinder::Volume"
+PLAN = f"""\
+name = "app"
+barrier = "cut"
+resources = [{{ type = "{PROJECT}", id = "prj-0000001" }}]
+
+[timeouts]
+hook = 120
+"""
+
+_CLOUD = sim.SimCloud.generate(N, SEED)
+_SERVERS = sorted(_CLOUD.servers)
+
+
+def _server(trial: int) -> str:
+    return str(_SERVERS[(trial * 7) % len(_SERVERS)])
+
+
+def _volume(trial: int) -> str:
+    return str(_CLOUD.servers[_server(trial)].volume_ids[0])
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARBOR_")}
+    env.update(KARBOR_DB=str(root / "karbor.db"), KARBOR_BANK=str(root / "bank"), COLUMNS="200")
+    return env
+
+
+def _run(root: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KARBOR, *args],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _json(root: Path, *args: str) -> Any:
+    done = _run(root, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _state(root: Path) -> Any:
+    shared, _ = sim.SharedState.open(root / "simcloud")
+    try:
+        return shared.view()
+    finally:
+        shared.close()
+
+
+def _kill_when_fired(root: Path, args: list[str], hook: str, resource: str, extra: Any) -> None:
+    """Start ``karbor-async ARGS``; SIGKILL it once the fault fired at ``resource``'s
+    ``hook`` and ``extra(view)`` holds (the point is reached), within 60 s."""
+    proc = subprocess.Popen(
+        [KARBOR, *args],
+        cwd=root,
+        env=_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the command ended ({proc.returncode}) before the point"
+            assert time.monotonic() < deadline, "the point was not reached in 60 s"
+            time.sleep(0.05)
+            if not (root / "simcloud" / "simcloud.db").exists():
+                continue
+            view = _state(root)
+            hit = any(f.hook == hook and f.resource == resource for f in view.fired)
+            if hit and extra(view):
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _checkpoints(root: Path) -> dict[str, str]:
+    return {c["id"]: c["status"] for c in _json(root, "checkpoints", "list")["checkpoints"]}
+
+
+def _recover(root: Path) -> subprocess.CompletedProcess[str]:
+    started = time.monotonic()
+    done = _run(root, "recover", "--simcloud", SIM, timeout=30)
+    assert time.monotonic() - started < 30
+    return done
+
+
+def _nothing_frozen_and_no_orphaned_snapshot(root: Path) -> None:
+    view = _state(root)
+    assert view.frozen == (), view.frozen
+    available = {c for c, s in _checkpoints(root).items() if s == "available"}
+    orphans = [s for s in view.snapshots if s.checkpoint_id not in available]
+    assert orphans == [], orphans
+
+
+def _restores(root: Path, checkpoint: str) -> None:
+    done = _run(root, "restore", checkpoint, "--simcloud", SIM, "--plain")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+Point = tuple[str, Callable[[int], str], Callable[[Any], object], int]
+POINTS: dict[str, Point] = {
+    # point: (the fault's hook, resource of the trial, more that must hold, recover's exit)
+    "quiesce": ("on_prepare_begin", lambda t: f"{SERVER}#{_server(t)}", lambda v: v.frozen, 1),
+    "between_cuts": (
+        "on_prepare_finish",
+        lambda t: f"{VOLUME}#{_volume(t)}",
+        lambda v: v.frozen and v.snapshots,
+        1,
+    ),
+    "main": ("on_main", lambda t: f"{VOLUME}#{_volume(t)}", lambda v: not v.frozen, 0),
+    "complete": ("on_complete", lambda t: f"{VOLUME}#{_volume(t)}", lambda v: not v.frozen, 0),
+}
+
+
+@pytest.mark.parametrize("trial", [0, 1, 2])
+@pytest.mark.parametrize("point", sorted(POINTS))
+def test_a_protect_killed_at_a_point_recovers_with_the_defaults(
+    tmp_path: Path, point: str, trial: int
+) -> None:
+    """Killed during a quiesce or between cuts: recover exits 1 (the checkpoint is lost and
+    cleaned up: its snapshots deleted) and the next protect's checkpoint restores. Killed
+    in main or complete: recover exits 0 and the checkpoint is available and restores."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    hook, resource, reached, expected = POINTS[point]
+    fault = f"protect:{hook}:{resource(trial)}:hang"
+    args = ["protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault, "--plain"]
+    _kill_when_fired(tmp_path, args, hook, resource(trial), reached)
+    [(checkpoint, status)] = _checkpoints(tmp_path).items()
+    assert status == "protecting"
+
+    done = _recover(tmp_path)
+    assert done.returncode == expected, done.stdout + done.stderr
+    assert checkpoint in done.stdout
+    _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
+    if expected == 0:
+        assert _checkpoints(tmp_path)[checkpoint] == "available"
+        _restores(tmp_path, checkpoint)
+    else:
+        assert "is lost" in done.stdout
+        assert _checkpoints(tmp_path)[checkpoint] != "available"
+        assert not any(s.checkpoint_id == checkpoint for s in _state(tmp_path).snapshots)
+        again = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM, "--json")
+        assert again.returncode == 0, again.stderr
+        _restores(tmp_path, json.loads(again.stdout)["outcome"]["checkpoint_id"])
+    _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
+
+
+@pytest.mark.parametrize("trial", [0, 1, 2])
+def test_a_restore_killed_midway_resumes_and_creates_nothing_twice(
+    tmp_path: Path, trial: int
+) -> None:
+    """A restore killed while a server is being recreated: recover resumes it, adopting
+    what was created before the kill; each original is recreated exactly once."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    protected = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM, "--json")
+    assert protected.returncode == 0, protected.stderr
+    checkpoint = json.loads(protected.stdout)["outcome"]["checkpoint_id"]
+    resource = f"{SERVER}#{_server(trial)}"
+    fault = f"restore:on_complete:{resource}:hang"
+    args = ["restore", checkpoint, "--simcloud", SIM, "--simcloud-fault", fault, "--plain"]
+    _kill_when_fired(tmp_path, args, "on_complete", resource, lambda v: v.created)
+    made_before = len(_state(tmp_path).created)
+    assert made_before > 0
+
+    done = _recover(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    created = _state(tmp_path).created
+    origins = [(c.kind, c.origin_checkpoint, c.origin_id) for c in created]
+    assert len(origins) == len(set(origins))  # nothing recreated twice
+    assert len(created) == N - 1  # every resource but the project (mapped, not created)
+    _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
