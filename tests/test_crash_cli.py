@@ -209,3 +209,39 @@ def test_a_restore_killed_midway_resumes_and_creates_nothing_twice(
     assert len(origins) == len(set(origins))  # nothing recreated twice
     assert len(created) == N - 1  # every resource but the project (mapped, not created)
     _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
+
+
+def test_two_clis_never_protect_one_resource_at_once(tmp_path: Path) -> None:
+    """A second protect of overlapping resources, while the first holds them frozen, exits
+    4 naming the resource and the holding run, having frozen nothing; once the first is
+    killed, the next protect takes its run over (thaws, cleans up) and runs."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    resource = f"{SERVER}#{_server(0)}"
+    fault = f"protect:on_prepare_begin:{resource}:hang"
+    proc = subprocess.Popen(
+        [KARBOR, "protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (
+            (tmp_path / "simcloud" / "simcloud.db").exists() and _state(tmp_path).fired
+        ):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        frozen = {r.server_id for r in _state(tmp_path).frozen}
+        second = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM)
+        assert second.returncode == 4, second.stdout + second.stderr
+        [(first, _)] = _checkpoints(tmp_path).items()
+        assert f"is held by run {first}" in second.stderr
+        assert {r.server_id for r in _state(tmp_path).frozen} == frozen  # it froze nothing
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    third = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM, "--plain")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"recovered protect run {first}" in third.stdout
+    _nothing_frozen_and_no_orphaned_snapshot(tmp_path)

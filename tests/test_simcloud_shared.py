@@ -312,3 +312,40 @@ async def test_the_array_stamps_a_snapshot_on_its_own_clock() -> None:
     assert record.taken_at == record.requested_at + record.delay
     assert record.delay == pytest.approx(0.01)
     assert record.returned_at is not None and record.returned_at - record.requested_at >= 0.1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_two_protects_never_freeze_one_resource() -> None:
+    """While one protect holds its servers and volumes, another over them fails before any
+    hook with ResourceBusyError naming the resource and the run; with timeouts.lease_wait
+    it waits for the first to give them back, then runs."""
+    from karbor_async import Timeouts
+    from karbor_async.exceptions import ResourceBusyError
+
+    cloud = sim.SimCloud.generate(12, seed=3)
+    slow = {SERVER: {"sim_latency": 0.3}}
+    async with Engine(sim.all_protections(cloud), sim.all_protectables(cloud), discover=False) as e:
+        outcomes: list[Any] = []
+
+        async def first() -> None:
+            outcomes.append(await e.protect(Plan("a", cloud.project_resources(), parameters=slow)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await anyio.sleep(0.1)
+            freezes = sum(s.freezes for s in cloud.servers.values())
+            with pytest.raises(ResourceBusyError) as busy:
+                await e.protect(Plan("b", cloud.project_resources()))
+            assert busy.value.resource[0] in (SERVER, VOLUME)
+            assert "two runs never freeze or cut one resource" in str(busy.value)
+            assert sum(s.freezes for s in cloud.servers.values()) == freezes  # b froze nothing
+            waited = await e.protect(
+                Plan("b", cloud.project_resources(), timeouts=Timeouts(lease_wait=30))
+            )
+            assert waited.status.value == "succeeded"
+        [a] = outcomes
+        for key, r in a.resources.items():
+            if key[0] == SERVER:  # b froze each server only after a had thawed it
+                b = waited.resources[key]
+                assert r.thawed_at is not None and b.quiesced_at is not None
+                assert b.quiesced_at > r.thawed_at

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,7 +31,12 @@ from karbor_async._types import (
     RunStatus,
 )
 from karbor_async.events import Event, EventKind
-from karbor_async.exceptions import CheckpointNotFoundError, IllegalTransitionError, StoreError
+from karbor_async.exceptions import (
+    CheckpointNotFoundError,
+    IllegalTransitionError,
+    ResourceBusyError,
+    StoreError,
+)
 from karbor_async.store import (
     CheckpointStatus,
     GroupOutcome,
@@ -642,3 +648,29 @@ def test_sqlite_store_agrees_with_memory_store(ops: list[tuple[Any, ...]]) -> No
     """Random lifecycles and listings give the same results and errors on both stores."""
     with tempfile.TemporaryDirectory() as tmp:
         anyio.run(_compare, ops, Path(tmp) / "karbor.db", backend="asyncio")
+
+
+async def test_resource_leases_are_taken_all_or_none_and_given_back(store: Store) -> None:
+    """A run created with leases holds them: another run over one of them is refused with
+    ResourceBusyError naming the resource and the holder, and takes none of its own; a
+    released lease and a finished run's leases are free again."""
+    first = attrs.evolve(run_record("cp-1"), leases=(SERVER.key, VOLUME.key))
+    await store.create_run(first)
+    other = Resource("OS::Cinder::Volume", "v2")
+    second = attrs.evolve(run_record("cp-2"), leases=(other.key, VOLUME.key))
+    with pytest.raises(ResourceBusyError) as busy:
+        await store.create_run(second)
+    assert busy.value.resource == VOLUME.key and busy.value.run_id == "cp-1"
+    assert "OS::Cinder::Volume#v1 is held by run cp-1" in str(busy.value)
+    with pytest.raises(CheckpointNotFoundError):
+        await store.get_run("cp-2")  # refused whole: no run, no checkpoint
+    third = attrs.evolve(run_record("cp-3"), leases=(other.key,))
+    await store.create_run(third)  # (v2 was not taken by the refused run)
+
+    store.release_resource("cp-1", VOLUME.key)
+    await store.commit()
+    await store.create_run(attrs.evolve(run_record("cp-4"), leases=(VOLUME.key,)))
+    with pytest.raises(ResourceBusyError):
+        await store.create_run(attrs.evolve(run_record("cp-5"), leases=(SERVER.key,)))
+    await store.finish_run(outcome(first))
+    await store.create_run(attrs.evolve(run_record("cp-5"), leases=(SERVER.key,)))

@@ -61,6 +61,8 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
             pf = None if Hook.PREPARE_FINISH in done else pf
             main = None if Hook.MAIN in done else main
             complete = None if Hook.COMPLETE in done else complete
+        quiesces = op is OperationKind.PROTECT and binding.spec.quiesces and pb is not None
+        cuts = op is OperationKind.PROTECT and binding.spec.snapshots
         node = _Node(
             gate=groups[spec.group_of[i]],
             has_pb=pb is not None,
@@ -74,8 +76,9 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
             complete=complete,
             timeout=hook_timeout(plan, binding, res),
             budget=quiesce_budget(plan, res),
-            quiesces=op is OperationKind.PROTECT and binding.spec.quiesces and pb is not None,
-            cuts=op is OperationKind.PROTECT and binding.spec.snapshots,
+            quiesces=quiesces,
+            cuts=cuts,
+            leased=quiesces or (cuts and pf is not None),
             limiters=tuple(
                 limiters[name]
                 for name in limit_order((binding.plugin.plugin_name(), res.type), limiters)

@@ -50,8 +50,10 @@ from karbor_async.exceptions import (
     GraphError,
     IllegalTransitionError,
     KarborError,
+    LeaseHeldError,
     PlanError,
     PluginError,
+    ResourceBusyError,
     RunError,
     SecretError,
     StoreFileError,
@@ -274,6 +276,8 @@ def _guard(out: _Out, action: Callable[[], T]) -> T:
         if isinstance(exc, OSError):
             where = f" ({exc.filename})" if exc.filename else ""
             _exit_with(out, f"{exc.strerror or exc}{where}", EXIT_BAD_INPUT)
+        if isinstance(exc, ResourceBusyError | LeaseHeldError):
+            _exit_with(out, str(exc), EXIT_BUSY)
         if isinstance(exc, KarborError):
             _exit_with(out, str(exc), EXIT_FAILED)
         raise

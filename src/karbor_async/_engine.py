@@ -25,7 +25,7 @@ from karbor_async._scheduler import Run, RunSpec
 from karbor_async._stall import StallMonitor
 from karbor_async._tasks import AbandonedHook, EngineTasks
 from karbor_async._types import BarrierPolicy, OperationKind, ResourceKey, RunStatus
-from karbor_async.exceptions import PlanError, RunError
+from karbor_async.exceptions import PlanError, ResourceBusyError, RunError
 from karbor_async.plugin import Bank, Protectable, ProtectionPlugin, SecretResolver
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord, Store
 
@@ -324,17 +324,17 @@ class Engine:
         """
         self._open_tasks()
         spec = run.spec
-        await self.store.create_run(
-            RunRecord(
-                run_id=spec.run_id,
-                operation=spec.operation,
-                checkpoint_id=spec.checkpoint_id,
-                plan=spec.plan.to_json(),
-                graph=spec.graph.to_json(),
-                status=RunStatus.RUNNING,
-                started_wall=time.time(),
-            )
+        record = RunRecord(
+            run_id=spec.run_id,
+            operation=spec.operation,
+            checkpoint_id=spec.checkpoint_id,
+            plan=spec.plan.to_json(),
+            graph=spec.graph.to_json(),
+            status=RunStatus.RUNNING,
+            started_wall=time.time(),
+            leases=tuple(n.resource.key for n in run.nodes if n.leased),
         )
+        await _create_run(self.store, record, spec.plan.timeouts.lease_wait)
         if spec.operation is OperationKind.DELETE:
             await self.store.set_checkpoint_status(spec.checkpoint_id, CheckpointStatus.DELETING)
         try:
@@ -506,3 +506,20 @@ async def _spec(
         done_hooks=resume.done_hooks if resume else {},
         first_seq=resume.first_seq if resume else 0,
     )
+
+
+async def _create_run(store: Store, record: RunRecord, wait: float) -> None:
+    """Record the run with its resource leases, all or none, retrying while another live
+    run holds one, up to ``wait`` seconds (then its ResourceBusyError is raised)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            await store.create_run(record)
+        except ResourceBusyError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            _log.info("resource_busy_waiting", resource=str(exc.resource), run_id=exc.run_id)
+            await anyio.sleep(min(0.5, left))
+        else:
+            return

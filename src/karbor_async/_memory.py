@@ -15,6 +15,7 @@ from karbor_async.exceptions import (
     BankKeyError,
     CheckpointNotFoundError,
     IllegalTransitionError,
+    ResourceBusyError,
     StoreError,
 )
 from karbor_async.store import (
@@ -66,12 +67,20 @@ class MemoryStore:
         self._saved: dict[str, dict[ResourceKey, dict[str, Any]]] = {}
         self._restored: dict[str, dict[ResourceKey, str]] = {}
         self._progress: dict[str, dict[ResourceKey, Event]] = {}
+        self._leases: dict[ResourceKey, str] = {}
+        """Resource leases: which run holds each (``RunRecord.leases``)."""
         self.commits = 0
         """How many times :meth:`commit` was awaited (tests check the commit points)."""
 
     async def create_run(self, record: RunRecord) -> None:
         if record.run_id in self._runs:
             raise StoreError(f"a run with id {record.run_id!r} already exists")
+        for key in record.leases:  # all or none: check every one before taking any
+            holder = self._leases.get(key)
+            if holder is not None and self._runs[holder].status is RunStatus.RUNNING:
+                raise ResourceBusyError(key, holder, "this process", None)
+        for key in record.leases:
+            self._leases[key] = record.run_id
         self._runs[record.run_id] = record
         self._events.setdefault(record.run_id, [])
         if record.operation is OperationKind.PROTECT:
@@ -103,8 +112,14 @@ class MemoryStore:
     async def commit(self) -> None:
         self.commits += 1
 
+    def release_resource(self, run_id: str, key: ResourceKey) -> None:
+        if self._leases.get(key) == run_id:
+            del self._leases[key]
+
     async def finish_run(self, outcome: RunOutcome) -> None:
         run = self._run(outcome.run_id)
+        for key in [k for k, holder in self._leases.items() if holder == outcome.run_id]:
+            del self._leases[key]
         if outcome.status is RunStatus.RUNNING:
             raise IllegalTransitionError(f"run {run.run_id} cannot finish as running")
         if run.status is not RunStatus.RUNNING:

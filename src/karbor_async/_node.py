@@ -128,6 +128,9 @@ class _Node(Slot[_Group]):
     budget: float | None
     quiesces: bool
     cuts: bool
+    leased: bool = False
+    """The run holds a store lease on it (a protect's quiescing or cutting resource) that
+    it has not given back yet (given back once its prepare is over and it is thawed)."""
     limiters: tuple[anyio.CapacityLimiter, ...] = ()
     ev_pb: anyio.Event | None = None
     ev_pf: anyio.Event | None = None

@@ -87,8 +87,14 @@ class Timeouts:
     """Deadline for aborting calls (thaws), including their retries."""
     discovery: float = 300.0
     """Limit for finding the graph's dependents through the protectables."""
+    lease_wait: float = 0.0
+    """How long a protect waits for another live run to release a resource it would
+    quiesce or cut, before failing with ``ResourceBusyError`` (0: do not wait)."""
 
     def __attrs_post_init__(self) -> None:
+        lw = self.lease_wait
+        if not isinstance(lw, int | float) or isinstance(lw, bool) or not 0 <= lw < math.inf:
+            raise PlanError(f"timeouts.lease_wait must be 0 or more seconds, not {lw!r}")
         _positive("hook", self.hook)
         _positive("run", self.run)
         _positive("quiesce_budget", self.quiesce_budget)
@@ -112,6 +118,7 @@ class Timeouts:
             "quiesce_budget_per_type": dict(self.quiesce_budget_per_type),
             "abort": self.abort,
             "discovery": self.discovery,
+            "lease_wait": self.lease_wait,
         }
 
 

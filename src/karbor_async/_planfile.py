@@ -452,11 +452,17 @@ def _group(c: _Checker, value: Any, at: KeyPath) -> dict[str, Any]:
 def _timeouts(c: _Checker, value: Any) -> dict[str, Any]:
     at: KeyPath = ("timeouts",)
     table = c.table(value, at, "a table of time limits in seconds")
-    c.keys(table, at, (*_TIMEOUT_SECONDS, *_TIMEOUT_TABLES))
+    c.keys(table, at, (*_TIMEOUT_SECONDS, *_TIMEOUT_TABLES, "lease_wait"))
     out: dict[str, Any] = {}
     for key in _TIMEOUT_SECONDS:
         if key in table:
             out[key] = c.seconds(table[key], (*at, key), nullable=key not in ("abort", "discovery"))
+    if "lease_wait" in table:
+        value = table["lease_wait"]
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        if not ok or not math.isfinite(value):
+            raise c.fail((*at, "lease_wait"), f"expected 0 or more seconds, got {_describe(value)}")
+        out["lease_wait"] = float(value)
     for key in _TIMEOUT_TABLES:
         if key in table:
             sub = c.table(table[key], (*at, key), "a table of names and seconds")

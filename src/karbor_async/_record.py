@@ -176,6 +176,12 @@ class Recorder:
         )
         self.emit(EventKind.MARK_REFUSED, n, hook, mark=what, at=at, rule=rule)
 
+    def release(self, n: _Node) -> None:
+        """``n``'s prepare is over and nothing of it is frozen: give its lease back."""
+        if n.leased:
+            n.leased = False
+            self.store.release_resource(self.run_id, n.resource.key)
+
     def arm_budget(self, n: _Node, deadline: float) -> None:
         self.timers.arm_budget(n, deadline)
 

@@ -311,6 +311,14 @@ class SqliteStore:
         writes.pending.restored[(run_id, key[0], key[1])] = str(new_id)
         writes.poke()
 
+    def release_resource(self, run_id: str, key: ResourceKey) -> None:
+        """Give back one resource's lease before the run ends (its prepare is over);
+        written behind, like events."""
+        writes = self._writes
+        writes.check_open()
+        writes.pending.released.add((run_id, key[0], key[1]))
+        writes.poke()
+
     async def commit(self, *, run_id: str | None = None) -> None:
         """Return when everything enqueued before this call is committed.
 

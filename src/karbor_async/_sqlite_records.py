@@ -148,6 +148,8 @@ INSERT INTO saved_info (checkpoint_id, rtype, rid, info) VALUES (?, ?, ?, ?)
 ON CONFLICT (checkpoint_id, rtype, rid) DO UPDATE SET info = excluded.info
 """
 
+_RELEASE_RESOURCE = "DELETE FROM resource_leases WHERE run_id = ? AND rtype = ? AND rid = ?"
+
 _UPSERT_RESTORED = """
 INSERT INTO restored (run_id, rtype, rid, new_id) VALUES (?, ?, ?, ?)
 ON CONFLICT (run_id, rtype, rid) DO UPDATE SET new_id = excluded.new_id

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import aiosqlite
 
+from karbor_async._liveness import owner_gone
 from karbor_async._sqlite_file import _fetchone
 from karbor_async._sqlite_records import _encode, _outcome_from
 from karbor_async._sqlite_state import _LeaseBook
@@ -22,6 +23,7 @@ from karbor_async.exceptions import (
     CheckpointNotFoundError,
     IllegalTransitionError,
     LeaseLostError,
+    ResourceBusyError,
     StoreError,
 )
 from karbor_async.store import (
@@ -84,6 +86,8 @@ class _Runs:
                 )
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"a run with id {record.run_id!r} already exists") from exc
+            if record.leases:
+                await _take_resources(conn, record.run_id, record.leases)
             if record.operation is OperationKind.PROTECT:
                 try:
                     await conn.execute(
@@ -138,6 +142,7 @@ class _Runs:
                 " lease_owner = NULL, lease_expires = 0 WHERE run_id = ?",
                 (outcome.status.value, outcome.ended_wall, body, outcome.error, outcome.run_id),
             )
+            await conn.execute("DELETE FROM resource_leases WHERE run_id = ?", (outcome.run_id,))
             await conn.executemany(
                 "INSERT OR REPLACE INTO resource_outcomes (run_id, rtype, rid, grp, status,"
                 " failed_hook, error, cut_at, quiesced_at, thawed_at, crash_consistent,"
@@ -285,3 +290,33 @@ class _Runs:
 
         await self.writer.submit(op)
         return len(rows)
+
+
+async def _take_resources(
+    conn: aiosqlite.Connection, run_id: str, keys: tuple[ResourceKey, ...]
+) -> None:
+    """Lease every resource to ``run_id``, all or none (in the run's creating transaction).
+
+    A resource is held while its run is running with a live lease (an owner whose
+    lease has not expired and that is not a dead process of this host).
+    """
+    wanted = set(keys)
+    now = time.time()
+    async with conn.execute(
+        "SELECT l.rtype, l.rid, r.run_id, r.lease_owner, r.lease_expires"
+        " FROM resource_leases AS l JOIN runs AS r ON r.run_id = l.run_id"
+        " WHERE r.status = 'running' AND r.run_id != ?",
+        (run_id,),
+    ) as cur:
+        async for row in cur:
+            key = (str(row[0]), str(row[1]))
+            owner, expires = row[3], float(row[4])
+            if key not in wanted or owner is None or expires <= now:
+                continue
+            if owner_gone(str(owner)):
+                continue
+            raise ResourceBusyError(key, str(row[2]), str(owner), expires)
+    await conn.executemany(
+        "INSERT OR REPLACE INTO resource_leases (rtype, rid, run_id) VALUES (?, ?, ?)",
+        [(k[0], k[1], run_id) for k in keys],
+    )

@@ -171,7 +171,19 @@ _V2: tuple[str, ...] = (
     "ALTER TABLE resource_outcomes ADD COLUMN thawed_late_at REAL",
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2]
+_V3: tuple[str, ...] = (
+    # Resource leases: a protect run holds each resource it may quiesce or cut. A row is
+    # held while its run is running and the run's lease is live (same owner, same expiry).
+    """CREATE TABLE resource_leases (
+        rtype TEXT NOT NULL,
+        rid TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        PRIMARY KEY (rtype, rid)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX resource_leases_by_run ON resource_leases (run_id)",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2, _V3]
 """Step ``i`` migrates version ``i`` to ``i + 1``; the current version is ``len(MIGRATIONS)``."""
 
 

@@ -46,6 +46,8 @@ class _Batch:
     progress: dict[tuple[str, str, str], Event] = attrs.Factory(dict)
     saved: dict[tuple[str, str, str], str] = attrs.Factory(dict)
     restored: dict[tuple[str, str, str], str] = attrs.Factory(dict)
+    released: set[tuple[str, str, str]] = attrs.Factory(set)
+    """Resource leases given back before their run ends: (run_id, rtype, rid)."""
     ops: list[_Op[Any]] = attrs.Factory(list)
     done: anyio.Event = attrs.Factory(anyio.Event)
     error: StoreError | None = None
@@ -54,7 +56,13 @@ class _Batch:
 
     @property
     def writes(self) -> int:
-        return len(self.events) + len(self.progress) + len(self.saved) + len(self.restored)
+        return (
+            len(self.events)
+            + len(self.progress)
+            + len(self.saved)
+            + len(self.restored)
+            + len(self.released)
+        )
 
     @property
     def has_work(self) -> bool:

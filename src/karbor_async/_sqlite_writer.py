@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 
 from karbor_async._sqlite_records import (
     _INSERT_EVENT,
+    _RELEASE_RESOURCE,
     _UPSERT_PROGRESS,
     _UPSERT_RESTORED,
     _UPSERT_SAVED,
@@ -207,6 +208,8 @@ class _Writer:
             await conn.executemany(_UPSERT_SAVED, [(*k, v) for k, v in batch.saved.items()])
         if batch.restored:
             await conn.executemany(_UPSERT_RESTORED, [(*k, v) for k, v in batch.restored.items()])
+        if batch.released:
+            await conn.executemany(_RELEASE_RESOURCE, sorted(batch.released))
 
     async def _write_one_by_one(self, batch: _Batch) -> list[str]:
         """After a failed bulk write: write each record alone and report the ones that fail."""
@@ -235,6 +238,11 @@ class _Writer:
                 await conn.execute(_UPSERT_RESTORED, (*k, v))
             except sqlite3.Error as exc:
                 failures.append(f"restored id {k}: {exc}")
+        for k in sorted(batch.released):
+            try:
+                await conn.execute(_RELEASE_RESOURCE, k)
+            except sqlite3.Error as exc:
+                failures.append(f"resource lease {k}: {exc}")
         return failures
 
     # -- operations and waiting for a commit -------------------------------------------

@@ -77,6 +77,7 @@ async def thaw(
                 run.rec.emit(EventKind.FAILED, n, Hook.PREPARE_FINISH, error=str(last))
             if last is None:
                 n.thaw_done = True
+                run.rec.release(n)
                 if n.quiesces:
                     run.holds.set_frozen(n, False)
                     if n.thawed_at is None:

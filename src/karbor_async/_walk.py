@@ -239,6 +239,8 @@ async def _finish_prepare(run: RunState, n: _Node) -> bool:
         if n.thawed_at is None:
             n.thawed_at = run.now()
         run.rec.emit(EventKind.THAWED, n, None, at=n.thawed_at)
+    if n.leased:
+        run.rec.release(n)
     return True
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "PlanError",
     "PluginConflictError",
     "PluginError",
+    "ResourceBusyError",
     "RunCancelledError",
     "RunError",
     "ScrubbedError",
@@ -106,6 +107,34 @@ class LeaseHeldError(StoreError):
             f"{left:.1f} s, renewed while that engine lives); leave it to that engine, or "
             "retry after that"
         )
+        self.run_id = run_id
+        self.owner = owner
+        self.expires = expires
+
+
+class ResourceBusyError(StoreError):
+    """Another live run holds a resource this run would quiesce or cut: wait for it, or
+    retry after (``Timeouts.lease_wait`` waits that long first).
+
+    ``resource`` (type, id), ``run_id``, ``owner`` and ``expires`` (wall clock; None when
+    the holder lives in this process) say which resource, held by which run, whose
+    engine, until when."""
+
+    def __init__(
+        self, resource: tuple[str, str], run_id: str, owner: str, expires: float | None
+    ) -> None:
+        until = (
+            ""
+            if expires is None
+            else f" until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))}"
+            " (renewed while it lives)"
+        )
+        super().__init__(
+            f"{resource[0]}#{resource[1]} is held by run {run_id} of {owner}{until}: two "
+            "runs never freeze or cut one resource; retry after that run ends, or set "
+            "timeouts.lease_wait to wait for it"
+        )
+        self.resource = resource
         self.run_id = run_id
         self.owner = owner
         self.expires = expires

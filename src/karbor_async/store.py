@@ -101,6 +101,11 @@ class RunRecord:
     status: RunStatus
     started_wall: float
     outcome: RunOutcome | None = None
+    leases: tuple[ResourceKey, ...] = ()
+    """Resources the run takes a lease on as it is created, all or none (a protect: each
+    it may quiesce or cut); released with the run, or one by one (``release_resource``).
+    Creating a run raises :class:`~karbor_async.exceptions.ResourceBusyError` if a live
+    run holds one."""
 
 
 @attrs.frozen
@@ -130,6 +135,10 @@ class Store(Protocol):
 
     def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
         """Record the id a restore hook created (the engine commits right after)."""
+
+    def release_resource(self, run_id: str, key: ResourceKey) -> None:
+        """Give back the lease ``run_id`` took on ``key`` (``RunRecord.leases``) before the
+        run ends (written behind); ending the run gives back the rest."""
 
     async def commit(self) -> None:
         """Return when everything written so far is durable."""
