@@ -227,9 +227,7 @@ def test_two_clis_never_protect_one_resource_at_once(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 60
-        while not (
-            (tmp_path / "simcloud" / "simcloud.db").exists() and _state(tmp_path).fired
-        ):
+        while not ((tmp_path / "simcloud" / "simcloud.db").exists() and _state(tmp_path).fired):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         frozen = {r.server_id for r in _state(tmp_path).frozen}
