@@ -243,3 +243,49 @@ def test_two_clis_never_protect_one_resource_at_once(tmp_path: Path) -> None:
     assert third.returncode == 0, third.stdout + third.stderr
     assert f"recovered protect run {first}" in third.stdout
     _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
+
+
+def _two_prunes(root: Path) -> list[Any]:
+    root.mkdir()
+    slow = f'\n[parameters."{VOLUME}"]\nsim_latency = 0.1\n'
+    (root / "plan.toml").write_text(PLAN + slow)
+    for _ in range(3):
+        done = _run(root, "protect", "plan.toml", "--simcloud", "12:3:zero")
+        assert done.returncode == 0, done.stderr
+    prune = [KARBOR, "checkpoints", "prune", "--plan", "app", "--keep", "0"]
+    procs = [
+        subprocess.Popen(
+            [*prune, "--simcloud", "12:3:zero", "--json"],
+            cwd=root,
+            env=_env(root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    docs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stdout + stderr
+        docs.append(json.loads(stdout))
+    deleted = [cp for doc in docs for cp in doc["deleted"]]
+    assert sorted(deleted) == sorted(set(deleted))  # none deleted twice
+    assert set(_checkpoints(root).values()) == {"deleted"}
+    runs = _json(root, "runs", "list")["runs"]
+    assert not [r for r in runs if r["status"] == "running"]
+    again = _run(root, "protect", "plan.toml", "--simcloud", "12:3:zero")
+    assert again.returncode == 0, again.stdout + again.stderr
+    return docs
+
+
+def test_two_prunes_at_once_delete_each_checkpoint_once(tmp_path: Path) -> None:
+    """Two `checkpoints prune --keep 0` at once: each checkpoint is deleted by one of them
+    (the other lists it as being deleted by another run), neither fails, no delete run is
+    left running, and the next protect runs. (A trial in which the two did not overlap is
+    run again, up to three times.)"""
+    for trial in range(3):
+        docs = _two_prunes(tmp_path / f"trial{trial}")
+        if any(doc["in_progress"] for doc in docs):
+            return
+    pytest.fail(f"the two prunes never overlapped in 3 trials: {docs}")

@@ -32,6 +32,7 @@ from karbor_async._types import (
 )
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
+    CheckpointBusyError,
     CheckpointNotFoundError,
     IllegalTransitionError,
     ResourceBusyError,
@@ -216,7 +217,9 @@ async def test_protect_run_creates_a_protecting_checkpoint(store: Store) -> None
 
 async def test_restore_and_delete_runs_create_no_checkpoint(store: Store) -> None:
     """Restore and delete are runs with their own ids, recorded against the checkpoint."""
-    await store.create_run(run_record("cp-1"))
+    protect = run_record("cp-1")
+    await store.create_run(protect)
+    await store.finish_run(outcome(protect))
     restore = run_record("rs-1", operation=OperationKind.RESTORE, checkpoint_id="cp-1")
     delete = run_record("dl-1", operation=OperationKind.DELETE, checkpoint_id="cp-1")
     await store.create_run(restore)
@@ -418,7 +421,9 @@ async def test_unknown_before_id_gives_an_empty_page(store: Store) -> None:
 
 async def test_list_runs_by_checkpoint(store: Store) -> None:
     """list_runs: newest first, all runs or one checkpoint's, limited."""
-    await store.create_run(run_record("cp-1", started=1.0))
+    protect = run_record("cp-1", started=1.0)
+    await store.create_run(protect)
+    await store.finish_run(outcome(protect))
     await store.create_run(run_record("cp-2", started=2.0))
     await store.create_run(
         run_record("rs-1", operation=OperationKind.RESTORE, checkpoint_id="cp-1", started=3.0)
@@ -674,3 +679,20 @@ async def test_resource_leases_are_taken_all_or_none_and_given_back(store: Store
         await store.create_run(attrs.evolve(run_record("cp-5"), leases=(SERVER.key,)))
     await store.finish_run(outcome(first))
     await store.create_run(attrs.evolve(run_record("cp-5"), leases=(SERVER.key,)))
+
+
+async def test_a_delete_run_takes_its_checkpoint_compare_and_set(store: Store) -> None:
+    """Creating a delete run moves its checkpoint to deleting in the same step; a second
+    delete of it is refused with CheckpointBusyError naming the first, and creates no run."""
+    protect = run_record("cp-1")
+    await store.create_run(protect)
+    await store.finish_run(outcome(protect))
+    await store.create_run(run_record("dl-1", operation=OperationKind.DELETE, checkpoint_id="cp-1"))
+    assert (await store.get_checkpoint("cp-1")).status is CS.DELETING
+    with pytest.raises(CheckpointBusyError) as busy:
+        await store.create_run(
+            run_record("dl-2", operation=OperationKind.DELETE, checkpoint_id="cp-1")
+        )
+    assert busy.value.run_id == "dl-1" and "is being deleted by run dl-1" in str(busy.value)
+    with pytest.raises(CheckpointNotFoundError):
+        await store.get_run("dl-2")

@@ -46,6 +46,7 @@ from karbor_async._types import BarrierPolicy, OperationKind, ResourceStatus, Ru
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
     BankKeyError,
+    CheckpointBusyError,
     CheckpointNotFoundError,
     GraphError,
     IllegalTransitionError,
@@ -276,7 +277,7 @@ def _guard(out: _Out, action: Callable[[], T]) -> T:
         if isinstance(exc, OSError):
             where = f" ({exc.filename})" if exc.filename else ""
             _exit_with(out, f"{exc.strerror or exc}{where}", EXIT_BAD_INPUT)
-        if isinstance(exc, ResourceBusyError | LeaseHeldError):
+        if isinstance(exc, ResourceBusyError | LeaseHeldError | CheckpointBusyError):
             _exit_with(out, str(exc), EXIT_BUSY)
         if isinstance(exc, KarborError):
             _exit_with(out, str(exc), EXIT_FAILED)
@@ -947,6 +948,13 @@ async def _delete(
         cp = await engine.store.get_checkpoint(checkpoint_id)
         _check_cloud(engine, [str(r["type"]) for r in cp.graph.get("resources", ())], cloud)
         await _recover_first(out, engine)
+        other = await _deleting_run(engine, checkpoint_id)
+        if other is not None:
+            out.note(f"checkpoint {checkpoint_id} is being deleted by run {other}: waiting for it")
+            outcome = await _wait_for_run(engine, other)
+            code = _code_of(outcome)
+            _report_outcome(out, outcome, code)
+            return code
         run = await engine.build_delete(checkpoint_id)
         out.note(
             f"Deleting checkpoint {checkpoint_id} ({len(run.nodes)} resources), run {run.run_id}"
@@ -954,6 +962,30 @@ async def _delete(
         outcome, code = await _drive(out, engine, run)
         _report_outcome(out, outcome, code)
     return code
+
+
+async def _deleting_run(engine: Engine, checkpoint_id: str) -> str | None:
+    """The delete run under way on a ``deleting`` checkpoint (another live engine's)."""
+    cp = await engine.store.get_checkpoint(checkpoint_id)
+    if cp.status is not CheckpointStatus.DELETING:
+        return None
+    runs = await engine.store.list_runs(checkpoint_id=checkpoint_id)
+    live = [
+        r for r in runs if r.operation is OperationKind.DELETE and r.status is RunStatus.RUNNING
+    ]
+    return live[0].run_id if live else None
+
+
+async def _wait_for_run(engine: Engine, run_id: str) -> RunOutcome:
+    """Wait for another engine's run to end (recovering it if its engine dies meanwhile)."""
+    while True:
+        record = await engine.store.get_run(run_id)
+        if record.status is not RunStatus.RUNNING and record.outcome is not None:
+            return record.outcome
+        for outcome in await engine.recover():
+            if outcome.run_id == run_id:
+                return outcome
+        await anyio.sleep(0.5)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -1079,12 +1111,22 @@ async def _prune(
             _check_cloud(engine, types, cloud)
             await _recover_first(out, engine)
         quiet = attrs.evolve(out, display=Display.QUIET)
+        in_progress: list[str] = []
         for cp in doomed:
             if dry_run:
                 out.note(f"would delete {cp.id} (created {_when(cp.created_wall)})")
                 continue
-            run = await engine.build_delete(cp.id)
-            outcome, run_code = await _drive(quiet, engine, run)
+            try:
+                run = await engine.build_delete(cp.id)
+                outcome, run_code = await _drive(quiet, engine, run)
+            except (CheckpointBusyError, PlanError) as exc:
+                if (await engine.store.get_checkpoint(cp.id)).status is not (
+                    CheckpointStatus.DELETING
+                ):
+                    raise
+                in_progress.append(cp.id)  # another run is deleting it
+                out.note(f"{cp.id} is being deleted by another run: {escape(str(exc))}")
+                continue
             if run_code == EXIT_OK:
                 deleted.append(cp.id)
                 out.note(f"deleted {cp.id} (created {_when(cp.created_wall)})")
@@ -1102,6 +1144,7 @@ async def _prune(
                     "deleted": deleted,
                     "would_delete": [cp.id for cp in doomed] if dry_run else [],
                     "failed": failed,
+                    "in_progress": in_progress,
                     "exit_code": code,
                 }
             )
@@ -1111,6 +1154,7 @@ async def _prune(
             out.console.print(
                 f"plan {escape(plan)!r}: kept {len(kept)} available checkpoints, {verb} {count}"
                 + (f", {len(failed)} failed" if failed else "")
+                + (f", {len(in_progress)} being deleted by another run" if in_progress else "")
             )
     return code
 

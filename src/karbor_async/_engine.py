@@ -334,9 +334,8 @@ class Engine:
             started_wall=time.time(),
             leases=tuple(n.resource.key for n in run.nodes if n.leased),
         )
+        # (A delete run's creation also moves its checkpoint to deleting, compare-and-set.)
         await _create_run(self.store, record, spec.plan.timeouts.lease_wait)
-        if spec.operation is OperationKind.DELETE:
-            await self.store.set_checkpoint_status(spec.checkpoint_id, CheckpointStatus.DELETING)
         try:
             return await run.execute()
         except (RunError, KeyboardInterrupt, SystemExit) as exc:

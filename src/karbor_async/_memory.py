@@ -13,6 +13,7 @@ from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
     BankKeyError,
+    CheckpointBusyError,
     CheckpointNotFoundError,
     IllegalTransitionError,
     ResourceBusyError,
@@ -75,12 +76,27 @@ class MemoryStore:
     async def create_run(self, record: RunRecord) -> None:
         if record.run_id in self._runs:
             raise StoreError(f"a run with id {record.run_id!r} already exists")
+        if record.operation is OperationKind.DELETE:  # compare-and-set -> deleting
+            cp = self._checkpoint(record.checkpoint_id)
+            if cp.status is CheckpointStatus.DELETING:
+                others = [
+                    r.run_id
+                    for r in self._runs.values()
+                    if r.checkpoint_id == cp.id
+                    and r.operation is OperationKind.DELETE
+                    and r.status is RunStatus.RUNNING
+                ]
+                raise CheckpointBusyError(cp.id, others[-1] if others else None, "this process")
+            check_checkpoint_transition(cp.status, CheckpointStatus.DELETING)
         for key in record.leases:  # all or none: check every one before taking any
             holder = self._leases.get(key)
             if holder is not None and self._runs[holder].status is RunStatus.RUNNING:
                 raise ResourceBusyError(key, holder, "this process", None)
         for key in record.leases:
             self._leases[key] = record.run_id
+        if record.operation is OperationKind.DELETE:
+            cp = self._checkpoint(record.checkpoint_id)
+            self._checkpoints[cp.id] = attrs.evolve(cp, status=CheckpointStatus.DELETING)
         self._runs[record.run_id] = record
         self._events.setdefault(record.run_id, [])
         if record.operation is OperationKind.PROTECT:

@@ -20,6 +20,7 @@ from karbor_async._sqlite_state import _LeaseBook
 from karbor_async._sqlite_writer import _Writer
 from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.exceptions import (
+    CheckpointBusyError,
     CheckpointNotFoundError,
     IllegalTransitionError,
     LeaseLostError,
@@ -65,6 +66,8 @@ class _Runs:
 
         async def op(conn: aiosqlite.Connection) -> None:
             expires = time.time() + self.lease_seconds
+            if record.operation is OperationKind.DELETE:
+                await _start_deleting(conn, record)
             try:
                 await conn.execute(
                     "INSERT INTO runs (run_id, operation, checkpoint_id, plan, graph, status,"
@@ -319,4 +322,31 @@ async def _take_resources(
     await conn.executemany(
         "INSERT OR REPLACE INTO resource_leases (rtype, rid, run_id) VALUES (?, ?, ?)",
         [(k[0], k[1], run_id) for k in keys],
+    )
+
+
+async def _start_deleting(conn: aiosqlite.Connection, record: RunRecord) -> None:
+    """Compare-and-set ``-> deleting`` in the delete run's creating transaction: the
+    loser of two deletes creates no run (CheckpointBusyError names the winner)."""
+    cp = record.checkpoint_id
+    row = await _fetchone(conn, "SELECT status FROM checkpoints WHERE id = ?", (cp,))
+    if row is None:
+        raise CheckpointNotFoundError(f"no checkpoint with id {cp!r}")
+    status = CheckpointStatus(row["status"])
+    if status is CheckpointStatus.DELETING:
+        other = await _fetchone(
+            conn,
+            "SELECT run_id, lease_owner, lease_expires FROM runs WHERE checkpoint_id = ?"
+            " AND operation = 'delete' AND status = 'running' AND run_id != ?"
+            " ORDER BY started_wall DESC LIMIT 1",
+            (cp, record.run_id),
+        )
+        if other is None:
+            raise CheckpointBusyError(cp, None)
+        raise CheckpointBusyError(
+            cp, str(other["run_id"]), other["lease_owner"], float(other["lease_expires"])
+        )
+    check_checkpoint_transition(status, CheckpointStatus.DELETING)
+    await conn.execute(
+        "UPDATE checkpoints SET status = ? WHERE id = ?", (CheckpointStatus.DELETING.value, cp)
     )

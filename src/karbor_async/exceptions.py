@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BankKeyError",
+    "CheckpointBusyError",
     "CheckpointNotFoundError",
     "CorruptStoreError",
     "ForeignFileError",
@@ -135,6 +136,31 @@ class ResourceBusyError(StoreError):
             "timeouts.lease_wait to wait for it"
         )
         self.resource = resource
+        self.run_id = run_id
+        self.owner = owner
+        self.expires = expires
+
+
+class CheckpointBusyError(StoreError):
+    """Another run is deleting this checkpoint: nothing was started; wait for that run.
+
+    ``checkpoint_id``, ``run_id`` (the delete under way, if found), ``owner`` and
+    ``expires`` (its lease) say which."""
+
+    def __init__(
+        self,
+        checkpoint_id: str,
+        run_id: str | None,
+        owner: str | None = None,
+        expires: float | None = None,
+    ) -> None:
+        by = f" by run {run_id}" if run_id else ""
+        of = f" of {owner}" if owner else ""
+        super().__init__(
+            f"checkpoint {checkpoint_id} is being deleted{by}{of}; nothing was started: wait "
+            "for that run (`karbor-async delete` waits for it and reports its result)"
+        )
+        self.checkpoint_id = checkpoint_id
         self.run_id = run_id
         self.owner = owner
         self.expires = expires

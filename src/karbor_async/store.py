@@ -102,6 +102,8 @@ class RunRecord:
     started_wall: float
     outcome: RunOutcome | None = None
     leases: tuple[ResourceKey, ...] = ()
+    # (Creating a delete run also moves its checkpoint to ``deleting``, compare-and-set
+    # in the same transaction: CheckpointBusyError if another run is deleting it.)
     """Resources the run takes a lease on as it is created, all or none (a protect: each
     it may quiesce or cut); released with the run, or one by one (``release_resource``).
     Creating a run raises :class:`~karbor_async.exceptions.ResourceBusyError` if a live
