@@ -167,6 +167,12 @@ def test_a_protect_killed_at_a_point_recovers_with_the_defaults(
     _kill_when_fired(tmp_path, args, hook, resource(trial), reached)
     [(checkpoint, status)] = _checkpoints(tmp_path).items()
     assert status == "protecting"
+    # Committed before any cut: which resources may have cut (even with no CUT recorded).
+    events = _run(tmp_path, "events", checkpoint, "--json").stdout.splitlines()
+    intents = [json.loads(e) for e in events if '"cut_intent"' in e]
+    assert [_volume(trial)] == [
+        rid for i in intents for t, rid in i["data"]["resources"] if rid == _volume(trial)
+    ]
 
     done = _recover(tmp_path)
     assert done.returncode == expected, done.stdout + done.stderr

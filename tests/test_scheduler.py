@@ -389,12 +389,20 @@ async def test_delete_removes_bank_data_and_marks_deleted() -> None:
 
 
 async def test_commit_points_are_awaited() -> None:
-    """The engine awaits commits before quiescing, before main, and at the end only."""
+    """The engine awaits commits before any cut (the cut intent), before quiescing,
+    before main, and at the end only."""
     engine, _plugin, plan = setup([("s1", "v1"), ("s2", "v2")], ["s1", "s2"])
     async with engine:
-        await engine.protect(plan)
-        # two quiescing servers + one group's cuts; the end of run is finish_run's own commit
-        assert engine.store.commits == 3  # type: ignore[attr-defined]
+        outcome = await engine.protect(plan)
+        # the cut intent + two quiescing servers + one group's cuts; the end of run is
+        # finish_run's own commit
+        assert engine.store.commits == 4  # type: ignore[attr-defined]
+        [intent] = [
+            e
+            for e in await engine.store.read_events(outcome.run_id)
+            if e.kind is EventKind.CUT_INTENT
+        ]
+        assert sorted(map(tuple, intent.data["resources"])) == [key("v1"), key("v2")]
 
 
 async def test_failed_run_is_cleaned_up_when_plan_asks() -> None:

@@ -44,7 +44,7 @@ from karbor_async._stall import Stall
 from karbor_async._summary import RunStatistics, build_outcome, statistics
 from karbor_async._tasks import EngineTasks
 from karbor_async._timers import Timers
-from karbor_async._types import AbortReason, ResourceKey, RunStatus
+from karbor_async._types import AbortReason, OperationKind, ResourceKey, RunStatus
 from karbor_async._walk import recovery_thaw, run_node
 from karbor_async.events import EventKind
 from karbor_async.exceptions import RunError
@@ -198,8 +198,27 @@ class Run(RunState):
         started = self.t0 = self.now()
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
         self.rec.emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
+        await self._cut_intent()
         await self._drive(run_node, self.nodes, self.plan.timeouts.run)
         return await self._finish(started_wall, started)
+
+    async def _cut_intent(self) -> None:
+        """Before any hook of a protect: commit, per group, the resources that may cut.
+
+        A kill during the cut wave then leaves a committed trace of every snapshot that
+        may exist (the write hold keeps CUT events back while anything is frozen).
+        Committed here, before the first quiesce, so it costs no quiesce window.
+        """
+        if self.operation is not OperationKind.PROTECT or not self.record:
+            return
+        emitted = False
+        for g in self.groups.values():
+            keys = [list(n.resource.key) for n in g.nodes if n.cuts and n.pf is not None]
+            if keys:
+                self.rec.emit(EventKind.CUT_INTENT, None, None, group=g.name, resources=keys)
+                emitted = True
+        if emitted:
+            await self.store.commit()
 
     async def _drive(
         self,

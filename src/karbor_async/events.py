@@ -35,6 +35,10 @@ class EventKind(enum.Enum):
     THAWED = "thawed"
     THAW_FAILED = "thaw_failed"
     """Alert: every thaw attempt failed; the resource may still be frozen."""
+    CUT_INTENT = "cut_intent"
+    """Committed before any cut of a protect: the group's (``data['group']``) resources
+    that may cut (``data['resources']``, ``[type, id]`` pairs), so recovery and delete
+    know a snapshot may exist even where no cut or saved info was committed."""
     BARRIER_RELEASED = "barrier_released"
     GROUP_ABORTING = "group_aborting"
     LOOP_BLOCKED = "loop_blocked"
