@@ -117,6 +117,19 @@ def _checkpoints(root: Path) -> dict[str, str]:
     return {c["id"]: c["status"] for c in _json(root, "checkpoints", "list")["checkpoints"]}
 
 
+def _stored(root: Path, run_id: str) -> Any:
+    """The run's record as stored (read with the library, as another program would)."""
+    import anyio
+
+    from karbor_async import SqliteStore
+
+    async def read() -> Any:
+        async with SqliteStore.open(root / "karbor.db") as store:
+            return await store.get_run(run_id), await store.read_events(run_id)
+
+    return anyio.run(read)
+
+
 def _recover(root: Path) -> subprocess.CompletedProcess[str]:
     started = time.monotonic()
     done = _run(root, "recover", "--simcloud", SIM, timeout=30)
@@ -174,10 +187,24 @@ def test_a_protect_killed_at_a_point_recovers_with_the_defaults(
         rid for i in intents for t, rid in i["data"]["resources"] if rid == _volume(trial)
     ]
 
+    started = time.time()
     done = _recover(tmp_path)
     assert done.returncode == expected, done.stdout + done.stderr
     assert checkpoint in done.stdout
     _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
+    # The recovered outcome tells the truth: the first start, a duration across the
+    # crash, the committed instants (skew from the committed CUT events).
+    record, events = _stored(tmp_path, checkpoint)
+    o = record.outcome
+    assert o.recovered and o.started_wall == record.started_wall < started
+    assert o.duration == pytest.approx(o.ended_wall - o.started_wall)
+    cuts = {e.resource: e.data["at"] for e in events if e.kind.value == "cut"}
+    if expected == 0:
+        assert {k: r.cut_at for k, r in o.resources.items() if r.cut_at is not None} == cuts
+        assert o.skew == pytest.approx(max(cuts.values()) - min(cuts.values()))
+    else:
+        thawed = [r for r in o.resources.values() if r.window_approximate]
+        assert thawed and all(r.quiesce_window is not None for r in thawed)
     if expected == 0:
         assert _checkpoints(tmp_path)[checkpoint] == "available"
         _restores(tmp_path, checkpoint)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 
-from karbor_async._node import HookFn, _Group, _Node
+from karbor_async._node import HOOK_BITS, HookFn, _Group, _Node
 from karbor_async._ordering import limit_order, link
 from karbor_async._plan import Plan
 from karbor_async._record import Recorder
@@ -85,6 +87,8 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
             ),
             attempt=spec.attempts.get(res.key, 1),
         )
+        if spec.resumed is not None:
+            _resume(node, spec.resumed.get(res.key), done)
         nodes.append(node)
         node.gate.nodes.append(node)
     link(nodes, spec.graph.edges)
@@ -100,3 +104,17 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
             else:
                 node.guards = own
     return nodes
+
+
+def _resume(n: _Node, marks: Any, done: frozenset[Hook]) -> None:
+    """A recovered run's node starts from what earlier attempts committed: the hooks
+    that finished and the instants they marked (their engine clock)."""
+    for hook in done:
+        n.hooks_done |= HOOK_BITS[hook]
+    if marks is None:
+        return
+    n.quiesced_at, n.quiesced_wall = marks.quiesced_at, marks.quiesced_wall
+    n.cut_at, n.crash_consistent = marks.cut_at, marks.crash_consistent
+    n.thawed_at = marks.thawed_at
+    if n.thawed_at is not None:
+        n.quiesced_wall = None  # the window closed in that attempt: nothing to estimate

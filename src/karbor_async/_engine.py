@@ -504,6 +504,8 @@ async def _spec(
         attempts=resume.attempts if resume else {},
         done_hooks=resume.done_hooks if resume else {},
         first_seq=resume.first_seq if resume else 0,
+        resumed=resume.marks if resume else None,
+        started_wall=resume.started_wall if resume else None,
     )
 
 

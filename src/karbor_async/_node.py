@@ -150,7 +150,11 @@ class _Node(Slot[_Group]):
     crash_consistent: bool = False
     cut_at: float | None = None
     quiesced_at: float | None = None
+    quiesced_wall: float | None = None
+    """Set when an earlier attempt (a dead engine) quiesced it: its thaw here is timed on
+    the wall clock and the window marked approximate."""
     thawed_at: float | None = None
+    window_approximate: bool = False
     attempt: int = 1
     section: BankSection | None = None
     ticks: int = 0

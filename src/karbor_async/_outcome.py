@@ -53,6 +53,10 @@ class ResourceOutcome:
     errors: tuple[tuple[Hook, AbortReason | None, str], ...] = ()
     """Every failure, in order: (hook, the aborting reason of the call or None, the
     formatted chain). ``error`` and ``failed_hook`` are the first of them."""
+    window_approximate: bool = False
+    """Its quiesce window crossed a crash: frozen by the attempt that died, thawed by the
+    recovery; the window is computed from wall-clock times (the two processes' engine
+    clocks differ)."""
 
     @property
     def quiesce_window(self) -> float | None:
@@ -78,6 +82,7 @@ class ResourceOutcome:
             "thawed_late_at": self.thawed_late_at,
             "blocked_loop_s": self.blocked_loop_s,
             "errors": [[h.value, a.value if a else None, text] for h, a, text in self.errors],
+            "window_approximate": self.window_approximate,
         }
 
     @classmethod
@@ -102,6 +107,7 @@ class ResourceOutcome:
                 (Hook(h), AbortReason(a) if a else None, str(text))
                 for h, a, text in data.get("errors", ())
             ),
+            window_approximate=bool(data.get("window_approximate", False)),
         )
 
 
@@ -157,6 +163,10 @@ class RunOutcome:
     groups: Mapping[str, GroupOutcome]
     restored: Mapping[ResourceKey, str] = attrs.field(factory=dict)
     error: str | None = None
+    recovered: bool = False
+    """A recovery finished this run after the engine that started it died: the instants
+    come from the committed events of the attempt that made them, ``started_wall`` is
+    the run's first start and ``duration`` spans the crash."""
 
     @property
     def crash_consistent(self) -> bool:
@@ -189,6 +199,7 @@ class RunOutcome:
             "groups": [g.to_json() for g in self.groups.values()],
             "restored": [[k[0], k[1], v] for k, v in self.restored.items()],
             "error": self.error,
+            "recovered": self.recovered,
         }
 
     @classmethod
@@ -207,4 +218,5 @@ class RunOutcome:
             groups={g.name: g for g in groups},
             restored={(t, i): v for t, i, v in data.get("restored", [])},
             error=data.get("error"),
+            recovered=bool(data.get("recovered", False)),
         )

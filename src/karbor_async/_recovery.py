@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HeldRun",
+    "Marks",
     "RecoverableStore",
     "RecoveryHost",
     "RecoveryReport",
@@ -82,6 +83,17 @@ class RecoveryReport:
 
 
 @attrs.frozen
+class Marks:
+    """A resource's instants as an earlier attempt committed them (its engine clock)."""
+
+    quiesced_at: float | None = None
+    quiesced_wall: float | None = None
+    cut_at: float | None = None
+    crash_consistent: bool = False
+    thawed_at: float | None = None
+
+
+@attrs.frozen
 class Resume:
     """What a recovered run carries over from the attempt that crashed."""
 
@@ -89,6 +101,9 @@ class Resume:
     attempts: Mapping[ResourceKey, int]
     restored: Mapping[ResourceKey, str]
     first_seq: int
+    marks: Mapping[ResourceKey, Marks] = attrs.Factory(dict)
+    started_wall: float | None = None
+    """When the run first started (the recovered outcome keeps it)."""
 
 
 class RecoveryHost(Protocol):
@@ -124,6 +139,8 @@ class _Replay:
     maybe_frozen: set[ResourceKey] = attrs.Factory(set)
     calling: dict[ResourceKey, tuple[Hook, bool]] = attrs.Factory(dict)
     """The last call started per resource: (hook, aborting)."""
+    marks: dict[ResourceKey, Marks] = attrs.Factory(dict)
+    """The instants committed by earlier attempts (their own engine clock)."""
 
 
 def replay(events: Sequence[Event]) -> _Replay:
@@ -137,8 +154,11 @@ def replay(events: Sequence[Event]) -> _Replay:
             aborting = e.data.get("aborting") is not None
             r.calling[key] = (e.hook, aborting)
             if e.hook is Hook.PREPARE_BEGIN and e.operation is OperationKind.PROTECT:
-                # Committed before a quiescing on_prepare_begin: it may have frozen.
+                # Committed before a quiescing on_prepare_begin: it may have frozen (from
+                # about then, if its QUIESCED was not committed).
                 r.maybe_frozen.add(key)
+                if not aborting:
+                    r.marks[key] = Marks(quiesced_at=e.mono, quiesced_wall=e.wall)
         elif e.kind is EventKind.FINISHED and e.hook is not None:
             _hook, aborting = r.calling.get(key, (e.hook, False))
             if not aborting:
@@ -148,6 +168,18 @@ def replay(events: Sequence[Event]) -> _Replay:
         elif e.kind is EventKind.THAWED and not e.data.get("rescue"):
             # (a rescue thaw ran beside a quiesce that may have frozen after it)
             r.maybe_frozen.discard(key)
+        if e.kind in (EventKind.QUIESCED, EventKind.CUT, EventKind.THAWED):
+            at = e.data.get("at", e.mono)
+            m = r.marks.get(key) or Marks()
+            if e.kind is EventKind.QUIESCED:
+                m = attrs.evolve(m, quiesced_at=at, quiesced_wall=e.wall, thawed_at=None)
+            elif e.kind is EventKind.CUT:
+                m = attrs.evolve(
+                    m, cut_at=at, crash_consistent=bool(e.data.get("crash_consistent"))
+                )
+            elif not e.data.get("rescue"):
+                m = attrs.evolve(m, thawed_at=at)
+            r.marks[key] = m
     return r
 
 
@@ -197,6 +229,8 @@ async def _recover_one(
         attempts=attempts,
         restored=restored,
         first_seq=first_seq,
+        marks=r.marks,
+        started_wall=record.started_wall,
     )
     checkpoint = None if record.operation is OperationKind.PROTECT else record.checkpoint_id
     run = await engine._build(

@@ -54,6 +54,11 @@ class RunSpec:
     done_hooks: Mapping[ResourceKey, frozenset[Hook]] = attrs.Factory(dict)
     """Hooks whose finish was committed by an earlier attempt (recovery skips them)."""
     first_seq: int = 0
+    resumed: Mapping[ResourceKey, Any] | None = None
+    """A recovered run: the instants earlier attempts committed per resource
+    (``_recovery.Marks``); None for a first attempt."""
+    started_wall: float | None = None
+    """A recovered run: when it first started."""
 
 
 class RunState:

@@ -115,6 +115,7 @@ def _resource_outcome(run: RunState, n: _Node) -> ResourceOutcome:
         abandoned_hook=n.abandoned_hook,
         thawed_late_at=n.thawed_late_at,
         blocked_loop_s=n.blocked_loop_s,
+        window_approximate=n.window_approximate,
     )
 
 
@@ -166,14 +167,19 @@ def build_outcome(
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         if errors:
             summary = f"{summary}; first error: {errors[0]}"
+    ended_wall = time.time()
+    recovered = run.spec.resumed is not None
+    if recovered and run.spec.started_wall is not None:
+        started_wall = run.spec.started_wall  # the run's first start, before the crash
     outcome = RunOutcome(
         run_id=run.run_id,
         checkpoint_id=run.checkpoint_id,
         operation=run.operation,
         status=status,
         started_wall=started_wall,
-        ended_wall=time.time(),
-        duration=run.now() - started,
+        ended_wall=ended_wall,
+        duration=ended_wall - started_wall if recovered else run.now() - started,
+        recovered=recovered,
         resources=resources,
         groups=groups,
         restored=dict(run.rec.restored),

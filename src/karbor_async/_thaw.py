@@ -8,6 +8,7 @@ resource ``thaw_failed``.
 from __future__ import annotations
 
 import math
+import time
 
 import anyio
 
@@ -80,8 +81,8 @@ async def thaw(
                 run.rec.release(n)
                 if n.quiesces:
                     run.holds.set_frozen(n, False)
-                    if n.thawed_at is None:
-                        n.thawed_at = run.now()
+                    if n.thawed_at is None or n.quiesced_wall is not None:
+                        n.thawed_at = _thaw_instant(run, n)  # (a mark is on this clock)
                     run.rec.emit(EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value)
                 return
             if not n.quiesces:
@@ -123,3 +124,12 @@ async def on_cancelled(run: RunState, n: _Node) -> None:
         else:
             n.status = ResourceStatus.ABORTED
         run.rec.emit(EventKind.ABORTED, n, None, reason=reason.value)
+
+
+def _thaw_instant(run: RunState, n: _Node) -> float:
+    """Now on the engine clock; for a resource an earlier (dead) attempt quiesced, now on
+    that attempt's clock, estimated from the wall clock (and the window marked so)."""
+    if n.quiesced_wall is None or n.quiesced_at is None:
+        return run.now()
+    n.window_approximate = True
+    return n.quiesced_at + max(0.0, time.time() - n.quiesced_wall)
