@@ -322,3 +322,72 @@ def test_two_prunes_at_once_delete_each_checkpoint_once(tmp_path: Path) -> None:
         if any(doc["in_progress"] for doc in docs):
             return
     pytest.fail(f"the two prunes never overlapped in 3 trials: {docs}")
+
+
+def test_events_follow_ends_when_the_runs_engine_dies(tmp_path: Path) -> None:
+    """`events RUN --follow` notices within seconds that the run's engine was killed: it
+    says to run recover and exits 1 (JSON: a last {"follow_ended": "owner_gone"})."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    resource = f"{SERVER}#{_server(0)}"
+    fault = f"protect:on_prepare_begin:{resource}:hang"
+    proc = subprocess.Popen(
+        [KARBOR, "protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "simcloud" / "simcloud.db").exists() and _state(tmp_path).fired):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        [checkpoint] = _checkpoints(tmp_path)
+        follower = subprocess.Popen(
+            [KARBOR, "events", checkpoint, "--follow", "--json"],
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        assert follower.poll() is None  # the engine lives: it keeps following
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stdout, stderr = follower.communicate(timeout=15)
+    assert follower.returncode == 1, stdout + stderr
+    last = json.loads(stdout.splitlines()[-1])
+    assert last["follow_ended"] == "owner_gone" and last["run_id"] == checkpoint
+    assert "karbor-async recover" in stderr
+
+
+def test_a_store_locked_past_its_busy_timeout_is_busy_not_a_failure(tmp_path: Path) -> None:
+    """Another process holding the store's write lock past the busy timeout (10 s): the
+    command exits 4 saying the store stayed locked and nothing was written."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    done = _run(tmp_path, "protect", "plan.toml", "--simcloud", "12:3:zero")
+    assert done.returncode == 0, done.stderr
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(30)\n",
+            str(tmp_path / "karbor.db"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        busy = _run(tmp_path, "protect", "plan.toml", "--simcloud", "12:3:zero", timeout=40)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert busy.returncode == 4, busy.stdout + busy.stderr
+    assert "stayed locked by another process" in busy.stderr

@@ -57,6 +57,7 @@ from karbor_async.exceptions import (
     ResourceBusyError,
     RunError,
     SecretError,
+    StoreBusyError,
     StoreFileError,
 )
 from karbor_async.plugin import SecretResolver
@@ -277,7 +278,9 @@ def _guard(out: _Out, action: Callable[[], T]) -> T:
         if isinstance(exc, OSError):
             where = f" ({exc.filename})" if exc.filename else ""
             _exit_with(out, f"{exc.strerror or exc}{where}", EXIT_BAD_INPUT)
-        if isinstance(exc, ResourceBusyError | LeaseHeldError | CheckpointBusyError):
+        if isinstance(
+            exc, ResourceBusyError | LeaseHeldError | CheckpointBusyError | StoreBusyError
+        ):
             _exit_with(out, str(exc), EXIT_BUSY)
         if isinstance(exc, KarborError):
             _exit_with(out, str(exc), EXIT_FAILED)
@@ -1292,6 +1295,7 @@ async def _events(out: _Out, run_id: str, since: int, follow: bool, db: Path) ->
             first = await store.read_events(run_id, 0)
             t0 = first[0].mono if first else None
         finished = record.status is not RunStatus.RUNNING
+        polls = 0
         while True:
             batch = await store.read_events(run_id, since)
             for e in batch:
@@ -1304,10 +1308,27 @@ async def _events(out: _Out, run_id: str, since: int, follow: bool, db: Path) ->
                 finished = finished or e.kind is EventKind.RUN_FINISHED
             if not follow or finished:
                 break
+            polls += 1
+            if polls % 5 == 0 and await _owner_gone(store, run_id):
+                message = (
+                    f"run {run_id}'s engine stopped without finishing it (its process is "
+                    "gone or its lease expired): run `karbor-async recover`"
+                )
+                if out.json:
+                    out.emit({"follow_ended": "owner_gone", "run_id": run_id, "seq": since})
+                out.err.print(f"[red]{escape(message)}[/red]")
+                return EXIT_FAILED
             # The run belongs to another process: its live subscription (Engine.subscribe)
             # is in that process, so follow the committed log, which is the same stream.
             await anyio.sleep(0.2)
     return EXIT_OK
+
+
+async def _owner_gone(store: SqliteStore, run_id: str) -> bool:
+    """The run is still ``running`` but nobody holds it: its engine died (or let it go)."""
+    if (await store.get_run(run_id)).status is not RunStatus.RUNNING:
+        return False
+    return any(r.run_id == run_id for r in await store.unfinished_runs())
 
 
 # -- recover and report --------------------------------------------------------------------

@@ -22,6 +22,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from karbor_async._sqlite_file import _BUSY_TIMEOUT
 from karbor_async._sqlite_records import (
     _INSERT_EVENT,
     _RELEASE_RESOURCE,
@@ -34,7 +35,7 @@ from karbor_async._sqlite_records import (
 )
 from karbor_async._sqlite_state import _Batch, _LeaseBook, _Op
 from karbor_async.events import Event
-from karbor_async.exceptions import StoreError
+from karbor_async.exceptions import StoreBusyError, StoreError
 
 _log = structlog.get_logger("karbor_async._sqlite")
 
@@ -141,7 +142,14 @@ class _Writer:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 await conn.execute("ROLLBACK")
-            error = StoreError(f"writing to the store {self.path} failed: {exc}")
+            if _locked(exc):
+                error: StoreError = StoreBusyError(
+                    f"the store {self.path} stayed locked by another process for "
+                    f"{_BUSY_TIMEOUT:g} s (the busy timeout): nothing was written; retry after "
+                    "it is released"
+                )
+            else:
+                error = StoreError(f"writing to the store {self.path} failed: {exc}")
             error.__cause__ = exc
             batch.error = error
             for op in batch.ops:
@@ -289,3 +297,11 @@ class _Writer:
                 await self.checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:  # a checkpoint is an optimisation; retry later
                 _log.warning("wal_checkpoint_failed", path=str(self.path), error=str(exc))
+
+
+def _locked(exc: sqlite3.Error) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock (SQLITE_BUSY)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)

@@ -39,6 +39,7 @@ __all__ = [
     "RunError",
     "ScrubbedError",
     "SecretError",
+    "StoreBusyError",
     "StoreError",
     "StoreFileError",
     "ThawFailedError",
@@ -139,6 +140,11 @@ class ResourceBusyError(StoreError):
         self.run_id = run_id
         self.owner = owner
         self.expires = expires
+
+
+class StoreBusyError(StoreError):
+    """The store stayed locked by another process past its busy timeout: nothing was
+    written by this step; retry after that process's transaction ends."""
 
 
 class CheckpointBusyError(StoreError):
