@@ -195,6 +195,7 @@ def test_a_protect_killed_at_a_point_recovers_with_the_defaults(
     # The recovered outcome tells the truth: the first start, a duration across the
     # crash, the committed instants (skew from the committed CUT events).
     record, events = _stored(tmp_path, checkpoint)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))  # the log is intact
     o = record.outcome
     assert o.recovered and o.started_wall == record.started_wall < started
     assert o.duration == pytest.approx(o.ended_wall - o.started_wall)
@@ -208,6 +209,8 @@ def test_a_protect_killed_at_a_point_recovers_with_the_defaults(
     if expected == 0:
         assert _checkpoints(tmp_path)[checkpoint] == "available"
         _restores(tmp_path, checkpoint)
+        again = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM)
+        assert again.returncode == 0, again.stdout + again.stderr
     else:
         assert "is lost" in done.stdout
         assert _checkpoints(tmp_path)[checkpoint] != "available"
@@ -391,3 +394,30 @@ def test_a_store_locked_past_its_busy_timeout_is_busy_not_a_failure(tmp_path: Pa
         holder.communicate()
     assert busy.returncode == 4, busy.stdout + busy.stderr
     assert "stayed locked by another process" in busy.stderr
+
+
+def test_a_delete_of_a_checkpoint_being_deleted_waits_for_that_run(tmp_path: Path) -> None:
+    """`delete C` while another process deletes C starts no second delete: it waits for
+    that run and exits with its result."""
+    slow = f'\n[parameters."{VOLUME}"]\nsim_latency = 0.3\n'
+    (tmp_path / "plan.toml").write_text(PLAN + slow)
+    done = _run(tmp_path, "protect", "plan.toml", "--simcloud", "12:3:zero", "--json")
+    assert done.returncode == 0, done.stderr
+    checkpoint = json.loads(done.stdout)["outcome"]["checkpoint_id"]
+    first = subprocess.Popen(
+        [KARBOR, "delete", checkpoint, "--simcloud", "12:3:zero"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while _checkpoints(tmp_path)[checkpoint] != "deleting":
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = _run(tmp_path, "delete", checkpoint, "--simcloud", "12:3:zero")
+    assert first.wait(timeout=30) == 0
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "is being deleted by run" in second.stdout and "waiting for it" in second.stdout
+    deletes = [r for r in _json(tmp_path, "runs", "list")["runs"] if r["operation"] == "delete"]
+    assert len(deletes) == 1 and _checkpoints(tmp_path)[checkpoint] == "deleted"
