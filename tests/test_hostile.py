@@ -36,6 +36,7 @@ from karbor_async import (
     RunStatus,
     Timeouts,
 )
+from karbor_async.exceptions import ResourceBusyError
 from karbor_async.testing import protectables_for
 
 P, R, D = OperationKind.PROTECT, OperationKind.RESTORE, OperationKind.DELETE
@@ -302,7 +303,8 @@ async def test_a_group_abandons_its_hung_hooks_and_other_groups_go_on() -> None:
 
 
 async def test_an_abandoned_cut_that_returns_later_still_saves_its_snapshot() -> None:
-    """A late cut's ctx.save() reaches the checkpoint, so a delete finds the snapshot."""
+    """A late cut's ctx.save() reaches the checkpoint, so a delete finds the snapshot; until
+    the cut ends its volume stays leased to the run that abandoned it."""
     store = MemoryStore()
 
     class LateCut(HostilePlugin):
@@ -320,10 +322,15 @@ async def test_an_abandoned_cut_that_returns_later_still_saves_its_snapshot() ->
             await engine.protect(plan)
         cp_id = info.value.checkpoint_id
         assert [a.what for a in engine.statistics().abandoned] == ["a cut"]
+        # While the abandoned cut still runs, its volume stays leased: no run may cut it.
+        with pytest.raises(ResourceBusyError) as busy:
+            await engine.protect(Plan(name="again", resources=[resource("p1")]))
+        assert busy.value.resource == resource("v1").key
         await anyio.sleep(5)
         saved = await store.load_saved_info(cp_id)
         assert saved[resource("v1").key]["snapshot"] == "late-snap"
         assert engine.statistics().abandoned == ()
+        assert resource("v1").key not in store._leases  # the cut ended: its lease went back
 
 
 async def test_a_thaw_that_succeeds_after_it_was_abandoned_is_recorded_late() -> None:

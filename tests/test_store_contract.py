@@ -696,3 +696,20 @@ async def test_a_delete_run_takes_its_checkpoint_compare_and_set(store: Store) -
     assert busy.value.run_id == "dl-1" and "is being deleted by run dl-1" in str(busy.value)
     with pytest.raises(CheckpointNotFoundError):
         await store.get_run("dl-2")
+
+
+async def test_an_abandoned_resource_stays_leased_after_its_run_ends(store: Store) -> None:
+    """A run that ends with a resource's hook abandoned (still running in its engine)
+    keeps that resource's lease until the hook ends and gives it back; the others are
+    free once the run ends."""
+    first = attrs.evolve(run_record("cp-1"), leases=(SERVER.key, VOLUME.key))
+    await store.create_run(first)
+    ended = outcome(first, RunStatus.FAILED)
+    volume = attrs.evolve(ended.resources[VOLUME.key], abandoned_hook=Hook.PREPARE_FINISH)
+    await store.finish_run(attrs.evolve(ended, resources={**ended.resources, VOLUME.key: volume}))
+    await store.create_run(attrs.evolve(run_record("cp-2"), leases=(SERVER.key,)))
+    with pytest.raises(ResourceBusyError):
+        await store.create_run(attrs.evolve(run_record("cp-3"), leases=(VOLUME.key,)))
+    store.release_resource("cp-1", VOLUME.key)  # the abandoned hook ended
+    await store.commit()
+    await store.create_run(attrs.evolve(run_record("cp-3"), leases=(VOLUME.key,)))

@@ -101,6 +101,7 @@ async def after_abandoned(run: RunState, n: _Node) -> None:
         error=run.scrub.text(repr(exc)) if exc is not None else None,
     )
     if not (n.quiesces and n.pb_started) or n.pf is None:
+        _release_late(run, n)  # nothing of it can be frozen: its lease goes back now
         return
     if hook is Hook.PREPARE_BEGIN:
         await _late_thaw(run, n)  # it may have frozen after a rescue thaw, or not thawed
@@ -109,6 +110,15 @@ async def after_abandoned(run: RunState, n: _Node) -> None:
             await _thawed_late(run, n)  # the thaw that was abandoned did thaw, late
         else:
             await _late_thaw(run, n)
+
+
+def _release_late(run: RunState, n: _Node) -> None:
+    """An abandoned hook ended: give its resource's lease back (the store may be closed
+    already if the engine is closing: the lease then ends with the process)."""
+    try:
+        run.rec.release(n)
+    except Exception as exc:  # a closed store: the owner's death frees it
+        run.log.info("late_lease_release_skipped", resource=str(n.resource), error=repr(exc))
 
 
 async def _late_thaw(run: RunState, n: _Node) -> None:
@@ -127,7 +137,7 @@ async def _late_thaw(run: RunState, n: _Node) -> None:
 async def _thawed_late(run: RunState, n: _Node) -> None:
     """Record a thaw that succeeded after its resource was reported ``thaw_failed``."""
     n.thaw_done = True
-    run.rec.release(n)
+    _release_late(run, n)
     at = n.thawed_late_at = run.now()
     run.log.warning("thawed_late", resource=str(n.resource), at=at)
     if not run.outcome_built:

@@ -70,6 +70,8 @@ class MemoryStore:
         self._progress: dict[str, dict[ResourceKey, Event]] = {}
         self._leases: dict[ResourceKey, str] = {}
         """Resource leases: which run holds each (``RunRecord.leases``)."""
+        self._abandoned: set[ResourceKey] = set()
+        """Leases of ended runs whose hook there was abandoned and still runs."""
         self.commits = 0
         """How many times :meth:`commit` was awaited (tests check the commit points)."""
 
@@ -90,7 +92,9 @@ class MemoryStore:
             check_checkpoint_transition(cp.status, CheckpointStatus.DELETING)
         for key in record.leases:  # all or none: check every one before taking any
             holder = self._leases.get(key)
-            if holder is not None and self._runs[holder].status is RunStatus.RUNNING:
+            if holder is not None and (
+                self._runs[holder].status is RunStatus.RUNNING or key in self._abandoned
+            ):
                 raise ResourceBusyError(key, holder, "this process", None)
         for key in record.leases:
             self._leases[key] = record.run_id
@@ -131,11 +135,16 @@ class MemoryStore:
     def release_resource(self, run_id: str, key: ResourceKey) -> None:
         if self._leases.get(key) == run_id:
             del self._leases[key]
+            self._abandoned.discard(key)
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         run = self._run(outcome.run_id)
         for key in [k for k, holder in self._leases.items() if holder == outcome.run_id]:
-            del self._leases[key]
+            r = outcome.resources.get(key)
+            if r is not None and r.abandoned_hook is not None:
+                self._abandoned.add(key)  # its hook still runs: held until it ends
+            else:
+                del self._leases[key]
         if outcome.status is RunStatus.RUNNING:
             raise IllegalTransitionError(f"run {run.run_id} cannot finish as running")
         if run.status is not RunStatus.RUNNING:

@@ -145,7 +145,17 @@ class _Runs:
                 " lease_owner = NULL, lease_expires = 0 WHERE run_id = ?",
                 (outcome.status.value, outcome.ended_wall, body, outcome.error, outcome.run_id),
             )
-            await conn.execute("DELETE FROM resource_leases WHERE run_id = ?", (outcome.run_id,))
+            abandoned = [k for k, r in outcome.resources.items() if r.abandoned_hook is not None]
+            if abandoned:  # their hooks still run: held until they end (or the process dies)
+                await conn.executemany(
+                    "UPDATE resource_leases SET abandoned_by = ?"
+                    " WHERE run_id = ? AND rtype = ? AND rid = ?",
+                    [(self.book.owner, outcome.run_id, k[0], k[1]) for k in abandoned],
+                )
+            await conn.execute(
+                "DELETE FROM resource_leases WHERE run_id = ? AND abandoned_by IS NULL",
+                (outcome.run_id,),
+            )
             await conn.executemany(
                 "INSERT OR REPLACE INTO resource_outcomes (run_id, rtype, rid, grp, status,"
                 " failed_hook, error, cut_at, quiesced_at, thawed_at, crash_consistent,"
@@ -306,17 +316,21 @@ async def _take_resources(
     wanted = set(keys)
     now = time.time()
     async with conn.execute(
-        "SELECT l.rtype, l.rid, r.run_id, r.lease_owner, r.lease_expires"
+        "SELECT l.rtype, l.rid, r.run_id, r.lease_owner, r.lease_expires, l.abandoned_by"
         " FROM resource_leases AS l JOIN runs AS r ON r.run_id = l.run_id"
-        " WHERE r.status = 'running' AND r.run_id != ?",
+        " WHERE (r.status = 'running' OR l.abandoned_by IS NOT NULL) AND r.run_id != ?",
         (run_id,),
     ) as cur:
         async for row in cur:
             key = (str(row[0]), str(row[1]))
-            owner, expires = row[3], float(row[4])
-            if key not in wanted or owner is None or expires <= now:
+            if key not in wanted:
                 continue
-            if owner_gone(str(owner)):
+            if row[5] is not None:  # an abandoned hook of an ended run may still run
+                if not owner_gone(str(row[5])):
+                    raise ResourceBusyError(key, str(row[2]), str(row[5]), None)
+                continue
+            owner, expires = row[3], float(row[4])
+            if owner is None or expires <= now or owner_gone(str(owner)):
                 continue
             raise ResourceBusyError(key, str(row[2]), str(owner), expires)
     await conn.executemany(

@@ -178,8 +178,11 @@ _V3: tuple[str, ...] = (
         rtype TEXT NOT NULL,
         rid TEXT NOT NULL,
         run_id TEXT NOT NULL,
+        abandoned_by TEXT,
         PRIMARY KEY (rtype, rid)
     ) WITHOUT ROWID""",
+    # (abandoned_by: the run ended with this resource's hook abandoned and still running
+    # in that owner's process: the lease holds until the hook ends or the process dies.)
     "CREATE INDEX resource_leases_by_run ON resource_leases (run_id)",
 )
 
