@@ -247,25 +247,35 @@ def test_a_restore_killed_midway_resumes_and_creates_nothing_twice(
     _nothing_frozen_and_no_orphaned_snapshot(tmp_path)
 
 
-def test_two_clis_never_protect_one_resource_at_once(tmp_path: Path) -> None:
-    """A second protect of overlapping resources, while the first holds them frozen, exits
-    4 naming the resource and the holding run, having frozen nothing; once the first is
-    killed, the next protect takes its run over (thaws, cleans up) and runs."""
-    (tmp_path / "plan.toml").write_text(PLAN)
-    resource = f"{SERVER}#{_server(0)}"
-    fault = f"protect:on_prepare_begin:{resource}:hang"
+def _held_in_a_quiesce(root: Path) -> subprocess.Popen[bytes]:
+    """A protect of the plan, held with one server's quiesce hanging (others frozen)."""
+    (root / "plan.toml").write_text(PLAN)
+    fault = f"protect:on_prepare_begin:{SERVER}#{_server(0)}:hang"
     proc = subprocess.Popen(
         [KARBOR, "protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault],
-        cwd=tmp_path,
-        env=_env(tmp_path),
+        cwd=root,
+        env=_env(root),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
-        while not ((tmp_path / "simcloud" / "simcloud.db").exists() and _state(tmp_path).fired):
+        while not ((root / "simcloud" / "simcloud.db").exists() and _state(root).fired):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def test_two_clis_never_protect_one_resource_at_once(tmp_path: Path) -> None:
+    """A second protect of overlapping resources, while the first holds them frozen, exits
+    4 naming the resource and the holding run, having frozen nothing; once the first is
+    killed, the next protect takes its run over (thaws, cleans up) and runs."""
+    proc = _held_in_a_quiesce(tmp_path)
+    try:
         frozen = {r.server_id for r in _state(tmp_path).frozen}
         second = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM)
         assert second.returncode == 4, second.stdout + second.stderr
@@ -330,21 +340,8 @@ def test_two_prunes_at_once_delete_each_checkpoint_once(tmp_path: Path) -> None:
 def test_events_follow_ends_when_the_runs_engine_dies(tmp_path: Path) -> None:
     """`events RUN --follow` notices within seconds that the run's engine was killed: it
     says to run recover and exits 1 (JSON: a last {"follow_ended": "owner_gone"})."""
-    (tmp_path / "plan.toml").write_text(PLAN)
-    resource = f"{SERVER}#{_server(0)}"
-    fault = f"protect:on_prepare_begin:{resource}:hang"
-    proc = subprocess.Popen(
-        [KARBOR, "protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _held_in_a_quiesce(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not ((tmp_path / "simcloud" / "simcloud.db").exists() and _state(tmp_path).fired):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
         [checkpoint] = _checkpoints(tmp_path)
         follower = subprocess.Popen(
             [KARBOR, "events", checkpoint, "--follow", "--json"],
