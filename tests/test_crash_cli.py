@@ -418,3 +418,25 @@ def test_a_delete_of_a_checkpoint_being_deleted_waits_for_that_run(tmp_path: Pat
     assert "is being deleted by run" in second.stdout and "waiting for it" in second.stdout
     deletes = [r for r in _json(tmp_path, "runs", "list")["runs"] if r["operation"] == "delete"]
     assert len(deletes) == 1 and _checkpoints(tmp_path)[checkpoint] == "deleted"
+
+
+def test_recover_leaves_a_run_a_live_engine_holds_and_exits_4(tmp_path: Path) -> None:
+    """While the run's engine lives, `recover` does nothing to it: it names the run, its
+    owner and the lease expiry, and exits 4 (JSON: "held")."""
+    proc = _held_in_a_quiesce(tmp_path)
+    try:
+        [checkpoint] = _checkpoints(tmp_path)
+        done = _run(tmp_path, "recover", "--simcloud", SIM, "--json")
+        held = _run(tmp_path, "recover", "--simcloud", SIM)
+        frozen = _state(tmp_path).frozen
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert done.returncode == 4, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    [entry] = doc["held"]
+    assert doc["recovered"] == [] and doc["exit_code"] == 4
+    assert entry["run_id"] == checkpoint and f":{proc.pid}:" in entry["owner"]
+    assert entry["expires"] > time.time() - 60
+    assert held.returncode == 4 and f"run {checkpoint} is held by" in held.stdout
+    assert frozen  # nothing was thawed under the live engine
