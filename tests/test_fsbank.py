@@ -171,7 +171,21 @@ async def test_a_directory_is_not_an_object(bank: FsBank) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "C:\\x", "a\x00b", "\\x"],
+    [
+        "",
+        "/etc/passwd",
+        "../x",
+        "a/../../x",
+        "a//b",
+        "./a",
+        "a/.",
+        "C:\\x",
+        "a\x00b",
+        "\\x",
+        "x" * 300,  # one part longer than a file name may be
+        "/".join(["abcdefghij" * 10] * 40),  # many parts: longer than a path may be
+        "lone-\udc80-surrogate",
+    ],
 )
 async def test_bad_keys_are_refused(bank: FsBank, key: str) -> None:
     section = bank.section("cp-1", VOLUME)
@@ -399,3 +413,44 @@ def _make_leftovers(root: Path, directory: Path) -> None:
     old.write_bytes(b"partial")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     (directory / ".~karbor-tmp.young").write_bytes(b"partial")
+
+
+async def test_list_and_get_agree_about_a_planted_link(bank: FsBank, tmp_path: Path) -> None:
+    """A symbolic link planted in a section is no object: list() leaves it out, as get()
+    refuses it."""
+    section = bank.section("cp-1", VOLUME)
+    await section.put("real", b"x")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"secret")
+    (section.directory / "planted").symlink_to(target)
+    assert await section.list() == ["real"]
+    with pytest.raises(BankKeyError):
+        await section.get("planted")
+
+
+async def test_deleting_a_checkpoint_whose_directory_is_a_link_touches_nothing(
+    bank: FsBank, tmp_path: Path
+) -> None:
+    """A checkpoint directory replaced by a symbolic link: the delete is refused with
+    BankKeyError, and the link, what it points to and the bank's root are left as they were."""
+    await bank.section("cp-2", VOLUME).put("k", b"v")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"mine")
+    bank.checkpoint_dir("cp-1").symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in bank.root.iterdir())
+    with pytest.raises(BankKeyError, match="symbolic link"):
+        await bank.delete_checkpoint("cp-1")
+    assert sorted(p.name for p in bank.root.iterdir()) == before
+    assert (outside / "keep").read_bytes() == b"mine"
+
+
+async def test_the_bank_reports_its_free_space(bank: FsBank) -> None:
+    """free_bytes() is the room left on the bank's file system (before and after its root
+    exists)."""
+    import shutil
+
+    free = await bank.free_bytes()
+    assert 0 < free <= shutil.disk_usage(bank.root.parent).total
+    await bank.section("cp-1", VOLUME).put("k", b"v")
+    assert abs(await bank.free_bytes() - shutil.disk_usage(bank.root).free) < 64 << 20

@@ -10,6 +10,7 @@ one message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -439,13 +440,68 @@ def _check_cloud(engine: Engine, types: Sequence[str], cloud: Any) -> None:
 
 @asynccontextmanager
 async def _store(db: Path, *, must_exist: bool) -> AsyncIterator[SqliteStore]:
-    if must_exist and not await anyio.Path(db).exists():
+    """The command's store; one this command created and left with no run in it (a plan
+    rejected before anything ran, a failure while creating it) is removed again."""
+    path = anyio.Path(db)
+    exists = await path.exists()
+    if must_exist and not exists:
         raise CliUsageError(
             f"no checkpoint store at {db}: protect something first, or point --db "
             "(or KARBOR_DB) at an existing store"
         )
-    async with SqliteStore.open(db, lease_seconds=_SETTINGS["lease_seconds"]) as store:
-        yield store
+    _check_store_dir(db)
+    if must_exist and (await path.stat()).st_size == 0:
+        raise CliUsageError(
+            f"{db} is an empty file, not a checkpoint store (left untouched): a command that "
+            "writes (protect) makes it one, or point --db at an existing store"
+        )
+    created = not exists
+    ran = opened = False
+    try:
+        async with SqliteStore.open(db, lease_seconds=_SETTINGS["lease_seconds"]) as store:
+            opened = True
+            try:
+                yield store
+            finally:
+                if created:
+                    with anyio.CancelScope(shield=True):
+                        ran = bool(await store.list_runs(limit=1))
+    except sqlite3.Error as exc:
+        if opened:
+            raise
+        raise StoreFileError(_store_advice(db, exc, created)) from None
+    finally:
+        if created and not ran:
+            await _remove_store_files(db)
+
+
+def _store_advice(db: Path, exc: sqlite3.Error, created: bool) -> str:
+    """What SQLite's refusal to open or create ``db`` means, and what to do."""
+    text = str(exc)
+    if "full" in text:
+        fix = f"free space on the file system of {db.parent}, or point --db elsewhere"
+    elif "unable to open" in text or "readonly" in text or "read-only" in text:
+        fix = f"check that {db.parent} is writable by this user, or point --db elsewhere"
+    else:
+        fix = "point --db at another file"
+    what = "created" if created else "opened"
+    left = " (nothing was left behind)" if created else ""
+    return f"the checkpoint store {db} cannot be {what}: {text}; {fix}{left}"
+
+
+async def _remove_store_files(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            await anyio.Path(f"{db}{suffix}").unlink()
+
+
+def _check_store_dir(db: Path) -> None:
+    parent = db.parent
+    if not parent.is_dir():
+        raise CliUsageError(
+            f"the directory {parent} of the checkpoint store {db} does not exist: create it "
+            f"(mkdir -p {parent}) or point --db (or KARBOR_DB) elsewhere"
+        )
 
 
 @asynccontextmanager
@@ -751,9 +807,9 @@ def _cloud(
         if faults:
             _exit_with(out, "--simcloud-fault needs a SIMULATED cloud: pass --simcloud N[:SEED]", 2)
         return None
-    directory = state if state is not None else _default_state(db)
 
     def make() -> Any:
+        directory = state if state is not None else _default_state(db)
         spec = SimcloudSpec.parse(simcloud) if simcloud is not None else None
         cloud = _generate_cloud(spec, out, directory)
         _add_faults(cloud, faults or ())
@@ -763,6 +819,7 @@ def _cloud(
 
 
 def _default_state(db: Path) -> Path:
+    _check_store_dir(db)  # (the state goes beside the store: never create its directory)
     return db.parent / "simcloud"
 
 

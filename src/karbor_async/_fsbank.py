@@ -269,8 +269,8 @@ class FsBankSection:
             dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
             rel = Path(dirpath).relative_to(self.directory).as_posix()
             for name in filenames:
-                if name.startswith(_RESERVED):
-                    continue
+                if name.startswith(_RESERVED) or os.path.islink(os.path.join(dirpath, name)):
+                    continue  # (a planted link is no object: get() refuses it too)
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
                     keys.append(key)
@@ -314,6 +314,12 @@ class FsBank:
 
     def _delete_checkpoint_sync(self, checkpoint_id: str) -> None:
         directory = self.checkpoint_dir(checkpoint_id)
+        if directory.is_symlink():
+            raise BankKeyError(
+                f"the bank directory of checkpoint {checkpoint_id} ({directory}) is a symbolic "
+                "link; the bank deletes only what it wrote, so nothing was touched: remove the "
+                "link by hand"
+            )
         aside = self._root / f"{_DELETING}{uuid.uuid4().hex}"
         try:
             os.replace(directory, aside)
@@ -321,6 +327,18 @@ class FsBank:
             return
         shutil.rmtree(aside)
         _log.info("bank_checkpoint_deleted", checkpoint_id=checkpoint_id, root=str(self._root))
+
+    async def free_bytes(self) -> int:
+        """Bytes free for writing on the bank's file system (``statvfs``): a plugin or
+        the engine can refuse a copy that cannot fit before it starts."""
+        return await _run(self._free_bytes_sync)
+
+    def _free_bytes_sync(self) -> int:
+        where = self._root
+        while not where.exists() and where != where.parent:
+            where = where.parent  # (the root is made on first write)
+        st = os.statvfs(where)
+        return st.f_bavail * st.f_frsize
 
     async def list_checkpoints(self) -> list[str]:
         """Ids of the checkpoints that have data in this bank, sorted."""

@@ -179,10 +179,12 @@ class SqliteStore:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         db_path = Path(path)
+        created = not await anyio.Path(db_path).exists()
         inspected = await anyio.to_thread.run_sync(
             functools.partial(inspect_file, db_path, check=check)
         )
         body_error: BaseException | None = None
+        opened = False
         try:
             async with contextlib.AsyncExitStack() as connections:
                 writer = await _connect(db_path, read_only=False)
@@ -206,6 +208,7 @@ class SqliteStore:
                     schema_version=version,
                     owner=store.owner,
                 )
+                opened = True
                 async with anyio.create_task_group() as tg:
                     await tg.start(store._writes.write_loop)
                     tg.start_soon(store._writes.checkpoint_loop)
@@ -227,6 +230,15 @@ class SqliteStore:
             # was (the store's own tasks only end by cancellation).
             if body_error is None or list(group.exceptions) != [body_error]:
                 raise
+        except BaseException:
+            if created and not opened:
+                # A failed creation (a full disk, a directory that refused it) leaves no
+                # file behind: nothing was ever stored in it.
+                with anyio.CancelScope(shield=True):
+                    for suffix in ("", "-wal", "-shm"):
+                        with contextlib.suppress(FileNotFoundError):
+                            await anyio.Path(f"{db_path}{suffix}").unlink()
+            raise
         if body_error is not None:
             raise body_error
         _log.info("sqlite_store_closed", path=str(db_path))

@@ -160,7 +160,13 @@ class BankSection(Protocol):
 
 
 class Bank(Protocol):
-    """Where plugins keep the data they save, sectioned per checkpoint and resource."""
+    """Where plugins keep the data they save, sectioned per checkpoint and resource.
+
+    A bank may also offer ``async def free_bytes() -> int`` (``FsBank`` does:
+    ``statvfs`` of its file system), the room left for writing, so a copy that
+    cannot fit can be refused before it starts; callers look it up with
+    ``getattr``, since not every bank can tell.
+    """
 
     def section(
         self, checkpoint_id: str, resource: ResourceKey, *, read_only: bool = False

@@ -1,0 +1,135 @@
+"""Unusable storage: each store error names the path and what to do, and leaves nothing.
+
+A store directory that does not exist, a plan rejected before anything ran, a
+full disk (a small tmpfs) and an empty store file, through the CLI with its
+defaults, as an operator meets them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from karbor_async import SqliteStore
+from karbor_async._cli import EXIT_BAD_INPUT, EXIT_OK, app
+from karbor_async.exceptions import StoreError
+
+pytest.importorskip("karbor_simcloud")
+
+PLAN = """\
+name = "app"
+resources = [{ type = "OS::Keystone::Project", id = "prj-0000001" }]
+"""
+SIM = ("--simcloud", "12:3:zero")
+
+
+@pytest.fixture(autouse=True)
+def _keep_structlog() -> Iterator[None]:
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+def _cli(root: Path, *args: str, code: int) -> str:
+    env = {"KARBOR_DB": None, "KARBOR_BANK": str(root / "bank"), "KARBOR_SIMCLOUD": None}
+    env.update(KARBOR_SIMCLOUD_STATE=str(root / "simcloud"), COLUMNS="200")
+    result = CliRunner().invoke(app, list(args), env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert "Traceback" not in result.output
+    assert result.exit_code == code, (result.exit_code, result.output)
+    return " ".join(result.output.split())
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, nearly full (root only: mounting needs it)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
+            pytest.fail("a tmpfs needs root and mount(8), and CI requires this test")
+        pytest.skip("mounting a small tmpfs needs root")
+    where = tmp_path / "full"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
+    try:
+        (where / "fill").write_bytes(b"\0" * 60 * 1024)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_store_in_a_missing_directory_is_named_with_the_fix(tmp_path: Path) -> None:
+    """`protect --db missing/karbor.db` (with or without the simulated cloud) exits 2
+    naming the directory and how to fix it, and creates nothing."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    db = tmp_path / "missing" / "karbor.db"
+    for extra in (SIM, ()):
+        out = _cli(
+            tmp_path,
+            "protect",
+            str(tmp_path / "plan.toml"),
+            "--db",
+            str(db),
+            *extra,
+            code=EXIT_BAD_INPUT,
+        )
+        assert f"the directory {db.parent} of the checkpoint store {db} does not exist" in out
+        assert "mkdir -p" in out
+    assert not db.parent.exists()
+
+
+def test_a_rejected_plan_creates_no_store_file(tmp_path: Path) -> None:
+    """A plan refused before anything ran (a type no plugin handles) leaves no store."""
+    plan = tmp_path / "bad.toml"
+    plan.write_text('name = "x"\nresources = [{ type = "Nope::Type", id = "1" }]\n')
+    db = tmp_path / "karbor.db"
+    out = _cli(tmp_path, "protect", str(plan), "--db", str(db), *SIM, code=EXIT_BAD_INPUT)
+    assert "Nope::Type" in out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("karbor.db")] == []
+
+
+def test_an_empty_store_file_is_refused_by_reads_and_initialised_by_a_write(
+    tmp_path: Path,
+) -> None:
+    """A 0-byte store file: `checkpoints list` refuses it (exit 2) and leaves it as it was;
+    the next protect makes it a store."""
+    db = tmp_path / "karbor.db"
+    db.write_bytes(b"")
+    out = _cli(tmp_path, "checkpoints", "list", "--db", str(db), code=EXIT_BAD_INPUT)
+    assert f"{db} is an empty file, not a checkpoint store (left untouched)" in out
+    assert db.stat().st_size == 0
+    (tmp_path / "plan.toml").write_text(PLAN)
+    _cli(tmp_path, "protect", str(tmp_path / "plan.toml"), "--db", str(db), *SIM, code=EXIT_OK)
+    assert "app" in _cli(tmp_path, "checkpoints", "list", "--db", str(db), code=EXIT_OK)
+
+
+def test_a_full_disk_leaves_no_store_file_behind(tmp_path: Path, full_disk: Path) -> None:
+    """A store that cannot be created for want of space: exit 2 naming the path and what to
+    do, and the file it began is removed (the CLI, and SqliteStore.open itself)."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    db = full_disk / "karbor.db"
+    out = _cli(
+        tmp_path, "protect", str(tmp_path / "plan.toml"), "--db", str(db), *SIM, code=EXIT_BAD_INPUT
+    )
+    assert f"the checkpoint store {db} cannot be created: database or disk is full" in out
+    assert "free space" in out and "nothing was left behind" in out
+    assert sorted(p.name for p in full_disk.iterdir()) == ["fill"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_store_open_removes_a_store_it_failed_to_create(full_disk: Path) -> None:
+    """The library too: a failed creation removes the file it created."""
+    import sqlite3
+
+    with pytest.raises((sqlite3.Error, StoreError)):
+        async with SqliteStore.open(full_disk / "karbor.db"):
+            pass
+    assert sorted([p.name async for p in anyio.Path(full_disk).iterdir()]) == ["fill"]
