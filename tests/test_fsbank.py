@@ -454,3 +454,63 @@ async def test_the_bank_reports_its_free_space(bank: FsBank) -> None:
     assert 0 < free <= shutil.disk_usage(bank.root.parent).total
     await bank.section("cp-1", VOLUME).put("k", b"v")
     assert abs(await bank.free_bytes() - shutil.disk_usage(bank.root).free) < 64 << 20
+
+
+def _dead_writer() -> str:
+    """The writer name (host:pid:start:nonce) of a process that has ended."""
+    import socket
+    import subprocess
+    import sys
+
+    from karbor_async._liveness import process_start
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    start = process_start(child.pid)
+    child.kill()
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:{start}:deadbeef"
+
+
+async def test_temp_files_name_their_writer_and_only_dead_writers_are_removed(
+    bank: FsBank,
+) -> None:
+    """A temporary file's name carries its writer (host, pid, start time): cleanup removes
+    a dead writer's, even a young one, and never a live writer's, even an old one."""
+    from karbor_async._liveness import owner_gone
+
+    section = bank.section("cp-1", VOLUME)
+    await section.put("keep", b"k")
+    seen: list[str] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        seen.extend(p.name for p in section.directory.iterdir() if p.name.startswith(".~"))
+        yield b"x"
+
+    await section.put_stream("streamed", chunks())
+    [live_name] = seen
+    writer = live_name[len(".~karbor-tmp.") :].rpartition(".")[0]
+    assert writer.count(":") == 3 and not owner_gone(writer)
+    live = section.directory / live_name  # (as if this process were still writing it)
+    live.write_bytes(b"mine")
+    os.utime(live, (time.time() - 7200, time.time() - 7200))
+    dead = section.directory / f".~karbor-tmp.{_dead_writer()}.0123abcd"
+    dead.write_bytes(b"partial")
+    assert await bank.cleanup(checkpoint_id="cp-1") == 1
+    assert sorted(tree(section.directory)) == sorted([live_name, "keep", "streamed"])
+
+
+async def test_an_engine_removes_dead_writers_temp_files_when_it_opens_the_bank(
+    bank: FsBank,
+) -> None:
+    """Entering an engine on a file-system bank removes what killed writers left there."""
+    from karbor_async import Engine
+
+    section = bank.section("cp-1", VOLUME)
+    await section.put("keep", b"k")
+    dead = section.directory / f".~karbor-tmp.{_dead_writer()}.0123abcd"
+    dead.write_bytes(b"partial")
+    async with Engine(bank=bank, discover=False):
+        with anyio.fail_after(5):
+            while dead.exists():  # noqa: ASYNC110 (polling the file system: no event to wait on)
+                await anyio.sleep(0.01)
+    assert tree(section.directory) == ["keep"]

@@ -136,6 +136,7 @@ class Engine:
             await outer.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         self._outer = outer
+        outer.start_soon(_clean_bank, self.bank, None)  # what killed writers left
         return self
 
     async def __aexit__(
@@ -336,6 +337,8 @@ class Engine:
         )
         # (A delete run's creation also moves its checkpoint to deleting, compare-and-set.)
         await _create_run(self.store, record, spec.plan.timeouts.lease_wait)
+        if spec.operation is OperationKind.DELETE:
+            await _clean_bank(self.bank, spec.checkpoint_id)
         try:
             return await run.execute()
         except (RunError, KeyboardInterrupt, SystemExit) as exc:
@@ -524,3 +527,18 @@ async def _create_run(store: Store, record: RunRecord, wait: float) -> None:
             await anyio.sleep(min(0.5, left))
         else:
             return
+
+
+async def _clean_bank(bank: Bank, checkpoint_id: str | None) -> None:
+    """Remove the temporary files of writers that are gone (a bank that can: ``cleanup``),
+    of the whole bank or of one checkpoint; never a live writer's. Never fails the engine."""
+    cleanup = getattr(bank, "cleanup", None)
+    if cleanup is None:
+        return
+    try:
+        if checkpoint_id is None:
+            await cleanup()
+        else:
+            await cleanup(checkpoint_id=checkpoint_id)
+    except Exception as exc:  # a bank it cannot read: its operations will say why
+        _log.warning("bank_cleanup_failed", checkpoint_id=checkpoint_id, error=repr(exc))

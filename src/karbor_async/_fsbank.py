@@ -39,6 +39,7 @@ import attrs
 import structlog
 
 from karbor_async._bankkeys import validate_key
+from karbor_async._liveness import owner_gone, owner_name
 from karbor_async._types import ResourceKey
 from karbor_async.exceptions import BankKeyError
 
@@ -55,6 +56,28 @@ _DELETING = ".~karbor-deleting."
 _NAME_MAX = 255
 _WRITE_BUFFER = 1 << 20
 """put_stream gathers small chunks up to this size before each write (one thread hop)."""
+_WRITERS: dict[int, str] = {}
+
+
+def _writer() -> str:
+    """This process as the writer of a temporary file: host:pid:start:nonce (per pid, so
+    a forked child is another writer)."""
+    pid = os.getpid()
+    name = _WRITERS.get(pid)
+    if name is None:
+        name = _WRITERS[pid] = owner_name()
+    return name
+
+
+def _temp_is_dead(name: str, mtime: float, cutoff: float) -> bool:
+    """Whether a temporary file's writer cannot still be writing it: its process (named in
+    the file's name) is gone, or, for a name without a writer, it is older than ``cutoff``."""
+    writer = name[len(_TMP) :].rpartition(".")[0]
+    if writer.count(":") == 3:
+        return owner_gone(writer)
+    return mtime < cutoff
+
+
 _STALE_AFTER = 3600.0
 """cleanup() removes temporary files older than this (a live writer may own younger ones)."""
 
@@ -136,7 +159,7 @@ class FsBankSection:
                 f"bank key {key!r} needs a directory where an object already is"
             ) from exc
         self._confine(key, target)
-        temp = target.parent / f"{_TMP}{uuid.uuid4().hex}"
+        temp = target.parent / f"{_TMP}{_writer()}.{uuid.uuid4().hex}"
         return temp.open("xb"), temp
 
     @staticmethod
@@ -355,28 +378,41 @@ class FsBank:
             if not n.startswith(".") and (self._root / n).is_dir()
         )
 
-    async def cleanup(self, *, stale_after: float = _STALE_AFTER) -> int:
-        """Remove what a crash left: half-deleted checkpoints and temporary files older
-        than ``stale_after`` seconds. Returns how many entries were removed."""
-        return await _run(functools.partial(self._cleanup_sync, stale_after))
+    async def cleanup(
+        self, *, stale_after: float = _STALE_AFTER, checkpoint_id: str | None = None
+    ) -> int:
+        """Remove what a crash left: half-deleted checkpoints, and temporary files whose
+        writer is gone (its host, pid and start time are in the file's name; a live
+        writer's are never touched; a name without a writer counts as gone once older
+        than ``stale_after`` seconds). With ``checkpoint_id``, only that checkpoint's
+        temporary files. Returns how many entries were removed."""
+        return await _run(functools.partial(self._cleanup_sync, stale_after, checkpoint_id))
 
-    def _cleanup_sync(self, stale_after: float) -> int:
+    def _cleanup_sync(self, stale_after: float, checkpoint_id: str | None) -> int:
         if not self._root.is_dir():
             return 0
         removed = 0
         cutoff = time.time() - stale_after
-        for entry in os.scandir(self._root):
-            if entry.name.startswith(_DELETING):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed += 1
-        for dirpath, _dirnames, filenames in os.walk(self._root):
+        top = self._root
+        if checkpoint_id is None:
+            for entry in os.scandir(self._root):
+                if entry.name.startswith(_DELETING):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+        else:
+            top = self.checkpoint_dir(checkpoint_id)
+            if top.is_symlink() or not top.is_dir():
+                return 0
+        for dirpath, _dirnames, filenames in os.walk(top):
             for name in filenames:
                 if name.startswith(_TMP):
                     path = Path(dirpath) / name
                     try:
-                        if path.stat().st_mtime < cutoff:
+                        if _temp_is_dead(name, path.stat().st_mtime, cutoff):
                             path.unlink()
                             removed += 1
                     except FileNotFoundError:
                         continue
+        if removed:
+            _log.info("bank_leftovers_removed", root=str(self._root), removed=removed)
         return removed
