@@ -60,6 +60,17 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
+def _spawn(root: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``karbor-async ARGS`` in the background, its output discarded."""
+    return subprocess.Popen(
+        [KARBOR, *args],
+        cwd=root,
+        env=_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _run(root: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [KARBOR, *args],
@@ -89,13 +100,7 @@ def _state(root: Path) -> Any:
 def _kill_when_fired(root: Path, args: list[str], hook: str, resource: str, extra: Any) -> None:
     """Start ``karbor-async ARGS``; SIGKILL it once the fault fired at ``resource``'s
     ``hook`` and ``extra(view)`` holds (the point is reached), within 60 s."""
-    proc = subprocess.Popen(
-        [KARBOR, *args],
-        cwd=root,
-        env=_env(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _spawn(root, *args)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -251,13 +256,7 @@ def _held_in_a_quiesce(root: Path) -> subprocess.Popen[bytes]:
     """A protect of the plan, held with one server's quiesce hanging (others frozen)."""
     (root / "plan.toml").write_text(PLAN)
     fault = f"protect:on_prepare_begin:{SERVER}#{_server(0)}:hang"
-    proc = subprocess.Popen(
-        [KARBOR, "protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault],
-        cwd=root,
-        env=_env(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _spawn(root, "protect", "plan.toml", "--simcloud", SIM, "--simcloud-fault", fault)
     try:
         deadline = time.monotonic() + 60
         while not ((root / "simcloud" / "simcloud.db").exists() and _state(root).fired):
@@ -276,12 +275,13 @@ def test_two_clis_never_protect_one_resource_at_once(tmp_path: Path) -> None:
     killed, the next protect takes its run over (thaws, cleans up) and runs."""
     proc = _held_in_a_quiesce(tmp_path)
     try:
-        frozen = {r.server_id for r in _state(tmp_path).frozen}
         second = _run(tmp_path, "protect", "plan.toml", "--simcloud", SIM)
         assert second.returncode == 4, second.stdout + second.stderr
         [(first, _)] = _checkpoints(tmp_path).items()
         assert f"is held by run {first}" in second.stderr
-        assert {r.server_id for r in _state(tmp_path).frozen} == frozen  # it froze nothing
+        # It froze nothing: every frozen server is the first run's (which goes on freezing).
+        frozen = _state(tmp_path).frozen
+        assert frozen and all(f"pid {proc.pid} run {first}" in (r.by or "") for r in frozen)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -401,13 +401,7 @@ def test_a_delete_of_a_checkpoint_being_deleted_waits_for_that_run(tmp_path: Pat
     done = _run(tmp_path, "protect", "plan.toml", "--simcloud", "12:3:zero", "--json")
     assert done.returncode == 0, done.stderr
     checkpoint = json.loads(done.stdout)["outcome"]["checkpoint_id"]
-    first = subprocess.Popen(
-        [KARBOR, "delete", checkpoint, "--simcloud", "12:3:zero"],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = _spawn(tmp_path, "delete", checkpoint, "--simcloud", "12:3:zero")
     deadline = time.monotonic() + 30
     while _checkpoints(tmp_path)[checkpoint] != "deleting":
         assert time.monotonic() < deadline and first.poll() is None

