@@ -256,17 +256,22 @@ class SharedState:
         return state, created
 
     def _prepare(self, meta: dict[str, str] | None) -> bool:
-        with self._txn() as c:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    c.execute(statement)
-            stored = dict(c.execute("SELECT key, value FROM meta").fetchall())
-            if not stored:
-                if meta is None:
-                    raise SharedStateError(f"{self.directory / DB_NAME} holds no simulated cloud")
-                rows = {**meta, "schema": str(SCHEMA_VERSION), "created_wall": str(time.time())}
-                c.executemany("INSERT INTO meta VALUES (?, ?)", sorted(rows.items()))
-                return True
+        if meta is None:
+            stored = self._stored_meta()
+        else:
+            with self._txn() as c:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                stored = dict(c.execute("SELECT key, value FROM meta").fetchall())
+                if not stored:
+                    rows = {
+                        **meta,
+                        "schema": str(SCHEMA_VERSION),
+                        "created_wall": str(time.time()),
+                    }
+                    c.executemany("INSERT INTO meta VALUES (?, ?)", sorted(rows.items()))
+                    return True
         version = int(stored.get("schema", "0"))
         if version > SCHEMA_VERSION:
             raise SharedStateError(
@@ -289,6 +294,24 @@ class SharedState:
                     "the directory to start over"
                 )
         return False
+
+    def _stored_meta(self) -> dict[str, str]:
+        """(Opening an existing state, which writes nothing.) Its meta; a state another
+        process is creating right now (its file there, its first transaction not yet
+        committed) is waited for, up to 5 s."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            with self._lock:
+                conn = self._conn
+                has = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                ).fetchone()
+                stored = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if has else {}
+            if stored:
+                return stored
+            if time.monotonic() > deadline:
+                raise SharedStateError(f"{self.directory / DB_NAME} holds no simulated cloud")
+            time.sleep(0.05)
 
     @property
     def meta(self) -> dict[str, str]:
