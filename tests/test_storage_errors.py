@@ -133,3 +133,55 @@ async def test_sqlite_store_open_removes_a_store_it_failed_to_create(full_disk: 
         async with SqliteStore.open(full_disk / "karbor.db"):
             pass
     assert sorted([p.name async for p in anyio.Path(full_disk).iterdir()]) == ["fill"]
+
+
+@pytest.fixture
+def read_only_media(tmp_path: Path) -> Iterator[Path]:
+    """A directory holding a healthy store, seen through a read-only bind mount (root
+    ignores chmod, so only a read-only mount makes media read-only for it)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
+            pytest.fail("a read-only bind mount needs root and mount(8), and CI requires this test")
+        pytest.skip("a read-only bind mount needs root")
+    source = tmp_path / "source"
+    source.mkdir()
+    (tmp_path / "plan.toml").write_text(PLAN)
+    _cli(
+        tmp_path,
+        "protect",
+        str(tmp_path / "plan.toml"),
+        "--db",
+        str(source / "karbor.db"),
+        *SIM,
+        code=EXIT_OK,
+    )
+    media = tmp_path / "media"
+    media.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(media)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(media)], check=True)
+        yield media
+    finally:
+        subprocess.run(["umount", str(media)], check=False)
+
+
+def test_read_only_commands_work_on_read_only_media(tmp_path: Path, read_only_media: Path) -> None:
+    """A healthy store on read-only media is read, not called corrupt: checkpoints, runs,
+    events and the report work; a protect there says the directory is not writable."""
+    db = str(read_only_media / "karbor.db")
+    listed = _cli(tmp_path, "checkpoints", "list", "--db", db, code=EXIT_OK)
+    assert "available" in listed and "corrupt" not in listed
+    [checkpoint] = [w for w in listed.split() if w[:8].isdigit() and "T" in w][:1]
+    assert "succeeded" in _cli(
+        tmp_path, "checkpoints", "show", checkpoint, "--db", db, code=EXIT_OK
+    )
+    assert checkpoint in _cli(tmp_path, "runs", "list", "--db", db, code=EXIT_OK)
+    assert "run_finished" in _cli(tmp_path, "events", checkpoint, "--db", db, code=EXIT_OK)
+    report = tmp_path / "timeline.html"
+    _cli(tmp_path, "report", checkpoint, "-o", str(report), "--db", db, code=EXIT_OK)
+    assert report.stat().st_size > 0
+    refused = _cli(
+        tmp_path, "protect", str(tmp_path / "plan.toml"), "--db", db, *SIM, code=EXIT_BAD_INPUT
+    )
+    assert f"the checkpoint store {db} cannot be opened" in refused
+    assert "writable" in refused

@@ -439,9 +439,13 @@ def _check_cloud(engine: Engine, types: Sequence[str], cloud: Any) -> None:
 
 
 @asynccontextmanager
-async def _store(db: Path, *, must_exist: bool) -> AsyncIterator[SqliteStore]:
+async def _store(
+    db: Path, *, must_exist: bool, read_only: bool = False
+) -> AsyncIterator[SqliteStore]:
     """The command's store; one this command created and left with no run in it (a plan
-    rejected before anything ran, a failure while creating it) is removed again."""
+    rejected before anything ran, a failure while creating it) is removed again.
+    ``read_only``: a command that only reads, which never writes the file (it works on
+    read-only media)."""
     path = anyio.Path(db)
     exists = await path.exists()
     if must_exist and not exists:
@@ -455,6 +459,13 @@ async def _store(db: Path, *, must_exist: bool) -> AsyncIterator[SqliteStore]:
             f"{db} is an empty file, not a checkpoint store (left untouched): a command that "
             "writes (protect) makes it one, or point --db at an existing store"
         )
+    if read_only:
+        try:
+            async with SqliteStore.open(db, read_only=True) as store:
+                yield store
+        except sqlite3.Error as exc:
+            raise StoreFileError(_store_advice(db, exc, False)) from None
+        return
     created = not exists
     ran = opened = False
     try:
@@ -1069,7 +1080,7 @@ def checkpoints_list(
 async def _checkpoints_list(
     out: _Out, plan: str | None, status: CheckpointStatus | None, limit: int, db: Path
 ) -> int:
-    async with _store(db, must_exist=True) as store:
+    async with _store(db, must_exist=True, read_only=True) as store:
         found = await store.list_checkpoints(plan_name=plan, status=status, limit=limit)
     if out.json:
         out.emit({"checkpoints": [_checkpoint_json(cp) for cp in found]})
@@ -1108,7 +1119,7 @@ def checkpoints_show(
 
 
 async def _checkpoints_show(out: _Out, checkpoint_id: str, db: Path) -> int:
-    async with _store(db, must_exist=True) as store:
+    async with _store(db, must_exist=True, read_only=True) as store:
         cp = await store.get_checkpoint(checkpoint_id)
         runs = await store.list_runs(checkpoint_id=checkpoint_id)
     if out.json:
@@ -1254,7 +1265,7 @@ def runs_list(
 
 
 async def _runs_list(out: _Out, checkpoint: str | None, limit: int, db: Path) -> int:
-    async with _store(db, must_exist=True) as store:
+    async with _store(db, must_exist=True, read_only=True) as store:
         if checkpoint is not None:
             await store.get_checkpoint(checkpoint)
         runs = await store.list_runs(checkpoint_id=checkpoint, limit=limit)
@@ -1279,7 +1290,7 @@ def runs_show(
 
 
 async def _runs_show(out: _Out, run_id: str, db: Path) -> int:
-    async with _store(db, must_exist=True) as store:
+    async with _store(db, must_exist=True, read_only=True) as store:
         run = await store.get_run(run_id)
         events = await store.read_events(run_id, 0)
     if out.json:
@@ -1345,7 +1356,7 @@ def events(
 
 
 async def _events(out: _Out, run_id: str, since: int, follow: bool, db: Path) -> int:
-    async with _store(db, must_exist=True) as store:
+    async with _store(db, must_exist=True, read_only=True) as store:
         record = await store.get_run(run_id)
         t0: float | None = None
         if since > 0:
@@ -1478,7 +1489,7 @@ def report(
 
 
 async def _report(out: _Out, run_id: str, output: Path, db: Path) -> int:
-    async with _store(db, must_exist=True) as store:
+    async with _store(db, must_exist=True, read_only=True) as store:
         engine = Engine(store=store, discover=False)
         data = await _write_report(out, engine, run_id, output)
     if out.json:

@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -61,12 +62,12 @@ import anyio
 import attrs
 import structlog
 
-from karbor_async._sqlite_file import _close, _connect, _default_owner, _prepare
+from karbor_async._sqlite_file import _BUSY_TIMEOUT, _close, _connect, _default_owner, _prepare
 from karbor_async._sqlite_leases import _Leases
 from karbor_async._sqlite_queries import _Queries
 from karbor_async._sqlite_records import HookRecord, HookStatus, _encode
 from karbor_async._sqlite_runs import _Runs
-from karbor_async._sqlite_schema import inspect_file
+from karbor_async._sqlite_schema import inspect_file, read_only_uri
 from karbor_async._sqlite_state import _LeaseBook
 from karbor_async._sqlite_writer import _Writer
 from karbor_async._types import ResourceKey
@@ -157,6 +158,7 @@ class SqliteStore:
         lease_seconds: float = 30.0,
         auto_renew: bool = True,
         check: bool = True,
+        read_only: bool = False,
     ) -> AsyncIterator[SqliteStore]:
         """Open (creating or migrating) the store at ``path`` for the duration of the block.
 
@@ -168,6 +170,10 @@ class SqliteStore:
         :class:`~karbor_async._sqlite_schema.StoreFileError` and left untouched.
         Leaving the block flushes pending writes and releases this store's leases,
         so another engine can recover unfinished runs at once.
+
+        ``read_only``: only to read, never writing the file, so it works on read-only
+        media (``immutable`` when nothing can be writing it, see ``read_only_uri``);
+        the store must exist, and every write raises :class:`StoreError`.
         """
         try:
             asyncio.get_running_loop()
@@ -179,6 +185,10 @@ class SqliteStore:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         db_path = Path(path)
+        if read_only:
+            async with cls._open_read_only(db_path, owner=owner, check=check) as store:
+                yield store
+            return
         created = not await anyio.Path(db_path).exists()
         inspected = await anyio.to_thread.run_sync(
             functools.partial(inspect_file, db_path, check=check)
@@ -242,6 +252,39 @@ class SqliteStore:
         if body_error is not None:
             raise body_error
         _log.info("sqlite_store_closed", path=str(db_path))
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def _open_read_only(
+        cls, db_path: Path, *, owner: str | None, check: bool
+    ) -> AsyncIterator[SqliteStore]:
+        if not await anyio.Path(db_path).is_file():
+            raise StoreError(f"no checkpoint store at {db_path} to read")
+        version = await anyio.to_thread.run_sync(
+            functools.partial(inspect_file, db_path, check=check)
+        )
+        if version == 0:
+            raise StoreError(f"{db_path} holds no checkpoint store yet (it is empty)")
+        reader = await aiosqlite.connect(
+            read_only_uri(db_path), uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT
+        )
+        try:
+            reader.row_factory = sqlite3.Row
+            await reader.execute("PRAGMA query_only = ON")
+            store = cls(
+                path=db_path,
+                writer=reader,
+                reader=reader,
+                checkpointer=reader,
+                owner=owner or _default_owner(),
+                lease_seconds=30.0,
+            )
+            store._writes.read_only = store._writes.closed = True  # every write refused
+            store._queries.check_open = lambda: None
+            yield store
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reader.close()
 
     # -- properties ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ that has shipped; append a new one.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "APPLICATION_ID",
     "MAGIC",
     "MIGRATIONS",
+    "read_only_uri",
     "inspect_file",
     "schema_version",
 ]
@@ -199,6 +201,20 @@ def _file_uri(path: Path, mode: str) -> str:
     return f"{path.absolute().as_uri()}?mode={mode}"
 
 
+def read_only_uri(path: Path) -> str:
+    """How to open a store only to read it.
+
+    ``immutable=1`` (no locks, no ``-shm``: what read-only media need) only when its
+    directory cannot be written and no ``-wal`` file exists, so no process can be
+    writing it; otherwise plain ``mode=ro``.
+    """
+    directory = path.absolute().parent
+    wal = Path(f"{path}-wal")
+    if not os.access(directory, os.W_OK) and not wal.exists():
+        return f"{_file_uri(path, 'ro')}&immutable=1"
+    return _file_uri(path, "ro")
+
+
 def inspect_file(path: Path, *, check: bool = True) -> int:
     """Return the schema version of the store at ``path`` (0: absent or empty, create it).
 
@@ -223,7 +239,7 @@ def inspect_file(path: Path, *, check: bool = True) -> int:
             "it was left untouched: point the store at a new file"
         )
     try:
-        conn = sqlite3.connect(_file_uri(path, "ro"), uri=True, timeout=10.0)
+        conn = sqlite3.connect(read_only_uri(path), uri=True, timeout=10.0)
     except sqlite3.Error as exc:
         raise StoreFileError(f"{path} cannot be opened for reading: {exc}") from exc
     try:

@@ -95,8 +95,15 @@ class _Writer:
         if not self.quiet and self.pending.has_work:
             self.poke_now()
 
+    read_only = False
+    """The store was opened only to read (``SqliteStore.open(read_only=True)``)."""
+
     def check_open(self) -> None:
         if self.closed:
+            if self.read_only:
+                raise StoreError(
+                    f"the store {self.path} is open read-only: open it without read_only to write"
+                )
             raise StoreError(f"the store {self.path} is closed")
 
     # -- the writer task ---------------------------------------------------------------
