@@ -259,12 +259,18 @@ class SqliteStore:
         cls, db_path: Path, *, owner: str | None, check: bool
     ) -> AsyncIterator[SqliteStore]:
         if not await anyio.Path(db_path).is_file():
-            raise StoreError(f"no checkpoint store at {db_path} to read")
+            raise StoreError(
+                f"no checkpoint store at {db_path} to read: protect something first, or give "
+                "the path of an existing store"
+            )
         version = await anyio.to_thread.run_sync(
             functools.partial(inspect_file, db_path, check=check)
         )
         if version == 0:
-            raise StoreError(f"{db_path} holds no checkpoint store yet (it is empty)")
+            raise StoreError(
+                f"{db_path} holds no checkpoint store yet (it is empty, left untouched): a "
+                "write (protect) makes it one"
+            )
         reader = await aiosqlite.connect(
             read_only_uri(db_path), uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT
         )

@@ -299,7 +299,10 @@ class _Runs:
                     checkpoint_rows(),
                 )
             except sqlite3.IntegrityError as exc:
-                raise StoreError(f"importing checkpoints failed: {exc}") from exc
+                raise StoreError(
+                    f"importing checkpoints into {self.writer.path} failed: {exc}; an id "
+                    "already in the store cannot be imported again"
+                ) from exc
 
         await self.writer.submit(op)
         return len(rows)

@@ -241,7 +241,10 @@ def inspect_file(path: Path, *, check: bool = True) -> int:
     try:
         conn = sqlite3.connect(read_only_uri(path), uri=True, timeout=10.0)
     except sqlite3.Error as exc:
-        raise StoreFileError(f"{path} cannot be opened for reading: {exc}") from exc
+        raise StoreFileError(
+            f"{path} cannot be opened for reading: {exc}; check that it and its directory "
+            "are readable by this user"
+        ) from exc
     try:
         return _inspect(conn, path, check=check)
     except sqlite3.DatabaseError as exc:

@@ -156,7 +156,10 @@ class _Writer:
                     "it is released"
                 )
             else:
-                error = StoreError(f"writing to the store {self.path} failed: {exc}")
+                error = StoreError(
+                    f"writing to the store {self.path} failed: {exc}; check the free space "
+                    f"and the permissions of {self.path.parent}"
+                )
             error.__cause__ = exc
             batch.error = error
             for op in batch.ops:
