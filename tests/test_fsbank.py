@@ -499,6 +499,7 @@ async def test_temp_files_name_their_writer_and_only_dead_writers_are_removed(
     assert sorted(tree(section.directory)) == sorted([live_name, "keep", "streamed"])
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (real time: a thread does the walk)
 async def test_an_engine_removes_dead_writers_temp_files_when_it_opens_the_bank(
     bank: FsBank,
 ) -> None:

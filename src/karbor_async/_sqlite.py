@@ -186,7 +186,7 @@ class SqliteStore:
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         db_path = Path(path)
         if read_only:
-            async with cls._open_read_only(db_path, owner=owner, check=check) as store:
+            async with _open_read_only(cls, db_path, owner=owner, check=check) as store:
                 yield store
             return
         created = not await anyio.Path(db_path).exists()
@@ -252,45 +252,6 @@ class SqliteStore:
         if body_error is not None:
             raise body_error
         _log.info("sqlite_store_closed", path=str(db_path))
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def _open_read_only(
-        cls, db_path: Path, *, owner: str | None, check: bool
-    ) -> AsyncIterator[SqliteStore]:
-        if not await anyio.Path(db_path).is_file():
-            raise StoreError(
-                f"no checkpoint store at {db_path} to read: protect something first, or give "
-                "the path of an existing store"
-            )
-        version = await anyio.to_thread.run_sync(
-            functools.partial(inspect_file, db_path, check=check)
-        )
-        if version == 0:
-            raise StoreError(
-                f"{db_path} holds no checkpoint store yet (it is empty, left untouched): a "
-                "write (protect) makes it one"
-            )
-        reader = await aiosqlite.connect(
-            read_only_uri(db_path), uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT
-        )
-        try:
-            reader.row_factory = sqlite3.Row
-            await reader.execute("PRAGMA query_only = ON")
-            store = cls(
-                path=db_path,
-                writer=reader,
-                reader=reader,
-                checkpointer=reader,
-                owner=owner or _default_owner(),
-                lease_seconds=30.0,
-            )
-            store._writes.read_only = store._writes.closed = True  # every write refused
-            store._queries.check_open = lambda: None
-            yield store
-        finally:
-            with anyio.CancelScope(shield=True):
-                await reader.close()
 
     # -- properties ----------------------------------------------------------------------
 
@@ -526,3 +487,41 @@ class SqliteStore:
     async def load_progress(self, run_id: str) -> list[Event]:
         """The latest committed progress tick of each resource of a run."""
         return await self._queries.load_progress(run_id)
+
+
+@contextlib.asynccontextmanager
+async def _open_read_only(
+    cls: type[SqliteStore], db_path: Path, *, owner: str | None, check: bool
+) -> AsyncIterator[SqliteStore]:
+    """``SqliteStore.open(read_only=True)``: one read-only connection, nothing written."""
+    if not await anyio.Path(db_path).is_file():
+        raise StoreError(
+            f"no checkpoint store at {db_path} to read: protect something first, or give "
+            "the path of an existing store"
+        )
+    version = await anyio.to_thread.run_sync(functools.partial(inspect_file, db_path, check=check))
+    if version == 0:
+        raise StoreError(
+            f"{db_path} holds no checkpoint store yet (it is empty, left untouched): a "
+            "write (protect) makes it one"
+        )
+    reader = await aiosqlite.connect(
+        read_only_uri(db_path), uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT
+    )
+    try:
+        reader.row_factory = sqlite3.Row
+        await reader.execute("PRAGMA query_only = ON")
+        store = cls(
+            path=db_path,
+            writer=reader,
+            reader=reader,
+            checkpointer=reader,
+            owner=owner or _default_owner(),
+            lease_seconds=30.0,
+        )
+        store._writes.read_only = store._writes.closed = True  # every write refused
+        store._queries.check_open = lambda: None
+        yield store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await reader.close()
