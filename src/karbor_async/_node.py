@@ -199,10 +199,6 @@ class _Node(Slot[_Group]):
     errors: list[tuple[Hook, AbortReason | None, BaseException]] = attrs.Factory(list)
     """Every failure of the resource, in order (the first is also ``error``)."""
 
-    @property
-    def group(self) -> _Group:
-        return self.gate
-
     def cancel_hook(self) -> None:
         """Cancel whatever hook call runs (the engine closing, or an abandoned hook)."""
         if self.scope is not None:

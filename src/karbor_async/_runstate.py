@@ -107,7 +107,6 @@ class RunState:
             timers=timers,
             log=self.log,
         )
-        self.record = record_events
         self.scrub = self.rec.scrub
         self.now: Callable[[], float] = anyio.current_time
         """The engine clock: ``anyio.current_time``, read straight from the loop on asyncio."""

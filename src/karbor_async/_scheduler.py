@@ -95,15 +95,6 @@ class Run(RunState):
         await abandon_due(self, nodes)
 
     # -- observing -------------------------------------------------------------------------
-    @property
-    def restored(self) -> dict[ResourceKey, str]:
-        """Original resource -> new id, of what this restore created so far."""
-        return self.rec.restored
-
-    @property
-    def scrubber(self) -> Any:
-        return self.rec.scrub
-
     def statistics(self, *, limit: int = 20) -> RunStatistics:
         """A frozen snapshot of where the run stands (for progress displays)."""
         return statistics(self, limit)
@@ -209,7 +200,7 @@ class Run(RunState):
         may exist (the write hold keeps CUT events back while anything is frozen).
         Committed here, before the first quiesce, so it costs no quiesce window.
         """
-        if self.operation is not OperationKind.PROTECT or not self.record:
+        if self.operation is not OperationKind.PROTECT or not self.rec.record:
             return
         emitted = False
         for g in self.groups.values():

@@ -56,7 +56,12 @@ async def signal_pf(run: RunState, n: _Node) -> None:
 
 
 async def release_main(run: RunState, g: _Group) -> None:
-    """The group's last cut finished: commit (point 2), then open its main barrier."""
+    """The group's last cut finished: give back the leases of what is thawed (once per
+    group, not inside the cut wave), commit (point 2), then open its main barrier."""
+    release = run.rec.release
+    for n in g.nodes:
+        if n.leased and n.signalled_pf and not n.frozen:
+            release(n)
     if run.operation is OperationKind.PROTECT:
         with anyio.CancelScope(shield=True):
             await run.store.commit()

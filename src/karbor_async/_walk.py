@@ -231,7 +231,7 @@ async def _finish_prepare(run: RunState, n: _Node) -> bool:
     if n.cuts:
         if n.cut_at is None:
             n.cut_at = n.call_start  # the default cut: the start of the call
-        if run.record:
+        if run.rec.record:
             run.rec.emit(EventKind.CUT, n, None, at=n.cut_at, crash_consistent=n.crash_consistent)
     if n.quiesces:
         run.holds.set_frozen(n, False)
@@ -239,8 +239,6 @@ async def _finish_prepare(run: RunState, n: _Node) -> bool:
         if n.thawed_at is None:
             n.thawed_at = run.now()
         run.rec.emit(EventKind.THAWED, n, None, at=n.thawed_at)
-    if n.leased:
-        run.rec.release(n)
     return True
 
 
