@@ -49,13 +49,18 @@ def _cli(root: Path, *args: str, code: int) -> str:
     return " ".join(result.output.split())
 
 
+def _need_root(what: str) -> None:
+    """Mounting needs root and mount(8): skip without them, except under CI."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
+            pytest.fail(f"{what} needs root and mount(8), and CI requires this test")
+        pytest.skip(f"{what} needs root")
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs, nearly full (root only: mounting needs it)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
-            pytest.fail("a tmpfs needs root and mount(8), and CI requires this test")
-        pytest.skip("mounting a small tmpfs needs root")
+    _need_root("mounting a small tmpfs")
     where = tmp_path / "full"
     where.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
@@ -139,10 +144,7 @@ async def test_sqlite_store_open_removes_a_store_it_failed_to_create(full_disk: 
 def read_only_media(tmp_path: Path) -> Iterator[Path]:
     """A directory holding a healthy store, seen through a read-only bind mount (root
     ignores chmod, so only a read-only mount makes media read-only for it)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
-            pytest.fail("a read-only bind mount needs root and mount(8), and CI requires this test")
-        pytest.skip("a read-only bind mount needs root")
+    _need_root("a read-only bind mount")
     source = tmp_path / "source"
     source.mkdir()
     (tmp_path / "plan.toml").write_text(PLAN)

@@ -10,7 +10,6 @@ one message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
@@ -42,6 +41,7 @@ from karbor_async._report import write_report
 from karbor_async._scheduler import Run
 from karbor_async._secrets_cli import CliSecrets
 from karbor_async._sqlite import SqliteStore
+from karbor_async._sqlite_file import remove_store_files
 from karbor_async._tasks import AbandonedHook, what_runs
 from karbor_async._types import BarrierPolicy, OperationKind, ResourceStatus, RunStatus
 from karbor_async.events import Event, EventKind
@@ -483,7 +483,7 @@ async def _store(
         raise StoreFileError(_store_advice(db, exc, created)) from None
     finally:
         if created and not ran:
-            await _remove_store_files(db)
+            await remove_store_files(db)
 
 
 def _store_advice(db: Path, exc: sqlite3.Error, created: bool) -> str:
@@ -498,12 +498,6 @@ def _store_advice(db: Path, exc: sqlite3.Error, created: bool) -> str:
     what = "created" if created else "opened"
     left = " (nothing was left behind)" if created else ""
     return f"the checkpoint store {db} cannot be {what}: {text}; {fix}{left}"
-
-
-async def _remove_store_files(db: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            await anyio.Path(f"{db}{suffix}").unlink()
 
 
 def _check_store_dir(db: Path) -> None:

@@ -39,7 +39,7 @@ import attrs
 import structlog
 
 from karbor_async._bankkeys import validate_key
-from karbor_async._liveness import owner_gone, owner_name
+from karbor_async._liveness import owner_gone, this_process
 from karbor_async._types import ResourceKey
 from karbor_async.exceptions import BankKeyError
 
@@ -56,17 +56,6 @@ _DELETING = ".~karbor-deleting."
 _NAME_MAX = 255
 _WRITE_BUFFER = 1 << 20
 """put_stream gathers small chunks up to this size before each write (one thread hop)."""
-_WRITERS: dict[int, str] = {}
-
-
-def _writer() -> str:
-    """This process as the writer of a temporary file: host:pid:start:nonce (per pid, so
-    a forked child is another writer)."""
-    pid = os.getpid()
-    name = _WRITERS.get(pid)
-    if name is None:
-        name = _WRITERS[pid] = owner_name()
-    return name
 
 
 def _temp_is_dead(name: str, mtime: float, cutoff: float) -> bool:
@@ -159,7 +148,7 @@ class FsBankSection:
                 f"bank key {key!r} needs a directory where an object already is"
             ) from exc
         self._confine(key, target)
-        temp = target.parent / f"{_TMP}{_writer()}.{uuid.uuid4().hex}"
+        temp = target.parent / f"{_TMP}{this_process()}.{uuid.uuid4().hex}"
         return temp.open("xb"), temp
 
     @staticmethod

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 
-__all__ = ["owner_gone", "owner_name", "process_start"]
+__all__ = ["owner_gone", "owner_name", "process_start", "this_process"]
 
 
 def process_start(pid: int) -> int | None:
@@ -41,6 +41,18 @@ def owner_name() -> str:
     return (
         f"{socket.gethostname()}:{pid}:{start if start is not None else 0}:{uuid.uuid4().hex[:8]}"
     )
+
+
+_THIS: dict[int, str] = {}
+
+
+def this_process() -> str:
+    """This process as an owner (one name per process: a forked child gets its own)."""
+    pid = os.getpid()
+    name = _THIS.get(pid)
+    if name is None:
+        name = _THIS[pid] = owner_name()
+    return name
 
 
 def owner_gone(owner: str) -> bool:

@@ -62,7 +62,14 @@ import anyio
 import attrs
 import structlog
 
-from karbor_async._sqlite_file import _BUSY_TIMEOUT, _close, _connect, _default_owner, _prepare
+from karbor_async._sqlite_file import (
+    _BUSY_TIMEOUT,
+    _close,
+    _connect,
+    _default_owner,
+    _prepare,
+    remove_store_files,
+)
 from karbor_async._sqlite_leases import _Leases
 from karbor_async._sqlite_queries import _Queries
 from karbor_async._sqlite_records import HookRecord, HookStatus, _encode
@@ -245,9 +252,7 @@ class SqliteStore:
                 # A failed creation (a full disk, a directory that refused it) leaves no
                 # file behind: nothing was ever stored in it.
                 with anyio.CancelScope(shield=True):
-                    for suffix in ("", "-wal", "-shm"):
-                        with contextlib.suppress(FileNotFoundError):
-                            await anyio.Path(f"{db_path}{suffix}").unlink()
+                    await remove_store_files(db_path)
             raise
         if body_error is not None:
             raise body_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -25,6 +26,14 @@ _log = structlog.get_logger("karbor_async._sqlite")
 
 _BUSY_TIMEOUT = 10.0
 """How long a connection waits for another process's lock before failing."""
+
+
+async def remove_store_files(path: Path) -> None:
+    """Remove a store file and its ``-wal`` and ``-shm`` (only ever one this code created
+    and stored nothing in)."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            await anyio.Path(f"{path}{suffix}").unlink()
 
 
 def _default_owner() -> str:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from karbor_async._liveness import owner_gone, this_process
 from karbor_async._outcome import GroupOutcome, ResourceOutcome, RunOutcome
 from karbor_async._types import OperationKind, ResourceKey, RunStatus
 from karbor_async.events import Event
@@ -26,6 +27,8 @@ __all__ = [
     "ResourceOutcome",
     "RunOutcome",
     "RunRecord",
+    "owner_gone",
+    "this_process",
     "Store",
     "check_checkpoint_transition",
     "key_from_str",

@@ -16,6 +16,7 @@ from karbor_async.plugin import (
     ProtectionPlugin,
     ResourceType,
 )
+from karbor_async.store import owner_gone, this_process
 
 __all__ = [
     "AbortReason",
@@ -30,4 +31,6 @@ __all__ = [
     "Resource",
     "ResourceKey",
     "ResourceType",
+    "owner_gone",
+    "this_process",
 ]

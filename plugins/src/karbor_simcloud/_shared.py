@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import anyio
 import attrs
 
+from karbor_simcloud._compat import owner_gone, this_process
+
 __all__ = [
     "CreatedRow",
     "FiredRow",
@@ -58,9 +60,7 @@ CREATE TABLE IF NOT EXISTS servers (
     id TEXT PRIMARY KEY,
     frozen INTEGER NOT NULL DEFAULT 0,
     frozen_by TEXT,
-    frozen_pid INTEGER,
-    frozen_host TEXT,
-    frozen_started INTEGER,
+    frozen_owner TEXT,
     frozen_wall REAL,
     freezes INTEGER NOT NULL DEFAULT 0,
     thaws INTEGER NOT NULL DEFAULT 0,
@@ -168,40 +168,17 @@ class StateView:
     """The last faults that fired (newest last, at most 50)."""
 
 
-def process_started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot; None if unknown or gone):
-    with the pid, it names one process even once pids are reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command (field 2) is in parentheses and may hold spaces: split after it.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields and fields[0] == b"Z":
-        return None  # a zombie: it has ended
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-_STARTED = process_started(os.getpid())
-
-
-def _alive(pid: int | None, host: str | None, started: int | None) -> bool | None:
-    if pid is None or host != socket.gethostname():
-        return None
-    now = process_started(pid)
-    if now is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not os.path.exists("/proc/self/stat")  # (no /proc: trust the pid alone)
-    return started is None or now == started
+def _frozen_row(
+    server_id: str, by: str | None, owner: str | None, since: float | None
+) -> FrozenRow:
+    """A frozen server as ``show`` lists it; its freezer is the engine's owner name
+    (host:pid:start:nonce), so liveness is the store's own rule (a reused pid is not it)."""
+    host, pid_text = [*owner.split(":"), "", ""][:2] if owner else (None, "")
+    alive = None
+    if host == socket.gethostname() and owner is not None:
+        alive = not owner_gone(owner)
+    pid = int(pid_text) if pid_text.isdigit() else None
+    return FrozenRow(server_id, by, pid, host, since, alive)
 
 
 class SharedState:
@@ -355,10 +332,10 @@ class SharedState:
         def op(c: sqlite3.Connection) -> bool:
             c.execute("INSERT OR IGNORE INTO servers (id) VALUES (?)", (server_id,))
             cur = c.execute(
-                "UPDATE servers SET frozen = 1, frozen_by = ?, frozen_pid = ?, frozen_host = ?,"
-                " frozen_started = ?, frozen_wall = ?, freezes = freezes + 1"
+                "UPDATE servers SET frozen = 1, frozen_by = ?, frozen_owner = ?,"
+                " frozen_wall = ?, freezes = freezes + 1"
                 " WHERE id = ? AND frozen = 0",
-                (by, os.getpid(), socket.gethostname(), _STARTED, now, server_id),
+                (by, this_process(), now, server_id),
             )
             return cur.rowcount == 1
 
@@ -513,9 +490,9 @@ class SharedState:
         with self._txn() as c:
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             frozen = tuple(
-                FrozenRow(str(r[0]), r[1], r[2], r[3], r[4], _alive(r[2], r[3], r[5]))
+                _frozen_row(str(r[0]), r[1], r[2], r[3])
                 for r in c.execute(
-                    "SELECT id, frozen_by, frozen_pid, frozen_host, frozen_wall, frozen_started"
+                    "SELECT id, frozen_by, frozen_owner, frozen_wall"
                     " FROM servers WHERE frozen = 1 ORDER BY frozen_wall, id"
                 )
             )
