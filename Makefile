@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml plugins/pyproject.toml
+# Every package under plugins/ (each folder with a pyproject.toml) is installed.
+PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' -e ./plugins
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' $(addprefix -e ./,$(PLUGINS))
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 import attrs
 from anyio.abc import TaskStatus
-from karbor_simcloud import VOLUME, LatencyProfile, all_protectables, all_protections
 
 from benchmarks._measure import (
     REALISTIC_COPY_SLOTS,
@@ -53,6 +52,7 @@ from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, ta
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
 from karbor_async import BarrierPolicy, Engine, Plan
+from karbor_simcloud import VOLUME, LatencyProfile, all_protectables, all_protections
 
 HERE = Path(__file__).resolve().parent
 SEED = 20161129  # the day Karbor's authors argued for the protocol

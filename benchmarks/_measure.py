@@ -23,6 +23,11 @@ from typing import Any
 
 import anyio
 import attrs
+
+import karbor_async
+from benchmarks import floor_anyio, floor_asyncio, floor_realistic
+from benchmarks._workload import NoopProtection, Workload, make_plan
+from karbor_async import BarrierPolicy, Engine, Hook, MemoryBank, MemoryStore, OperationKind
 from karbor_simcloud import (
     VOLUME,
     LatencyProfile,
@@ -31,11 +36,6 @@ from karbor_simcloud import (
     all_protections,
 )
 from karbor_simcloud.direct import DirectGraph, DirectRunner
-
-import karbor_async
-from benchmarks import floor_anyio, floor_asyncio, floor_realistic
-from benchmarks._workload import NoopProtection, Workload, make_plan
-from karbor_async import BarrierPolicy, Engine, Hook, MemoryBank, MemoryStore, OperationKind
 
 __all__ = [
     "REALISTIC_COPY_SLOTS",

@@ -8,8 +8,6 @@ from typing import Any
 
 import attrs
 import structlog
-from karbor_simcloud import IMAGE, NETWORK, PROJECT, SERVER, VOLUME, SimCloud, all_protectables
-from karbor_simcloud.direct import DirectGraph
 
 from karbor_async import (
     BarrierPolicy,
@@ -20,6 +18,8 @@ from karbor_async import (
     ResourceKey,
     ResourceType,
 )
+from karbor_simcloud import IMAGE, NETWORK, PROJECT, SERVER, VOLUME, SimCloud, all_protectables
+from karbor_simcloud.direct import DirectGraph
 
 __all__ = [
     "NOOP_TYPES",

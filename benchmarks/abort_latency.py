@@ -12,7 +12,6 @@ import contextlib
 import statistics
 
 import anyio
-from karbor_simcloud import VOLUME, all_protectables
 
 from benchmarks._measure import fresh_heap
 from benchmarks._report import table
@@ -27,6 +26,7 @@ from karbor_async import (
     RunError,
     Timeouts,
 )
+from karbor_simcloud import VOLUME, all_protectables
 
 __all__ = ["abort_latency_section"]
 

@@ -9,6 +9,21 @@ from typing import Any
 
 import anyio
 import pytest
+
+from karbor_async import (
+    AbortReason,
+    BarrierPolicy,
+    Engine,
+    Hook,
+    MemoryBank,
+    MemoryStore,
+    OperationKind,
+    Plan,
+    Resource,
+    ResourceStatus,
+    RunError,
+    RunStatus,
+)
 from karbor_simcloud import (
     IMAGE,
     NETWORK,
@@ -30,21 +45,6 @@ from karbor_simcloud import (
     use_cloud,
 )
 from karbor_simcloud.direct import DirectGraph, DirectRunner
-
-from karbor_async import (
-    AbortReason,
-    BarrierPolicy,
-    Engine,
-    Hook,
-    MemoryBank,
-    MemoryStore,
-    OperationKind,
-    Plan,
-    Resource,
-    ResourceStatus,
-    RunError,
-    RunStatus,
-)
 
 PB, PF, MAIN, CP = Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH, Hook.MAIN, Hook.COMPLETE
 

@@ -334,7 +334,7 @@ def _simcloud_module() -> Any:
     except ImportError:
         raise CliUsageError(
             "the SIMULATED cloud plugins are not installed; run `make demo` (it installs "
-            "./plugins) or `pip install -e ./plugins`"
+            "./plugins/simcloud) or `pip install -e ./plugins/simcloud`"
         ) from None
 
 
