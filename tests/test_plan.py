@@ -39,7 +39,7 @@ class DbPlugin(ProtectionPlugin):
             parameters={
                 "pool": Param(str, default="gold"),
                 "streams": Param(int, default=1),
-                "password": Param(str, secret=True),
+                "password": Param(str, secret=True, required=False),
             },
         ),
         ResourceType(SERVER, quiesces=True, snapshots=False, parameters=None),

@@ -220,7 +220,7 @@ class Engine:
         checkpoint_id: str,
         *,
         parameters: Mapping[str, Mapping[str, Any]] | None = None,
-        barrier: BarrierPolicy | None = None,
+        barrier: BarrierPolicy | str | None = None,
         timeouts: Timeouts | None = None,
     ) -> Run:
         """A restore of an ``available`` checkpoint over its stored graph.
@@ -305,7 +305,7 @@ class Engine:
         checkpoint_id: str,
         *,
         parameters: Mapping[str, Mapping[str, Any]] | None = None,
-        barrier: BarrierPolicy | None = None,
+        barrier: BarrierPolicy | str | None = None,
         timeouts: Timeouts | None = None,
     ) -> RunOutcome:
         run = await self.build_restore(
@@ -357,23 +357,24 @@ class Engine:
             _log.error("cleanup_failed", checkpoint_id=checkpoint_id, error=str(exc))
 
     async def retention(
-        self, plan_name: str, keep: int
+        self, plan: Plan | str, keep: int
     ) -> tuple[list[CheckpointRecord], list[CheckpointRecord]]:
-        """The plan's available checkpoints, newest first, split into (kept, to delete)."""
+        """The plan's (a :class:`Plan` or its name) available checkpoints, newest first,
+        split into (kept, to delete)."""
         self._open_tasks()
-        if keep < 0:
-            raise PlanError(f"keep must be 0 or more, not {keep}")
-        available = await _available(self.store, plan_name)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise PlanError(f"keep must be a whole number, 0 or more, not {keep!r}")
+        available = await _available(self.store, _plan_name(plan))
         return available[:keep], available[keep:]
 
-    async def retain(self, plan_name: str, keep: int) -> list[RunOutcome]:
+    async def retain(self, plan: Plan | str, keep: int) -> list[RunOutcome]:
         """Keep the newest ``keep`` available checkpoints of a plan; delete the others.
 
         Deletion goes through the plugins' delete operation, so nothing is orphaned.
         A delete that fails leaves its checkpoint ``error_deleting`` and is reported
         in the returned outcomes; the others still run.
         """
-        _kept, doomed = await self.retention(plan_name, keep)
+        _kept, doomed = await self.retention(plan, keep)
         outcomes: list[RunOutcome] = []
         for cp in doomed:
             try:
@@ -454,6 +455,14 @@ async def _available(store: Store, plan_name: str) -> list[CheckpointRecord]:
         before = page[-1].id
 
 
+def _plan_name(plan: Plan | str) -> str:
+    if isinstance(plan, Plan):
+        return plan.name
+    if isinstance(plan, str):
+        return plan
+    raise TypeError(f"retain and retention take a Plan or a plan's name, not {type(plan).__name__}")
+
+
 def _check_options(close_timeout: float, stall_threshold: float) -> None:
     if not close_timeout > 0:
         raise ValueError(
@@ -484,7 +493,7 @@ async def _spec(
         assert binding is not None  # check_types guarantees it
         bindings.append(binding)
     assignment = assign_groups(graph, plan, _DEFAULT_BARRIER[op])
-    params = merge_parameters(plan, graph, registry)
+    params = merge_parameters(plan, graph, registry, op)
     await check_secrets(graph, params, secrets)
     saved: dict[ResourceKey, dict[str, Any]] = {}
     if checkpoint_id is not None:

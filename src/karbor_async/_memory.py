@@ -9,7 +9,13 @@ from typing import Any
 import attrs
 
 from karbor_async._bankkeys import validate_key
-from karbor_async._types import OperationKind, ResourceKey, RunStatus
+from karbor_async._types import (
+    OperationKind,
+    ResourceKey,
+    RunStatus,
+    coerce_enum,
+    coerce_optional,
+)
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import (
     BankKeyError,
@@ -168,7 +174,10 @@ class MemoryStore:
         if run.operation is OperationKind.PROTECT and cp is not None:
             self._checkpoints[cp.id] = attrs.evolve(cp, outcome=outcome)
 
-    async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
+    async def set_checkpoint_status(
+        self, checkpoint_id: str, status: CheckpointStatus | str
+    ) -> None:
+        status = coerce_enum(CheckpointStatus, status, "status")
         cp = self._checkpoint(checkpoint_id)
         check_checkpoint_transition(cp.status, status)
         self._checkpoints[checkpoint_id] = attrs.evolve(cp, status=status)
@@ -183,12 +192,13 @@ class MemoryStore:
         self,
         *,
         plan_name: str | None = None,
-        status: CheckpointStatus | None = None,
+        status: CheckpointStatus | str | None = None,
         since: float | None = None,
         until: float | None = None,
         limit: int = 100,
         before_id: str | None = None,
     ) -> Sequence[CheckpointRecord]:
+        status = coerce_optional(CheckpointStatus, status, "status")
         rows = sorted(
             self._checkpoints.values(), key=lambda c: (c.created_wall, c.id), reverse=True
         )

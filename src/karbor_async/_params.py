@@ -9,7 +9,7 @@ from typing import Any
 from karbor_async._graph import ResourceGraph
 from karbor_async._plan import Plan
 from karbor_async._registry import PluginRegistry
-from karbor_async._types import Resource
+from karbor_async._types import OperationKind, Resource
 from karbor_async.exceptions import PlanError, SecretError
 from karbor_async.plugin import Param, SecretResolver
 
@@ -37,9 +37,11 @@ class NodeParams:
 
 
 def merge_parameters(
-    plan: Plan, graph: ResourceGraph, registry: PluginRegistry
+    plan: Plan, graph: ResourceGraph, registry: PluginRegistry, op: OperationKind
 ) -> list[NodeParams]:
-    """Each node's parameters: declared defaults, then ``"Type"``, then ``"Type#id"``."""
+    """Each node's parameters for operation ``op``: declared defaults, then ``"Type"``,
+    then ``"Type#id"``; a declared parameter whose ``operations`` leave ``op`` out is
+    neither checked nor passed on."""
     keys = {f"{r.type}#{r.id}" for r in graph.resources}
     types = {r.type for r in graph.resources}
     for key in plan.parameters:
@@ -61,7 +63,7 @@ def merge_parameters(
         if own is None and res.type in shared:
             out.append(shared[res.type])
             continue
-        node = _merge_one(plan, res, registry, own)
+        node = _merge_one(plan, res, registry, own, op)
         if own is None:
             shared[res.type] = node
         out.append(node)
@@ -69,7 +71,11 @@ def merge_parameters(
 
 
 def _merge_one(
-    plan: Plan, res: Resource, registry: PluginRegistry, own: Mapping[str, Any] | None
+    plan: Plan,
+    res: Resource,
+    registry: PluginRegistry,
+    own: Mapping[str, Any] | None,
+    op: OperationKind,
 ) -> NodeParams:
     binding = registry.binding(res.type)
     declared = binding.spec.parameters if binding else None
@@ -81,6 +87,8 @@ def _merge_one(
     if declared is None:
         return NodeParams(MappingProxyType(merged) if merged else _EMPTY, ())
     where = f"{res.type}#{res.id}"
+    for key in [k for k, p in declared.items() if op not in p.operations]:
+        merged.pop(key, None)
     for key, value in merged.items():
         param = declared.get(key)
         if param is None:
@@ -99,8 +107,13 @@ def _merge_one(
                 f"got {type(value).__name__} {value!r}"
             )
     for key, param in declared.items():
-        if param.required and key not in merged:
-            raise PlanError(f"{where}: required parameter {key!r} is missing ({param.description})")
+        if param.required and key not in merged and op in param.operations:
+            what = "secret parameter" if param.secret else "parameter"
+            about = f" ({param.description})" if param.description else ""
+            raise PlanError(
+                f"{where}: required {what} {key!r} is missing{about}; {op.value} needs it: "
+                f"set it under parameters[{res.type!r}] or [{where!r}]"
+            )
     secrets = tuple(k for k, p in declared.items() if p.secret and k in merged)
     return NodeParams(MappingProxyType(merged), secrets)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from karbor_async._types import BarrierPolicy, Resource, ResourceKey
+from karbor_async._types import BarrierPolicy, Resource, ResourceKey, coerce_optional
 from karbor_async.exceptions import PlanError
 
 __all__ = ["ConsistencyGroup", "Plan", "Timeouts"]
@@ -45,6 +45,10 @@ def _to_key(item: Resource | ResourceKey | str) -> ResourceKey:
     return (str(item[0]), str(item[1]))
 
 
+def _barrier(value: BarrierPolicy | str | None) -> BarrierPolicy | None:
+    return coerce_optional(BarrierPolicy, value, "barrier", PlanError)
+
+
 def _resources(items: Iterable[Resource]) -> tuple[Resource, ...]:
     return tuple(items)
 
@@ -63,8 +67,8 @@ class ConsistencyGroup:
 
     name: str
     resources: tuple[ResourceKey, ...] = attrs.field(converter=_keys)
-    barrier: BarrierPolicy | None = None
-    """Overrides the plan's barrier for this group."""
+    barrier: BarrierPolicy | None = attrs.field(default=None, converter=_barrier)
+    """Overrides the plan's barrier for this group (a member or its string: ``"cut"``)."""
 
 
 @attrs.frozen
@@ -138,7 +142,8 @@ class Plan:
     parameters: Mapping[str, Mapping[str, Any]] = attrs.field(
         factory=dict, converter=_frozen_params
     )
-    barrier: BarrierPolicy | None = None
+    barrier: BarrierPolicy | None = attrs.field(default=None, converter=_barrier)
+    """``"none"``, ``"main"`` or ``"cut"`` (or the :class:`BarrierPolicy` member)."""
     groups: tuple[ConsistencyGroup, ...] = attrs.field(default=(), converter=_groups)
     merge_groups: bool = False
     """Merge groups that share a resource (taking the stricter barrier) instead of failing."""
@@ -218,12 +223,12 @@ class Plan:
                 name=data["name"],
                 resources=[Resource.from_json(r) for r in data["resources"]],
                 parameters=data.get("parameters") or {},
-                barrier=BarrierPolicy(data["barrier"]) if data.get("barrier") else None,
+                barrier=data.get("barrier") or None,
                 groups=[
                     ConsistencyGroup(
                         name=g["name"],
                         resources=g.get("resources", []),
-                        barrier=BarrierPolicy(g["barrier"]) if g.get("barrier") else None,
+                        barrier=g.get("barrier") or None,
                     )
                     for g in data.get("groups") or []
                 ],

@@ -77,7 +77,7 @@ from karbor_async._sqlite_runs import _Runs
 from karbor_async._sqlite_schema import inspect_file, read_only_uri
 from karbor_async._sqlite_state import _LeaseBook
 from karbor_async._sqlite_writer import _Writer
-from karbor_async._types import ResourceKey
+from karbor_async._types import ResourceKey, coerce_enum, coerce_optional
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import LeaseHeldError, LeaseLostError, StoreError
 from karbor_async.store import (
@@ -387,8 +387,11 @@ class SqliteStore:
         """Set ``thawed_late_at`` of one resource of a finished run (its outcome otherwise kept)."""
         await self._runs.record_late_thaw(run_id, key, at)
 
-    async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
+    async def set_checkpoint_status(
+        self, checkpoint_id: str, status: CheckpointStatus | str
+    ) -> None:
         """Move a checkpoint along its lifecycle; an illegal transition raises, changes nothing."""
+        status = coerce_enum(CheckpointStatus, status, "status")
         await self._runs.set_checkpoint_status(checkpoint_id, status)
 
     async def import_checkpoints(self, records: Iterable[CheckpointRecord]) -> int:
@@ -444,7 +447,7 @@ class SqliteStore:
         self,
         *,
         plan_name: str | None = None,
-        status: CheckpointStatus | None = None,
+        status: CheckpointStatus | str | None = None,
         since: float | None = None,
         until: float | None = None,
         limit: int = 100,
@@ -457,7 +460,7 @@ class SqliteStore:
         """
         return await self._queries.list_checkpoints(
             plan_name=plan_name,
-            status=status,
+            status=coerce_optional(CheckpointStatus, status, "status"),
             since=since,
             until=until,
             limit=limit,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -18,6 +18,8 @@ __all__ = [
     "ResourceKey",
     "ResourceStatus",
     "RunStatus",
+    "coerce_enum",
+    "coerce_optional",
 ]
 
 ResourceKey = tuple[str, str]
@@ -70,7 +72,34 @@ class Resource:
         )
 
 
-class OperationKind(enum.Enum):
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def coerce_enum(cls: type[E], value: object, what: str, error: type[Exception] = ValueError) -> E:
+    """``value`` as a member of ``cls``: a member as is, or its documented string.
+
+    Anything else raises ``error`` (``PlanError`` for plans, ``ValueError``
+    elsewhere) naming ``what`` and listing the allowed values.
+    """
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(m.value) for m in cls)
+    raise error(f"{what} must be one of {allowed}, not {value!r}")
+
+
+def coerce_optional(
+    cls: type[E], value: object, what: str, error: type[Exception] = ValueError
+) -> E | None:
+    """As :func:`coerce_enum`, with ``None`` kept as ``None``."""
+    return None if value is None else coerce_enum(cls, value, what, error)
+
+
+class OperationKind(enum.StrEnum):
     """What a run does to its resources. All use the same hooks and ordering rules."""
 
     PROTECT = "protect"
@@ -78,7 +107,7 @@ class OperationKind(enum.Enum):
     DELETE = "delete"
 
 
-class Hook(enum.Enum):
+class Hook(enum.StrEnum):
     """The four hooks of Karbor's protocol, in per-resource order."""
 
     PREPARE_BEGIN = "on_prepare_begin"
@@ -87,7 +116,7 @@ class Hook(enum.Enum):
     COMPLETE = "on_complete"
 
 
-class BarrierPolicy(enum.Enum):
+class BarrierPolicy(enum.StrEnum):
     """How strictly a consistency group's phases are separated (DESIGN.md section 4)."""
 
     NONE = "none"
@@ -106,7 +135,7 @@ class BarrierPolicy(enum.Enum):
 _STRICTNESS = {BarrierPolicy.NONE: 0, BarrierPolicy.MAIN: 1, BarrierPolicy.CUT: 2}
 
 
-class AbortReason(enum.Enum):
+class AbortReason(enum.StrEnum):
     """Why an ``on_prepare_finish`` is being called to thaw rather than cut."""
 
     FAILURE = "failure"
@@ -121,7 +150,7 @@ class AbortReason(enum.Enum):
     """An engine restarted after a crash and thaws what may still be frozen."""
 
 
-class RunStatus(enum.Enum):
+class RunStatus(enum.StrEnum):
     """How a run (protect, restore or delete) ended, or that it is still running."""
 
     RUNNING = "running"
@@ -130,7 +159,7 @@ class RunStatus(enum.Enum):
     CANCELLED = "cancelled"
 
 
-class ResourceStatus(enum.Enum):
+class ResourceStatus(enum.StrEnum):
     """Where one resource of a run stands."""
 
     PENDING = "pending"

@@ -18,7 +18,7 @@ from karbor_async._types import Hook, OperationKind, ResourceKey
 __all__ = ["Event", "EventKind", "Progress"]
 
 
-class EventKind(enum.Enum):
+class EventKind(enum.StrEnum):
     RUN_STARTED = "run_started"
     STARTED = "started"
     """A hook started."""

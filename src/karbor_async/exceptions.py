@@ -50,7 +50,7 @@ class KarborError(Exception):
     """Base of every error karbor-async raises on purpose."""
 
 
-class PlanError(KarborError):
+class PlanError(KarborError, ValueError):
     """The plan is wrong: fix it (the message names the resource, key and what is expected)."""
 
 

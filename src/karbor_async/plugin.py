@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
-from karbor_async._types import AbortReason, Hook, OperationKind, Resource, ResourceKey
+from karbor_async._types import (
+    AbortReason,
+    Hook,
+    OperationKind,
+    Resource,
+    ResourceKey,
+    coerce_enum,
+)
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -43,22 +50,45 @@ SecretResolver = Callable[[str], Awaitable[str]]
 _PARAM_KINDS: tuple[type, ...] = (str, int, float, bool, list, dict)
 
 
+def _operations(value: Iterable[OperationKind | str] | str) -> frozenset[OperationKind]:
+    items = (value,) if isinstance(value, str) else value
+    ops = frozenset(coerce_enum(OperationKind, v, "Param operations") for v in items)
+    if not ops:
+        raise ValueError("Param operations must name at least one of protect, restore, delete")
+    return ops
+
+
 @attrs.frozen
 class Param:
     """One parameter a plugin accepts for a resource type.
 
     ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``list``, ``dict``.
-    A parameter with no ``default`` is optional unless ``required`` is set.
     A ``secret`` parameter holds a reference (a name) in the plan; the engine
     resolves it through the application's resolver just before the hook runs,
     and the value never reaches logs, events or the stored plan.
+
+    ``required``: ``True`` or ``False``; left ``None`` it means required for a
+    secret with no ``default`` and optional otherwise (after construction it is
+    always a bool). ``operations`` (default: all three) says for which operations
+    the parameter is validated, resolved and passed to the hooks: a password only
+    protect needs is declared ``operations={"protect"}``, so restore and delete
+    neither ask for it nor see it.
     """
 
     kind: type = attrs.field(default=str)
     default: Any = None
-    required: bool = False
+    required: bool | None = None
     secret: bool = False
     description: str = ""
+    operations: frozenset[OperationKind] = attrs.field(
+        default=frozenset(OperationKind), converter=_operations
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.required is None:
+            object.__setattr__(self, "required", self.secret and self.default is None)
+        elif not isinstance(self.required, bool):
+            raise TypeError(f"Param required must be True, False or None, not {self.required!r}")
 
     @kind.validator
     def _check_kind(self, _attribute: object, value: type) -> None:

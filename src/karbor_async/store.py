@@ -49,7 +49,7 @@ def key_from_str(text: str) -> ResourceKey:
     return (rtype, rid)
 
 
-class CheckpointStatus(enum.Enum):
+class CheckpointStatus(enum.StrEnum):
     PROTECTING = "protecting"
     AVAILABLE = "available"
     ERROR = "error"
@@ -151,7 +151,9 @@ class Store(Protocol):
     async def finish_run(self, outcome: RunOutcome) -> None:
         """Store a run's outcome and move its checkpoint to its end state; commits."""
 
-    async def set_checkpoint_status(self, checkpoint_id: str, status: CheckpointStatus) -> None:
+    async def set_checkpoint_status(
+        self, checkpoint_id: str, status: CheckpointStatus | str
+    ) -> None:
         """Move a checkpoint along its lifecycle; an illegal transition raises, changing nothing."""
 
     async def record_late_thaw(self, run_id: str, key: ResourceKey, at: float) -> None:
@@ -166,7 +168,7 @@ class Store(Protocol):
         self,
         *,
         plan_name: str | None = None,
-        status: CheckpointStatus | None = None,
+        status: CheckpointStatus | str | None = None,
         since: float | None = None,
         until: float | None = None,
         limit: int = 100,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 import attrs
@@ -25,7 +25,15 @@ from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._stall import Stall
 from karbor_async._tasks import STALL_LISTENERS
-from karbor_async._types import AbortReason, Hook, OperationKind, Resource, ResourceKey
+from karbor_async._types import (
+    AbortReason,
+    Hook,
+    OperationKind,
+    Resource,
+    ResourceKey,
+    coerce_enum,
+    coerce_optional,
+)
 from karbor_async.plugin import Bank, HookContext, ProtectionPlugin, ResourceType
 from karbor_async.store import RunOutcome
 
@@ -46,7 +54,7 @@ __all__ = [
 ]
 
 
-class Fault(enum.Enum):
+class Fault(enum.StrEnum):
     """What a scripted hook does instead of returning."""
 
     RAISE = "raise"
@@ -78,8 +86,47 @@ class TraceEntry:
 
 _log = structlog.get_logger("karbor_async.testing")
 
+V = TypeVar("V")
+ScriptTable: TypeAlias = Mapping[tuple[str, Hook], V] | Mapping[tuple[str, str], V]
+"""What ``delays=``/``faults=`` take: keys with the hook as a :class:`Hook` or its name."""
 ScriptKey = tuple[str, Hook]
 """``("OS::Nova::Server#s1", hook)`` for one resource, ``("OS::Nova::Server", hook)`` for a type."""
+
+
+def _script(
+    table: ScriptTable[Any] | None, types: frozenset[str], what: str
+) -> dict[ScriptKey, Any]:
+    """A ``delays``/``faults`` table with its keys checked and hooks as :class:`Hook`.
+
+    A key is ``(TARGET, HOOK)``: TARGET one of the plugin's types or ``TYPE#ID`` of one,
+    HOOK a :class:`Hook` or its name (``"on_main"``). A key that could never match
+    would inject nothing, so it is refused here rather than ignored.
+    """
+    out: dict[ScriptKey, Any] = {}
+    known = ", ".join(sorted(types)) or "none"
+    for key, value in (table or {}).items():
+        if not isinstance(key, tuple) or len(key) != 2 or not isinstance(key[0], str):
+            raise ValueError(
+                f"{what} key {key!r} must be a pair (TYPE or TYPE#ID, hook), "
+                "for example ('OS::Nova::Server#s1', 'on_main')"
+            )
+        target, hook = key
+        rtype, sep, rid = target.partition("#")
+        if rtype not in types or (sep and not rid):
+            raise ValueError(
+                f"{what} key {key!r}: {target!r} is neither one of this plugin's types "
+                f"({known}) nor TYPE#ID of one"
+            )
+        out[(target, coerce_enum(Hook, hook, f"{what} key {key!r}: the hook"))] = value
+    return out
+
+
+def _delay(key: ScriptKey, value: Any) -> float | Callable[[], float]:
+    if callable(value) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value  # type: ignore[no-any-return]
+    raise TypeError(
+        f"delays[{key!r}] must be a number of seconds or a callable returning one, not {value!r}"
+    )
 
 
 class _RecordingOp:
@@ -116,24 +163,30 @@ class RecordingPlugin(ProtectionPlugin):
         types: Iterable[ResourceType | str],
         *,
         name: str | None = None,
-        delays: Mapping[ScriptKey, float | Callable[[], float]] | None = None,
-        faults: Mapping[ScriptKey, Fault] | None = None,
+        delays: ScriptTable[float | Callable[[], float]] | None = None,
+        faults: ScriptTable[Fault] | ScriptTable[str] | None = None,
         fault_thaws: bool = False,
         cancel_run: Callable[[], None] | None = None,
         restore_ids: bool = True,
-        fault_operations: Iterable[OperationKind] = (OperationKind.PROTECT,),
+        fault_operations: Iterable[OperationKind | str] = (OperationKind.PROTECT,),
     ) -> None:
         self.types = tuple(  # type: ignore[misc]
             t if isinstance(t, ResourceType) else ResourceType(t) for t in types
         )
         if name is not None:
             self.name = name  # type: ignore[misc]
-        self.delays = dict(delays or {})
-        self.faults = dict(faults or {})
+        names = frozenset(t.name for t in self.types)
+        self.delays = {k: _delay(k, v) for k, v in _script(delays, names, "delays").items()}
+        self.faults = {
+            k: coerce_enum(Fault, v, f"faults[{k!r}]")
+            for k, v in _script(faults, names, "faults").items()
+        }
         self.fault_thaws = fault_thaws
         self.cancel_run = cancel_run
         self.restore_ids = restore_ids
-        self.fault_operations = frozenset(fault_operations)
+        self.fault_operations = frozenset(
+            coerce_enum(OperationKind, op, "fault_operations") for op in fault_operations
+        )
         self.trace: list[TraceEntry] = []
         self._op = _RecordingOp(self)
         self._quiesces = {t.name for t in self.types if t.quiesces}
@@ -208,8 +261,10 @@ class RecordingPlugin(ProtectionPlugin):
 
     # -- trace queries ---------------------------------------------------------------------
     def calls(
-        self, resource: ResourceKey | None = None, hook: Hook | None = None
+        self, resource: ResourceKey | None = None, hook: Hook | str | None = None
     ) -> list[TraceEntry]:
+        """The trace entries of one resource and/or one hook (``Hook.MAIN`` or ``"on_main"``)."""
+        hook = coerce_optional(Hook, hook, "hook")
         return [
             e
             for e in self.trace
@@ -450,9 +505,9 @@ class HookRecorder:
 
 def make_context(
     resource: Resource,
-    hook: Hook = Hook.MAIN,
+    hook: Hook | str = Hook.MAIN,
     *,
-    operation: OperationKind = OperationKind.PROTECT,
+    operation: OperationKind | str = OperationKind.PROTECT,
     parameters: Mapping[str, Any] | None = None,
     bank: Bank | None = None,
     run_id: str = "test-run",
@@ -460,7 +515,7 @@ def make_context(
     attempt: int = 1,
     children: Sequence[Resource] = (),
     parents: Sequence[Resource] = (),
-    aborting: AbortReason | None = None,
+    aborting: AbortReason | str | None = None,
     abort_error: BaseException | None = None,
     recorder: HookRecorder | None = None,
 ) -> tuple[HookContext, HookRecorder]:
@@ -468,8 +523,12 @@ def make_context(
 
     The returned :class:`HookRecorder` holds what the hook saved, marked,
     reported and restored; pass the same recorder again to share saved info
-    and restored ids between calls.
+    and restored ids between calls. ``hook``, ``operation`` and ``aborting`` take the
+    members or their strings (``"on_main"``, ``"restore"``, ``"failure"``).
     """
+    hook = coerce_enum(Hook, hook, "hook")
+    operation = coerce_enum(OperationKind, operation, "operation")
+    aborting = coerce_optional(AbortReason, aborting, "aborting")
     if recorder is None:
         recorder = HookRecorder(
             resource=resource,
