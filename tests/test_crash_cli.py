@@ -396,7 +396,7 @@ def test_a_store_locked_past_its_busy_timeout_is_busy_not_a_failure(tmp_path: Pa
 def test_a_delete_of_a_checkpoint_being_deleted_waits_for_that_run(tmp_path: Path) -> None:
     """`delete C` while another process deletes C starts no second delete: it waits for
     that run and exits with its result."""
-    slow = f'\n[parameters."{VOLUME}"]\nsim_latency = 0.3\n'
+    slow = f'\n[parameters."{VOLUME}"]\nsim_latency = 1.0\n'
     (tmp_path / "plan.toml").write_text(PLAN + slow)
     done = _run(tmp_path, "protect", "plan.toml", "--simcloud", "12:3:zero", "--json")
     assert done.returncode == 0, done.stderr
