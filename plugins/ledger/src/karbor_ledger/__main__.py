@@ -1,0 +1,82 @@
+"""``python -m karbor_ledger shard ...`` runs one shard; ``... check A B`` checks a pair."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import anyio
+
+from karbor_ledger._shard import Shard, ShardConfig
+from karbor_ledger._store import check_pair
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m karbor_ledger")
+    sub = parser.add_subparsers(dest="command", required=True)
+    shard = sub.add_parser("shard", help="run one shard (prints READY when it serves)")
+    shard.add_argument("--role", choices=("a", "b"), required=True)
+    shard.add_argument("--db", type=Path, required=True)
+    shard.add_argument("--socket", type=Path, required=True)
+    shard.add_argument("--peer", type=Path, help="shard B's socket (role a)")
+    shard.add_argument("--pause-latency", type=float, default=0.005)
+    shard.add_argument("--rate", type=float, default=400.0)
+    shard.add_argument("--gap", type=float, default=0.002)
+    shard.add_argument("--seed", type=int, default=0)
+    check = sub.add_parser("check", help="does a pair of stores keep the invariant?")
+    check.add_argument("a", type=Path)
+    check.add_argument("b", type=Path)
+    check.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        try:
+            result = check_pair(args.a, args.b)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "holds": result.holds,
+                        "off_by": result.off_by,
+                        "half_done": result.half_done,
+                        "transfers": result.debits,
+                    }
+                )
+            )
+        else:
+            print(result.describe())
+        return 0 if result.holds else 1
+    if args.role == "a" and args.peer is None:
+        print("error: shard a needs --peer (shard b's socket)", file=sys.stderr)
+        return 2
+    config = ShardConfig(
+        role=args.role,
+        db=args.db,
+        socket=args.socket,
+        peer=args.peer,
+        pause_latency=args.pause_latency,
+        rate=args.rate,
+        gap=args.gap,
+        seed=args.seed,
+    )
+
+    async def ready() -> None:
+        print("READY", flush=True)
+
+    try:
+        anyio.run(Shard(config).run, ready)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

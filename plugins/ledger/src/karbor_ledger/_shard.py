@@ -1,0 +1,254 @@
+"""One shard of the sample application: a process owning one store and a control socket.
+
+Shard A makes transfers: it debits one of its accounts, yields (the transfer is
+half-done for that while), then asks shard B over B's socket to credit one of
+B's accounts, and waits for B's answer before the next transfer. So the two
+stores' balances add up to their opening total only when no transfer is in flight.
+
+Both shards answer on their socket, one line per request:
+
+``PAUSE``
+    stop at a safe point and answer ``PAUSED`` (A: after the transfer in flight
+    has been credited, starting no new one; both: after the shard's pause latency,
+    the time an application takes to flush). The pause lasts while *that
+    connection* is open: ``RESUME`` (answer ``RESUMED``) or the connection's end
+    resumes it, so a pause whose holder died ends by itself (a session-bound
+    quiesce: nothing stays frozen when the engine is killed).
+``STATS``
+    one JSON line: transfers made, transfers the application could not make
+    while paused, pauses and the longest one.
+``CREDIT ID ACCOUNT AMOUNT`` (B only, from A)
+    apply a credit and answer ``OK ID``. B applies credits whether paused or not:
+    its only writes are the ones A asks for, so it is A's pause that stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from karbor_ledger._store import ACCOUNTS, connect, create
+
+__all__ = ["Shard", "ShardConfig"]
+
+_MAX_LINE = 4096
+
+
+@attrs.frozen
+class ShardConfig:
+    role: str
+    """``a`` (makes transfers) or ``b`` (applies credits)."""
+    db: Path
+    socket: Path
+    peer: Path | None = None
+    """B's socket (A only)."""
+    pause_latency: float = 0.005
+    """Seconds from a pause request to the shard's answer, once at a safe point."""
+    rate: float = 400.0
+    """A: transfers started per second at most."""
+    gap: float = 0.002
+    """A: seconds between a transfer's debit and its credit request."""
+    seed: int = 0
+
+
+class _Lines:
+    """A line protocol over one connected byte stream."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self._buffer = BufferedByteReceiveStream(stream)
+
+    async def read(self) -> str | None:
+        """The next line, or ``None`` at the end of the stream."""
+        try:
+            return (await self._buffer.receive_until(b"\n", _MAX_LINE)).decode()
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+            return None
+
+    async def write(self, line: str) -> None:
+        await self.stream.send(line.encode() + b"\n")
+
+
+class Shard:
+    """The shard's state; :meth:`run` serves until cancelled."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self._db: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._pausers = 0
+        self._in_flight = False
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._paused_since: float | None = None
+        self.transfers = 0
+        self.missed_while_paused = 0
+        self.pauses = 0
+        self.longest_pause = 0.0
+        self._random = random.Random(config.seed)
+
+    async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        cfg = self.config
+        await anyio.to_thread.run_sync(create, cfg.db)
+        self._db = await anyio.to_thread.run_sync(connect, cfg.db)
+        cfg.socket.unlink(missing_ok=True)
+        listener = await anyio.create_unix_listener(cfg.socket)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, self._serve)
+                if cfg.role == "a":
+                    assert cfg.peer is not None
+                    peer = await _connect_retrying(cfg.peer)
+                    tg.start_soon(self._transfer_loop, _Lines(peer))
+                if ready is not None:
+                    await ready()
+        finally:
+            await listener.aclose()
+            if self._db is not None:
+                self._db.close()
+
+    # -- the application's own work -----------------------------------------------------
+    async def _write(self, sql_pairs: list[tuple[str, tuple[Any, ...]]]) -> None:
+        db = self._db
+        assert db is not None
+
+        def apply() -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in sql_pairs:
+                    db.execute(sql, args)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await anyio.to_thread.run_sync(apply, limiter=self._limiter)
+
+    async def _transfer_loop(self, peer: _Lines) -> None:
+        cfg = self.config
+        interval = 1.0 / cfg.rate
+        next_id = await anyio.to_thread.run_sync(self._last_transfer_id, limiter=self._limiter)
+        while True:
+            started = time.monotonic()
+            if self._pausers:
+                self.missed_while_paused += 1
+            else:
+                next_id += 1
+                await self._transfer(peer, next_id)
+            await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _last_transfer_id(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM transfers").fetchone()[0])
+
+    async def _transfer(self, peer: _Lines, tid: int) -> None:
+        account = self._random.randrange(ACCOUNTS)
+        amount = self._random.randint(1, 100)
+        self._in_flight = True
+        self._idle = anyio.Event()
+        try:
+            await self._write(
+                [
+                    ("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, account)),
+                    (
+                        "INSERT INTO transfers (id, account, amount) VALUES (?, ?, ?)",
+                        (tid, account, -amount),
+                    ),
+                ]
+            )
+            await anyio.sleep(self.config.gap)  # half-done: debited, not yet credited
+            await peer.write(f"CREDIT {tid} {self._random.randrange(ACCOUNTS)} {amount}")
+            answer = await peer.read()
+            if answer != f"OK {tid}":
+                raise RuntimeError(f"shard B answered {answer!r} to the credit of {tid}")
+            self.transfers += 1
+        finally:
+            self._in_flight = False
+            self._idle.set()
+
+    async def _credit(self, tid: int, account: int, amount: int) -> None:
+        await self._write(
+            [
+                ("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account)),
+                (
+                    "INSERT OR IGNORE INTO transfers (id, account, amount) VALUES (?, ?, ?)",
+                    (tid, account, amount),
+                ),
+            ]
+        )
+        self.transfers += 1
+
+    # -- the socket ---------------------------------------------------------------------
+    async def _serve(self, stream: anyio.abc.ByteStream) -> None:
+        lines = _Lines(stream)
+        async with stream:
+            while (line := await lines.read()) is not None:
+                words = line.split()
+                if words == ["PAUSE"]:
+                    await self._pause(lines)
+                    return
+                if words == ["STATS"]:
+                    await lines.write(json.dumps(self.stats()))
+                elif words[:1] == ["CREDIT"] and len(words) == 4 and self.config.role == "b":
+                    tid, account, amount = (int(w) for w in words[1:])
+                    await self._credit(tid, account, amount)
+                    await lines.write(f"OK {tid}")
+                else:
+                    await lines.write(f"ERROR unknown request {line!r}")
+
+    async def _pause(self, lines: _Lines) -> None:
+        """Pause while this connection holds it: until ``RESUME`` or the connection ends."""
+        self._pausers += 1
+        try:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    # the holder's end (EOF) resumes at once, even while still pausing
+                    async def watch() -> None:
+                        request = await lines.read()
+                        if request == "RESUME":
+                            await lines.write("RESUMED")
+                        scope.cancel()
+
+                    tg.start_soon(watch)
+                    await self._idle.wait()  # A: the transfer in flight is credited
+                    await anyio.sleep(self.config.pause_latency)
+                    if self._paused_since is None:
+                        self._paused_since = time.monotonic()
+                        self.pauses += 1
+                    await lines.write("PAUSED")
+                    await anyio.sleep_forever()
+        finally:
+            self._pausers -= 1
+            if not self._pausers and self._paused_since is not None:
+                self.longest_pause = max(self.longest_pause, time.monotonic() - self._paused_since)
+                self._paused_since = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "role": self.config.role,
+            "transfers": self.transfers,
+            "missed_while_paused": self.missed_while_paused,
+            "pauses": self.pauses,
+            "longest_pause_s": round(self.longest_pause, 6),
+            "paused": self._pausers > 0,
+        }
+
+
+async def _connect_retrying(path: Path) -> anyio.abc.ByteStream:
+    """Connect to shard B, waiting up to 10 s for it to listen."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                return await anyio.connect_unix(path)
+            except OSError:
+                await anyio.sleep(0.02)

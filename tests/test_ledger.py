@@ -1,0 +1,171 @@
+"""The two-shard sample application: its pause is session-bound, its invariant is checked.
+
+These run the real shard processes (SQLite stores, Unix sockets); the proof that
+restored pairs are consistent is in ``test_consistency_proof.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from karbor_ledger import SHARD, SQLITE, LedgerApp, check_pair, running_ledger
+from karbor_ledger._shard import _Lines
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Real processes and sockets: real time (trio's virtual clock would race them)."""
+    return "asyncio"
+
+
+async def _paused(app: LedgerApp) -> bool:
+    return bool((await app.stats())["A"]["paused"])
+
+
+async def _wait_for(app: LedgerApp, paused: bool, within: float) -> float:
+    """Seconds until shard A's paused state is ``paused``; fails after ``within``."""
+    start = time.monotonic()
+    with anyio.fail_after(within):
+        while await _paused(app) is not paused:
+            await anyio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def test_a_pause_stops_transfers_at_a_safe_point_and_resume_restarts_them(
+    tmp_path: Path,
+) -> None:
+    async with running_ledger(tmp_path / "app") as app:
+        await anyio.sleep(0.3)
+        assert (await app.stats())["A"]["transfers"] > 0
+        async with await anyio.connect_unix(app.a.socket) as stream:
+            lines = _Lines(stream)
+            await lines.write("PAUSE")
+            assert await lines.read() == "PAUSED"
+            before = await app.stats()
+            await anyio.sleep(0.3)
+            during = await app.stats()
+            assert during["A"]["transfers"] == before["A"]["transfers"]
+            assert during["A"]["missed_while_paused"] > before["A"]["missed_while_paused"]
+            # paused at a safe point: copies of the two stores now form a consistent pair
+            copies = [tmp_path / "a.copy", tmp_path / "b.copy"]
+            for src, dst in zip((app.a.db, app.b.db), copies, strict=True):
+                _copy_store(src, dst)
+            await lines.write("RESUME")
+            assert await lines.read() == "RESUMED"
+        assert check_pair(*copies).holds
+        await anyio.sleep(0.3)
+        after = await app.stats()
+        assert after["A"]["transfers"] > during["A"]["transfers"]
+        assert after["A"]["pauses"] == 1 and after["A"]["longest_pause_s"] >= 0.3
+
+
+async def test_a_pause_whose_connection_ends_resumes_at_once(tmp_path: Path) -> None:
+    async with running_ledger(tmp_path / "app") as app:
+        stream = await anyio.connect_unix(app.a.socket)
+        lines = _Lines(stream)
+        await lines.write("PAUSE")
+        assert await lines.read() == "PAUSED"
+        assert await _paused(app)
+        await stream.aclose()  # the holder goes away without a word
+        assert await _wait_for(app, paused=False, within=1.0) < 1.0
+
+
+def test_the_invariant_names_how_far_a_half_done_pair_is_off(tmp_path: Path) -> None:
+    from karbor_ledger._store import connect, create
+
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    create(a)
+    create(b)
+    assert check_pair(a, b).holds
+    db = connect(a)
+    db.execute("UPDATE accounts SET balance = balance - 42 WHERE id = 3")
+    db.execute("INSERT INTO transfers (id, account, amount) VALUES (1, 3, -42)")
+    db.close()
+    result = check_pair(a, b)
+    assert not result.holds and result.off_by == -42 and result.half_done == 1
+    assert "off by -42" in result.describe()
+    done = subprocess.run(
+        [sys.executable, "-m", "karbor_ledger", "check", str(a), str(b)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and "INCONSISTENT" in done.stdout and "off by -42" in done.stdout
+
+
+_ENGINE_HOLDING_THE_PAUSE = textwrap.dedent(
+    """
+    import sys, anyio
+    from karbor_async import Engine, MemoryStore, Plan, ResourceType, Timeouts
+    from karbor_async.testing import RecordingPlugin
+    from karbor_ledger import SQLITE, ShardProtection, ShardStoreProtectable, LedgerApp, ShardSpec
+    from karbor_ledger._app import SHARD
+    from karbor_async import ConsistencyGroup, Resource
+
+    a = Resource(SHARD, "A", extra={"socket": sys.argv[1], "db": sys.argv[2]})
+    b = Resource(SHARD, "B", extra={"socket": sys.argv[3], "db": sys.argv[4]})
+    # the store's cut hangs: the engine sits inside the pause until it is killed
+    stores = RecordingPlugin([ResourceType(SQLITE)], faults={(SQLITE, "on_prepare_finish"): "hang"})
+
+    async def main() -> None:
+        engine = Engine([ShardProtection(), stores], [ShardStoreProtectable()], discover=False,
+                        store=MemoryStore())
+        async with engine:
+            plan = Plan(name="ledger", resources=[a, b], barrier="cut",
+                        groups=[ConsistencyGroup("ledger", [a.key, b.key])])
+            await engine.protect(plan)
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_killing_the_engine_inside_the_pause_resumes_the_shards_within_a_second(
+    tmp_path: Path,
+) -> None:
+    async with running_ledger(tmp_path / "app") as app:
+        engine = subprocess.Popen(
+            [sys.executable, "-c", _ENGINE_HOLDING_THE_PAUSE, str(app.a.socket), str(app.a.db),
+             str(app.b.socket), str(app.b.db)],
+        )  # fmt: skip
+        try:
+            await _wait_for(app, paused=True, within=30)
+            stats = await app.stats()
+            assert stats["B"]["paused"]  # under `cut`, both pause before either store cuts
+            os.kill(engine.pid, signal.SIGKILL)
+            engine.wait(timeout=10)
+            resumed_in = await _wait_for(app, paused=False, within=1.0)
+            assert not (await app.stats())["B"]["paused"]
+        finally:
+            if engine.poll() is None:
+                engine.kill()
+                engine.wait()
+        before = (await app.stats())["A"]["transfers"]
+        await anyio.sleep(0.2)
+        assert (await app.stats())["A"]["transfers"] > before
+        print(f"shards resumed {resumed_in * 1000:.0f} ms after the engine was killed")
+
+
+def test_the_types_are_named_as_the_sqlite_plugin_names_its_databases() -> None:
+    assert SHARD == "Ledger::Shard" and SQLITE == "SQLite::Database"
+
+
+def _copy_store(src: Path, dst: Path) -> None:
+    """A consistent copy of a live WAL store (SQLite's backup API)."""
+    import sqlite3
+
+    source = sqlite3.connect(src)
+    target = sqlite3.connect(dst)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
