@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+
 from karbor_ledger import SHARD, SQLITE, LedgerApp, check_pair, running_ledger
 from karbor_ledger._shard import _Lines
 
