@@ -35,7 +35,7 @@ async def _wait_for(app: LedgerApp, paused: bool, within: float) -> float:
     """Seconds until shard A's paused state is ``paused``; fails after ``within``."""
     start = time.monotonic()
     with anyio.fail_after(within):
-        while await _paused(app) is not paused:
+        while await _paused(app) is not paused:  # noqa: ASYNC110 - another process's state
             await anyio.sleep(0.01)
     return time.monotonic() - start
 
@@ -133,22 +133,25 @@ async def test_killing_the_engine_inside_the_pause_resumes_the_shards_within_a_s
     tmp_path: Path,
 ) -> None:
     async with running_ledger(tmp_path / "app") as app:
-        engine = subprocess.Popen(
+        engine = await anyio.open_process(
             [sys.executable, "-c", _ENGINE_HOLDING_THE_PAUSE, str(app.a.socket), str(app.a.db),
              str(app.b.socket), str(app.b.db)],
+            stdout=None,
+            stderr=None,
         )  # fmt: skip
         try:
             await _wait_for(app, paused=True, within=30)
             stats = await app.stats()
             assert stats["B"]["paused"]  # under `cut`, both pause before either store cuts
             os.kill(engine.pid, signal.SIGKILL)
-            engine.wait(timeout=10)
+            with anyio.fail_after(10):
+                await engine.wait()
             resumed_in = await _wait_for(app, paused=False, within=1.0)
             assert not (await app.stats())["B"]["paused"]
         finally:
-            if engine.poll() is None:
+            if engine.returncode is None:
                 engine.kill()
-                engine.wait()
+                await engine.wait()
         before = (await app.stats())["A"]["transfers"]
         await anyio.sleep(0.2)
         assert (await app.stats())["A"]["transfers"] > before
