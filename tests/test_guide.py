@@ -275,3 +275,25 @@ async def test_which_restore_hooks_see_which_new_ids() -> None:
         *((TOP, h) for h in HOOKS[1:]),
         *((t, h) for t in (MID, LOW) for h in HOOKS),
     }
+
+
+async def test_a_restore_runs_with_barrier_none_unless_asked_whatever_the_protect_plan_said() -> (
+    None
+):
+    """Engine bug found writing the guide: a consistency group's protect barrier carried
+    over to restore (a plan-level one did not); now both are protect's only."""
+    from karbor_async import BarrierPolicy, ConsistencyGroup, Engine, Plan, Resource
+    from karbor_async.testing import RecordingPlugin
+
+    vol = Resource(VOLUME, "v1")
+    plans = [
+        Plan(name="plan-level", resources=[vol], barrier="cut"),
+        Plan(name="group", resources=[vol], groups=[ConsistencyGroup("g", [vol], barrier="cut")]),
+    ]
+    async with Engine([RecordingPlugin([VOLUME])], discover=False) as engine:
+        for plan in plans:
+            cp = (await engine.protect(plan)).checkpoint_id
+            restore = await engine.build_restore(cp)
+            assert set(restore.spec.groups.values()) == {BarrierPolicy.NONE}, plan.name
+            asked = await engine.build_restore(cp, barrier="main")
+            assert set(asked.spec.groups.values()) == {BarrierPolicy.MAIN}, plan.name
