@@ -13,9 +13,9 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -62,11 +62,22 @@ def _install(root: Path) -> Path:
 
 
 def _env(site: Path, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-        **extra,
-    }
+    """For a ``python -S`` child that sees the guide's package, karbor_async and the
+    installed dependencies, but no other karbor-async plugin (whatever else this
+    environment has installed, consistent with this tree or not)."""
+    deps = site.parent / "deps"
+    if not deps.exists():
+        deps.mkdir()
+        dirs = {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+        for entry in sorted(e for d in dirs if d.is_dir() for e in d.iterdir()):
+            eps = entry / "entry_points.txt"
+            if entry.suffix == ".pth" or (deps / entry.name).exists():
+                continue
+            if eps.is_file() and "[karbor_async.prot" in eps.read_text():
+                continue  # another plugin distribution
+            (deps / entry.name).symlink_to(entry)
+    src = Path(karbor_async.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (site, src, deps))), **extra}
     for name in ("KARBOR_SIMCLOUD", "KARBOR_DB", "KARBOR_BANK", "KARBOR_SECRET_ARRAY_PW"):
         if name not in extra:
             env.pop(name, None)
@@ -74,14 +85,11 @@ def _env(site: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli() -> list[str]:
-    """The ``karbor-async`` command of this interpreter's environment."""
+    """The ``karbor-async`` command of this interpreter's environment, run with ``-S``."""
     script = Path(sys.executable).with_name("karbor-async")
     if script.exists():
-        return [str(script)]
-    found = shutil.which("karbor-async")
-    return (
-        [found] if found else [sys.executable, "-c", "from karbor_async._cli import main; main()"]
-    )
+        return [sys.executable, "-S", str(script)]
+    return [sys.executable, "-S", "-c", "from karbor_async._cli import main; main()"]
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
@@ -157,7 +165,7 @@ def test_the_guide_pytest_file_passes_on_asyncio_and_trio(tmp_path: Path) -> Non
     for name, code in blocks:
         (tests / name).write_text(code)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+        [sys.executable, "-S", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
         capture_output=True,
         text=True,
         env=_env(site),
