@@ -305,3 +305,45 @@ async def test_a_restore_runs_with_barrier_none_unless_asked_whatever_the_protec
             assert set(restore.spec.groups.values()) == {BarrierPolicy.NONE}, plan.name
             asked = await engine.build_restore(cp, barrier="main")
             assert set(asked.spec.groups.values()) == {BarrierPolicy.MAIN}, plan.name
+
+
+class _ReportsInProtect:
+    async def on_main(self, ctx: karbor_async.HookContext) -> None:
+        await ctx.report_restored("new-v1")
+
+
+class _ReportingPlugin(karbor_async.ProtectionPlugin):
+    name = "reports"
+    types = (karbor_async.ResourceType(VOLUME),)
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return _ReportsInProtect()
+
+    def get_delete_operation(self, resource_type: str) -> object:
+        return _ReportsInProtect()
+
+
+async def test_report_restored_outside_a_restore_is_refused() -> None:
+    """Engine gap found writing the guide: report_restored in a protect or delete hook was
+    recorded as that run's restored ids; now the hook fails naming the rule (and so does
+    make_context's recorder)."""
+    import pytest
+
+    from karbor_async import Engine, Plan, Resource, RunError
+    from karbor_async.exceptions import PluginError
+    from karbor_async.testing import make_context
+
+    vol = Resource(VOLUME, "v1")
+    async with Engine([_ReportingPlugin()], discover=False) as engine:
+        with pytest.raises(RunError) as info:
+            await engine.protect(Plan(name="r", resources=[vol]))
+        outcome = info.value.outcome
+        assert outcome.restored == {}
+        error = outcome.resources[vol.key].error or ""
+        assert "on_main: report_restored is for restore hooks; this is a protect" in error
+        with pytest.raises(RunError) as info:
+            await engine.delete(outcome.checkpoint_id)
+        assert "this is a delete" in (info.value.outcome.resources[vol.key].error or "")
+    ctx, _rec = make_context(vol, "on_main", operation="delete")
+    with pytest.raises(PluginError, match="report_restored is for restore hooks"):
+        await _ReportsInProtect().on_main(ctx)
