@@ -347,3 +347,33 @@ async def test_report_restored_outside_a_restore_is_refused() -> None:
     ctx, _rec = make_context(vol, "on_main", operation="delete")
     with pytest.raises(PluginError, match="report_restored is for restore hooks"):
         await _ReportsInProtect().on_main(ctx)
+
+
+class _SlowCopy:
+    async def on_main(self, ctx: karbor_async.HookContext) -> None:
+        await anyio.sleep(0.2)
+
+
+class _PatientPlugin(karbor_async.ProtectionPlugin):
+    name = "patient"
+    hook_timeout = 600.0
+    types = (karbor_async.ResourceType(VOLUME),)
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return _SlowCopy()
+
+
+async def test_a_plugins_hook_timeout_wins_over_the_plans_hook_but_not_per_plugin_or_type() -> None:
+    """Section 2's hook_timeout bullet: Timeouts(hook=) does not shorten it; per_plugin
+    and per_type do."""
+    import pytest
+
+    from karbor_async import Resource, RunError, Timeouts
+    from karbor_async.testing import run_hooks
+
+    vol = Resource(VOLUME, "v1")
+    got = await run_hooks(_PatientPlugin(), vol, timeouts=Timeouts(hook=0.05))
+    assert got.protect.status == "succeeded"
+    for limits in (Timeouts(per_plugin={"patient": 0.05}), Timeouts(per_type={VOLUME: 0.05})):
+        with pytest.raises(RunError, match=r"timed out after 0\.05 s"):
+            await run_hooks(_PatientPlugin(), vol, timeouts=limits)
