@@ -377,3 +377,55 @@ async def test_a_plugins_hook_timeout_wins_over_the_plans_hook_but_not_per_plugi
     for limits in (Timeouts(per_plugin={"patient": 0.05}), Timeouts(per_type={VOLUME: 0.05})):
         with pytest.raises(RunError, match=r"timed out after 0\.05 s"):
             await run_hooks(_PatientPlugin(), vol, timeouts=limits)
+
+
+class _SavesTwice:
+    async def on_main(self, ctx: karbor_async.HookContext) -> None:
+        ctx.save(a=1, b=1, op=str(ctx.operation))
+        ctx.save(b=2)
+
+    async def on_complete(self, ctx: karbor_async.HookContext) -> None:
+        assert dict(ctx.saved) == {"a": 1, "b": 2, "op": str(ctx.operation), "kept": True}
+
+
+class _SavesTwiceFirst(_SavesTwice):
+    async def on_prepare_finish(self, ctx: karbor_async.HookContext) -> None:
+        ctx.save(kept=True)
+
+
+class _SavingPlugin(karbor_async.ProtectionPlugin):
+    name = "saving"
+    types = (karbor_async.ResourceType(VOLUME),)
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return _SavesTwiceFirst()
+
+    def get_restore_operation(self, resource_type: str) -> object:
+        return _SavesTwice()
+
+    get_delete_operation = get_restore_operation
+
+
+async def test_ctx_save_merges_in_every_operation() -> None:
+    """Section 5: save() merges key by key; a restore's or delete's saves are its run's,
+    read back over the checkpoint's, which they leave unchanged."""
+    from karbor_async import Engine, Plan, Resource
+
+    vol = Resource(VOLUME, "v1")
+    async with Engine([_SavingPlugin()], discover=False) as engine:
+        cp = (await engine.protect(Plan(name="s", resources=[vol]))).checkpoint_id
+        restore = await engine.restore(cp)
+        delete = await engine.delete(cp)
+        store = engine.store
+        assert (await store.load_saved_info(cp))[vol.key] == {
+            "kept": True,
+            "a": 1,
+            "b": 2,
+            "op": "protect",
+        }
+        for run, op in ((restore, "restore"), (delete, "delete")):
+            assert (await store.load_saved_info(run.run_id))[vol.key] == {
+                "a": 1,
+                "b": 2,
+                "op": op,
+            }
