@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"<!-- (?:readme|docs)-example: [\w-]+ -->\s*```python\n(.*?)```", re.DOTALL)
+BLOCK = re.compile(
+    r"<!-- (?:readme|docs)-(?:example|module): [\w-]+ -->\s*```python\n(.*?)```", re.DOTALL
+)
+"""A runnable block: ``docs-example`` (run in order with the others) or ``docs-module``
+(also run in order, and part of the guide's plugin package: see test_guide.py)."""
 
 
 def _examples(path: Path) -> list[str]:

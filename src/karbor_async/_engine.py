@@ -239,13 +239,13 @@ class Engine:
         merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in plan.parameters.items()}
         for key, values in (parameters or {}).items():
             merged.setdefault(key, {}).update(values)
+        # The protect plan's barriers (its own and its groups') are protect's: a restore
+        # runs with ``barrier`` over every group, ``none`` unless asked.
         plan = attrs.evolve(
             plan,
             parameters=merged,
             barrier=barrier,
-            groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups)
-            if barrier
-            else plan.groups,
+            groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups),
             timeouts=timeouts or plan.timeouts,
         )
         graph = ResourceGraph.from_json(cp.graph)

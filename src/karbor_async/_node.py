@@ -33,7 +33,7 @@ from karbor_async._types import (
     ResourceStatus,
 )
 from karbor_async.events import Progress
-from karbor_async.exceptions import MarkError
+from karbor_async.exceptions import MarkError, PluginError
 from karbor_async.plugin import Bank, BankSection
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "_Aborted",
     "_Group",
     "_Node",
+    "not_restoring",
 ]
 
 HookFn = Callable[[Any], Awaitable[None]]
@@ -278,6 +279,8 @@ class _Node(Slot[_Group]):
         return None
 
     async def report_restored(self, new_id: str) -> None:
+        if self.run.operation is not OperationKind.RESTORE:
+            raise PluginError(not_restoring(self.resource, self.current, self.run.operation))
         await self.run.report_restored(self, new_id)
 
     def restored_id(self, key: ResourceKey) -> str | None:
@@ -305,6 +308,13 @@ class _Node(Slot[_Group]):
     @property
     def hooks_run(self) -> tuple[Hook, ...]:
         return tuple(h for h, bit in HOOK_BITS.items() if self.hooks_done & bit)
+
+
+def not_restoring(resource: Resource, hook: Hook | None, op: OperationKind) -> str:
+    """Why ``report_restored`` is refused outside a restore (it would record a mapping
+    of new ids for a run that restores nothing)."""
+    where = f"{resource} {hook.value}" if hook is not None else str(resource)
+    return f"{where}: report_restored is for restore hooks; this is a {op.value}"
 
 
 class Rescue:

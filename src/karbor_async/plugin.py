@@ -357,6 +357,7 @@ class HookContext:
         await self._handle.report_restored(new_id)
 
     def restored_id(self, resource: Resource | ResourceKey) -> str | None:
-        """The new id a finished restore hook reported for ``resource`` (or ``None``)."""
+        """The new id a restore hook of this run (or an earlier attempt of it) reported for
+        ``resource``, visible as soon as its ``report_restored`` returned; else ``None``."""
         key = resource.key if isinstance(resource, Resource) else resource
         return self._handle.restored_id(key)

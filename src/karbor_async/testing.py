@@ -22,6 +22,7 @@ import structlog
 
 from karbor_async._engine import Engine
 from karbor_async._memory import MemoryBank, MemoryStore
+from karbor_async._node import not_restoring
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._stall import Stall
 from karbor_async._tasks import STALL_LISTENERS
@@ -34,6 +35,7 @@ from karbor_async._types import (
     coerce_enum,
     coerce_optional,
 )
+from karbor_async.exceptions import PluginError
 from karbor_async.plugin import Bank, HookContext, ProtectionPlugin, ResourceType
 from karbor_async.store import RunOutcome
 
@@ -488,6 +490,8 @@ class HookRecorder:
         self.marks[what] = anyio.current_time() if at is None else at
 
     async def report_restored(self, new_id: str) -> None:
+        if self.run.operation is not OperationKind.RESTORE:
+            raise PluginError(not_restoring(self.resource, None, self.run.operation))
         self.restored[self.resource.key] = new_id
 
     def restored_id(self, key: ResourceKey) -> str | None:
