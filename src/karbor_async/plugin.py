@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Bank",
     "BankSection",
+    "CheckContext",
     "HookContext",
     "Param",
     "Protectable",
@@ -203,6 +204,32 @@ class Bank(Protocol):
     ) -> BankSection: ...
 
     async def delete_checkpoint(self, checkpoint_id: str) -> None: ...
+
+
+@attrs.frozen(eq=False)
+class CheckContext:
+    """What an operation object's optional ``async def check(self, ctx)`` gets.
+
+    The engine calls ``check`` for every resource while it builds a run (protect,
+    restore, delete; not when recovering a run a dead engine left), before
+    anything is stored or frozen, with the resource's merged parameters (secrets
+    resolved). Whatever it raises becomes a
+    :class:`~karbor_async.exceptions.PlanError` naming the resource, and no hook
+    runs. It is not a fifth hook: it runs once per resource per run, outside the
+    phases, bounded by ``Timeouts.discovery``. ``bank`` is the engine's whole bank
+    (``free_bytes()`` where it has one); ``saved`` is the resource's saved info in
+    the checkpoint a restore or delete works on (empty for a protect).
+    """
+
+    resource: Resource
+    operation: OperationKind
+    parameters: Mapping[str, Any]
+    bank: Bank
+    run_id: str
+    checkpoint_id: str
+    children: tuple[Resource, ...] = ()
+    parents: tuple[Resource, ...] = ()
+    saved: Mapping[str, Any] = attrs.Factory(dict)
 
 
 class _RunFacts(Protocol):
