@@ -107,12 +107,18 @@ class ResourceType:
     and measures its quiesce window. ``snapshots``: the type takes a cut; a server
     that only quiesces sets this to ``False``. ``parameters``: what the plan may
     set for this type (``None`` accepts anything, unchecked).
+    ``cut_outlives_process``: the cut survives the engine's process (a snapshot on
+    an array, a reflink clone). A cut held by the process itself (an open read
+    transaction, an exported database snapshot) sets it to ``False``: after a
+    crash before its ``on_main`` ended, recovery cannot resume that copy (it would
+    copy a later state), so it fails the group and deletes what was saved.
     """
 
     name: str
     quiesces: bool = False
     snapshots: bool = True
     parameters: Mapping[str, Param] | None = None
+    cut_outlives_process: bool = True
 
 
 class ProtectionPlugin:
