@@ -111,7 +111,10 @@ class ResourceType:
     an array, a reflink clone). A cut held by the process itself (an open read
     transaction, an exported database snapshot) sets it to ``False``: after a
     crash before its ``on_main`` ended, recovery cannot resume that copy (it would
-    copy a later state), so it fails the group and deletes what was saved.
+    copy a later state), so it fails the group and deletes what was saved. And when a
+    run stops short after such a cut and before its ``on_main`` finished (its group
+    aborted, the run was cancelled), its ``on_prepare_finish`` is called once more
+    with ``ctx.aborting`` set, so the plugin closes what holds the cut.
     """
 
     name: str
