@@ -405,3 +405,56 @@ def test_a_protect_killed_during_the_cut_or_the_copy_recovers_to_error_and_clean
     assert not bank.exists() or not any(p.is_file() for p in bank.rglob("*"))
     assert not reader_holds(db)
     assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []
+
+
+async def test_hooks_are_idempotent_across_attempts(tmp_path: Path, scratch: Path) -> None:
+    """Called the way the engine calls them: a second cut replaces the first (one held
+    cut), the copy reports progress per step, a re-run restore adopts the file an
+    earlier attempt wrote (same sha256) instead of failing, and a restore to an
+    existing file of another content is refused."""
+    from karbor_async import MemoryBank
+    from karbor_async.testing import make_context
+
+    db = make_db(tmp_path / "app.db", 500)
+    res = Resource(DB, str(db))
+    plugin = sq.SqliteProtection()
+    op = plugin.get_protect_operation(DB)
+    bank = MemoryBank()
+    params = {"scratch_dir": str(scratch), "step_pages": 8, "cut_query": CUT_QUERY}
+    ctx, rec = make_context(res, "on_prepare_finish", parameters=params, bank=bank)
+    await op.on_prepare_finish(ctx)
+    ctx, rec = make_context(
+        res, "on_prepare_finish", parameters=params, bank=bank, attempt=2, recorder=rec
+    )
+    await op.on_prepare_finish(ctx)
+    assert len(plugin.held) == 1
+    ctx, rec = make_context(res, "on_main", parameters=params, bank=bank, recorder=rec)
+    await op.on_main(ctx)
+    assert plugin.held == {} and not reader_holds(db)
+    steps = [p for p in rec.progress_reports if p[3] == "backup"]
+    assert len(steps) > 3
+    saved = rec.saved[res.key]
+
+    restore = plugin.get_restore_operation(DB)
+    target = tmp_path / "out.db"
+    rparams = {"target": str(target)}
+    ctx, rrec = make_context(
+        res, "on_main", operation="restore", parameters=rparams, bank=bank, run_id="r1"
+    )
+    rrec.saved[res.key] = dict(saved)
+    await restore.on_main(ctx)
+    assert rrec.restored[res.key] == str(target)
+    again, arec = make_context(
+        res, "on_main", operation="restore", parameters=rparams, bank=bank, run_id="r1", attempt=2
+    )
+    arec.saved[res.key] = dict(saved)
+    await restore.on_main(again)  # the restored file of the attempt that died: adopted
+    assert arec.restored[res.key] == str(target)
+    target.write_bytes(b"something else")
+    other, orec = make_context(
+        res, "on_main", operation="restore", parameters=rparams, bank=bank, run_id="r2", attempt=2
+    )
+    orec.saved[res.key] = dict(saved)
+    with pytest.raises(FileExistsError):
+        await restore.on_main(other)
+    assert [n for n in os.listdir(tmp_path) if ".part-" in n] == []
