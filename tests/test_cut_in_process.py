@@ -87,3 +87,21 @@ async def test_a_cut_copied_or_a_cut_that_outlives_the_process_is_not_released_a
         with pytest.raises(RunError):
             await engine.protect(Plan(name="p", resources=[A, B]))
     assert _cuts(failing, A) == [(None, "ok")] and _cuts(failing, B) == [(None, "ok")]
+
+
+async def test_a_restore_that_aborts_calls_no_extra_on_prepare_finish() -> None:
+    """Only a protect cuts: an aborted restore does not call on_prepare_finish again."""
+    plugin = _plugin(
+        faults={(f"{DISK}#b", "on_prepare_finish"): Fault.RAISE},
+        delays={(f"{DISK}#b", "on_prepare_finish"): 0.05},
+        fault_operations=("restore",),
+    )
+    async with Engine([plugin], [], store=MemoryStore(), discover=False) as engine:
+        protected = await engine.protect(Plan(name="p", resources=[A, B]))
+        with pytest.raises(RunError):
+            await engine.restore(protected.checkpoint_id, barrier=BarrierPolicy.MAIN)
+    restore_cuts = [
+        e for e in plugin.calls(A.key, Hook.PREPARE_FINISH) if e.operation.value == "restore"
+    ]
+    assert [(e.aborting, e.outcome) for e in restore_cuts] == [(None, "ok")]
+    assert plugin.calls(A.key, Hook.MAIN)[-1].operation.value == "protect"

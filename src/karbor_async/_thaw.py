@@ -18,7 +18,7 @@ from karbor_async._calls import call
 from karbor_async._node import HOOK_BITS, _Node
 from karbor_async._record import record_error
 from karbor_async._runstate import RunState
-from karbor_async._types import AbortReason, Hook, ResourceStatus
+from karbor_async._types import AbortReason, Hook, OperationKind, ResourceStatus
 from karbor_async.events import EventKind
 from karbor_async.exceptions import HookError, HookTimeoutError
 
@@ -142,6 +142,8 @@ async def release_cut(
     """
     if n.pf is None or n.binding.spec.cut_outlives_process:
         return
+    if run.operation is not OperationKind.PROTECT:
+        return  # (only a protect cuts)
     cut = HOOK_BITS[Hook.PREPARE_FINISH]
     if not n.hooks_done & cut or n.hooks_done & HOOK_BITS[Hook.MAIN]:
         return
