@@ -51,6 +51,7 @@ from benchmarks._measure import (
 from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
+from benchmarks.sqlite_plugin import sqlite_plugin_section
 from karbor_async import BarrierPolicy, Engine, Plan
 from karbor_simcloud import VOLUME, LatencyProfile, all_protectables, all_protections
 
@@ -75,6 +76,8 @@ class Config:
     fanout_ns: tuple[int, ...]
     abort_ns: tuple[int, ...]
     out: Path
+    sqlite_mbs: tuple[int, ...] = (64, 256)
+    sqlite_reps: int = 3
 
 
 def parse(argv: list[str]) -> Config:
@@ -102,6 +105,8 @@ def parse(argv: list[str]) -> Config:
             fanout_ns=(100,),
             abort_ns=(200,),
             out=HERE / "quick",
+            sqlite_mbs=(4, 16),
+            sqlite_reps=2,
         )
     else:
         cfg = Config(
@@ -908,6 +913,8 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     fanout, hundred = await fanout_section(cfg, workloads)
     log("abort latency section")
     aborts = await abort_latency_section(cfg.abort_ns, cfg.realistic_reps, SEED)
+    log("SQLite plugin section")
+    sqlite_plugin = await sqlite_plugin_section(cfg.sqlite_mbs, cfg.sqlite_reps)
     plots = make_plots(cfg, res, karbor, real)
     shape = workloads[max(ns)].cloud.stats()
     body = [
@@ -935,6 +942,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         *sqlite,
         *fanout,
         *aborts,
+        *sqlite_plugin,
     ]
     return "\n".join(body) + "\n"
 

@@ -16,6 +16,7 @@ __all__ = ["environment", "fmt_ms", "fmt_range_ms", "plot_lines", "table"]
 _PACKAGES = (
     "karbor-async",
     "karbor-async-simcloud",
+    "karbor-async-sqlite",
     "anyio",
     "attrs",
     "structlog",

@@ -2,7 +2,9 @@
 
 The child process protects or restores with it; ``CRASH_AT`` names the point
 (``TYPE#ID:hook:operation``) where the hook blocks forever after journalling
-``BLOCK``; ``CRASH_JOURNAL`` is the journal file. Restores create "resources" by
+``BLOCK``; ``CRASH_JOURNAL`` is the journal file. With ``CRASH_CUT_IN_PROCESS=1``,
+:func:`crash_plugin` gives :class:`InProcessCrashPlugin`, whose volumes' cuts live in
+the process (``cut_outlives_process=False``). Restores create "resources" by
 journalling ``CREATE`` lines, and adopt what ``ctx.restored_id`` says exists.
 """
 
@@ -87,3 +89,20 @@ class CrashPlugin(ProtectionPlugin):
 
     def get_delete_operation(self, resource_type: str) -> object:
         return _Op()
+
+
+class InProcessCrashPlugin(CrashPlugin):
+    """The same, but a volume's cut dies with the process (an open read transaction)."""
+
+    types: ClassVar[tuple[ResourceType, ...]] = (
+        ResourceType(SERVER, quiesces=True, snapshots=False),
+        ResourceType(VOLUME, cut_outlives_process=False),
+    )
+
+
+def crash_plugin() -> CrashPlugin:
+    """The plugin ``CRASH_CUT_IN_PROCESS`` asks for (the child and the recovering engine
+    must agree on the types)."""
+    if os.environ.get("CRASH_CUT_IN_PROCESS") == "1":
+        return InProcessCrashPlugin()
+    return CrashPlugin()

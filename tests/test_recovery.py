@@ -22,14 +22,17 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from crashplugin import SERVER, VOLUME, CrashPlugin
+from crashplugin import SERVER, VOLUME, CrashPlugin, crash_plugin
 from karbor_async import (
     BarrierPolicy,
     CheckpointStatus,
     Engine,
+    EventKind,
     FsBank,
+    Hook,
     Plan,
     Resource,
+    ResourceStatus,
     RunStatus,
     SqliteStore,
 )
@@ -46,7 +49,7 @@ CHILD = textwrap.dedent(
     import sys
     import anyio
     sys.path.insert(0, {tests!r})
-    from crashplugin import CrashPlugin, SERVER, VOLUME
+    from crashplugin import SERVER, VOLUME, crash_plugin
     from karbor_async import BarrierPolicy, Engine, FsBank, Plan, Resource, SqliteStore
     from karbor_async.testing import MapProtectable
 
@@ -57,7 +60,7 @@ CHILD = textwrap.dedent(
     async def main(mode: str, db: str, bank: str, checkpoint: str) -> None:
         async with SqliteStore.open(db, lease_seconds={lease}) as store:
             engine = Engine(
-                [CrashPlugin()], [FINDER], store=store, bank=FsBank(bank), discover=False
+                [crash_plugin()], [FINDER], store=store, bank=FsBank(bank), discover=False
             )
             async with engine:
                 if mode == "protect":
@@ -82,6 +85,7 @@ def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.touch()
     monkeypatch.setenv("CRASH_JOURNAL", str(path))
     monkeypatch.delenv("CRASH_AT", raising=False)
+    monkeypatch.delenv("CRASH_CUT_IN_PROCESS", raising=False)
     return path
 
 
@@ -161,7 +165,7 @@ async def _recover(tmp_path: Path) -> AsyncIterator[tuple[Engine, list[Any]]]:
     await anyio.sleep(LEASE * 1.2)  # the dead owner's lease expires
     async with SqliteStore.open(tmp_path / "karbor.db", lease_seconds=LEASE) as store:
         engine = Engine(
-            [CrashPlugin()],
+            [crash_plugin()],
             [_finder()],
             store=store,
             bank=FsBank(tmp_path / "bank"),
@@ -272,6 +276,62 @@ async def test_crash_during_complete_reruns_only_what_was_not_finished(
         cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
         assert cp.status is CheckpointStatus.AVAILABLE
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
+
+
+async def test_crash_during_main_of_a_cut_that_lived_in_the_process_fails_and_cleans_up(
+    tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed during the copy of a volume whose cut lives in the process: recovery does
+    not resume it (the cut is gone), fails the run naming the volume and why, runs no
+    protect hook, and deletes the checkpoint through the plugins' delete operation."""
+    monkeypatch.setenv("CRASH_CUT_IN_PROCESS", "1")
+    before = await _crash_child(
+        tmp_path,
+        journal,
+        f"{V1K}:on_main:protect",
+        lambda db: _finished(db, V2K, "on_main") and _started(db, V1K, "on_main"),
+    )
+    async for engine, outcomes in _recover(tmp_path):
+        (outcome,) = outcomes
+        assert outcome.status is RunStatus.FAILED
+        assert _calls(journal, ME, V1K) == _calls(journal, ME, V2K) == []
+        assert _calls(journal, ME, S1K) == []
+        assert ("on_main", "-", "1") in _calls(journal, ME, V1K, "delete")  # the clean-up
+        v1 = outcome.resources[V1.key]
+        assert v1.status is ResourceStatus.FAILED and v1.failed_hook is Hook.MAIN
+        assert v1.error is not None and "its cut lived in the killed process" in v1.error
+        assert outcome.error is not None
+        assert str(V1) in outcome.error and "cut lived in the killed process" in outcome.error
+        # V2's copy had finished before the kill: only V1 is why.
+        assert outcome.resources[V2.key].status is not ResourceStatus.FAILED
+        events = await engine.store.read_events(outcome.run_id)
+        (lost,) = [e for e in events if e.data.get("reason") == "cut_lost"]
+        assert lost.kind is EventKind.FAILED and lost.resource == V1.key
+        assert "its cut lived in the killed process" in lost.data["error"]
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.DELETED
+        assert not (tmp_path / "bank" / outcome.checkpoint_id).exists()
+        _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
+
+
+async def test_crash_after_the_copies_of_cuts_in_the_process_resumes(
+    tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in on_complete after every copy of an in-process cut finished: nothing
+    depends on the lost cut any more, so recovery resumes and the checkpoint is available."""
+    monkeypatch.setenv("CRASH_CUT_IN_PROCESS", "1")
+    await _crash_child(
+        tmp_path,
+        journal,
+        f"{V1K}:on_complete:protect",
+        lambda db: _finished(db, V1K, "on_main") and _finished(db, V2K, "on_main"),
+    )
+    async for engine, outcomes in _recover(tmp_path):
+        (outcome,) = outcomes
+        assert outcome.status is RunStatus.SUCCEEDED
+        assert _calls(journal, ME, V1K) == [("on_complete", "-", "2")]
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.AVAILABLE
 
 
 async def test_crash_during_restore_adopts_instead_of_creating_twice(

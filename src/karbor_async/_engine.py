@@ -14,6 +14,7 @@ import anyio
 import attrs
 import structlog
 
+from karbor_async._checks import run_checks
 from karbor_async._graph import ResourceGraph, assign_groups, check_types, discover
 from karbor_async._hub import EventHub, Subscription
 from karbor_async._memory import MemoryBank, MemoryStore
@@ -283,6 +284,8 @@ class Engine:
         spec = await _spec(
             self.registry, self.store, self._secrets, op, plan, graph, run_id, checkpoint_id, resume
         )
+        if resume is None:  # (recovery thaws and finishes what a dead engine left: no refusal)
+            await run_checks(spec, self._secrets, self.bank)
         return Run(
             spec,
             tasks=self._open_tasks(),

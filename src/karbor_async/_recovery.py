@@ -221,8 +221,12 @@ async def _recover_one(
     first_seq = await store.last_seq(record.run_id)
     restored = await engine.store.load_restored(record.run_id)
     resumable = True
+    lost: dict[ResourceKey, str] = {}
     if record.operation is OperationKind.PROTECT:
         resumable = _cuts_committed(engine, record, graph, r)
+        if resumable:
+            lost = _cuts_lost(engine, record, graph, r)
+            resumable = not lost
     attempts = {k: a + 1 for k, a in r.attempt.items()}
     resume = Resume(
         done_hooks={k: frozenset(v) for k, v in r.done.items()},
@@ -241,8 +245,9 @@ async def _recover_one(
             return await run.execute()
         except RunError as exc:
             return exc.outcome
-    # The cuts were not all committed: the checkpoint would not be consistent.
-    outcome = await run.abort_after_crash(sorted(r.maybe_frozen))
+    # The cuts were not all committed, or one died with the process: the checkpoint
+    # would not be consistent.
+    outcome = await run.abort_after_crash(sorted(r.maybe_frozen), lost)
     try:
         await engine.delete(record.checkpoint_id)
     except RunError as exc:
@@ -264,3 +269,34 @@ def _cuts_committed(
         if Hook.PREPARE_FINISH not in r.done.get(res.key, set()):
             return False
     return True
+
+
+CUT_LOST = (
+    "not resumed: its cut lived in the killed process (its type sets "
+    "cut_outlives_process=False) and its on_main had not finished, so a resumed copy "
+    "would hold a later state"
+)
+
+
+def _cuts_lost(
+    engine: RecoveryHost, record: RunRecord, graph: ResourceGraph, r: _Replay
+) -> dict[ResourceKey, str]:
+    """The resources whose cut died with the process before their copy ended.
+
+    A type with ``cut_outlives_process=False`` (an open read transaction) whose
+    ``on_main`` did not commit its finish: its copy cannot be resumed. Such a
+    resource makes its group fail, and since a checkpoint with a failed group is
+    never restorable, recovery fails the whole run and deletes the checkpoint (the
+    path of uncommitted cuts) rather than finish copies that would be deleted.
+    """
+    lost: dict[ResourceKey, str] = {}
+    for res in graph.resources:
+        binding = engine.registry.binding(res.type)
+        if binding is None or binding.spec.cut_outlives_process:
+            continue
+        op = binding.plugin.get_operation(record.operation, res.type)
+        if getattr(op, Hook.MAIN.value, None) is None:
+            continue
+        if Hook.MAIN not in r.done.get(res.key, set()):
+            lost[res.key] = CUT_LOST
+    return lost

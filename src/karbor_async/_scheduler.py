@@ -24,7 +24,7 @@ turned into :meth:`Run.cancel`, which knows not to interrupt a running cut.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -39,15 +39,23 @@ from karbor_async._calls import hook_call_code as _hook_call_code
 from karbor_async._guards import fire, stalled, watchdog
 from karbor_async._hub import EventHub
 from karbor_async._node import Interrupt, _Node
+from karbor_async._record import record_error
 from karbor_async._runstate import RunSpec, RunState
 from karbor_async._stall import Stall
 from karbor_async._summary import RunStatistics, build_outcome, statistics
 from karbor_async._tasks import EngineTasks
 from karbor_async._timers import Timers
-from karbor_async._types import AbortReason, OperationKind, ResourceKey, RunStatus
+from karbor_async._types import (
+    AbortReason,
+    Hook,
+    OperationKind,
+    ResourceKey,
+    ResourceStatus,
+    RunStatus,
+)
 from karbor_async._walk import recovery_thaw, run_node
 from karbor_async.events import EventKind
-from karbor_async.exceptions import RunError
+from karbor_async.exceptions import CutLostError, RunError
 from karbor_async.plugin import Bank, SecretResolver
 from karbor_async.store import RunOutcome, Store
 
@@ -240,11 +248,15 @@ class Run(RunState):
             self.tasks.runs.discard(self)
             self.holds.release_all()  # (a thaw that failed, a cancelled task)
 
-    async def abort_after_crash(self, maybe_frozen: list[ResourceKey]) -> RunOutcome:
-        """Recovery of a run whose cuts were not all committed: thaw, then end it failed.
+    async def abort_after_crash(
+        self, maybe_frozen: list[ResourceKey], lost: Mapping[ResourceKey, str] | None = None
+    ) -> RunOutcome:
+        """Recovery of a protect that cannot resume: thaw, then end it failed.
 
         Each resource that may still be frozen gets its ``on_prepare_finish`` with
         ``ctx.aborting`` set to ``recovery`` (retried like any thaw); nothing else runs.
+        ``lost``: the resources that are why (their cut is gone) and the reason, each
+        recorded as that resource's failure of ``on_main`` (an event and its outcome).
         """
         if self.started:
             raise RuntimeError("a Run executes once; build a new one with the engine")
@@ -253,9 +265,18 @@ class Run(RunState):
         started_wall = time.time()
         started = self.t0 = self.now()
         self.abort_reason = AbortReason.RECOVERY
+        by_key = {n.resource.key: n for n in self.nodes}
+        for key, why in sorted((lost or {}).items()):
+            n = by_key.get(key)
+            if n is None:
+                continue
+            err = CutLostError(n.resource, Hook.MAIN, why)
+            record_error(n, Hook.MAIN, AbortReason.RECOVERY, err)
+            n.status = ResourceStatus.FAILED
+            self.rec.emit(EventKind.FAILED, n, Hook.MAIN, error=str(err), reason="cut_lost")
+            self.log.error("recovery_cut_lost", resource=str(n.resource), reason=why)
         for group in self.groups.values():
             abort_group(self, group, AbortReason.RECOVERY, None)
-        by_key = {n.resource.key: n for n in self.nodes}
         thaws: list[_Node] = []
         for key in maybe_frozen:
             n = by_key.get(key)

@@ -15,14 +15,14 @@ import anyio
 from karbor_async import _ordering
 from karbor_async._abort import THAW_FIRST_DELAY, THAW_MAX_DELAY, abort_group
 from karbor_async._calls import call
-from karbor_async._node import _Node
+from karbor_async._node import HOOK_BITS, _Node
 from karbor_async._record import record_error
 from karbor_async._runstate import RunState
-from karbor_async._types import AbortReason, Hook, ResourceStatus
+from karbor_async._types import AbortReason, Hook, OperationKind, ResourceStatus
 from karbor_async.events import EventKind
 from karbor_async.exceptions import HookError, HookTimeoutError
 
-__all__ = ["on_cancelled", "thaw"]
+__all__ = ["on_cancelled", "release_cut", "thaw"]
 
 
 async def thaw(
@@ -118,12 +118,57 @@ async def on_cancelled(run: RunState, n: _Node) -> None:
     abort_group(run, g, reason, None)
     if _ordering.needs_thaw(n):
         await thaw(run, n, g.aborting or reason, g.abort_error)
+    await release_cut(run, n, g.aborting or reason, g.abort_error)
     if n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING, ResourceStatus.SUCCEEDED):
         if reason in (AbortReason.CANCELLED, AbortReason.TIMEOUT):
             n.status = ResourceStatus.CANCELLED
         else:
             n.status = ResourceStatus.ABORTED
         run.rec.emit(EventKind.ABORTED, n, None, reason=reason.value)
+
+
+async def release_cut(
+    run: RunState, n: _Node, reason: AbortReason, error: BaseException | None
+) -> None:
+    """A cut that lives in the process, taken and not copied, when the run stops short.
+
+    A type with ``cut_outlives_process=False`` holds its cut open (a read
+    transaction) from its ``on_prepare_finish`` until its ``on_main`` has copied it.
+    When its group aborts after the cut and before ``on_main`` finished, nothing
+    else would ever run for it, so its ``on_prepare_finish`` is called once more with
+    ``ctx.aborting`` set: the plugin closes what holds the cut. Once, bounded by the
+    abort deadline; a failure joins the outcome (the resource is not frozen, so it
+    is not retried and is not ``thaw_failed``). Callers shield it.
+    """
+    if n.pf is None or n.binding.spec.cut_outlives_process:
+        return
+    if run.operation is not OperationKind.PROTECT:
+        return  # (only a protect cuts)
+    cut = HOOK_BITS[Hook.PREPARE_FINISH]
+    if not n.hooks_done & cut or n.hooks_done & HOOK_BITS[Hook.MAIN]:
+        return
+    deadline = run.now() + run.abort_timeout
+    if n.gate.abandon_at is not None:
+        deadline = min(deadline, n.gate.abandon_at)
+    with anyio.CancelScope(deadline=deadline) as bounded:
+        last = await call(
+            run,
+            n,
+            Hook.PREPARE_FINISH,
+            n.pf,
+            aborting=reason,
+            abort_error=error,
+            scopes=(bounded,),
+        )
+    if bounded.cancelled_caught:
+        last = HookTimeoutError(
+            n.resource,
+            Hook.PREPARE_FINISH,
+            "releasing the cut did not finish before the abort deadline",
+        )
+        run.rec.emit(EventKind.FAILED, n, Hook.PREPARE_FINISH, error=str(last))
+    if last is not None:
+        record_error(n, Hook.PREPARE_FINISH, reason, last)
 
 
 def _thaw_instant(run: RunState, n: _Node) -> float:

@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointBusyError",
     "CheckpointNotFoundError",
     "CorruptStoreError",
+    "CutLostError",
     "ForeignFileError",
     "GraphError",
     "HookError",
@@ -203,6 +204,16 @@ class HookTimeoutError(HookError):
 
 class ThawFailedError(HookError):
     """Every attempt to thaw a frozen resource failed: it may still be frozen."""
+
+
+class CutLostError(HookError):
+    """Recovery did not resume this resource's copy: its cut lived in the killed process.
+
+    Raised (recorded) for a resource whose type sets ``cut_outlives_process=False``
+    (an open read transaction) and whose ``on_main`` had not finished when the engine
+    died: resuming would copy a later state, so the run fails and its checkpoint is
+    deleted.
+    """
 
 
 class ScrubbedError(KarborError):

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Bank",
     "BankSection",
+    "CheckContext",
     "HookContext",
     "Param",
     "Protectable",
@@ -106,12 +107,21 @@ class ResourceType:
     and measures its quiesce window. ``snapshots``: the type takes a cut; a server
     that only quiesces sets this to ``False``. ``parameters``: what the plan may
     set for this type (``None`` accepts anything, unchecked).
+    ``cut_outlives_process``: the cut survives the engine's process (a snapshot on
+    an array, a reflink clone). A cut held by the process itself (an open read
+    transaction, an exported database snapshot) sets it to ``False``: after a
+    crash before its ``on_main`` ended, recovery cannot resume that copy (it would
+    copy a later state), so it fails the group and deletes what was saved. And when a
+    run stops short after such a cut and before its ``on_main`` finished (its group
+    aborted, the run was cancelled), its ``on_prepare_finish`` is called once more
+    with ``ctx.aborting`` set, so the plugin closes what holds the cut.
     """
 
     name: str
     quiesces: bool = False
     snapshots: bool = True
     parameters: Mapping[str, Param] | None = None
+    cut_outlives_process: bool = True
 
 
 class ProtectionPlugin:
@@ -203,6 +213,32 @@ class Bank(Protocol):
     ) -> BankSection: ...
 
     async def delete_checkpoint(self, checkpoint_id: str) -> None: ...
+
+
+@attrs.frozen(eq=False)
+class CheckContext:
+    """What an operation object's optional ``async def check(self, ctx)`` gets.
+
+    The engine calls ``check`` for every resource while it builds a run (protect,
+    restore, delete; not when recovering a run a dead engine left), before
+    anything is stored or frozen, with the resource's merged parameters (secrets
+    resolved). Whatever it raises becomes a
+    :class:`~karbor_async.exceptions.PlanError` naming the resource, and no hook
+    runs. It is not a fifth hook: it runs once per resource per run, outside the
+    phases, bounded by ``Timeouts.discovery``. ``bank`` is the engine's whole bank
+    (``free_bytes()`` where it has one); ``saved`` is the resource's saved info in
+    the checkpoint a restore or delete works on (empty for a protect).
+    """
+
+    resource: Resource
+    operation: OperationKind
+    parameters: Mapping[str, Any]
+    bank: Bank
+    run_id: str
+    checkpoint_id: str
+    children: tuple[Resource, ...] = ()
+    parents: tuple[Resource, ...] = ()
+    saved: Mapping[str, Any] = attrs.Factory(dict)
 
 
 class _RunFacts(Protocol):
