@@ -18,9 +18,9 @@ from typing import Any
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async._engine import Engine
+from karbor_async._log import PLUGINS, get_logger, ref
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._stall import Stall
@@ -76,7 +76,7 @@ class TraceEntry:
     attempt: int = 1
 
 
-_log = structlog.get_logger("karbor_async.testing")
+_log = get_logger(PLUGINS, test_context=True)
 
 ScriptKey = tuple[str, Hook]
 """``("OS::Nova::Server#s1", hook)`` for one resource, ``("OS::Nova::Server", hook)`` for a type."""
@@ -442,7 +442,7 @@ class HookRecorder:
         return self.parents if parents else self.children
 
     def logger(self, hook: Hook) -> Any:
-        return _log.bind(resource=str(self.resource), hook=hook.value, test_context=True)
+        return _log.bind(resource=ref(self.resource), hook=hook.value)
 
     def bank_section(self) -> Any:
         return self.bank
