@@ -46,6 +46,14 @@ def _readme_example() -> str:
     return code
 
 
+def _logs_section_blocks() -> list[str]:
+    """The README's "Logs" section's python blocks: plain lines, then JSON lines."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Logs\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
 def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "app.py"
     script.write_text(code)
@@ -82,12 +90,13 @@ def test_an_applications_structlog_configuration_does_not_print_engine_logs(
     assert done.stderr == ""
 
 
-def test_basic_config_at_debug_shows_engine_lines_on_stderr(tmp_path: Path) -> None:
-    """``logging.basicConfig(level=logging.DEBUG)`` turns the logs on, on stderr, as
-    ``event key=value`` lines that write resources as ``TYPE#ID``; stdout keeps only
-    the application's line."""
-    app = "import logging\nlogging.basicConfig(level=logging.DEBUG)\n"
-    done = _python(app + _readme_example(), tmp_path)
+def test_basic_config_shows_engine_lines_on_stderr(tmp_path: Path) -> None:
+    """The README's ``logging.basicConfig(level=logging.INFO)`` turns the logs on, on
+    stderr, as ``event key=value`` lines; with ``karbor_async`` at debug, one line per
+    lifecycle event, resources written ``TYPE#ID``; stdout keeps only the app's line."""
+    plain, _json = _logs_section_blocks()
+    debug = 'logging.getLogger("karbor_async").setLevel(logging.DEBUG)\n'
+    done = _python(plain + debug + _readme_example(), tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == README_LINE
     lines = done.stderr.splitlines()
@@ -95,6 +104,20 @@ def test_basic_config_at_debug_shows_engine_lines_on_stderr(tmp_path: Path) -> N
     started = [line for line in lines if line.startswith("DEBUG:karbor_async.run:started ")]
     assert started and all("resource=OS::Cinder::Volume#v1 " in line for line in started)
     assert "Volume:v1" not in done.stderr
+
+
+def test_the_readme_json_logging_example_writes_json_lines(tmp_path: Path) -> None:
+    """The README's ProcessorFormatter example: one JSON object per engine line on
+    stderr (no debug lines at INFO), stdout untouched."""
+    _plain, json_block = _logs_section_blocks()
+    done = _python(json_block + _readme_example(), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == README_LINE
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(x["event"], x["level"], x["logger"]) for x in lines] == [
+        ("run_started", "info", "karbor_async.run"),
+        ("run_finished", "info", "karbor_async.run"),
+    ]
 
 
 class _Chatty:
