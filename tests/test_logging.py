@@ -271,3 +271,28 @@ def test_the_package_adds_a_null_handler_and_never_configures_structlog() -> Non
         if re.search(r"structlog\.(get_logger|configure|wrap_logger)\(", path.read_text())
     ]
     assert offenders == []
+
+
+def test_the_cli_handler_follows_stderr_and_keeps_locals_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``_log.configure`` (the CLI's) writes to whatever ``sys.stderr`` is at each line,
+    replaces its own handler when called again, and renders tracebacks without local
+    variables (a hook's locals may hold a resolved secret), as JSON and as console."""
+    log = get_logger("karbor_async._engine")
+    for as_json in (True, False):
+        _log.configure(logging.INFO, json=as_json)
+        secret = "s3cr3t-value"
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("engine_error", resource="T#1")
+        assert secret  # (a local of this frame while the traceback is rendered)
+    ours = [h for h in logging.getLogger("karbor_async").handlers if h.formatter is not None]
+    assert len(ours) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    json_line, console = captured.err.split("\n", 1)
+    assert json.loads(json_line)["exception"][0]["exc_value"] == "boom"
+    assert "engine_error" in console and "ValueError: boom" in console
+    assert "s3cr3t-value" not in captured.err

@@ -137,10 +137,15 @@ def _hand_over(
     return (_Message(event_dict),), kwargs
 
 
-_PROCESSORS: list[Any] = [structlog.contextvars.merge_contextvars, _hand_over]
+_PROCESSORS: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.PositionalArgumentsFormatter(),
+    _hand_over,
+]
 """What runs between a call that passed the level check and ``logging``: the
 application's ``structlog.contextvars`` (a request id bound around our calls)
-join the line; rendering is the handler's formatter's business."""
+join the line, ``log.info("copied %d", n)`` is formatted; rendering is the
+handler's formatter's business."""
 
 
 def get_logger(name: str, **context: Any) -> Logger:
@@ -166,13 +171,19 @@ def ref(resource: Resource | ResourceKey) -> str:
 
 def formatter(*, json: bool = False, colors: bool = False) -> logging.Formatter:
     """A ``ProcessorFormatter`` rendering our records (and any other) as console lines
-    or JSON objects, with time stamp, level and logger name."""
-    renderer: Any
+    or JSON objects, with time stamp, level and logger name; tracebacks never show
+    local variables."""
+    tail: list[Any]
     if json:
-        renderer = structlog.processors.JSONRenderer()
-        tail: list[Any] = [structlog.processors.dict_tracebacks, renderer]
+        # Never a traceback's local variables: they may hold resolved secrets.
+        tracebacks = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        tail = [
+            structlog.processors.ExceptionRenderer(tracebacks),
+            structlog.processors.JSONRenderer(),
+        ]
     else:
-        tail = [structlog.dev.ConsoleRenderer(colors=colors)]
+        plain = structlog.dev.plain_traceback  # (rich's default shows the locals)
+        tail = [structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=plain)]
     return structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
