@@ -198,7 +198,8 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
         "## 1-2. Engine overhead and cut dispatch skew (no-op hooks, in-memory store)",
         "",
         "Four no-op hooks per resource. `engine-*` run `Engine.execute` with a null event "
-        "sink (`record_events=False`) and structlog filtered at WARNING; `engine-cut+events` "
+        "sink (`record_events=False`) and the `karbor_async` logger at WARNING; "
+        "`engine-cut+events` "
         "records every lifecycle event in the memory store (the default sink). `discovery` is "
         "`Engine.build_protect` (graph expansion through the protectables, validation), "
         "timed apart and not in `total`. `x anyio` / `x asyncio`: median over repetitions of "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,22 +47,13 @@ def virtual_time(anyio_backend: Any) -> bool:
     return bool(anyio_backend[0] == "trio")
 
 
-def _route_structlog_to_stdlib() -> None:
-    """Tests are an application: send the library's structlog events through stdlib
-    logging so pytest captures them (the library itself never configures structlog)."""
-    import logging
-
-    import structlog
-
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.KeyValueRenderer(key_order=["event"]),
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        cache_logger_on_first_use=False,
-    )
-
-
-_route_structlog_to_stdlib()
+@pytest.fixture(autouse=True)
+def _keep_library_logging() -> Iterator[None]:
+    """The library logs through stdlib ``logging`` (pytest captures it); the CLI, an
+    application, configures the ``karbor_async`` logger: give each test it as it was."""
+    log = logging.getLogger("karbor_async")
+    saved = (log.level, log.handlers[:], log.propagate)
+    yield
+    log.setLevel(saved[0])
+    log.handlers[:] = saved[1]
+    log.propagate = saved[2]

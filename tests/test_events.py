@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 
 import anyio
 import pytest
-import structlog
 
 from helpers import VOLUME, res, setup
 from karbor_async import (
@@ -195,21 +194,22 @@ async def test_replay_across_an_engine_restart(tmp_path: Path) -> None:
     assert len(set(before)) == len(before) == before[-1]
 
 
-async def test_events_go_to_structlog_when_the_application_configured_it() -> None:
-    """With structlog configured (here at debug level), every lifecycle event is logged."""
+async def test_events_are_logged_at_debug_when_logging_lets_debug_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the ``karbor_async`` logger at debug, every lifecycle event is a log line
+    of the run's logger, carrying the run id and the resource as ``TYPE#ID``."""
     engine, _plugin, plan = setup([("s1", "v1")], ["s1"])
     async with engine:
-        before = structlog.get_config()["wrapper_class"]
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-        try:
-            with structlog.testing.capture_logs() as logs:
-                outcome = await engine.protect(plan)
-        finally:
-            structlog.configure(wrapper_class=before)
-        kinds = [entry["event"] for entry in logs if entry.get("seq")]
-        assert "started" in kinds and "finished" in kinds and "run_finished" in kinds
-        assert all(entry.get("run_id") == outcome.run_id for entry in logs if entry.get("seq"))
-        assert any(entry.get("resource") == f"{res('v1').type}#v1" for entry in logs)
+        caplog.set_level(logging.DEBUG, logger="karbor_async")
+        outcome = await engine.protect(plan)
+    logs: list[dict[str, Any]] = [
+        r.msg for r in caplog.records if r.name == "karbor_async.run" and isinstance(r.msg, dict)
+    ]
+    kinds = [entry["event"] for entry in logs if entry.get("seq")]
+    assert "started" in kinds and "finished" in kinds and "run_finished" in kinds
+    assert all(entry.get("run_id") == outcome.run_id for entry in logs)
+    assert any(entry.get("resource") == f"{res('v1').type}#v1" for entry in logs)
 
 
 async def test_batches_deliver_the_same_stream_in_lists() -> None:
@@ -299,18 +299,3 @@ async def test_batch_readers_join_late_fall_behind_and_still_get_everything() ->
         assert _lifecycle(results["late"]) == [s for s in stored if s[1] > 3]
         assert caught_up["slow"] > 0  # it did fall off the ring and read back from the store
         assert caught_up["late"] > 0  # its replay came from the store
-
-
-def test_per_event_logs_are_skipped_when_debug_is_filtered() -> None:
-    """A filtering logger that drops debug costs nothing per event (the check is made once)."""
-    from karbor_async._calls import debug_enabled as _debug_enabled
-
-    before = structlog.get_config()["wrapper_class"]
-    try:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-        assert not _debug_enabled(structlog.get_logger("karbor_async").bind(run_id="r"))
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-        assert _debug_enabled(structlog.get_logger("karbor_async").bind(run_id="r"))
-    finally:
-        structlog.configure(wrapper_class=before)
-    assert _debug_enabled(object())  # a logger that cannot say: assume it logs

@@ -13,6 +13,7 @@ import anyio
 import anyio.lowlevel
 
 from karbor_async._abort import thaw_beside
+from karbor_async._log import ref
 from karbor_async._node import _Node
 from karbor_async._record import record_error
 from karbor_async._runstate import RunState
@@ -65,7 +66,7 @@ def abandon(run: RunState, n: _Node) -> None:
     )
     run.log.warning(
         "hook_abandoned",
-        resource=str(n.resource),
+        resource=ref(n.resource),
         hook=hook.value if hook is not None else None,
         seconds=round(since, 6),
     )
@@ -94,7 +95,7 @@ async def after_abandoned(run: RunState, n: _Node) -> None:
     late = run.now() - (n.abandoned_at or run.now())
     run.log.warning(
         "abandoned_hook_ended",
-        resource=str(n.resource),
+        resource=ref(n.resource),
         hook=hook.value if hook is not None else None,
         aborting=aborting,
         seconds_after_abandoned=round(late, 6),
@@ -118,7 +119,7 @@ def _release_late(run: RunState, n: _Node) -> None:
     try:
         run.rec.release(n)
     except Exception as exc:  # a closed store: the owner's death frees it
-        run.log.info("late_lease_release_skipped", resource=str(n.resource), error=repr(exc))
+        run.log.info("late_lease_release_skipped", resource=ref(n.resource), error=repr(exc))
 
 
 async def _late_thaw(run: RunState, n: _Node) -> None:
@@ -139,7 +140,7 @@ async def _thawed_late(run: RunState, n: _Node) -> None:
     n.thaw_done = True
     _release_late(run, n)
     at = n.thawed_late_at = run.now()
-    run.log.warning("thawed_late", resource=str(n.resource), at=at)
+    run.log.warning("thawed_late", resource=ref(n.resource), at=at)
     if not run.outcome_built:
         return  # the outcome, still to be built, carries it
     stored = run.outcome_stored
@@ -149,4 +150,4 @@ async def _thawed_late(run: RunState, n: _Node) -> None:
         try:
             await run.store.record_late_thaw(run.run_id, n.resource.key, at)
         except Exception as exc:  # a closed store, a lost lease: say so, do not crash
-            run.log.warning("late_thaw_not_recorded", resource=str(n.resource), error=repr(exc))
+            run.log.warning("late_thaw_not_recorded", resource=ref(n.resource), error=repr(exc))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import anyio
 
 from karbor_async import _ordering
+from karbor_async._log import ref
 from karbor_async._node import Rescue, _Group, _Node
 from karbor_async._params import resolve_secrets
 from karbor_async._runstate import RunState
@@ -129,7 +130,7 @@ async def rescue_thaw(run: RunState, rescue: Rescue) -> None:
     deadline = g.abandon_at if g.abandon_at is not None else math.inf
     run.log.warning(
         "rescue_thaw",
-        resource=str(n.resource),
+        resource=ref(n.resource),
         note="on_prepare_begin did not end once cancelled: its thaw is called beside it",
     )
     try:
@@ -167,7 +168,7 @@ async def thaw_beside(
         except BaseException as exc:  # nothing may escape a task the engine owns
             if only_cancellation(exc) and scope.cancel_called:
                 raise
-            run.log.warning(failed, resource=str(n.resource), error=run.scrub.text(repr(exc)))
+            run.log.warning(failed, resource=ref(n.resource), error=run.scrub.text(repr(exc)))
         else:
             return reason
         await anyio.sleep(delay)

@@ -9,7 +9,6 @@ aborts the whole run (the run re-raises it once all is thawed).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ import sniffio
 
 from karbor_async._abort import abort_all, abort_group, on_caller_cancel, only_cancellation
 from karbor_async._guards import held_too_long
+from karbor_async._log import ref
 from karbor_async._node import HOOK_BITS, HookFn, Interrupt, _Abandoned, _Aborted, _Node
 from karbor_async._params import resolve_secrets
 from karbor_async._record import format_error
@@ -32,7 +32,6 @@ __all__ = [
     "call",
     "call_limited",
     "cancel_probe",
-    "debug_enabled",
     "deliver_pending",
     "fast_clock",
     "hook_call_code",
@@ -76,17 +75,6 @@ def cancel_probe() -> Callable[[], object] | None:
             return None
         return lambda: bool(status.effectively_cancelled)
     return None
-
-
-def debug_enabled(log: Any) -> bool:
-    """Whether ``log`` passes debug events on (filtering loggers say; others may)."""
-    check = getattr(log, "is_enabled_for", None)
-    if check is None:
-        return True
-    try:
-        return bool(check(logging.DEBUG))
-    except Exception:  # a logger with its own idea of the method: assume it logs
-        return True
 
 
 def fatal_in(exc: BaseException) -> BaseException | None:
@@ -253,7 +241,7 @@ def _fatal_raised(run: RunState, n: _Node, exc: BaseException, err: HookError) -
     It is that hook's failure first (everything is thawed, the outcome is
     recorded); ``Run.execute`` then re-raises the same object.
     """
-    run.log.error("hook_raised_fatal", resource=str(n.resource), error=type(exc).__name__)
+    run.log.error("hook_raised_fatal", resource=ref(n.resource), error=type(exc).__name__)
     if run.fatal is None:
         run.fatal = exc
     run.rec.fail(n, err.hook, err)

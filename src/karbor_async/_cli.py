@@ -26,7 +26,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import anyio
 import attrs
-import structlog
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -34,6 +33,7 @@ from rich.table import Table
 
 from karbor_async._engine import Engine
 from karbor_async._fsbank import FsBank
+from karbor_async._log import configure as configure_logging
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._planfile import load_plan_file
 from karbor_async._progress import Display, follow_run, outcome_tables, phase_table
@@ -722,7 +722,8 @@ def _configure(
         ),
     ] = 30.0,
 ) -> None:
-    """The CLI is an application, so it (not the library) configures structlog."""
+    """The CLI is an application, so it (not the library) configures logging: one
+    stderr handler on the ``karbor_async`` logger, console lines or JSON lines."""
     if not lease_seconds > 0:
         raise typer.BadParameter(
             f"must be a positive number of seconds, not {lease_seconds!r}",
@@ -735,22 +736,7 @@ def _configure(
             f"unknown log level {log_level!r}; use debug, info, warning or error",
             param_hint="--log-level",
         )
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if log_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
+    configure_logging(level, json=log_json)
 
 
 # -- formatting helpers ------------------------------------------------------------------

@@ -12,11 +12,11 @@ from typing import Any, Self
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async._checks import run_checks
 from karbor_async._graph import ResourceGraph, assign_groups, check_types, discover
 from karbor_async._hub import EventHub, Subscription
+from karbor_async._log import get_logger, ref
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
@@ -32,7 +32,7 @@ from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, R
 
 __all__ = ["Engine", "EngineStatistics", "new_run_id"]
 
-_log = structlog.get_logger("karbor_async")
+_log = get_logger(__name__)
 
 _RECOVERING: ContextVar[bool] = ContextVar("karbor_async_recovering", default=False)
 """Set while a recovery runs, in it and in every task it starts: what recovery starts
@@ -535,7 +535,7 @@ async def _create_run(store: Store, record: RunRecord, wait: float) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
-            _log.info("resource_busy_waiting", resource=str(exc.resource), run_id=exc.run_id)
+            _log.info("resource_busy_waiting", resource=ref(exc.resource), run_id=exc.run_id)
             await anyio.sleep(min(0.5, left))
         else:
             return

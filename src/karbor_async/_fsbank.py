@@ -36,16 +36,16 @@ from urllib.parse import unquote
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async._bankkeys import validate_key
 from karbor_async._liveness import owner_gone, this_process
+from karbor_async._log import get_logger
 from karbor_async._types import ResourceKey
 from karbor_async.exceptions import BankKeyError
 
 __all__ = ["FsBank", "FsBankSection", "escape_component", "unescape_component"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _T = TypeVar("_T")
 

@@ -14,6 +14,7 @@ import time
 import anyio
 
 from karbor_async._abort import abort_all, abort_group, arm_rescue, due_call
+from karbor_async._log import ref
 from karbor_async._node import Interrupt, _Node
 from karbor_async._runstate import RunState
 from karbor_async._stall import Stall
@@ -42,7 +43,7 @@ def fire(run: RunState, n: _Node, kind: Interrupt) -> None:
         n.holding = False
         run.log.warning(
             "quiesce_budget_exceeded",
-            resource=str(n.resource),
+            resource=ref(n.resource),
             budget=n.budget,
             group=n.gate.name,
         )
@@ -110,7 +111,7 @@ def stalled(run: RunState, stall: Stall) -> None:
     n.call_stalled += stall.seconds  # its own stall is charged to it, not pushed back
     run.log.warning(
         "loop_blocked",
-        resource=str(n.resource),
+        resource=ref(n.resource),
         hook=stall.hook.value,
         seconds=round(stall.seconds, 3),
         frame=stall.frame,

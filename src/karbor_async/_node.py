@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 
+from karbor_async._log import ref
 from karbor_async._ordering import Gate, Slot
 from karbor_async._params import NodeParams
 from karbor_async._registry import TypeBinding
@@ -84,6 +85,8 @@ class NodeRun(Protocol):
     bank: Bank
     restored: dict[ResourceKey, str]
     log: Any
+    plugin_log: Any
+    """What ``ctx.log`` binds: the ``karbor_async.plugins`` logger, bound to the run."""
 
     @property
     def scrubber(self) -> Scrubber: ...
@@ -301,7 +304,7 @@ class _Node(Slot[_Group]):
         return tuple(n.resource for n in (self.parents if parents else self.children))
 
     def logger(self, hook: Hook) -> Any:
-        log = self.run.log.bind(resource=str(self.resource), hook=hook.value)
+        log = self.run.plugin_log.bind(resource=ref(self.resource), hook=hook.value)
         scrub = self.run.scrubber
         return ScrubbingLogger(log, scrub) if scrub.active else log
 

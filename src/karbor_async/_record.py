@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from karbor_async._hub import EventHub
+from karbor_async._log import ref
 from karbor_async._node import _Node
 from karbor_async._scrub import Scrubber
 from karbor_async._timers import Timers
@@ -63,6 +64,7 @@ class Recorder:
         restored: Mapping[ResourceKey, str],
         timers: Timers,
         log: Any,
+        plugin_log: Any,
     ) -> None:
         self.run_id = run_id
         self.checkpoint_id = checkpoint_id
@@ -78,6 +80,7 @@ class Recorder:
         self.scrub = Scrubber()
         """The secret values this run resolved, kept out of all it writes."""
         self.log = log
+        self.plugin_log = plugin_log
         self.now: Callable[[], float] = anyio.current_time
         self.timers = timers
         self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in saved.items()}
@@ -172,7 +175,7 @@ class Recorder:
     def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
         """An aborting call's mark broke a rule: warn; the engine's default instant stands."""
         self.log.warning(
-            "mark_refused", resource=str(n.resource), hook=hook.value, mark=what, rule=rule
+            "mark_refused", resource=ref(n.resource), hook=hook.value, mark=what, rule=rule
         )
         self.emit(EventKind.MARK_REFUSED, n, hook, mark=what, at=at, rule=rule)
 
@@ -224,7 +227,7 @@ class Recorder:
     def fail(self, n: _Node, hook: Hook, err: HookError) -> None:
         record_error(n, hook, None, err)
         n.status = ResourceStatus.FAILED
-        self.log.warning("hook_failed", resource=str(n.resource), hook=hook.value, error=str(err))
+        self.log.warning("hook_failed", resource=ref(n.resource), hook=hook.value, error=str(err))
 
     def thaw_failed(self, n: _Node, cause: BaseException, reason: AbortReason | None) -> None:
         """The alert: ``n`` may still be frozen (DESIGN.md guarantee 1)."""
@@ -236,5 +239,5 @@ class Recorder:
         exc.__cause__ = cause
         n.status = ResourceStatus.THAW_FAILED
         record_error(n, Hook.PREPARE_FINISH, n.gate.aborting or reason, exc)
-        self.log.error("thaw_failed", resource=str(n.resource), error=repr(cause))
+        self.log.error("thaw_failed", resource=ref(n.resource), error=repr(cause))
         self.emit(EventKind.THAW_FAILED, n, Hook.PREPARE_FINISH, error=format_error(exc))

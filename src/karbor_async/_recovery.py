@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async._graph import ResourceGraph
+from karbor_async._log import get_logger
 from karbor_async._plan import Plan
 from karbor_async._types import Hook, OperationKind, ResourceKey
 from karbor_async.events import Event, EventKind
@@ -37,7 +37,7 @@ __all__ = [
     "replay",
 ]
 
-_log = structlog.get_logger("karbor_async.recovery")
+_log = get_logger(__name__)
 
 
 @runtime_checkable

@@ -13,11 +13,11 @@ from typing import Any
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async._graph import ResourceGraph
 from karbor_async._holds import Holds
 from karbor_async._hub import EventHub
+from karbor_async._log import PLUGINS, RUN, get_logger
 from karbor_async._node import _Group, _Node
 from karbor_async._params import NodeParams
 from karbor_async._plan import Plan
@@ -32,7 +32,8 @@ from karbor_async.store import RunOutcome, Store
 
 __all__ = ["RunSpec", "RunState"]
 
-_log = structlog.get_logger("karbor_async")
+_log = get_logger(RUN)
+_plugin_log = get_logger(PLUGINS)
 
 
 @attrs.frozen
@@ -106,6 +107,7 @@ class RunState:
             restored=spec.restored,
             timers=timers,
             log=self.log,
+            plugin_log=_plugin_log.bind(run_id=spec.run_id, operation=spec.operation.value),
         )
         self.scrub = self.rec.scrub
         self.now: Callable[[], float] = anyio.current_time

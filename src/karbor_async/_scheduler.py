@@ -23,18 +23,18 @@ turned into :meth:`Run.cancel`, which knows not to interrupt a running cut.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-import structlog
 
 from karbor_async._abandon import abandon_due
 from karbor_async._abort import abort_all, abort_group, on_caller_cancel
 from karbor_async._build import build_nodes
-from karbor_async._calls import cancel_probe, debug_enabled, fast_clock
+from karbor_async._calls import cancel_probe, fast_clock
 from karbor_async._calls import hook_call_code as _hook_call_code
 from karbor_async._guards import fire, stalled, watchdog
 from karbor_async._hub import EventHub
@@ -189,10 +189,9 @@ class Run(RunState):
 
     async def _execute_shielded(self) -> tuple[RunOutcome, list[Exception]]:
         self.set_clock(fast_clock())
-        # Per-event logs only for an application that configured structlog (an
-        # unconfigured one would print every hook transition) and lets debug
-        # through: building each call costs microseconds even when filtered.
-        self.rec.log_events = structlog.is_configured() and debug_enabled(self.log)
+        # Per-event debug logs only when the run's stdlib logger lets debug through
+        # (asked once per run): building each line costs microseconds.
+        self.rec.log_events = self.log.isEnabledFor(logging.DEBUG)
         started_wall = time.time()
         started = self.t0 = self.now()
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))

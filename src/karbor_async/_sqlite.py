@@ -60,8 +60,8 @@ from typing import Any
 import aiosqlite
 import anyio
 import attrs
-import structlog
 
+from karbor_async._log import get_logger
 from karbor_async._sqlite_file import (
     _BUSY_TIMEOUT,
     _close,
@@ -95,7 +95,7 @@ __all__ = [
     "StoreStatistics",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _CLOSE_TIMEOUT = 10.0
 """How long closing may take to flush pending writes and release leases."""

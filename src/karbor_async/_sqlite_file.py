@@ -11,9 +11,9 @@ from typing import Any
 
 import aiosqlite
 import anyio
-import structlog
 
 from karbor_async._liveness import owner_name
+from karbor_async._log import get_logger
 from karbor_async._sqlite_schema import (
     APPLICATION_ID,
     MAGIC,
@@ -22,7 +22,7 @@ from karbor_async._sqlite_schema import (
 )
 from karbor_async.exceptions import ForeignFileError, NewerSchemaError, StoreError
 
-_log = structlog.get_logger("karbor_async._sqlite")
+_log = get_logger("karbor_async._sqlite")
 
 _BUSY_TIMEOUT = 10.0
 """How long a connection waits for another process's lock before failing."""

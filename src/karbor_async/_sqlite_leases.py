@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import aiosqlite
 import anyio
-import structlog
 
 from karbor_async._liveness import owner_gone
+from karbor_async._log import get_logger
 from karbor_async._sqlite_file import _fetchone
 from karbor_async._sqlite_state import _LeaseBook
 from karbor_async._sqlite_writer import _Writer
@@ -29,7 +29,7 @@ from karbor_async.exceptions import (
     StoreError,
 )
 
-_log = structlog.get_logger("karbor_async._sqlite")
+_log = get_logger("karbor_async._sqlite")
 
 
 class _Leases:

@@ -13,12 +13,12 @@ from typing import Any, Generic, TypeVar
 import aiosqlite
 import anyio
 import attrs
-import structlog
 
+from karbor_async._log import get_logger
 from karbor_async.events import Event
 from karbor_async.exceptions import LeaseLostError, StoreError
 
-_log = structlog.get_logger("karbor_async._sqlite")
+_log = get_logger("karbor_async._sqlite")
 
 _T = TypeVar("_T")
 

@@ -19,9 +19,9 @@ from typing import TypeVar, cast
 
 import aiosqlite
 import anyio
-import structlog
 from anyio.abc import TaskStatus
 
+from karbor_async._log import get_logger
 from karbor_async._sqlite_file import _BUSY_TIMEOUT
 from karbor_async._sqlite_records import (
     _INSERT_EVENT,
@@ -37,7 +37,7 @@ from karbor_async._sqlite_state import _Batch, _LeaseBook, _Op
 from karbor_async.events import Event
 from karbor_async.exceptions import StoreBusyError, StoreError
 
-_log = structlog.get_logger("karbor_async._sqlite")
+_log = get_logger("karbor_async._sqlite")
 
 _T = TypeVar("_T")
 

@@ -22,14 +22,14 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 import attrs
-import structlog
 
+from karbor_async._log import get_logger, ref
 from karbor_async._stall import Stall, StallMonitor
 from karbor_async._types import Hook, Resource
 
 __all__ = ["STALL_LISTENERS", "AbandonedHook", "EngineTasks", "Owned", "StallAware", "what_runs"]
 
-_log = structlog.get_logger("karbor_async")
+_log = get_logger(__name__)
 
 _STILL_RUNNING_EVERY = 10.0
 """Closing logs the hooks it is still waiting for at once and this often."""
@@ -56,6 +56,12 @@ class AbandonedHook:
     def describe(self) -> str:
         hook = self.hook.value if self.hook is not None else "no hook"
         return f"{self.what} ({self.resource} {hook}, run {self.run_id})"
+
+
+def _described(record: AbandonedHook) -> str:
+    """``describe()`` as log lines write it (the resource as ``TYPE#ID``)."""
+    hook = record.hook.value if record.hook is not None else "no hook"
+    return f"{record.what} ({ref(record.resource)} {hook}, run {record.run_id})"
 
 
 _WHAT = {
@@ -127,7 +133,7 @@ class EngineTasks:
             _log.info(
                 "abandoned_task_ended",
                 run_id=record.run_id,
-                resource=str(record.resource),
+                resource=ref(record.resource),
                 hook=record.hook.value if record.hook else None,
             )
         if self._changed is not None:
@@ -164,7 +170,7 @@ class EngineTasks:
                         _log.warning(
                             "abandoned_hook_still_running",
                             run_id=rec.run_id,
-                            resource=str(rec.resource),
+                            resource=ref(rec.resource),
                             hook=rec.hook.value if rec.hook else None,
                             seconds=round(now - rec.abandoned_at, 3),
                         )
@@ -176,7 +182,7 @@ class EngineTasks:
                         _log.error(
                             "abandoned_hooks_ignore_cancellation",
                             running=self.running,
-                            hooks=[r.describe() for r in self._abandoned.values()],
+                            hooks=[_described(r) for r in self._abandoned.values()],
                             waited=round(now - start, 3),
                             note="a hook that swallows cancellation keeps its task until the "
                             "process ends (a plugin bug)",

@@ -18,6 +18,7 @@ from karbor_async import _ordering
 from karbor_async._abandon import after_abandoned
 from karbor_async._abort import abort_group, check_caller
 from karbor_async._calls import call, call_limited, deliver_pending
+from karbor_async._log import ref
 from karbor_async._node import Interrupt, _Abandoned, _Aborted, _Node
 from karbor_async._runstate import RunState
 from karbor_async._signals import (
@@ -71,7 +72,7 @@ async def run_node(run: RunState, n: _Node) -> None:
     except _Abandoned:
         await after_abandoned(run, n)
     except Exception as exc:  # an engine bug: it must not take the engine's tasks down
-        run.log.exception("engine_error", resource=str(n.resource))
+        run.log.exception("engine_error", resource=ref(n.resource))
         if not n.abandoned and n.error is None:
             n.error = exc
             n.status = ResourceStatus.FAILED

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
+from karbor_async._log import get_logger
 from karbor_async._types import (
     AbortReason,
     Hook,
@@ -31,7 +32,7 @@ from karbor_async._types import (
 )
 
 if TYPE_CHECKING:
-    from structlog.typing import FilteringBoundLogger
+    import structlog
 
 __all__ = [
     "Bank",
@@ -43,6 +44,7 @@ __all__ = [
     "ProtectionPlugin",
     "ResourceType",
     "SecretResolver",
+    "get_logger",
 ]
 
 SecretResolver = Callable[[str], Awaitable[str]]
@@ -268,7 +270,7 @@ class _HookHandle(Protocol):
     async def report_restored(self, new_id: str) -> None: ...
     def restored_id(self, key: ResourceKey) -> str | None: ...
     def neighbours(self, parents: bool) -> tuple[Resource, ...]: ...
-    def logger(self, hook: Hook) -> FilteringBoundLogger: ...
+    def logger(self, hook: Hook) -> structlog.stdlib.BoundLogger: ...
 
 
 @attrs.frozen(eq=False)
@@ -324,8 +326,13 @@ class HookContext:
         return self._handle.neighbours(True)
 
     @property
-    def log(self) -> FilteringBoundLogger:
-        """A structlog logger bound to the run, resource and hook."""
+    def log(self) -> structlog.stdlib.BoundLogger:
+        """A structlog logger bound to the run, resource (``TYPE#ID``) and hook.
+
+        It writes to the standard ``logging`` logger ``karbor_async.plugins``, silent
+        until the application configures logging; a call below that logger's level
+        costs next to nothing. A plugin's own modules log through :func:`get_logger`.
+        """
         return self._handle.logger(self.hook)
 
     @property

@@ -18,9 +18,9 @@ from typing import Any, TypeAlias, TypeVar
 
 import anyio
 import attrs
-import structlog
 
 from karbor_async._engine import Engine
+from karbor_async._log import PLUGINS, get_logger, ref
 from karbor_async._memory import MemoryBank, MemoryStore
 from karbor_async._node import not_restoring
 from karbor_async._plan import Plan, Timeouts
@@ -86,7 +86,7 @@ class TraceEntry:
     attempt: int = 1
 
 
-_log = structlog.get_logger("karbor_async.testing")
+_log = get_logger(PLUGINS, test_context=True)
 
 V = TypeVar("V")
 ScriptTable: TypeAlias = Mapping[tuple[str, Hook], V] | Mapping[tuple[str, str], V]
@@ -501,7 +501,7 @@ class HookRecorder:
         return self.parents if parents else self.children
 
     def logger(self, hook: Hook) -> Any:
-        return _log.bind(resource=str(self.resource), hook=hook.value, test_context=True)
+        return _log.bind(resource=ref(self.resource), hook=hook.value)
 
     def bank_section(self) -> Any:
         return self.bank

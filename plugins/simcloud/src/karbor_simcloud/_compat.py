@@ -15,6 +15,7 @@ from karbor_async.plugin import (
     Protectable,
     ProtectionPlugin,
     ResourceType,
+    get_logger,
 )
 from karbor_async.store import owner_gone, this_process
 
@@ -31,6 +32,7 @@ __all__ = [
     "Resource",
     "ResourceKey",
     "ResourceType",
+    "get_logger",
     "owner_gone",
     "this_process",
 ]

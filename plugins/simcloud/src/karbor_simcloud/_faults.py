@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 import attrs
 
-from karbor_simcloud._compat import Hook, OperationKind, Resource
+from karbor_simcloud._compat import Hook, OperationKind, Resource, get_logger
 
 __all__ = [
     "FAULT_SYNTAX",
@@ -20,6 +20,9 @@ __all__ = [
     "FiredFault",
     "SimulatedFault",
 ]
+
+_log = get_logger(__name__)
+"""``karbor_async.plugins.karbor_simcloud._faults``: a fired fault is an info line."""
 
 FAULT_SYNTAX = "OPERATION:HOOK:TYPE[#ID]:raise|hang[:PROBABILITY]"
 """The text form of a rule (``*`` for any operation, hook or type), e.g.
@@ -227,6 +230,13 @@ class FaultInjector:
             return
         fired = FiredFault(rule, operation, hook, resource, anyio.current_time())
         self.fired.append(fired)
+        _log.info(
+            "simulated_fault_fired",
+            rule=rule.text(),
+            operation=operation.value,
+            hook=hook.value,
+            resource=f"{resource.type}#{resource.id}",
+        )
         if self.report is not None:
             await self.report(fired)
         if rule.action is FaultAction.HANG:

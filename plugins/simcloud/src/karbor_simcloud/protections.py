@@ -327,6 +327,7 @@ class _ServerProtect(_SimOperation):
             return
         server = await cloud.quiesce(ctx.resource.id, by=process_owner(ctx.run_id))
         ctx.mark_quiesced(server.frozen_at)
+        ctx.log.debug("guest_frozen")
 
     async def on_prepare_finish(self, ctx: HookContext) -> None:
         # Called after every child cut, or to thaw when the run aborts (ctx.aborting):
@@ -334,6 +335,7 @@ class _ServerProtect(_SimOperation):
         cloud = await self._enter(ctx)
         if await cloud.thaw(ctx.resource.id):
             ctx.mark_thawed(cloud.server(ctx.resource.id).thawed_at)
+            ctx.log.debug("guest_thawed", aborting=ctx.aborting.value if ctx.aborting else None)
 
     async def on_main(self, ctx: HookContext) -> None:
         cloud = await self._enter(ctx)
