@@ -48,6 +48,9 @@ class _Op:
 
     async def _hook(self, ctx: HookContext) -> None:
         await self._journal(ctx)
+        point = f"{ctx.resource.type}#{ctx.resource.id}:{ctx.hook.value}:{ctx.attempt}"
+        if os.environ.get("CRASH_FAIL") == point and ctx.aborting is None:
+            raise RuntimeError(f"injected failure of attempt {ctx.attempt}")
         if ctx.operation.value == "protect" and ctx.hook.value == "on_main":
             await ctx.bank.put("data", f"{ctx.resource.id}".encode())
             ctx.save(copied=True, attempt=ctx.attempt)

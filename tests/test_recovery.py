@@ -46,6 +46,7 @@ V2 = Resource(VOLUME, "v2")
 
 CHILD = textwrap.dedent(
     """
+    import os
     import sys
     import anyio
     sys.path.insert(0, {tests!r})
@@ -64,7 +65,12 @@ CHILD = textwrap.dedent(
             )
             async with engine:
                 if mode == "protect":
-                    plan = Plan(name="crash", resources=[S1], barrier=BarrierPolicy.CUT)
+                    plan = Plan(
+                        name="crash",
+                        resources=[S1],
+                        barrier=BarrierPolicy.CUT,
+                        delete_on_failure=os.environ.get("CRASH_DELETE_ON_FAILURE") == "1",
+                    )
                     await engine.protect(plan)
                 else:
                     await engine.restore(checkpoint)
@@ -257,6 +263,32 @@ async def test_crash_during_main_resumes_with_next_attempt(tmp_path: Path, journ
         saved = await engine.store.load_saved_info(outcome.checkpoint_id)
         assert saved[V2.key]["attempt"] == 1 and saved[V1.key]["attempt"] == 2
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
+
+
+async def test_a_resumed_protect_that_fails_is_deleted_when_its_plan_says_so(
+    tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`delete_on_failure` holds for a protect that recovery resumed and that then failed:
+    nothing it saved is kept, as for a protect that failed in one process."""
+    monkeypatch.setenv("CRASH_DELETE_ON_FAILURE", "1")
+    await _crash_child(
+        tmp_path,
+        journal,
+        f"{V1K}:on_main:protect",
+        lambda db: _finished(db, V2K, "on_main") and _finished(db, S1K, "on_prepare_finish"),
+    )
+    monkeypatch.setenv("CRASH_FAIL", f"{V1K}:on_main:2")
+    async for engine, outcomes in _recover(tmp_path):
+        (outcome,) = outcomes
+        assert outcome.status is RunStatus.FAILED
+        cp = await engine.store.get_checkpoint(outcome.checkpoint_id)
+        assert cp.status is CheckpointStatus.DELETED
+        assert [c[0] for c in _calls(journal, ME, V2K, "delete")] == [
+            "on_prepare_begin",
+            "on_prepare_finish",
+            "on_main",
+            "on_complete",
+        ]
 
 
 async def test_crash_during_complete_reruns_only_what_was_not_finished(

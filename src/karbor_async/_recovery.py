@@ -244,15 +244,23 @@ async def _recover_one(
         try:
             return await run.execute()
         except RunError as exc:
+            if record.operation is OperationKind.PROTECT and plan.delete_on_failure:
+                await _delete_checkpoint(engine, record)  # as for a protect in one process
             return exc.outcome
     # The cuts were not all committed, or one died with the process: the checkpoint
     # would not be consistent.
     outcome = await run.abort_after_crash(sorted(r.maybe_frozen), lost)
+    await _delete_checkpoint(engine, record)
+    return outcome
+
+
+async def _delete_checkpoint(engine: RecoveryHost, record: RunRecord) -> None:
+    """Delete what a recovered protect saved, through the plugins; a failed delete is
+    logged (its checkpoint stays ``error_deleting``, for a later delete or prune)."""
     try:
         await engine.delete(record.checkpoint_id)
     except RunError as exc:
         _log.error("recovery_cleanup_failed", run_id=record.run_id, error=str(exc))
-    return outcome
 
 
 def _cuts_committed(
