@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from pgcluster import PgCluster, session_cluster
 
 settings.register_profile(
     "ci",
@@ -64,3 +67,13 @@ def _route_structlog_to_stdlib() -> None:
 
 
 _route_structlog_to_stdlib()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL 15 cluster for the whole session, shared by every test that
+    needs a server (see ``tests/pgcluster.py``: make a database of your own per test with
+    ``pg_cluster.create_database()``). Skips without the server binaries or root, except
+    under CI, where it fails."""
+    with session_cluster() as cluster:
+        yield cluster
