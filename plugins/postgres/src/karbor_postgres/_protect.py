@@ -29,16 +29,10 @@ __all__ = ["DumpFailedError", "ProtectDatabase", "SnapshotLostError", "dump_key"
 _CHUNK = 1 << 16
 _STDERR_KEEP = 8192
 
-# The tables' own size (heap and TOAST, no indexes): a custom-format dump is
-# usually smaller (compressed, no index data), so a bank with less room than this
-# is refused and one with more may still fit a dump that is a little larger.
-_TABLES_SIZE = """
-SELECT coalesce(sum(pg_table_size(c.oid)), 0)::bigint
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'm', 'p')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_toast%'
-"""
+# The database's size on disk (pg_database_size sums its files and takes no lock, so
+# a check never waits behind DDL): a custom-format dump is smaller (compressed, no
+# index data), so a bank with less room is refused; one with more fits the dump.
+_SIZE = "SELECT pg_database_size(current_database())"
 
 # pg_dump holds the snapshot once it ran SET TRANSACTION SNAPSHOT, the first statement
 # of its transaction block to take a snapshot (any earlier one would make the import
@@ -100,13 +94,13 @@ class ProtectDatabase:
 
     async def check(self, ctx: CheckContext) -> None:
         """Refuse a database that does not exist, a wrong password, a ``pg_dump`` older
-        than the server, or a bank with less room than the database's tables take."""
+        than the server, or a bank with less room than the database takes on disk."""
         settings = Settings.from_parameters(ctx.resource, ctx.parameters)
         pg_dump = await find_tool("pg_dump", settings)
         conn = await settings.connect(application_name=app_name("check", ctx.run_id, ctx.resource))
         try:
             server = int(await conn.fetchval("SHOW server_version_num")) // 10000
-            size = int(await conn.fetchval(_TABLES_SIZE))
+            size = int(await conn.fetchval(_SIZE))
         finally:
             await _exports.close_connection(conn)
         major = await tool_major(pg_dump)
@@ -120,8 +114,8 @@ class ProtectDatabase:
             room = int(await free_bytes())
             if room < size:
                 raise PostgresError(
-                    f"the bank has {room} bytes free, but the tables of {settings.dbname!r} "
-                    f"take {size} bytes; free some room or use another bank"
+                    f"the bank has {room} bytes free, but database {settings.dbname!r} "
+                    f"takes {size} bytes; free some room or use another bank"
                 )
 
     async def on_prepare_finish(self, ctx: HookContext) -> None:
