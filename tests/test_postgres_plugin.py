@@ -319,7 +319,7 @@ async def test_a_cut_left_by_a_failed_run_is_closed_by_delete_or_by_the_server(
             started = time.monotonic()
             await _gone(pg_cluster, "cut", within=5)
             assert time.monotonic() - started < 4
-            karbor_postgres._exports._held.clear()  # (the dead connection, as a delete would)
+            assert karbor_postgres.held_exports() == {}  # (its connection is gone)
 
 
 async def _expect_failure(engine: Engine, run: Any) -> None:
@@ -393,18 +393,21 @@ async def _dump_waiting(cluster: PgCluster, ended: Callable[[], object]) -> Any:
     return await _until(waiting, 30)
 
 
-def _pg_dump_processes() -> list[tuple[int, str]]:
-    """Running ``pg_dump`` processes: pid and command line."""
+def _pg_dump_processes(application: str) -> list[tuple[int, bytes]]:
+    """Running ``pg_dump`` processes started with ``PGAPPNAME=application`` (others may
+    run on this machine): pid and environment."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             args = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes()
         except OSError:
             continue
-        if args and args[0].endswith(b"pg_dump"):
-            found.append((int(proc.name), b" ".join(args).decode(errors="replace")))
+        mine = f"PGAPPNAME={application}".encode() in environ.split(b"\0")
+        if args and args[0].endswith(b"pg_dump") and mine:
+            found.append((int(proc.name), environ))
     return found
 
 
@@ -432,8 +435,8 @@ async def test_the_cli_protects_restores_and_deletes_and_the_password_shows_nowh
         assert await _sessions(pg_cluster, "cut") == []  # released once pg_dump took it
         ps = (await anyio.run_process(["ps", "-eo", "pid,args"])).stdout.decode()
         assert "pg_dump --snapshot=" in ps and password not in ps
-        [(pid, _args)] = await anyio.to_thread.run_sync(_pg_dump_processes)
-        environ = await anyio.Path(f"/proc/{pid}/environ").read_bytes()
+        mine = session["application_name"]
+        [(pid, environ)] = await anyio.to_thread.run_sync(_pg_dump_processes, mine)
         assert password.encode() not in environ
         [passfile] = [e for e in environ.split(b"\0") if e.startswith(b"PGPASSFILE=")]
         assert passfile.startswith(b"PGPASSFILE=/dev/fd/")
@@ -569,15 +572,15 @@ async def test_killed_during_the_copy_recover_fails_it_and_leaves_nothing(
     try:
         session = await _dump_waiting(pg_cluster, lambda: proc.returncode)
         assert session["backend_xmin"] is not None and await _sessions(pg_cluster, "cut") == []
-        dumps = await anyio.to_thread.run_sync(_pg_dump_processes)
-        assert len(dumps) == 1
+        mine = session["application_name"]
+        assert len(await anyio.to_thread.run_sync(_pg_dump_processes, mine)) == 1
     finally:
         await _kill(proc)
     await side_locked.release()
     await _gone(pg_cluster, "dump", within=10)
 
     async def dump_ended() -> bool:
-        return not await anyio.to_thread.run_sync(_pg_dump_processes)
+        return not await anyio.to_thread.run_sync(_pg_dump_processes, mine)
 
     await _until(dump_ended, 10)
     listed = await _cli(tmp_path, "checkpoints", "list", "--json")

@@ -38,7 +38,14 @@ class Export:
 _held: dict[ExportKey, Export] = {}
 
 
+def _prune() -> None:
+    """Forget exports whose connection is gone (the server ended it: its idle limit)."""
+    for key in [k for k, e in _held.items() if e.connection.is_closed()]:
+        del _held[key]
+
+
 def hold(key: ExportKey, export: Export) -> None:
+    _prune()
     _held[key] = export
 
 
@@ -47,7 +54,8 @@ def get(key: ExportKey) -> Export | None:
 
 
 def held() -> dict[ExportKey, Export]:
-    """What this process holds now (a copy; for tests and diagnostics)."""
+    """The exports this process holds open now (a copy; for tests and diagnostics)."""
+    _prune()
     return dict(_held)
 
 

@@ -184,6 +184,7 @@ class ProtectDatabase:
         command = [pg_dump, f"--snapshot={export.snapshot_id}", "-Fc", "-w", "-d", target]
         stderr = bytearray()
         key = dump_key(ctx.checkpoint_id, ctx.resource)
+        # (the password file lives as long as the child: it may read it at any time)
         async with passfile(settings.password) as (path, fds):
             process = await anyio.open_process(
                 command,
@@ -191,16 +192,16 @@ class ProtectDatabase:
                 env=child_env(settings, application, path),
                 pass_fds=fds,
             )
-        async with process:
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_drain, process.stderr, stderr)
-                    tg.start_soon(self._release_when_taken, ctx, export, application, process)
-                    size = await ctx.bank.put_stream(key, self._chunks(ctx, process, stderr))
-            except BaseException:
-                if process.returncode is None:
-                    process.kill()
-                raise
+            async with process:
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(_drain, process.stderr, stderr)
+                        tg.start_soon(self._release_when_taken, ctx, export, application, process)
+                        size = await ctx.bank.put_stream(key, self._chunks(ctx, process, stderr))
+                except BaseException:
+                    if process.returncode is None:
+                        process.kill()
+                    raise
         return size
 
     async def _chunks(

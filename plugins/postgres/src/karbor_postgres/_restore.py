@@ -124,6 +124,7 @@ class RestoreDatabase:
         if ctx.parameters.get("no_owner"):
             command.append("--no-owner")
         stderr = bytearray()
+        size = total if isinstance(total, int) else None
         async with passfile(settings.password) as (path, fds):
             process = await anyio.open_process(
                 command,
@@ -131,16 +132,16 @@ class RestoreDatabase:
                 env=child_env(settings, application, path),
                 pass_fds=fds,
             )
-        async with process:
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_drain, process.stderr, stderr)
-                    await self._feed(ctx, process, key, total if isinstance(total, int) else None)
-                code = await process.wait()
-            except BaseException:
-                if process.returncode is None:
-                    process.kill()
-                raise
+            async with process:
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(_drain, process.stderr, stderr)
+                        await self._feed(ctx, process, key, size)
+                    code = await process.wait()
+                except BaseException:
+                    if process.returncode is None:
+                        process.kill()
+                    raise
         if code != 0:
             raise DumpFailedError(f"pg_restore exited with {code}: {_message(stderr)}")
 

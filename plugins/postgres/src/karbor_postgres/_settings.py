@@ -10,6 +10,7 @@ environment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -105,7 +106,7 @@ class Settings:
             raise PostgresError(
                 f"cannot log in to {db!r} on {self.where}: {exc}; check the password secret"
             ) from None
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise PostgresError(f"cannot connect to {db!r} on {self.where}: {exc}") from None
 
 
@@ -124,7 +125,10 @@ def app_name(kind: str, run_id: str, resource: Resource) -> str:
     printable ASCII), so the plugin can find its own sessions in ``pg_stat_activity``."""
     text = f"karbor-{kind} {run_id} {resource.id}"
     text = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
-    return text[:_NAMEDATALEN]
+    if len(text) > _NAMEDATALEN:  # keep it unique: the tail becomes a digest of the id
+        digest = hashlib.sha256(resource.id.encode()).hexdigest()[:8]
+        text = text[: _NAMEDATALEN - 9] + "~" + digest
+    return text
 
 
 def child_env(settings: Settings, application: str, passfile_path: str | None) -> dict[str, str]:
