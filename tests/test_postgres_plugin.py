@@ -24,10 +24,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from karbor_async import Engine, MemoryStore, Plan, Resource, RunStatus, SqliteStore
+from karbor_async import Engine, MemoryBank, MemoryStore, Plan, Resource, RunStatus, SqliteStore
 from karbor_async._fsbank import FsBank
 from karbor_async.exceptions import PlanError, RunError
-from karbor_async.testing import Fault, RecordingPlugin
+from karbor_async.testing import Fault, RecordingPlugin, make_context
 from pgcluster import PgCluster
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -325,6 +325,66 @@ async def test_a_cut_left_by_a_failed_run_is_closed_by_delete_or_by_the_server(
 async def _expect_failure(engine: Engine, run: Any) -> None:
     with pytest.raises(RunError):
         await engine.execute(run)
+
+
+async def test_hooks_are_idempotent_across_attempts(pg_cluster: PgCluster, db: str) -> None:
+    """Called directly (``make_context``), as a recovered run would: a re-run cut replaces
+    its export (one exporting session, not two); a copy in a process that does not hold
+    the export refuses with ``SnapshotLostError``; a re-run restore adopts the database
+    its first attempt finished, and makes again one an attempt left unfinished."""
+    plugin = PostgresPlugin()
+    resource = Resource(DATABASE, db)
+    params = {**_params(pg_cluster), "password": pg_cluster.password}  # (resolved)
+    bank = MemoryBank()
+    protect, restore = (
+        plugin.get_protect_operation(DATABASE),
+        plugin.get_restore_operation(DATABASE),
+    )
+    ctx, rec = make_context(resource, "on_prepare_finish", parameters=params, bank=bank)
+    await protect.on_prepare_finish(ctx)
+    first = rec.saved[resource.key]["snapshot_id"]
+    ctx, rec = make_context(
+        resource, "on_prepare_finish", parameters=params, bank=bank, attempt=2, recorder=rec
+    )
+    await protect.on_prepare_finish(ctx)
+    assert rec.saved[resource.key]["snapshot_id"] != first
+    assert len(await _sessions(pg_cluster, "cut")) == 1
+    held = karbor_postgres.held_exports()
+    karbor_postgres._exports._held.clear()  # as in a process that did not cut
+    ctx, rec = make_context(resource, parameters=params, bank=bank, attempt=2, recorder=rec)
+    with pytest.raises(karbor_postgres.SnapshotLostError, match="no longer open"):
+        await protect.on_main(ctx)
+    karbor_postgres._exports._held.update(held)
+    ctx, rec = make_context(resource, parameters=params, bank=bank, attempt=3, recorder=rec)
+    await protect.on_main(ctx)
+    assert await _sessions(pg_cluster, "cut") == []
+
+    target = f"{db}_again"
+    rparams = {**params, "restore_dbname": target}
+    for attempt in (1, 2):
+        ctx, rec = make_context(
+            resource,
+            operation="restore",
+            parameters=rparams,
+            bank=bank,
+            attempt=attempt,
+            recorder=rec,
+        )
+        await restore.on_main(ctx)
+        assert rec.restored[resource.key] == target
+    want = await _ids(pg_cluster, target)
+    assert len(want) == 20000
+    pg_cluster.psql(f'COMMENT ON DATABASE "{target}" IS NULL')  # as if the load had not ended
+    pg_cluster.psql("DELETE FROM orders WHERE id > 10", target)
+    ctx, rec = make_context(
+        resource, operation="restore", parameters=rparams, bank=bank, attempt=3, recorder=rec
+    )
+    await restore.on_main(ctx)
+    assert await _ids(pg_cluster, target) == want
+    # Not this restore's (no id reported): refused, untouched.
+    ctx, rec = make_context(resource, operation="restore", parameters=rparams, bank=bank)
+    with pytest.raises(karbor_postgres.PostgresError, match="is not this restore's"):
+        await restore.on_main(ctx)
 
 
 # -- through the command line -----------------------------------------------------------
