@@ -387,6 +387,32 @@ async def test_hooks_are_idempotent_across_attempts(pg_cluster: PgCluster, db: s
         await restore.on_main(ctx)
 
 
+async def test_vacuum_waits_while_the_export_is_open(pg_cluster: PgCluster, db: str) -> None:
+    """What the README warns of: while a cut's export is open, VACUUM cannot remove the
+    rows deleted after it; once the delete operation closed it, VACUUM removes them."""
+    plugin = PostgresPlugin()
+    resource = Resource(DATABASE, db)
+    params = {**_params(pg_cluster), "password": pg_cluster.password}
+    bank = MemoryBank()
+    ctx, _ = make_context(resource, "on_prepare_finish", parameters=params, bank=bank)
+    await plugin.get_protect_operation(DATABASE).on_prepare_finish(ctx)
+    pg_cluster.psql("DELETE FROM orders WHERE id <= 5000", db)
+
+    def dead_after_vacuum() -> int:
+        pg_cluster.psql("VACUUM orders", db)
+        return int(
+            pg_cluster.psql(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'orders'", db
+            )
+        )
+
+    assert await anyio.to_thread.run_sync(dead_after_vacuum) == 5000
+    ctx, _ = make_context(resource, operation="delete", parameters=params, bank=bank)
+    await plugin.get_delete_operation(DATABASE).on_main(ctx)
+    assert await _sessions(pg_cluster, "cut") == []
+    assert await anyio.to_thread.run_sync(dead_after_vacuum) == 0
+
+
 # -- through the command line -----------------------------------------------------------
 
 
