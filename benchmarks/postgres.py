@@ -3,8 +3,9 @@
 A throwaway PostgreSQL 15 cluster (the tests' ``tests/pgcluster.py``, started here
 for the section) holds one table of rows of about 200 bytes. Per size:
 
-- **cut**: the ``on_prepare_finish`` hook from the engine's events (connect, begin
-  a REPEATABLE READ transaction, ``pg_export_snapshot()``), with three writers
+- **connect** / **cut**: the ``on_prepare_begin`` hook (logging in) and the
+  ``on_prepare_finish`` hook (begin a REPEATABLE READ transaction,
+  ``pg_export_snapshot()``) from the engine's events, with three writers (pgbench)
   inserting one row per transaction as fast as they can all through the protect;
   **stall**: the slowest of their commits that overlapped the cut, next to their
   median commit outside it (a cut that blocked writers would show there);
@@ -67,6 +68,7 @@ class _Result:
     db_mb: float = 0.0
     table_mb: float = 0.0
     dump_mb: float = 0.0
+    connect: list[float] = attrs.Factory(list)
     cut: list[float] = attrs.Factory(list)
     stall: list[float] = attrs.Factory(list)
     commits_in_cut: list[int] = attrs.Factory(list)
@@ -119,13 +121,17 @@ async def _measure(cluster: Any, size: _Size, reps: int) -> _Result:
     from karbor_postgres import DATABASE, PostgresPlugin
 
     print(f"[bench] postgres {size.label}: {size.rows} rows", file=sys.stderr, flush=True)
-    db = cluster.create_database("bench")
-    cluster.psql(_SCHEMA, db)
-    cluster.psql(f"INSERT INTO orders (writer, pad) {_ROWS.format(n=size.rows)}", db)
-    cluster.psql("VACUUM ANALYZE orders", db)
+    db = await anyio.to_thread.run_sync(cluster.create_database, "bench")
+
+    async def psql(sql: str, dbname: str = db) -> str:
+        return str(await anyio.to_thread.run_sync(cluster.psql, sql, dbname))
+
+    await psql(_SCHEMA)
+    await psql(f"INSERT INTO orders (writer, pad) {_ROWS.format(n=size.rows)}")
+    await psql("VACUUM ANALYZE orders")
     result = _Result(size)
-    result.db_mb = int(cluster.psql(f"SELECT pg_database_size('{db}')")) / 1e6
-    result.table_mb = int(cluster.psql("SELECT pg_table_size('orders')", db)) / 1e6
+    result.db_mb = int(await psql(f"SELECT pg_database_size('{db}')")) / 1e6
+    result.table_mb = int(await psql("SELECT pg_table_size('orders')")) / 1e6
 
     async def resolve(name: str) -> str:
         return str(cluster.password)
@@ -148,7 +154,7 @@ async def _measure(cluster: Any, size: _Size, reps: int) -> _Result:
                 await _copy_and_alone(engine, store, plan, cluster, db, root, result, rep)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        cluster.drop_database(db)
+        await anyio.to_thread.run_sync(cluster.drop_database, db)
     return result
 
 
@@ -187,11 +193,13 @@ async def _with_writers(
             outcome = await engine.protect(plan)
         assert outcome.status is RunStatus.SUCCEEDED, outcome
         start, end = await _hook_span(store, outcome.run_id, Hook.PREPARE_FINISH, wall=True)
+        begun, connected = await _hook_span(store, outcome.run_id, Hook.PREPARE_BEGIN)
         commits = await anyio.to_thread.run_sync(_pgbench_commits, logs)
     finally:
         shutil.rmtree(logs, ignore_errors=True)
     during = [b - a for a, b in commits if a < end and b > start]
     outside = [b - a for a, b in commits if not (a < end and b > start)]
+    result.connect.append(connected - begun)
     result.cut.append(end - start)
     result.stall.append(max(during, default=0.0))
     result.commits_in_cut.append(len(during))
@@ -264,8 +272,9 @@ def _median(values: list[float]) -> float:
 def _report(results: list[_Result], reps: int) -> list[str]:
     lines = [
         "A throwaway PostgreSQL 15 cluster on loopback (`fsync=off`), one table of ~200-byte "
-        "rows. **cut**: the `on_prepare_finish` hook (connect with a password, begin "
-        "REPEATABLE READ, `pg_export_snapshot()`), while three writers insert one row per "
+        "rows. **connect**: the `on_prepare_begin` hook (log in with a password, before the "
+        "cut); **cut**: the `on_prepare_finish` hook (begin REPEATABLE READ, "
+        "`pg_export_snapshot()`), while three writers (pgbench) insert one row per "
         "transaction; **stall**: the slowest writer commit that overlapped the cut, beside "
         "their commits outside it (median, p99, slowest). **copy**: `on_main` "
         "(`pg_dump --snapshot -Fc` streamed into the file-system bank), no writers, as the "
@@ -287,6 +296,7 @@ def _report(results: list[_Result], reps: int) -> list[str]:
             [
                 f"{r.size.label} ({r.size.rows:,} rows)",
                 f"{r.db_mb:.0f} / {r.table_mb:.0f} / {r.dump_mb:.1f}",
+                fmt_ms(_median(r.connect)),
                 fmt_ms(_median(r.cut)),
                 f"{fmt_ms(_median(r.stall))} ({_median(commits):.0f})",
                 " / ".join(
@@ -301,6 +311,7 @@ def _report(results: list[_Result], reps: int) -> list[str]:
         [
             "size",
             "MB: database / table / dump",
+            "connect (ms)",
             "cut (ms)",
             "stall: slowest commit in the cut, ms (commits in it)",
             "commits outside, ms: median / p99 / slowest",

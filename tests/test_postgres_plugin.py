@@ -322,9 +322,45 @@ async def test_a_cut_left_by_a_failed_run_is_closed_by_delete_or_by_the_server(
             assert karbor_postgres.held_exports() == {}  # (its connection is gone)
 
 
-async def _expect_failure(engine: Engine, run: Any) -> None:
-    with pytest.raises(RunError):
+async def test_a_group_aborted_before_the_cut_closes_the_connection_it_opened(
+    pg_cluster: PgCluster, db: str, tmp_path: Path
+) -> None:
+    """``on_prepare_begin`` connects for the cut; when the group aborts before the cut
+    (barrier ``cut``: another resource's prepare fails), the aborting
+    ``on_prepare_finish`` closes that connection and exports nothing."""
+    other = RecordingPlugin(
+        ["Test::Other"],
+        delays={("Test::Other", "on_prepare_begin"): 0.3},
+        faults={("Test::Other", "on_prepare_begin"): Fault.RAISE},
+    )
+    plan = Plan(
+        name="pg",
+        resources=[Resource(DATABASE, db), Resource("Test::Other", "o1")],
+        parameters={DATABASE: _params(pg_cluster)},
+        barrier="cut",
+    )
+    async with _engine(pg_cluster, tmp_path / "bank", other) as engine:
+        run = await engine.build_protect(plan)
+        outcomes: list[Any] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_expect_failure, engine, run, outcomes)
+
+            async def connected() -> bool:
+                return bool(await _sessions(pg_cluster, "cut"))
+
+            await _until(connected, 5)
+            assert karbor_postgres.held_exports() == {}  # connected, not cut
+    [outcome] = outcomes
+    assert outcome.resources[(DATABASE, db)].cut_at is None
+    await _gone(pg_cluster, "cut", within=2)
+    assert karbor_postgres.held_exports() == {}
+
+
+async def _expect_failure(engine: Engine, run: Any, outcomes: list[Any] | None = None) -> None:
+    with pytest.raises(RunError) as caught:
         await engine.execute(run)
+    if outcomes is not None:
+        outcomes.append(caught.value.outcome)
 
 
 async def test_hooks_are_idempotent_across_attempts(pg_cluster: PgCluster, db: str) -> None:

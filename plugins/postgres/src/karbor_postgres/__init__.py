@@ -1,7 +1,8 @@
 """PostgreSQL for karbor-async: ``PostgreSQL::Database``, protected from an exported snapshot.
 
 - **The cut** (``on_prepare_finish``): a ``REPEATABLE READ READ ONLY`` transaction
-  on the plugin's own asyncpg connection runs ``pg_export_snapshot()``. No lock,
+  on the plugin's own asyncpg connection (opened by ``on_prepare_begin``, so the
+  cut does not include logging in) runs ``pg_export_snapshot()``. No lock,
   no writer waits. Saved: the snapshot id and ``pg_current_snapshot()`` (which
   transactions the cut sees).
 - **The copy** (``on_main``): ``pg_dump --snapshot=ID -Fc``, named by

@@ -19,7 +19,7 @@ import attrs
 
 from karbor_async import ResourceKey
 
-__all__ = ["Export", "ExportKey", "close", "get", "hold", "held"]
+__all__ = ["Export", "ExportKey", "close", "get", "held", "hold", "park", "unpark"]
 
 ExportKey = tuple[str, ResourceKey]
 """(checkpoint id, resource key)"""
@@ -36,6 +36,16 @@ class Export:
 
 
 _held: dict[ExportKey, Export] = {}
+_parked: dict[ExportKey, asyncpg.Connection] = {}
+"""connections opened by ``on_prepare_begin`` for the cut to come"""
+
+
+def park(key: ExportKey, connection: asyncpg.Connection) -> None:
+    _parked[key] = connection
+
+
+def unpark(key: ExportKey) -> asyncpg.Connection | None:
+    return _parked.pop(key, None)
 
 
 def _prune() -> None:
@@ -60,11 +70,15 @@ def held() -> dict[ExportKey, Export]:
 
 
 async def close(key: ExportKey) -> bool:
-    """Close the exporting transaction of ``key`` if this process holds one (shielded,
-    bounded; a connection that does not close in time is terminated). True if one was."""
+    """Close the exporting transaction of ``key`` (and a connection parked for its cut)
+    if this process holds one (shielded, bounded; a connection that does not close in
+    time is terminated). True if there was one."""
+    parked = _parked.pop(key, None)
+    if parked is not None:
+        await close_connection(parked)
     export = _held.pop(key, None)
     if export is None:
-        return False
+        return parked is not None
     await close_connection(export.connection)
     return True
 

@@ -118,27 +118,43 @@ class ProtectDatabase:
                     f"takes {size} bytes; free some room or use another bank"
                 )
 
+    async def _connect_for_cut(self, ctx: HookContext) -> asyncpg.Connection:
+        settings = Settings.from_parameters(ctx.resource, ctx.parameters)
+        idle = float(ctx.parameters.get("export_idle_timeout") or self._default_idle)
+        return await settings.connect(
+            application_name=app_name("cut", ctx.run_id, ctx.resource),
+            server_settings={"idle_in_transaction_session_timeout": str(int(idle * 1000))},
+        )
+
+    async def on_prepare_begin(self, ctx: HookContext) -> None:
+        """Connect before the cut (log-in and authentication take milliseconds), so the
+        cut itself is two round trips and the cuts of a group stay close together."""
+        key = _export_key(ctx)
+        await _exports.close(key)  # a re-run replaces what an earlier attempt held
+        _exports.park(key, await self._connect_for_cut(ctx))
+
     async def on_prepare_finish(self, ctx: HookContext) -> None:
         """The cut: a REPEATABLE READ transaction exports its snapshot. No lock is taken
         and no writer waits; the transaction stays open for ``pg_dump`` to import it."""
         key = _export_key(ctx)
+        conn = _exports.unpark(key)
         await _exports.close(key)  # a re-run cut replaces what an earlier attempt held
-        if ctx.aborting is not None:
-            return  # never cut while aborting (and nothing is held any more)
+        if ctx.aborting is not None:  # never cut while aborting; hold nothing
+            if conn is not None:
+                await _exports.close_connection(conn)
+            return
+        if conn is None or conn.is_closed():  # (called without on_prepare_begin)
+            conn = await self._connect_for_cut(ctx)
         settings = Settings.from_parameters(ctx.resource, ctx.parameters)
-        idle = float(ctx.parameters.get("export_idle_timeout") or self._default_idle)
-        conn = await settings.connect(
-            application_name=app_name("cut", ctx.run_id, ctx.resource),
-            server_settings={"idle_in_transaction_session_timeout": str(int(idle * 1000))},
-        )
         try:
             await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            sent = anyio.current_time()
             row = await conn.fetchrow(
                 "SELECT pg_export_snapshot() AS id, pg_current_snapshot()::text AS seen, "
                 "current_setting('server_version') AS version"
             )
             assert row is not None
-            at = anyio.current_time()
+            at = (sent + anyio.current_time()) / 2  # the server took it in between
             ctx.mark_cut(at)
         except BaseException:
             await _exports.close_connection(conn)
