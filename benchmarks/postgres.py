@@ -172,7 +172,7 @@ async def _with_writers(
         "-c",
         "3",
         "-T",
-        "2",
+        "3",
         "-l",
         f"--log-prefix={logs / 'tx'}",
         "-f",
