@@ -323,6 +323,35 @@ async def test_a_cut_left_by_a_failed_run_is_closed_by_delete_or_by_the_server(
             assert karbor_postgres.held_exports() == {}  # (its connection is gone)
 
 
+async def test_a_failing_pg_dump_fails_the_copy_naming_why_and_leaves_nothing(
+    pg_cluster: PgCluster, db: str, tmp_path: Path
+) -> None:
+    """pg_dump writes some output, then fails: the hook's error carries pg_dump's own
+    message, no partial dump is kept in the bank, and the export is closed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "pg_dump"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "pg_dump (PostgreSQL) 99.0"; exit 0; fi\n'
+        "printf PGDMP; echo 'pg_dump: error: the disk caught fire' >&2; exit 1\n"
+    )
+    fake.chmod(0o755)
+    plan = Plan(
+        name="pg",
+        resources=[Resource(DATABASE, db)],
+        parameters={DATABASE: _params(pg_cluster, bin_dir=str(bin_dir))},
+    )
+    async with _engine(pg_cluster, tmp_path / "bank") as engine:
+        with pytest.raises(RunError) as caught:
+            await engine.protect(plan)
+    failed = caught.value.outcome.resources[(DATABASE, db)]
+    assert failed.failed_hook == "on_main"
+    assert "pg_dump exited with 1: pg_dump: error: the disk caught fire" in str(failed.error)
+    assert not any(p.is_file() for p in (tmp_path / "bank").rglob("*"))
+    assert await _sessions(pg_cluster, "cut") == [] and karbor_postgres.held_exports() == {}
+
+
 async def test_a_group_aborted_before_the_cut_closes_the_connection_it_opened(
     pg_cluster: PgCluster, db: str, tmp_path: Path
 ) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import anyio
 import anyio.abc
@@ -82,6 +83,18 @@ async def _drain(stream: anyio.abc.ByteReceiveStream | None, keep: bytearray) ->
         del keep[:-_STDERR_KEEP]
 
 
+@contextmanager
+def unwrap_single() -> Iterator[None]:
+    """A task group's lone failure raised as itself, so the hook's error names it (pg_dump's
+    message) rather than "unhandled errors in a TaskGroup"."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
+
+
 def _message(stderr: bytearray) -> str:
     return stderr.decode(errors="replace").strip() or "(no message)"
 
@@ -149,11 +162,10 @@ class ProtectDatabase:
         try:
             await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             sent = anyio.current_time()
-            row = await conn.fetchrow(
+            [row] = await conn.fetch(
                 "SELECT pg_export_snapshot() AS id, pg_current_snapshot()::text AS seen, "
                 "current_setting('server_version') AS version"
             )
-            assert row is not None
             at = (sent + anyio.current_time()) / 2  # the server took it in between
             ctx.mark_cut(at)
         except BaseException:
@@ -210,10 +222,14 @@ class ProtectDatabase:
             )
             async with process:
                 try:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(_drain, process.stderr, stderr)
-                        tg.start_soon(self._release_when_taken, ctx, export, application, process)
-                        size = await ctx.bank.put_stream(key, self._chunks(ctx, process, stderr))
+                    with unwrap_single():
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(_drain, process.stderr, stderr)
+                            tg.start_soon(
+                                self._release_when_taken, ctx, export, application, process
+                            )
+                            chunks = self._chunks(ctx, process, stderr)
+                            size = await ctx.bank.put_stream(key, chunks)
                 except BaseException:
                     if process.returncode is None:
                         process.kill()

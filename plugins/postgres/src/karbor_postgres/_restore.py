@@ -11,7 +11,7 @@ import anyio.abc
 from karbor_async import HookContext
 from karbor_async.plugin import CheckContext
 from karbor_postgres import _exports
-from karbor_postgres._protect import DumpFailedError, _drain, _message, dump_key
+from karbor_postgres._protect import DumpFailedError, _drain, _message, dump_key, unwrap_single
 from karbor_postgres._settings import (
     PostgresError,
     Settings,
@@ -134,9 +134,10 @@ class RestoreDatabase:
             )
             async with process:
                 try:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(_drain, process.stderr, stderr)
-                        await self._feed(ctx, process, key, size)
+                    with unwrap_single():
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(_drain, process.stderr, stderr)
+                            await self._feed(ctx, process, key, size)
                     code = await process.wait()
                 except BaseException:
                     if process.returncode is None:
