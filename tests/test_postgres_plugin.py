@@ -584,7 +584,9 @@ async def test_the_cli_protects_restores_and_deletes_and_the_password_shows_nowh
         tg.start_soon(run)
         session = await _dump_waiting(pg_cluster, lambda: results)
         assert session["backend_xmin"] is not None
-        assert await _sessions(pg_cluster, "cut") == []  # released once pg_dump took it
+        # The export is closed once pg_dump holds the snapshot (it still waits, holding it).
+        await _gone(pg_cluster, "cut", within=5)
+        assert (await _dump_waiting(pg_cluster, lambda: results))["pid"] == session["pid"]
         ps = (await anyio.run_process(["ps", "-eo", "pid,args"])).stdout.decode()
         assert "pg_dump --snapshot=" in ps and password not in ps
         mine = session["application_name"]
@@ -723,7 +725,8 @@ async def test_killed_during_the_copy_recover_fails_it_and_leaves_nothing(
     proc = await _spawn(tmp_path, "protect", "plan.toml", "--secrets-file", "secrets.toml")
     try:
         session = await _dump_waiting(pg_cluster, lambda: proc.returncode)
-        assert session["backend_xmin"] is not None and await _sessions(pg_cluster, "cut") == []
+        assert session["backend_xmin"] is not None
+        await _gone(pg_cluster, "cut", within=5)  # the export closed: pg_dump holds it
         mine = session["application_name"]
         assert len(await anyio.to_thread.run_sync(_pg_dump_processes, mine)) == 1
     finally:
