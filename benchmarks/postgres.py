@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,14 @@ async def postgres_section(quick: bool, reps: int) -> list[str]:
         return [*head, f"Skipped: this machine {reason}.", ""]
     sizes = [_Size("small", 50_000)] + ([] if quick else [_Size("large", 1_000_000)])
     with pgcluster.session_cluster() as cluster:
+        server = await anyio.to_thread.run_sync(cluster.psql, "SHOW server_version")
         results = [await _measure(cluster, size, reps) for size in sizes]
-    return [*head, *_report(results, reps)]
+    versions = (
+        f"- PostgreSQL {server} (server, pg_dump, pgbench), asyncpg "
+        f"{metadata.version('asyncpg')}, karbor-async-postgres "
+        f"{metadata.version('karbor-async-postgres')}"
+    )
+    return [*head, versions, "", *_report(results, reps)]
 
 
 async def _hook_span(
