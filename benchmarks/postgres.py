@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     header = environment(command, Path(__file__).resolve().parent.parent)
     quiet_logging()
     lines = anyio.run(postgres_section, args.quick, reps, backend="asyncio")
-    print("\n".join([lines[0], "", *header, *lines[1:]]))
+    print("\n".join([lines[0], "", *header, *lines[2:]]))  # (the versions join the list)
     return 0
 
 
