@@ -51,6 +51,7 @@ from benchmarks._measure import (
 from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
+from benchmarks.postgres import postgres_section
 from benchmarks.sqlite_plugin import sqlite_plugin_section
 from karbor_async import BarrierPolicy, Engine, Plan
 from karbor_simcloud import VOLUME, LatencyProfile, all_protectables, all_protections
@@ -916,6 +917,8 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     aborts = await abort_latency_section(cfg.abort_ns, cfg.realistic_reps, SEED)
     log("SQLite plugin section")
     sqlite_plugin = await sqlite_plugin_section(cfg.sqlite_mbs, cfg.sqlite_reps)
+    log("PostgreSQL plugin section")
+    postgres = await postgres_section(cfg.quick, cfg.realistic_reps)
     plots = make_plots(cfg, res, karbor, real)
     shape = workloads[max(ns)].cloud.stats()
     body = [
@@ -944,6 +947,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         *fanout,
         *aborts,
         *sqlite_plugin,
+        *postgres,
     ]
     return "\n".join(body) + "\n"
 

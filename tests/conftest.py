@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from pgcluster import PgCluster, session_cluster
+
 settings.register_profile(
     "ci",
     max_examples=40,
@@ -57,3 +59,13 @@ def _keep_library_logging() -> Iterator[None]:
     log.setLevel(saved[0])
     log.handlers[:] = saved[1]
     log.propagate = saved[2]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL 15 cluster for the whole session, shared by every test that
+    needs a server (see ``tests/pgcluster.py``: make a database of your own per test with
+    ``pg_cluster.create_database()``). Skips without the server binaries or root, except
+    under CI, where it fails."""
+    with session_cluster() as cluster:
+        yield cluster

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from karbor_async import BarrierPolicy, Engine, MemoryStore, Plan, Resource, ResourceType, Timeouts
 from karbor_async.testing import Fault, RecordingPlugin, ScriptKey, protectables_for
@@ -72,3 +75,11 @@ def install_plugin(root: Path, name: str, source: str, entry_points: str) -> Pat
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(entry_points)
     return site
+
+
+def need_service(reason: str) -> None:
+    """Skip the calling test with ``reason``, except under CI (``KARBOR_REQUIRE_SERVICES``
+    set, as ``.ci/run`` does), where a service it needs must be there, so it fails."""
+    if os.environ.get("KARBOR_REQUIRE_SERVICES"):
+        pytest.fail(f"{reason}, and CI requires this test")
+    pytest.skip(reason)

@@ -18,6 +18,7 @@ import pytest
 import structlog
 from typer.testing import CliRunner
 
+from helpers import need_service
 from karbor_async import SqliteStore
 from karbor_async._cli import EXIT_BAD_INPUT, EXIT_OK, app
 from karbor_async.exceptions import StoreError
@@ -52,9 +53,7 @@ def _cli(root: Path, *args: str, code: int) -> str:
 def _need_root(what: str) -> None:
     """Mounting needs root and mount(8): skip without them, except under CI."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
-            pytest.fail(f"{what} needs root and mount(8), and CI requires this test")
-        pytest.skip(f"{what} needs root")
+        need_service(f"{what} needs root and mount(8)")
 
 
 @pytest.fixture
