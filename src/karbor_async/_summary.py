@@ -194,7 +194,9 @@ def build_outcome(
         for r in resources.values():
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        if errors:
+        if errors and isinstance(errors[0], RunCancelledError):
+            summary = f"{summary}; {errors[0]}"  # (a cancel, a time limit: not a hook's error)
+        elif errors:
             summary = f"{summary}; first error: {errors[0]}"
     ended_wall = time.time()
     recovered = run.spec.resumed is not None
