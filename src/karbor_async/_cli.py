@@ -1769,6 +1769,16 @@ def demo(
     _run_async(out, _demo, out, cloud, db, bank, report)
 
 
+def demo_plan(cloud: Any) -> Plan:
+    """What ``demo`` protects: the generated application's project, barrier cut."""
+    return Plan(
+        name="sample-app",
+        resources=cloud.project_resources(),
+        barrier=BarrierPolicy.CUT,
+        timeouts=Timeouts(hook=60, quiesce_budget=5.0),
+    )
+
+
 async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Path) -> int:
     console = out.console
     async with _session(out, db, bank_dir, cloud=cloud) as engine:
@@ -1788,12 +1798,7 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
                 )
             console.print(table)
         await _recover_first(out, engine)
-        plan = Plan(
-            name="sample-app",
-            resources=cloud.project_resources(),
-            barrier=BarrierPolicy.CUT,
-            timeouts=Timeouts(hook=60, quiesce_budget=5.0),
-        )
+        plan = demo_plan(cloud)
         protect_run = await engine.build_protect(plan)
         console.print(
             f"Protecting {len(protect_run.nodes)} resources "

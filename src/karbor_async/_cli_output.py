@@ -42,8 +42,8 @@ def format_ms(seconds: float | None) -> str:
 
 def format_count(n: int) -> str:
     """A compact count (``81.9k``, ``1.2M``) for progress totals of unknown unit."""
-    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
-        if abs(n) >= size:
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= 10 * size or (suffix != "k" and abs(n) >= size):
             return f"{n / size:.1f}{suffix}"
     return f"{n:,}"
 

@@ -15,7 +15,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from karbor_async._cli_output import format_count, resource_name
+from karbor_async._cli_output import FIGURES_DOC, format_count, resource_name
 from karbor_async._scheduler import Run, RunStatistics
 from karbor_async._types import Hook, OperationKind, ResourceStatus
 from karbor_async.events import Event, EventKind, Progress
@@ -320,7 +320,7 @@ def outcome_tables(outcome: RunOutcome) -> list[Table]:
         kinds.add_row(rtype, *(str(row.get(s, 0)) for s in statuses))
     tables = [kinds]
     if any(g.cuts for g in outcome.groups.values()):
-        groups = Table(title="Consistency")
+        groups = Table(title="Consistency", caption=f"what these figures mean: {FIGURES_DOC}")
         for col in ("group", "barrier", "cuts", "skew", "quiesce windows (median / max)", "mode"):
             groups.add_column(col)
         windows_by_group: dict[str, list[float]] = {}

@@ -209,6 +209,7 @@ async def _copy_chunks(
         existing = set(await ctx.bank.list(DATA_PREFIX))
     digest = hashlib.blake2b(digest_size=16)
     total_chunks = max(1, -(-size // chunk_size))
+    ctx.report_progress(message="waiting for a copy slot")
     async with cloud.storage.copy_slot():
         done = 0
         for index in range(total_chunks):
