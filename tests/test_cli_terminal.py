@@ -190,3 +190,33 @@ def test_both_ctrl_c_acknowledgements_show_at_once(tmp_path: Path, mode: str) ->
     assert "Ctrl-C: cancelling protect run" in screen and "Ctrl-C again: abandoning" in screen
     assert "protect cancelled" in screen and "Traceback" not in screen
     assert first < 0.5 and second < 0.5
+
+
+def test_ctrl_c_during_the_copies_says_nothing_was_frozen(tmp_path: Path) -> None:
+    """Cancelled while copying (every server long thawed): the CLI says nothing was frozen
+    then, not that every frozen resource was thawed; `runs show` says the same."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    env = {
+        **os.environ,
+        "COLUMNS": str(COLUMNS),
+        "KARBOR_DB": str(tmp_path / "karbor.db"),
+        "KARBOR_BANK": str(tmp_path / "bank"),
+    }
+    env.pop("KARBOR_SIMCLOUD", None)
+    cli = ["-c", "from karbor_async._cli import main; main()"]
+    protect = [*cli, "protect", "plan.toml", "--simcloud", "20:3:slow", "--plain"]
+    term = Terminal(protect, tmp_path, env)
+    try:
+        assert term.read_until(r"main barrier of group default released", 30)
+        os.kill(term.pid, signal.SIGINT)
+        assert term.read_until(r"Ctrl-C: cancelling protect run \S+; nothing is frozen", 0.5)
+    finally:
+        code = term.finish()
+    screen = term.screen.text()
+    assert code == EXIT_CANCELLED, screen[-3000:]
+    said = re.search(r"protect cancelled \(protect run (\S+)\): (.*)", screen)
+    assert said is not None, screen[-3000:]
+    assert said.group(2).startswith("nothing was frozen when it was cancelled (the ")
+    shown = Terminal([*cli, "runs", "show", said.group(1)], tmp_path, env)
+    assert shown.finish() == 0
+    assert "nothing was frozen when it was cancelled" in shown.screen.text()

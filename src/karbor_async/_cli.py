@@ -38,6 +38,7 @@ from karbor_async._cli_output import (
     cancel_summary,
     explain_consistency,
     failure_line,
+    frozen_when_cancelled,
     resource_name,
 )
 from karbor_async._engine import Engine
@@ -756,7 +757,7 @@ def _frozen_summary(outcome: RunOutcome) -> str:
     if not frozen:
         return "nothing had been frozen"
     thawed = sum(1 for r in frozen if r.thawed_at is not None)
-    return f"every frozen resource was thawed ({thawed} of {len(frozen)})"
+    return f"every resource it froze was thawed ({thawed} of {len(frozen)})"
 
 
 def _report_abandoned(out: _Out, outcome: RunOutcome) -> None:
@@ -1449,6 +1450,9 @@ async def _runs_show(out: _Out, run_id: str, db: Path) -> int:
     if events:
         out.console.print(phase_table(events))
     if run.outcome is not None:
+        frozen = frozen_when_cancelled(events)
+        if frozen is not None:
+            out.frozen_at_cancel[run.run_id] = frozen
         _report_outcome(out, run.outcome, _code_of(run.outcome))
     else:
         out.console.print("the run has not finished (or its process died: see `recover`)")
@@ -1659,6 +1663,8 @@ def _param_json(name: str, p: Param) -> dict[str, Any]:
         required = p.secret and p.default is None
     operations: Any = getattr(p, "operations", None)
     ops = sorted(o.value if hasattr(o, "value") else str(o) for o in operations or ())
+    if set(ops) >= {k.value for k in OperationKind}:
+        ops = []  # every operation: shown as "all"
     return {
         "name": name,
         "type": p.kind.__name__,

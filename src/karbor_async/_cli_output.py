@@ -12,6 +12,7 @@ import statistics as stats
 from collections.abc import Sequence
 
 from karbor_async._types import BarrierPolicy, Resource, ResourceStatus, RunStatus
+from karbor_async.events import Event, EventKind
 from karbor_async.store import GroupOutcome, ResourceOutcome, RunOutcome
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "failure_line",
     "format_count",
     "format_ms",
+    "frozen_when_cancelled",
     "resource_name",
 ]
 
@@ -91,6 +93,33 @@ def cancel_summary(outcome: RunOutcome, frozen_at_cancel: int | None) -> str:
             )
         return "nothing was frozen when it was cancelled"
     return f"every resource frozen when it was cancelled was thawed ({frozen_at_cancel})"
+
+
+def frozen_when_cancelled(events: Sequence[Event]) -> int | None:
+    """How many resources were frozen when the run was cancelled, from its events (the
+    first ``GROUP_ABORTING`` whose reason is ``cancelled``); None if it was not."""
+    cancelled = next(
+        (
+            e.mono
+            for e in events
+            if e.kind is EventKind.GROUP_ABORTING and e.data.get("reason") == "cancelled"
+        ),
+        None,
+    )
+    if cancelled is None:
+        return None
+    frozen: set[object] = set()
+    for e in events:
+        if e.mono > cancelled:
+            break
+        at = e.data.get("at")
+        if isinstance(at, float) and at > cancelled:
+            continue
+        if e.kind is EventKind.QUIESCED:
+            frozen.add(e.resource)
+        elif e.kind is EventKind.THAWED:
+            frozen.discard(e.resource)
+    return len(frozen)
 
 
 def _cuts_line(g: GroupOutcome, resources: Sequence[ResourceOutcome]) -> str:
