@@ -112,7 +112,13 @@ def _live_view(s: RunStatistics, rows: int) -> Group:
     table.add_column("phase", no_wrap=True)
     table.add_column("progress", no_wrap=True, width=24)
     table.add_column("", justify="right", no_wrap=True, overflow="ellipsis", max_width=40)
-    for res, hook, prog in s.active[:rows]:
+
+    # Calls making progress first (a copy under way before the ones waiting for a slot).
+    def order(entry: tuple[Any, Hook, Progress | None]) -> int:
+        frac = _fraction(entry[2])
+        return 0 if frac is not None and frac < 1 else 1 if entry[2] is not None else 2
+
+    for res, hook, prog in sorted(s.active, key=order)[:rows]:
         frac = _fraction(prog)
         bar: ProgressBar | str = ""
         pct = ""
@@ -179,7 +185,7 @@ async def show_progress(
             notices.over(view) if notices is not None else nullcontext(),
         ):
             while True:
-                view.update(_live_view(run.statistics(limit=rows), rows))
+                view.update(_live_view(run.statistics(limit=rows * 5), rows))
                 await anyio.sleep(interval)
     ticks = 0
     while True:
