@@ -119,7 +119,8 @@ def _kill_when_fired(root: Path, args: list[str], hook: str, resource: str, extr
 
 
 def _checkpoints(root: Path) -> dict[str, str]:
-    return {c["id"]: c["status"] for c in _json(root, "checkpoints", "list")["checkpoints"]}
+    listed = _json(root, "checkpoints", "list", "--all")["checkpoints"]
+    return {c["id"]: c["status"] for c in listed}
 
 
 def _stored(root: Path, run_id: str) -> Any:

@@ -158,7 +158,7 @@ def test_ctrl_c_twice_abandons_a_hung_cut_names_it_and_exits_3(tmp_path: Path) -
     assert proc.returncode == EXIT_CANCELLED, err
     assert "Ctrl-C again: abandoning" in err
     assert (
-        "left running (abandoned" in err and "a cut (Hostile::Volume:v1 on_prepare_finish)" in err
+        "left running (abandoned" in err and "a cut (Hostile::Volume#v1 on_prepare_finish)" in err
     )
     assert "Traceback" not in err
     status, resources = _checkpoint_status(tmp_path / "karbor.db")

@@ -182,7 +182,7 @@ def test_browser_draws_one_row_per_resource_and_saves_a_screenshot(
     _open(browser, page, tmp_path)
     assert _rows(browser) == len(data["rows"]) == 40
     counts = browser.execute_script(
-        "return [document.querySelectorAll('rect.bar').length,"
+        "return [document.querySelectorAll('#chart rect.bar').length,"
         " document.querySelectorAll('line.barrier').length,"
         " document.querySelectorAll('line.cut-at').length,"
         " document.querySelectorAll('rect.quiesce').length]"
@@ -195,17 +195,23 @@ def test_browser_draws_one_row_per_resource_and_saves_a_screenshot(
 
 
 def test_browser_stays_usable_at_a_thousand_resources(browser: Any, tmp_path: Path) -> None:
-    """1,000 rows render; the filter narrows them and collapsing types hides them."""
+    """1,000 rows: sections of more than 50 rows start collapsed; the filter opens and
+    narrows them; expanding shows every row; collapsing types hides them."""
     data, page = _karbor_run(250, 3)
     assert len(data["rows"]) == 1000
     _open(browser, page, tmp_path)
-    assert _rows(browser) == 1000
+    assert _rows(browser) == 0
+    headers = [h.text for h in browser.find_elements("css selector", "g.type-header text")]
+    assert len(headers) == 2 and all("click to expand" in h for h in headers)
     box = browser.find_element("id", "filter")
     box.send_keys("s1")  # servers s1, s10-s19, s100-s199 and their volumes
     expected = sum(1 for r in data["rows"] if "s1" in f"{r[0]}#{r[1]} {r[2]} {r[3]} {r[4]}".lower())
     assert _rows(browser) == expected
     box.clear()
     browser.execute_script("document.getElementById('filter').dispatchEvent(new Event('input'))")
+    assert _rows(browser) == 0
+    browser.find_element("id", "expand").click()
+    assert _rows(browser) == 1000
     browser.find_element("id", "collapse").click()
     assert _rows(browser) == 0
     assert len(browser.find_elements("css selector", "g.type-header")) == 2
@@ -216,6 +222,102 @@ def test_browser_stays_usable_at_a_thousand_resources(browser: Any, tmp_path: Pa
         browser.execute_script("return document.getElementById('chart').getAttribute('width')")
     )
     assert width > 1400
+
+
+def test_browser_opens_a_collapsed_section_on_click(browser: Any, tmp_path: Path) -> None:
+    """A section of 50 rows starts open; one of 51 starts collapsed and a click opens it."""
+    data, page = _karbor_run(17, 3)  # 17 servers (open), 51 volumes (collapsed)
+    _open(browser, page, tmp_path)
+    assert _rows(browser) == 17
+    browser.execute_script(
+        "document.querySelector(`g.type-header[data-type='${arguments[0]}'] rect`)"
+        ".dispatchEvent(new MouseEvent('click', {bubbles: true}))",
+        VOLUME,
+    )
+    assert _rows(browser) == 68 == len(data["rows"])
+
+
+def _boxes(browser: Any, selector: str) -> list[dict[str, float]]:
+    return list(
+        browser.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => {"
+            " const r = e.getBoundingClientRect();"
+            " return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; })",
+            selector,
+        )
+    )
+
+
+def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
+    return (
+        a["left"] < b["right"]
+        and b["left"] < a["right"]
+        and a["top"] < b["bottom"]
+        and b["top"] < a["bottom"]
+    )
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.001, 0.015, 0.2])
+def test_browser_barrier_labels_never_overlap(browser: Any, tmp_path: Path, gap: float) -> None:
+    """Cut and main barrier labels (two groups' too) do not overlap each other or the time
+    ticks, however close the releases (15 ms apart in a 2 s run was the case seen)."""
+    data, _ = _karbor_run(2, 1)
+    data["end"] = 2.0
+    data["barriers"] = [
+        ["default", "cut", 0.039],
+        ["default", "main", 0.039 + gap],
+        ["db", "cut", 0.040 + gap],
+        ["db", "main", 1.2],
+    ]
+    _open(browser, render_timeline(data), tmp_path)
+    labels = _boxes(browser, "#axis .barrier-label")
+    assert len(labels) == 4
+    ticks = _boxes(browser, "#axis-ticks text")
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :] + ticks:
+            assert not _overlap(a, b), (a, b)
+    axis = _boxes(browser, "#axis")[0]
+    assert all(axis["top"] <= b["top"] and b["bottom"] <= axis["bottom"] for b in labels + ticks)
+
+
+def test_browser_legend_draws_open_and_aborting_bars_as_the_chart_does(
+    browser: Any, tmp_path: Path
+) -> None:
+    """The legend has the dotted outline of bars that never ended, and the paler aborting
+    call, styled by the chart's own rules."""
+    data, _ = _karbor_run(1, 1)
+    data["bars"].append([0, 2, 0.0, data["end"], "open", 1, False])
+    _open(browser, render_timeline(data), tmp_path)
+    style = (
+        "const e = document.querySelector(arguments[0]); const c = getComputedStyle(e);"
+        " return [c.strokeDasharray, c.stroke, e.getAttribute('fill-opacity')];"
+    )
+    legend = browser.execute_script(style, '[data-legend="open"] rect')
+    chart = browser.execute_script(style, "#chart rect.bar.open")
+    assert legend[:2] == chart[:2] and legend[0] not in ("none", "")
+    aborting = browser.execute_script(style, '[data-legend="aborting"] rect')
+    assert aborting[2] == "0.45"
+
+
+async def test_a_cancelled_runs_summary_does_not_call_the_cancel_an_error() -> None:
+    """Cancelled with no hook failing: the outcome says it was cancelled, not 'first error',
+    and the timeline's header labels it 'cancelled', not 'error'."""
+    plugin = RecordingPlugin(TYPES, faults={(sk("v0-0"), Hook.MAIN): Fault.CANCEL_RUN})
+    pairs = [(res("s0"), res("v0-0"))]
+    engine = Engine([plugin], protectables_for(pairs), store=MemoryStore(), discover=False)
+    async with engine:
+        run = await engine.build_protect(Plan(name="c", resources=[res("s0")]))
+        plugin.cancel_run = run.cancel
+        with pytest.raises(RunError) as info:
+            await engine.execute(run)
+        record = await engine.store.get_run(run.run_id)
+        events = await engine.store.read_events(run.run_id, 0)
+    outcome = info.value.outcome
+    assert outcome.status.value == "cancelled"
+    assert outcome.error is not None and "first error" not in outcome.error
+    assert outcome.error.endswith(f"run {run.run_id} was cancelled")
+    page = render_timeline(build_timeline(record, events, record.outcome))
+    assert 'data-fact="cancelled"' in page and 'data-fact="error"' not in page
 
 
 def test_resource_helper_types_match() -> None:

@@ -166,6 +166,7 @@ async def call(
     if aborting is None and n.timeout is not None:
         timers.arm_hook(n, n.timeout, now)
     n.current = hook
+    n.last_progress = None  # (the progress shown is the running call's own)
     n.calling_aborting = aborting is not None
     if n.call_marks:
         n.call_marks = 0

@@ -30,13 +30,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer._click import exceptions as click  # typer's own click (vendored since 0.20)
+from typer.core import TyperGroup
 
+from karbor_async._cli_output import (
+    cancel_summary,
+    explain_consistency,
+    failure_line,
+    frozen_when_cancelled,
+    resource_name,
+)
 from karbor_async._engine import Engine
 from karbor_async._fsbank import FsBank
 from karbor_async._log import configure as configure_logging
 from karbor_async._plan import Plan, Timeouts
-from karbor_async._planfile import load_plan_file
-from karbor_async._progress import Display, follow_run, outcome_tables, phase_table
+from karbor_async._planfile import PlanFileError, load_plan_file
+from karbor_async._progress import Display, Notices, follow_run, outcome_tables, phase_table
 from karbor_async._report import write_report
 from karbor_async._scheduler import Run
 from karbor_async._secrets_cli import CliSecrets
@@ -61,7 +70,7 @@ from karbor_async.exceptions import (
     StoreBusyError,
     StoreFileError,
 )
-from karbor_async.plugin import SecretResolver
+from karbor_async.plugin import Param, SecretResolver
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord
 
 __all__ = [
@@ -91,8 +100,64 @@ _EPILOG = (
     "4 busy (a run held by a live engine: retry after). Manual: docs/cli.md."
 )
 
+
+class _Commands(TyperGroup):
+    """The root command: a mistake on the command line (a bad option value, an unknown
+    option, a missing argument) is one ``error: ...`` line and exit 2, as every other
+    user mistake, not Click's usage block (docs/cli.md, "Exit codes")."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_Commands, self).main(
+                args, prog_name, complete_var, False, windows_expand_args, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        argv = list(args if args is not None else sys.argv[1:])
+        try:
+            code = run()
+        except click.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(EXIT_BAD_INPUT)
+        except click.UsageError as exc:
+            _usage_error(exc, as_json="--json" in argv)
+        except click.ClickException as exc:
+            Console(stderr=True, highlight=False).print(
+                f"[red]error:[/red] {escape(exc.format_message())}"
+            )
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            Console(stderr=True).print("interrupted")
+            sys.exit(EXIT_CANCELLED)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _usage_error(exc: Any, *, as_json: bool) -> NoReturn:
+    message = exc.format_message().strip().replace("\n", " ")
+    if message.endswith("."):
+        message = message[:-1]
+    path = exc.ctx.command_path if exc.ctx is not None else "karbor-async"
+    message = f"{message} (see `{path} --help`)"
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[red]error:[/red] {escape(message)}"
+    )
+    if as_json:
+        sys.stdout.write(json.dumps({"error": message, "exit_code": EXIT_BAD_INPUT}) + "\n")
+    sys.exit(EXIT_BAD_INPUT)
+
+
 app = typer.Typer(
     name="karbor-async",
+    cls=_Commands,
     help="Application-consistent protection of resource graphs (Karbor's hooks on anyio).",
     epilog=_EPILOG,
     no_args_is_help=True,
@@ -212,6 +277,9 @@ class _Out:
     err: Console
     json: bool
     display: Display
+    notices: Notices
+    frozen_at_cancel: dict[str, int] = attrs.Factory(dict)
+    """Per run id: how many resources were frozen when Ctrl-C cancelled it."""
 
     def note(self, message: str) -> None:
         """A human notice: on stdout normally, on stderr under ``--json`` (stdout stays JSON)."""
@@ -242,7 +310,7 @@ def _out(as_json: bool = False, plain: bool = False) -> _Out:
         display = Display.LIVE
     else:
         display = Display.PLAIN
-    return _Out(console, err, as_json, display)
+    return _Out(console, err, as_json, display, Notices(err))
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -263,6 +331,15 @@ def _exit_with(out: _Out, message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _exit_with_all(out: _Out, messages: Sequence[str], code: int) -> NoReturn:
+    """Several mistakes (a plan file's): an ``error:`` line each."""
+    for message in messages:
+        out.err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    if out.json:
+        out.emit({"error": "\n".join(messages), "errors": list(messages), "exit_code": code})
+    raise typer.Exit(code)
+
+
 def _guard(out: _Out, action: Callable[[], T]) -> T:
     """Run ``action``; turn a user's mistake into a message and its exit code."""
     try:
@@ -272,6 +349,10 @@ def _guard(out: _Out, action: Callable[[], T]) -> T:
         raise typer.Exit(EXIT_CANCELLED) from None
     except Exception as raised:
         exc = _unwrap(raised)
+        if isinstance(exc, CheckpointNotFoundError):
+            _exit_with(out, _not_found(str(exc)), EXIT_BAD_INPUT)
+        if isinstance(exc, PlanFileError) and len(exc.problems) > 1:
+            _exit_with_all(out, exc.problems, EXIT_BAD_INPUT)
         if isinstance(exc, _BAD_INPUT):
             _exit_with(out, str(exc), EXIT_BAD_INPUT)
         if isinstance(exc, sqlite3.Error):
@@ -286,6 +367,18 @@ def _guard(out: _Out, action: Callable[[], T]) -> T:
         if isinstance(exc, KarborError):
             _exit_with(out, str(exc), EXIT_FAILED)
         raise
+
+
+def _not_found(message: str) -> str:
+    """Where to find the ids that exist."""
+    if message.startswith("no run with id"):
+        return (
+            f"{message}: `karbor-async runs list` shows the runs (a checkpoint's id is also "
+            "its protect run's id)"
+        )
+    if message.startswith("no checkpoint with id"):
+        return f"{message}: `karbor-async checkpoints list` shows the checkpoints"
+    return message
 
 
 def _run_async(out: _Out, func: Callable[..., Awaitable[int]], *args: Any) -> NoReturn:
@@ -340,7 +433,9 @@ def _simcloud_module() -> Any:
 
 def _latency_profiles(sim: Any) -> dict[str, Any]:
     return {
-        "realistic": sim.LatencyProfile.realistic(),
+        # A real cloud's pace (LatencyProfile.realistic() is it sped up for benchmarks):
+        # a 40-resource protect lasts a few seconds, long enough to watch.
+        "realistic": sim.LatencyProfile.real_time(),
         "zero": sim.LatencyProfile.zero(),
         # Long enough to interrupt by hand: servers stay frozen while the cuts are taken.
         "slow": sim.LatencyProfile(
@@ -597,14 +692,20 @@ def _watch_interrupts(out: _Out, run: Run) -> Callable[[], Coroutine[Any, Any, N
             async for _ in signals:
                 count += 1
                 if count == 1:
-                    out.err.print(
+                    frozen = run.statistics(limit=0).frozen
+                    out.frozen_at_cancel[run.run_id] = frozen
+                    out.notices.say(
                         f"[yellow]Ctrl-C: cancelling {run.operation.value} run {run.run_id}; "
-                        "thawing everything that is frozen (Ctrl-C again to stop waiting)"
-                        "...[/yellow]"
+                        + (
+                            f"thawing the {frozen} frozen resources"
+                            if frozen
+                            else "nothing is frozen"
+                        )
+                        + " (Ctrl-C again to stop waiting)...[/yellow]"
                     )
                     run.cancel()
                 elif count == 2:
-                    out.err.print(
+                    out.notices.say(
                         "[yellow]Ctrl-C again: abandoning every hook still running; "
                         "thaws not finished are recorded thaw_failed[/yellow]"
                     )
@@ -618,7 +719,13 @@ async def _drive(out: _Out, engine: Engine, run: Run) -> tuple[RunOutcome, int]:
     watcher = _watch_interrupts(out, run)
     try:
         outcome = await follow_run(
-            run, lambda: engine.execute(run), out.console, display=out.display, beside=watcher
+            run,
+            lambda: engine.execute(run),
+            out.console,
+            display=out.display,
+            beside=watcher,
+            notices=out.notices,
+            events=lambda: engine.subscribe(run.run_id),
         )
     except RunError as exc:
         outcome = exc.outcome
@@ -642,7 +749,7 @@ def _frozen_summary(outcome: RunOutcome) -> str:
     ]
     stuck = [r for r in outcome.resources.values() if r.status is ResourceStatus.THAW_FAILED]
     if stuck:
-        names = ", ".join(str(r.resource) for r in stuck[:10])
+        names = ", ".join(resource_name(r.resource) for r in stuck[:10])
         return (
             f"ALERT: {len(stuck)} resources may still be frozen (every thaw failed): {names}; "
             "see `karbor-async events` for the errors"
@@ -650,7 +757,7 @@ def _frozen_summary(outcome: RunOutcome) -> str:
     if not frozen:
         return "nothing had been frozen"
     thawed = sum(1 for r in frozen if r.thawed_at is not None)
-    return f"every frozen resource was thawed ({thawed} of {len(frozen)})"
+    return f"every resource it froze was thawed ({thawed} of {len(frozen)})"
 
 
 def _report_abandoned(out: _Out, outcome: RunOutcome) -> None:
@@ -662,7 +769,7 @@ def _report_abandoned(out: _Out, outcome: RunOutcome) -> None:
     for r in left[:10]:
         assert r.abandoned_hook is not None
         what = what_runs(r.abandoned_hook, thaw=r.status is ResourceStatus.THAW_FAILED)
-        parts.append(f"{what} ({r.resource} {r.abandoned_hook.value})")
+        parts.append(f"{what} ({resource_name(r.resource)} {r.abandoned_hook.value})")
     more = f" and {len(left) - 10} more" if len(left) > 10 else ""
     out.err.print(
         f"[yellow]left running (abandoned, not waited for): {escape('; '.join(parts))}{more}"
@@ -680,24 +787,20 @@ def _report_outcome(out: _Out, outcome: RunOutcome, code: int) -> None:
     op = outcome.operation.value
     failed = [r for r in outcome.resources.values() if r.failed_hook is not None]
     for r in failed[:10]:
-        # The error is the formatted chain, the plugin's own exception last: show that line.
-        first = [line for line in (r.error or "").strip().splitlines() if line.strip()][-1:]
-        out.console.print(
-            f"  [red]{escape(str(r.resource))}[/red] {r.failed_hook.value if r.failed_hook else ''}"
-            f": {escape(first[0] if first else r.status.value)}"
-        )
+        out.console.print(f"  [red]{escape(failure_line(r))}[/red]", soft_wrap=True)
     if len(failed) > 10:
-        out.console.print(f"  ... and {len(failed) - 10} more (karbor-async runs show)")
+        out.console.print(
+            f"  ... and {len(failed) - 10} more (karbor-async runs show {outcome.run_id})"
+        )
+    run = f"{op} run {outcome.run_id}"
     if code == EXIT_OK:
-        out.console.print(f"[green]{op} succeeded[/green] (run {outcome.run_id})")
+        out.console.print(f"[green]{op} succeeded[/green] ({run})")
     elif code == EXIT_CANCELLED:
-        out.console.print(
-            f"[yellow]{op} cancelled[/yellow] (run {outcome.run_id}): {_frozen_summary(outcome)}"
-        )
+        frozen = out.frozen_at_cancel.get(outcome.run_id)
+        summary = _frozen_summary(outcome) if frozen is None else cancel_summary(outcome, frozen)
+        out.console.print(f"[yellow]{op} cancelled[/yellow] ({run}): {escape(summary)}")
     else:
-        out.console.print(
-            f"[red]{op} failed[/red] (run {outcome.run_id}): {escape(outcome.error or '')}"
-        )
+        out.console.print(f"[red]{op} failed[/red] ({run}): {escape(outcome.error or '')}")
         if any(r.status is ResourceStatus.THAW_FAILED for r in outcome.resources.values()):
             out.console.print(f"[red]{_frozen_summary(outcome)}[/red]")
 
@@ -754,7 +857,19 @@ def _ms(seconds: float | None) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1000:.2f} ms"
 
 
+_NOT_A_CHECKPOINT = (CheckpointStatus.ERROR, CheckpointStatus.CANCELLED)
+"""A protect that failed or was cancelled: it guarantees no consistency at all."""
+
+
+def _consistency(cp: CheckpointRecord) -> str:
+    o = cp.outcome
+    if o is None or cp.status in _NOT_A_CHECKPOINT:
+        return "-"
+    return "crash" if o.crash_consistent else "application"
+
+
 def _checkpoint_json(cp: CheckpointRecord) -> dict[str, Any]:
+    usable = cp.outcome is not None and cp.status not in _NOT_A_CHECKPOINT
     return {
         "id": cp.id,
         "plan_name": cp.plan_name,
@@ -762,7 +877,7 @@ def _checkpoint_json(cp: CheckpointRecord) -> dict[str, Any]:
         "created_wall": cp.created_wall,
         "resources": len(cp.graph.get("resources", ())),
         "skew": cp.outcome.skew if cp.outcome else None,
-        "crash_consistent": cp.outcome.crash_consistent if cp.outcome else None,
+        "crash_consistent": cp.outcome.crash_consistent if usable and cp.outcome else None,
     }
 
 
@@ -959,7 +1074,8 @@ async def _restore(
         await _recover_first(out, engine)
         run = await engine.build_restore(checkpoint_id, parameters=params, barrier=barrier)
         out.note(
-            f"Restoring checkpoint {checkpoint_id} ({len(run.nodes)} resources), run {run.run_id}"
+            f"Restoring checkpoint {checkpoint_id} ({len(run.nodes)} resources) "
+            f"as restore run {run.run_id}"
         )
         outcome, code = await _drive(out, engine, run)
         _report_outcome(out, outcome, code)
@@ -1008,7 +1124,8 @@ async def _delete(
             return code
         run = await engine.build_delete(checkpoint_id)
         out.note(
-            f"Deleting checkpoint {checkpoint_id} ({len(run.nodes)} resources), run {run.run_id}"
+            f"Deleting checkpoint {checkpoint_id} ({len(run.nodes)} resources) "
+            f"as delete run {run.run_id}"
         )
         outcome, code = await _drive(out, engine, run)
         _report_outcome(out, outcome, code)
@@ -1049,31 +1166,64 @@ def checkpoints_list(
         CheckpointStatus | None, typer.Option(help="Only checkpoints in this state.")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also deleted checkpoints (hidden by default).")
+    ] = False,
     db: DbOption = DEFAULT_DB,
     as_json: JsonOption = False,
 ) -> None:
-    """List checkpoints, newest first."""
+    """List checkpoints, newest first (deleted ones only with --all or --status deleted)."""
     out = _out(as_json)
-    _run_async(out, _checkpoints_list, out, plan, status, limit, db)
+    _run_async(out, _checkpoints_list, out, plan, status, limit, show_all, db)
+
+
+async def _visible_checkpoints(
+    store: SqliteStore,
+    plan: str | None,
+    status: CheckpointStatus | None,
+    limit: int,
+    show_all: bool,
+) -> list[CheckpointRecord]:
+    """The newest ``limit`` checkpoints, deleted ones left out unless asked for."""
+    if show_all or status is not None:
+        return list(await store.list_checkpoints(plan_name=plan, status=status, limit=limit))
+    found: list[CheckpointRecord] = []
+    before: str | None = None
+    while len(found) < limit:
+        page = await store.list_checkpoints(plan_name=plan, limit=limit, before_id=before)
+        found += [cp for cp in page if cp.status is not CheckpointStatus.DELETED]
+        if len(page) < limit:
+            break
+        before = page[-1].id
+    return found[:limit]
 
 
 async def _checkpoints_list(
-    out: _Out, plan: str | None, status: CheckpointStatus | None, limit: int, db: Path
+    out: _Out,
+    plan: str | None,
+    status: CheckpointStatus | None,
+    limit: int,
+    show_all: bool,
+    db: Path,
 ) -> int:
     async with _store(db, must_exist=True, read_only=True) as store:
-        found = await store.list_checkpoints(plan_name=plan, status=status, limit=limit)
+        found = await _visible_checkpoints(store, plan, status, limit, show_all)
+        hidden = not show_all and status is None
+        if hidden:
+            deleted = CheckpointStatus.DELETED
+            hidden = bool(await store.list_checkpoints(plan_name=plan, status=deleted, limit=1))
     if out.json:
         out.emit({"checkpoints": [_checkpoint_json(cp) for cp in found]})
         return EXIT_OK
+    note = "deleted checkpoints are hidden: --all shows them" if hidden else None
     if not found:
-        out.console.print("no checkpoints")
+        out.console.print("no checkpoints" + (f" ({note})" if note else ""))
         return EXIT_OK
-    table = Table(title=f"Checkpoints in {db} (newest first)")
+    table = Table(title=f"Checkpoints in {db} (newest first)", caption=note)
     for col in ("checkpoint", "plan", "status", "created", "resources", "skew", "consistency"):
         table.add_column(col)
     for cp in found:
         o = cp.outcome
-        mode = "-" if o is None else ("crash" if o.crash_consistent else "application")
         table.add_row(
             cp.id,
             escape(cp.plan_name),
@@ -1081,7 +1231,7 @@ async def _checkpoints_list(
             _when(cp.created_wall),
             str(len(cp.graph.get("resources", ()))),
             _ms(o.skew if o else None),
-            mode,
+            _consistency(cp),
         )
     out.console.print(table)
     return EXIT_OK
@@ -1286,6 +1436,9 @@ async def _runs_show(out: _Out, run_id: str, db: Path) -> int:
     if events:
         out.console.print(phase_table(events))
     if run.outcome is not None:
+        frozen = frozen_when_cancelled(events)
+        if frozen is not None:
+            out.frozen_at_cancel[run.run_id] = frozen
         _report_outcome(out, run.outcome, _code_of(run.outcome))
     else:
         out.console.print("the run has not finished (or its process died: see `recover`)")
@@ -1489,6 +1642,26 @@ async def _report(out: _Out, run_id: str, output: Path, db: Path) -> int:
 # -- plugins and demo ------------------------------------------------------------------------
 
 
+def _param_json(name: str, p: Param) -> dict[str, Any]:
+    """A declared parameter as ``plugins`` shows it (required resolved from its rule)."""
+    required: bool | None = p.required
+    if required is None:  # (Param(required=None): required when secret with no default)
+        required = p.secret and p.default is None
+    operations: Any = getattr(p, "operations", None)
+    ops = sorted(o.value if hasattr(o, "value") else str(o) for o in operations or ())
+    if set(ops) >= {k.value for k in OperationKind}:
+        ops = []  # every operation: shown as "all"
+    return {
+        "name": name,
+        "type": p.kind.__name__,
+        "default": p.default,
+        "required": bool(required),
+        "secret": p.secret,
+        "operations": ops or None,
+        "description": p.description,
+    }
+
+
 @app.command()
 def plugins(as_json: JsonOption = False) -> None:
     """List the installed protection plugins and the resource types each handles."""
@@ -1505,6 +1678,9 @@ def plugins(as_json: JsonOption = False) -> None:
                 "snapshots": binding.spec.snapshots,
                 "parameters": None if params is None else sorted(params),
                 "secret_parameters": sorted(k for k, p in (params or {}).items() if p.secret),
+                "parameter_details": None
+                if params is None
+                else [_param_json(name, p) for name, p in sorted(params.items())],
             }
         )
     finders = [
@@ -1525,9 +1701,28 @@ def plugins(as_json: JsonOption = False) -> None:
             row["type"],
             "yes" if row["quiesces"] else "no",
             "yes" if row["snapshots"] else "no",
-            "any" if params is None else ", ".join(params) or "none",
+            "any (unchecked)" if params is None else ", ".join(params) or "none",
         )
     out.console.print(table)
+    details = Table(title='Parameters (set in a plan\'s [parameters."TYPE"], or --param)')
+    for col in ("resource type", "parameter", "type", "default", "required", "secret"):
+        details.add_column(col, no_wrap=col != "resource type")
+    details.add_column("operations")
+    details.add_column("description")
+    for row in rows:
+        for d in row["parameter_details"] or ():
+            details.add_row(
+                row["type"],
+                d["name"],
+                d["type"],
+                "-" if d["default"] is None else escape(json.dumps(d["default"])),
+                "yes" if d["required"] else "no",
+                "yes (a name, resolved at run time)" if d["secret"] else "no",
+                ", ".join(d["operations"]) if d["operations"] else "all",
+                escape(d["description"]) or "-",
+            )
+    if details.row_count:
+        out.console.print(details)
     found_table = Table(title="Protectables (dependency discovery)")
     found_table.add_column("finds")
     found_table.add_column("under")
@@ -1545,14 +1740,35 @@ def demo(
     report: Annotated[
         Path, typer.Option("--report", help="Where to write the protect run's timeline.")
     ] = Path("timeline.html"),
+    latency: Annotated[
+        str,
+        typer.Option(
+            metavar="realistic|zero|slow",
+            help=(
+                "The SIMULATED cloud's latency, as in --simcloud N:SEED:LATENCY: realistic "
+                "(a real cloud's pace: the protect lasts a few seconds), zero or slow."
+            ),
+        ),
+    ] = "realistic",
     plain: PlainOption = False,
 ) -> None:
     """Protect a generated sample application on the SIMULATED cloud, then restore it."""
     out = _out(plain=plain)
     if resources < 3:
         _exit_with(out, "--resources must be at least 3 (a project, a server, a volume)", 2)
-    cloud = _guard(out, lambda: _generate_cloud(SimcloudSpec(resources, seed), out, None))
+    spec = _guard(out, lambda: SimcloudSpec.parse(f"{resources}:{seed}:{latency}"))
+    cloud = _guard(out, lambda: _generate_cloud(spec, out, None))
     _run_async(out, _demo, out, cloud, db, bank, report)
+
+
+def demo_plan(cloud: Any) -> Plan:
+    """What ``demo`` protects: the generated application's project, barrier cut."""
+    return Plan(
+        name="sample-app",
+        resources=cloud.project_resources(),
+        barrier=BarrierPolicy.CUT,
+        timeouts=Timeouts(hook=60, quiesce_budget=5.0),
+    )
 
 
 async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Path) -> int:
@@ -1574,12 +1790,7 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
                 )
             console.print(table)
         await _recover_first(out, engine)
-        plan = Plan(
-            name="sample-app",
-            resources=cloud.project_resources(),
-            barrier=BarrierPolicy.CUT,
-            timeouts=Timeouts(hook=60, quiesce_budget=5.0),
-        )
+        plan = demo_plan(cloud)
         protect_run = await engine.build_protect(plan)
         console.print(
             f"Protecting {len(protect_run.nodes)} resources "
@@ -1592,9 +1803,14 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
         console.print(phase_table(await engine.store.read_events(protected.run_id)))
         for table in outcome_tables(protected):
             console.print(table)
+        for line in explain_consistency(protected, plan.timeouts.quiesce_budget):
+            console.print(f"  {escape(line)}", style="dim", highlight=False)
         await _write_report(out, engine, protected.run_id, report_path)
         restore_run = await engine.build_restore(protected.checkpoint_id)
-        console.print(f"Restoring checkpoint {protected.checkpoint_id} into the simulation")
+        console.print(
+            f"Restoring checkpoint {protected.checkpoint_id} into the simulation as restore run "
+            f"{restore_run.run_id}"
+        )
         restored, code = await _drive(out, engine, restore_run)
         if code != EXIT_OK:
             _report_outcome(out, restored, code)
@@ -1753,7 +1969,7 @@ def simcloud_fault_clear(
 def main() -> None:
     """Entry point of the ``karbor-async`` script."""
     try:
-        app()
+        app(prog_name="karbor-async")
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(EXIT_CANCELLED)

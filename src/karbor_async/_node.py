@@ -164,6 +164,8 @@ class _Node(Slot[_Group]):
     ticks: int = 0
     current: Hook | None = None
     last_progress: Progress | None = None
+    data_progress: Progress | None = None
+    """The last progress that had a ``total`` (what the status line's data sums)."""
     scope: anyio.CancelScope | None = None
     interrupt: Interrupt | None = None
     interrupt_hook: Hook | None = None
@@ -225,6 +227,8 @@ class _Node(Slot[_Group]):
         if message is not None and scrub.active:
             message = scrub.text(message)
         progress = self.last_progress = Progress(fraction, done, total, message)
+        if total:
+            self.data_progress = progress
         self.run.progress_tick(self, progress)
 
     def mark(self, what: str, at: float | None, hook: Hook, aborting: bool) -> None:

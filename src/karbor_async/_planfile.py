@@ -18,7 +18,8 @@ import difflib
 import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,10 @@ class PlanFileError(PlanError):
     """A plan file cannot be read or does not describe a valid plan.
 
     ``file``, ``line`` (1-based, ``None`` when unknown) and ``key`` (a key path)
-    say where; the message says what is expected.
+    say where; the message says what is expected. A file with several mistakes
+    raises one error whose ``problems`` lists them all, in the file's order (each
+    ``file:line: key: message``; the error's text is one problem per line); its
+    ``line`` and ``key`` are the first one's.
     """
 
     def __init__(
@@ -65,10 +69,24 @@ class PlanFileError(PlanError):
     ) -> None:
         where = f"{file}:{line}" if line is not None else str(file)
         label = format_key(key)
-        super().__init__(f"{where}: {label}: {message}" if label else f"{where}: {message}")
+        text = f"{where}: {label}: {message}" if label else f"{where}: {message}"
+        super().__init__(text)
         self.file = file
         self.line = line
         self.key = key
+        self.problems: tuple[str, ...] = (text,)
+
+    @classmethod
+    def several(cls, errors: Sequence[PlanFileError]) -> PlanFileError:
+        """One error for all of ``errors`` (at least one), sorted by line."""
+        ordered = sorted(errors, key=lambda e: math.inf if e.line is None else e.line)
+        first = ordered[0]
+        if len(ordered) == 1:
+            return first
+        combined = cls(first.file, "", key=first.key, line=first.line)
+        combined.problems = tuple(p for e in ordered for p in e.problems)
+        combined.args = ("\n".join(combined.problems),)
+        return combined
 
 
 def format_key(path: KeyPath) -> str:
@@ -266,12 +284,27 @@ def _locator(lines: Mapping[KeyPath, int]) -> Locate:
 
 
 class _Checker:
+    """Checks values key by key; a mistake inside a :meth:`section` is kept and the
+    checking goes on with the next section, so one run reports every mistake."""
+
     def __init__(self, file: Path, locate: Locate) -> None:
         self.file = file
         self.locate = locate
+        self.errors: list[PlanFileError] = []
 
     def fail(self, key: KeyPath, message: str) -> PlanFileError:
         return PlanFileError(self.file, message, key=key, line=self.locate(key))
+
+    @contextmanager
+    def section(self) -> Iterator[None]:
+        """A mistake raised inside is recorded, not raised (what it built is left out)."""
+        try:
+            yield
+        except PlanFileError as exc:
+            self.errors.append(exc)
+
+    def note(self, key: KeyPath, message: str) -> None:
+        self.errors.append(self.fail(key, message))
 
     def table(self, value: Any, key: KeyPath, what: str) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
@@ -282,13 +315,12 @@ class _Checker:
         return value
 
     def keys(self, value: Mapping[str, Any], key: KeyPath, allowed: Sequence[str]) -> None:
+        """Record every unknown key (checking goes on)."""
         for k in value:
             if k not in allowed:
                 close = difflib.get_close_matches(k, allowed, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise self.fail(
-                    (*key, k), f"unknown key; {hint}expected one of: {', '.join(allowed)}"
-                )
+                self.note((*key, k), f"unknown key; {hint}expected one of: {', '.join(allowed)}")
 
     def list(self, value: Any, key: KeyPath, what: str) -> list[Any]:
         if not isinstance(value, list):
@@ -362,49 +394,87 @@ class _Checker:
 
 
 def plan_from_data(data: Any, file: Path, locate: Locate | None = None) -> Plan:
-    """Check parsed plan-file data key by key, then build the plan (errors name ``file``)."""
+    """Check parsed plan-file data key by key, then build the plan (errors name ``file``).
+
+    Every mistake found is reported (one :class:`PlanFileError` listing them all).
+    """
     c = _Checker(file, locate or (lambda _key: None))
     top = c.table(data, (), "a table with the plan's keys (name, resources, ...)")
     c.keys(top, (), _TOP_KEYS)
     for required in ("name", "resources"):
         if required not in top:
-            raise c.fail((), f"missing the key {required!r}")
-    out: dict[str, Any] = {"name": c.string(top["name"], ("name",), "the plan's name")}
-    resources = c.list(top["resources"], ("resources",), "resources")
-    if not resources:
-        raise c.fail(("resources",), "expected at least one resource")
-    out["resources"] = [_resource(c, r, ("resources", i)) for i, r in enumerate(resources)]
+            c.note((), f"missing the key {required!r}")
+    out: dict[str, Any] = {}
+    if "name" in top:
+        with c.section():
+            out["name"] = c.string(top["name"], ("name",), "the plan's name")
+    if "resources" in top:
+        with c.section():
+            resources = c.list(top["resources"], ("resources",), "resources")
+            if not resources:
+                raise c.fail(("resources",), "expected at least one resource")
+            checked_resources = []
+            for i, r in enumerate(resources):
+                with c.section():
+                    checked_resources.append(_resource(c, r, ("resources", i)))
+            out["resources"] = checked_resources
     if "parameters" in top:
-        params = c.table(top["parameters"], ("parameters",), 'a table of "Type" or "Type#id"')
-        checked: dict[str, Any] = {}
-        for target, values in params.items():
-            at: KeyPath = ("parameters", target)
-            if target.startswith("#") or target.endswith("#"):
-                raise c.fail(at, "expected a resource type or TYPE#ID as the key")
-            table = c.table(values, at, "a table of parameter names and values")
-            checked[target] = {k: c.json_value(v, (*at, k)) for k, v in table.items()}
-        out["parameters"] = checked
+        with c.section():
+            out["parameters"] = _parameters(c, top["parameters"])
     if "barrier" in top:
-        out["barrier"] = c.barrier(top["barrier"], ("barrier",))
+        with c.section():
+            out["barrier"] = c.barrier(top["barrier"], ("barrier",))
     if "groups" in top:
-        groups = c.list(top["groups"], ("groups",), "consistency groups")
-        out["groups"] = [_group(c, g, ("groups", i)) for i, g in enumerate(groups)]
+        with c.section():
+            groups = c.list(top["groups"], ("groups",), "consistency groups")
+            checked_groups = []
+            for i, g in enumerate(groups):
+                with c.section():
+                    checked_groups.append(_group(c, g, ("groups", i)))
+            out["groups"] = checked_groups
     for flag in ("merge_groups", "crash_consistent_fallback", "delete_on_failure"):
         if flag in top:
-            out[flag] = c.boolean(top[flag], (flag,))
+            with c.section():
+                out[flag] = c.boolean(top[flag], (flag,))
     if "timeouts" in top:
-        out["timeouts"] = _timeouts(c, top["timeouts"])
+        with c.section():
+            out["timeouts"] = _timeouts(c, top["timeouts"])
     if "limits" in top:
-        limits = c.table(top["limits"], ("limits",), "a table of plugin or type names")
-        out["limits"] = {k: c.whole(v, ("limits", k)) for k, v in limits.items()}
+        with c.section():
+            limits = c.table(top["limits"], ("limits",), "a table of plugin or type names")
+            checked_limits = {}
+            for k, v in limits.items():
+                with c.section():
+                    checked_limits[k] = c.whole(v, ("limits", k))
+            out["limits"] = checked_limits
     if "discovery_concurrency" in top:
-        out["discovery_concurrency"] = c.whole(
-            top["discovery_concurrency"], ("discovery_concurrency",)
-        )
+        with c.section():
+            out["discovery_concurrency"] = c.whole(
+                top["discovery_concurrency"], ("discovery_concurrency",)
+            )
+    if c.errors:
+        raise PlanFileError.several(c.errors)
     try:
         return Plan.from_json(out)
     except PlanError as exc:
         raise PlanFileError(file, str(exc)) from None
+
+
+def _parameters(c: _Checker, value: Any) -> dict[str, Any]:
+    params = c.table(value, ("parameters",), 'a table of "Type" or "Type#id"')
+    checked: dict[str, Any] = {}
+    for target, values in params.items():
+        at: KeyPath = ("parameters", target)
+        with c.section():
+            if target.startswith("#") or target.endswith("#"):
+                raise c.fail(at, "expected a resource type or TYPE#ID as the key")
+            table = c.table(values, at, "a table of parameter names and values")
+            entry: dict[str, Any] = {}
+            for k, v in table.items():
+                with c.section():
+                    entry[k] = c.json_value(v, (*at, k))
+            checked[target] = entry
+    return checked
 
 
 def _resource(c: _Checker, value: Any, at: KeyPath) -> dict[str, Any]:
@@ -413,9 +483,9 @@ def _resource(c: _Checker, value: Any, at: KeyPath) -> dict[str, Any]:
         return {"type": rtype, "id": rid}
     table = c.table(value, at, "a resource: a table with type and id, or a TYPE#ID string")
     c.keys(table, at, _RESOURCE_KEYS)
-    for required in ("type", "id"):
-        if required not in table:
-            raise c.fail(at, f"the resource is missing the key {required!r}")
+    missing = [k for k in ("type", "id") if k not in table]
+    if missing:
+        raise c.fail(at, " and ".join(f"the resource is missing the key {k!r}" for k in missing))
     rid = table["id"]
     if isinstance(rid, int) and not isinstance(rid, bool):
         rid = str(rid)
@@ -439,13 +509,19 @@ def _group(c: _Checker, value: Any, at: KeyPath) -> dict[str, Any]:
     c.keys(table, at, _GROUP_KEYS)
     if "name" not in table:
         raise c.fail(at, "the group is missing the key 'name'")
-    members = c.list(table.get("resources", []), (*at, "resources"), "TYPE#ID strings")
-    out: dict[str, Any] = {
-        "name": c.string(table["name"], (*at, "name"), "the group's name"),
-        "resources": [c.member(m, (*at, "resources", i)) for i, m in enumerate(members)],
-    }
+    out: dict[str, Any] = {}
+    with c.section():
+        out["name"] = c.string(table["name"], (*at, "name"), "the group's name")
+    with c.section():
+        members = c.list(table.get("resources", []), (*at, "resources"), "TYPE#ID strings")
+        checked = []
+        for i, m in enumerate(members):
+            with c.section():
+                checked.append(c.member(m, (*at, "resources", i)))
+        out["resources"] = checked
     if table.get("barrier") is not None:
-        out["barrier"] = c.barrier(table["barrier"], (*at, "barrier"))
+        with c.section():
+            out["barrier"] = c.barrier(table["barrier"], (*at, "barrier"))
     return out
 
 
@@ -456,15 +532,23 @@ def _timeouts(c: _Checker, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in _TIMEOUT_SECONDS:
         if key in table:
-            out[key] = c.seconds(table[key], (*at, key), nullable=key not in ("abort", "discovery"))
+            with c.section():
+                nullable = key not in ("abort", "discovery")
+                out[key] = c.seconds(table[key], (*at, key), nullable=nullable)
     if "lease_wait" in table:
         value = table["lease_wait"]
         ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
         if not ok or not math.isfinite(value):
-            raise c.fail((*at, "lease_wait"), f"expected 0 or more seconds, got {_describe(value)}")
-        out["lease_wait"] = float(value)
+            c.note((*at, "lease_wait"), f"expected 0 or more seconds, got {_describe(value)}")
+        else:
+            out["lease_wait"] = float(value)
     for key in _TIMEOUT_TABLES:
         if key in table:
-            sub = c.table(table[key], (*at, key), "a table of names and seconds")
-            out[key] = {k: c.seconds(v, (*at, key, k), nullable=False) for k, v in sub.items()}
+            with c.section():
+                sub = c.table(table[key], (*at, key), "a table of names and seconds")
+                entries: dict[str, float | None] = {}
+                for k, v in sub.items():
+                    with c.section():
+                        entries[k] = c.seconds(v, (*at, key, k), nullable=False)
+                out[key] = entries
     return out

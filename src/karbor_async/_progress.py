@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import statistics as stats
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import anyio
@@ -14,12 +15,22 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from karbor_async._cli_output import FIGURES_DOC, format_count, resource_name
 from karbor_async._scheduler import Run, RunStatistics
-from karbor_async._types import Hook, ResourceStatus
+from karbor_async._types import Hook, OperationKind, ResourceStatus
 from karbor_async.events import Event, EventKind, Progress
 from karbor_async.store import RunOutcome
 
-__all__ = ["Display", "follow_run", "outcome_tables", "phase_table", "show_progress"]
+__all__ = [
+    "BarrierLines",
+    "Display",
+    "Notices",
+    "barrier_line",
+    "follow_run",
+    "outcome_tables",
+    "phase_table",
+    "show_progress",
+]
 
 T = TypeVar("T")
 
@@ -35,22 +46,43 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
 
+def _barriers_text(s: RunStatistics) -> str:
+    released, pending = s.barriers_released, s.barriers_pending
+    if not released and not pending:
+        return "barriers: none (barrier policy none)"
+    if len(released) + len(pending) <= 4:
+        said = [f"{b} released" for b in released] + [f"{b} waiting" for b in pending]
+        return "barriers: " + ", ".join(said)
+    return f"barriers: {len(released)} of {len(released) + len(pending)} released"
+
+
 def _stats_line(s: RunStatistics) -> str:
+    """The status line: where the run stands (docs/cli.md, "Progress and output")."""
     done = sum(
         v
         for k, v in s.by_status.items()
         if k not in (ResourceStatus.PENDING, ResourceStatus.RUNNING)
     )
     running = ", ".join(f"{_HOOK_SHORT[h]} {n}" for h, n in s.running.items()) or "idle"
-    skew = f" skew {_ms(s.skew)}" if s.skew is not None else ""
-    data = ""
+    parts = [
+        f"{s.operation.value} {s.elapsed:6.2f}s",
+        f"{done}/{s.resources} done",
+        f"running: {running}",
+        f"frozen {s.frozen}",
+        f"cuts {s.cuts}" + (f" skew {_ms(s.skew)}" if s.skew is not None else ""),
+    ]
+    if s.mains_done or s.mains_running or s.mains_waiting:
+        what = "copies" if s.operation is OperationKind.PROTECT else "on_main"
+        parts.append(
+            f"{what}: {s.mains_done} done, {s.mains_running} running, {s.mains_waiting} waiting"
+        )
     if s.bytes_total:
-        data = f" data {s.bytes_done / max(s.bytes_total, 1):.0%}"
-    barriers = f" barriers [{', '.join(s.barriers_released)}]" if s.barriers_released else ""
-    return (
-        f"{s.operation.value} {s.elapsed:6.2f}s  {done}/{s.resources} done  running: {running}  "
-        f"frozen {s.frozen}  cuts {s.cuts}{skew}{data}{barriers}"
-    )
+        parts.append(
+            f"data {format_count(s.bytes_done)} of {format_count(s.bytes_total)} "
+            f"(over the {s.reporting} that reported a total)"
+        )
+    parts.append(_barriers_text(s))
+    return "  ".join(parts)
 
 
 class Display(enum.Enum):
@@ -79,8 +111,14 @@ def _live_view(s: RunStatistics, rows: int) -> Group:
     table.add_column("resource", no_wrap=True, overflow="ellipsis", max_width=48)
     table.add_column("phase", no_wrap=True)
     table.add_column("progress", no_wrap=True, width=24)
-    table.add_column("", justify="right", no_wrap=True)
-    for res, hook, prog in s.active[:rows]:
+    table.add_column("", justify="right", no_wrap=True, overflow="ellipsis", max_width=40)
+
+    # Calls making progress first (a copy under way before the ones waiting for a slot).
+    def order(entry: tuple[Any, Hook, Progress | None]) -> int:
+        frac = _fraction(entry[2])
+        return 0 if frac is not None and frac < 1 else 1 if entry[2] is not None else 2
+
+    for res, hook, prog in sorted(s.active, key=order)[:rows]:
         frac = _fraction(prog)
         bar: ProgressBar | str = ""
         pct = ""
@@ -89,19 +127,50 @@ def _live_view(s: RunStatistics, rows: int) -> Group:
             pct = f"{frac:.0%}"
         if prog is not None and prog.message:
             pct = f"{pct} {prog.message}".strip()
-        table.add_row(f"{res.type} {res.id}", _HOOK_SHORT[hook], bar, pct)
+        table.add_row(resource_name(res), _HOOK_SHORT[hook], bar, pct)
     more = sum(s.running.values()) - min(len(s.active), rows)
-    parts: list[RenderableType] = [Text(_stats_line(s), style="cyan")]
-    if s.barriers_released:
-        parts.append(Text("barriers released: " + ", ".join(s.barriers_released), style="magenta"))
-    parts.append(table)
+    parts: list[RenderableType] = [Text(_stats_line(s), style="cyan"), table]
     if more > 0:
         parts.append(Text(f"... and {more} more hooks running", style="dim"))
     return Group(*parts)
 
 
+class Notices:
+    """Messages to the operator while a run is shown (the Ctrl-C acknowledgements).
+
+    On a terminal the live view redraws itself over whatever is written around it,
+    so while it runs a notice goes through the live view's console, which prints
+    it above the view at once; otherwise (plain lines, a redirected stderr) to stderr.
+    """
+
+    def __init__(self, err: Console) -> None:
+        self._err = err
+        self._live: Live | None = None
+
+    def say(self, message: str) -> None:
+        live = self._live
+        if live is not None and live.is_started and self._err.is_terminal:
+            live.console.print(message, highlight=False)
+        else:
+            self._err.print(message, highlight=False)
+
+    @contextmanager
+    def over(self, live: Live) -> Iterator[None]:
+        """Notices go through ``live`` while it shows."""
+        self._live = live
+        try:
+            yield
+        finally:
+            self._live = None
+
+
 async def show_progress(
-    run: Run, console: Console, display: Display, *, interval: float = 0.1
+    run: Run,
+    console: Console,
+    display: Display,
+    *,
+    interval: float = 0.1,
+    notices: Notices | None = None,
 ) -> None:
     """Show the run's statistics until cancelled (call it beside the run's execution).
 
@@ -111,27 +180,60 @@ async def show_progress(
         await anyio.sleep_forever()
     if display is Display.LIVE:
         rows = max(4, min(40, console.size.height - 8))
-        with Live(console=console, refresh_per_second=10, transient=True) as view:
+        with (
+            Live(console=console, refresh_per_second=10, transient=True) as view,
+            notices.over(view) if notices is not None else nullcontext(),
+        ):
             while True:
-                view.update(_live_view(run.statistics(limit=rows), rows))
+                view.update(_live_view(run.statistics(limit=rows * 5), rows))
                 await anyio.sleep(interval)
-    announced: set[str] = set()
     ticks = 0
     while True:
         await anyio.sleep(interval)
         ticks += 1
-        s = run.statistics()
-        for barrier in s.barriers_released:
-            if barrier not in announced:
-                announced.add(barrier)
-                group, _, which = barrier.rpartition(":")
-                console.print(
-                    f"{which} barrier of group {group} released (seen at {s.elapsed:.3f}s; "
-                    f"cuts so far {s.cuts}, skew {_ms(s.skew)})",
-                    highlight=False,
-                )
         if ticks % max(1, round(1.0 / interval)) == 0:
-            console.print(_stats_line(s), highlight=False)
+            console.print(_stats_line(run.statistics()), highlight=False)
+
+
+class BarrierLines:
+    """A line per barrier release, at the instant its ``BARRIER_RELEASED`` event says
+    (relative to the run's start), with the cuts the group had returned by then."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._t0: float | None = None
+        self._cuts: dict[str | None, list[float]] = {}
+        self.finished = anyio.Event()
+
+    def seen(self, e: Event) -> None:
+        if e.kind is EventKind.RUN_STARTED or self._t0 is None:
+            self._t0 = e.mono
+        if e.kind is EventKind.CUT:
+            at = e.data.get("at")
+            self._cuts.setdefault(e.group, []).append(at if isinstance(at, float) else e.mono)
+        elif e.kind is EventKind.BARRIER_RELEASED:
+            self._console.print(barrier_line(e, self._t0, self._cuts.get(e.group, [])))
+        elif e.kind is EventKind.RUN_FINISHED:
+            self.finished.set()
+
+    async def follow(self, events: AbstractAsyncContextManager[AsyncIterator[Event]]) -> None:
+        async with events as stream:
+            async for e in stream:
+                self.seen(e)
+                if self.finished.is_set():
+                    return
+
+
+def barrier_line(e: Event, t0: float | None, cuts: Sequence[float]) -> str:
+    """``main barrier of group G released at 54.29 ms (20 cuts returned, skew 1.95 ms)``."""
+    which = e.data.get("barrier")
+    when = _ms(e.mono - t0) if t0 is not None else "?"
+    if which == "cut":
+        after = "every quiesce of the group returned: its cuts start"
+    else:
+        skew = _ms(max(cuts) - min(cuts)) if cuts else "-"
+        after = f"{len(cuts)} cuts returned, skew {skew}: its copies start"
+    return f"{which} barrier of group {e.group} released at {when} ({after})"
 
 
 async def follow_run(
@@ -142,14 +244,20 @@ async def follow_run(
     display: Display,
     beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
     interval: float = 0.1,
+    notices: Notices | None = None,
+    events: Callable[[], AbstractAsyncContextManager[AsyncIterator[Event]]] | None = None,
 ) -> T:
     """Execute the run while showing its progress; return its result or raise its error.
 
     ``beside`` runs alongside (the CLI's Ctrl-C watcher) and is cancelled with the display.
+    ``events`` opens the run's event stream (``engine.subscribe(run.run_id)``): its
+    barrier releases are printed as lines (not under ``Display.QUIET``); the display
+    waits up to a second after the run for the stream to reach ``RUN_FINISHED``.
     The run's own exception (``RunError``) is raised as is, not wrapped in a group.
     """
     result: list[T] = []
     failure: list[BaseException] = []
+    lines = BarrierLines(console) if events is not None and display is not Display.QUIET else None
 
     async def runner(stop: Callable[[], None]) -> None:
         try:
@@ -159,14 +267,18 @@ async def follow_run(
         except BaseException as exc:  # re-raised below, outside the task group
             # (a hook's KeyboardInterrupt too: execute re-raises it once all is thawed)
             failure.append(exc)
-        finally:
-            stop()
+        if lines is not None and run.statistics(limit=0).elapsed > 0:
+            with anyio.move_on_after(1.0):
+                await lines.finished.wait()
+        stop()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(runner, tg.cancel_scope.cancel)
         if beside is not None:
             tg.start_soon(beside)
-        await show_progress(run, console, display, interval=interval)
+        if lines is not None and events is not None:
+            tg.start_soon(lines.follow, events())
+        await show_progress(run, console, display, interval=interval, notices=notices)
     if failure:
         raise failure[0]
     return result[0]
@@ -206,7 +318,7 @@ def outcome_tables(outcome: RunOutcome) -> list[Table]:
         row = by_type.setdefault(r.resource.type, {})
         row[r.status] = row.get(r.status, 0) + 1
     statuses = [s for s in ResourceStatus if any(s in row for row in by_type.values())]
-    kinds = Table(title=f"{outcome.operation.value} {outcome.run_id}: {outcome.status.value}")
+    kinds = Table(title=f"{outcome.operation.value} run {outcome.run_id}: {outcome.status.value}")
     kinds.add_column("resource type")
     for s in statuses:
         kinds.add_column(s.value, justify="right")
@@ -214,7 +326,7 @@ def outcome_tables(outcome: RunOutcome) -> list[Table]:
         kinds.add_row(rtype, *(str(row.get(s, 0)) for s in statuses))
     tables = [kinds]
     if any(g.cuts for g in outcome.groups.values()):
-        groups = Table(title="Consistency")
+        groups = Table(title="Consistency", caption=f"what these figures mean: {FIGURES_DOC}")
         for col in ("group", "barrier", "cuts", "skew", "quiesce windows (median / max)", "mode"):
             groups.add_column(col)
         windows_by_group: dict[str, list[float]] = {}
@@ -227,6 +339,8 @@ def outcome_tables(outcome: RunOutcome) -> list[Table]:
             mode = "crash-consistent" if g.crash_consistent else "application-consistent"
             if g.aborted is not None:
                 mode = f"aborted ({g.aborted.value})"
-            groups.add_row(g.name, g.barrier.value, str(g.cuts), _ms(g.skew), wtext, mode)
+            groups.add_row(
+                g.name, g.barrier.value, f"{g.cuts} of {g.resources}", _ms(g.skew), wtext, mode
+            )
         tables.append(groups)
     return tables

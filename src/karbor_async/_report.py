@@ -196,7 +196,9 @@ def render_timeline(data: Mapping[str, Any]) -> str:
     if meta["crash_consistent"]:
         facts.append(("consistency", "crash-consistent (some resource cut without quiesce)"))
     if meta["error"]:
-        facts.append(("error", str(meta["error"])[:2000]))
+        # A cancelled run's summary says why it stopped: the cancel is not an error.
+        label = "cancelled" if meta["status"] == "cancelled" else "error"
+        facts.append((label, str(meta["error"])[:2000]))
     dl = "\n".join(
         f'<div class="fact" data-fact="{esc(k)}"><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>'
         for k, v in facts
@@ -239,13 +241,16 @@ dl { display: flex; flex-wrap: wrap; gap: 4px 22px; margin: 0; }
 .fact { display: flex; gap: 6px; } dt { color: var(--muted); } dd { margin: 0; font-weight: 600; }
 .fact[data-fact=error] dd { font-weight: 400; color: var(--fail); white-space: pre-wrap;
        max-width: 100%; }
+.fact[data-fact=cancelled] dd { font-weight: 400; white-space: pre-wrap; max-width: 100%; }
 .controls { display: flex; flex-wrap: wrap; align-items: center; gap: 10px; padding: 8px 18px;
             background: #fff; border-bottom: 1px solid var(--line); }
 .controls input[type=search] { width: 240px; padding: 3px 6px; }
 .controls button { padding: 2px 9px; }
 .legend { display: flex; gap: 12px; flex-wrap: wrap; color: var(--muted); }
 .legend span { display: inline-flex; align-items: center; gap: 4px; }
+.legend svg { overflow: visible; }
 .sw { display: inline-block; width: 14px; height: 9px; border-radius: 2px; }
+.barrier-label { font-size: 11px; }
 #axis-wrap { overflow: hidden; background: #fff; border-bottom: 1px solid var(--line);
              position: sticky; top: 0; z-index: 2; }
 #chart-wrap { overflow: auto; max-height: calc(100vh - 190px); background: #fff; }
@@ -270,8 +275,12 @@ _JS = r"""
   "use strict";
   const D = JSON.parse(document.getElementById("timeline-data").textContent);
   const COLORS = ["var(--pb)", "var(--pf)", "var(--mn)", "var(--cp)"];
-  const LABEL_W = 300, ROW_H = 16, BAR_H = 10, HEAD_H = 18, AXIS_H = 30;
-  const state = { zoom: 1, filter: "", collapsed: new Set(), onlyProblems: false };
+  const LABEL_W = 300, ROW_H = 16, BAR_H = 10, HEAD_H = 18, AXIS_H = 30, LANE_H = 14;
+  // Sections of more than BIG rows start collapsed ("auto"); a filter or "only failed"
+  // opens them while it is on; a click on a header, or expand/collapse all, decides.
+  const BIG = 50;
+  const state = { zoom: 1, filter: "", collapsed: new Set(), auto: new Set(),
+                  onlyProblems: false };
   const esc = (s) => String(s).replace(/[&<>"']/g,
     (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
   const fmt = (s) => s >= 1 ? s.toFixed(3) + " s" : (s * 1000).toFixed(2) + " ms";
@@ -286,6 +295,9 @@ _JS = r"""
   const types = new Map();
   D.rows.forEach((r, i) => { if (!types.has(r[0])) types.set(r[0], []); types.get(r[0]).push(i); });
   types.forEach((rows) => rows.sort((a, b) => firstStart(a) - firstStart(b) || a - b));
+  types.forEach((rows, t) => { if (rows.length > BIG) state.auto.add(t); });
+  const isClosed = (t) => state.collapsed.has(t) ||
+    (state.auto.has(t) && !state.filter && !state.onlyProblems);
   const end = Math.max(D.end, 1e-6);
 
   function niceStep(span, target) {
@@ -311,11 +323,12 @@ _JS = r"""
     types.forEach((rows, type) => {
       const vis = rows.filter(visible);
       if (!vis.length) return;
-      const closed = state.collapsed.has(type);
+      const closed = isClosed(type);
       // The type's header row: the span of each hook over its resources.
       let head = `<g class="type-header" data-type="${esc(type)}" transform="translate(0,${y})">` +
         `<rect x="0" y="0" width="${total}" height="${HEAD_H}" fill="#eef1f5"/>` +
-        `<text x="6" y="13">${closed ? "\u25b8" : "\u25be"} ${esc(type)} (${vis.length})</text>`;
+        `<text x="6" y="13">${closed ? "\u25b8" : "\u25be"} ${esc(type)} (${vis.length})` +
+        `${closed ? " \u2014 click to expand" : ""}</text>`;
       for (let h = 0; h < 4; h++) {
         let lo = Infinity, hi = -Infinity;
         vis.forEach((i) => per[i].bars.forEach((b) => {
@@ -389,14 +402,18 @@ _JS = r"""
         `<text x="${x(t) + 2}" y="${AXIS_H - 8}">${fmt(t)}</text>`;
       grid += `<line class="grid" x1="${x(t)}" x2="${x(t)}" y1="0" y2="${height}"/>`;
     }
+    let labels = "";
     D.barriers.forEach((b) => {
-      ticks += `<text x="${x(b[2]) + 2}" y="10" class="barrier-label" fill="${b[1] === "cut" ?
-        "#7b2cbf" : "#1b7f3b"}">\u25bc ${esc(b[1])}${types.size && D.barriers.length < 6 ?
-        " (" + esc(b[0]) + ")" : ""}</text>`;
+      labels += `<text x="${x(b[2]) - 4}" y="10" class="barrier-label" data-barrier="` +
+        `${esc(b[1])}" fill="${b[1] === "cut" ? "#7b2cbf" : "#1b7f3b"}">\u25bc ${esc(b[1])}` +
+        `${D.barriers.length < 6 ? " (" + esc(b[0]) + ")" : ""}` +
+        `<title>${esc(b[1])} barrier of ${esc(b[0])} released at ${fmt(b[2])}</title></text>`;
     });
     document.getElementById("axis").outerHTML =
       `<svg id="axis" width="${total}" height="${AXIS_H}" xmlns="http://www.w3.org/2000/svg">` +
-      `<text x="6" y="${AXIS_H - 8}" fill="#666">resource</text>${ticks}</svg>`;
+      `<g id="barrier-labels">${labels}</g><g id="axis-ticks">` +
+      `<text x="6" y="${AXIS_H - 8}" fill="#666">resource</text>${ticks}</g></svg>`;
+    layBarrierLabels();
     const defs = `<defs><pattern id="hatch" width="5" height="5" patternUnits="userSpaceOnUse"` +
       ` patternTransform="rotate(45)"><rect width="5" height="5" fill="#f4b6b6"/>` +
       `<line x1="0" y1="0" x2="0" y2="5" stroke="#d62728" stroke-width="2.5"/></pattern></defs>`;
@@ -409,10 +426,31 @@ _JS = r"""
       const h = ev.target.closest(".type-header");
       if (!h) return;
       const t = h.getAttribute("data-type");
-      if (state.collapsed.has(t)) state.collapsed.delete(t); else state.collapsed.add(t);
+      if (isClosed(t)) { state.collapsed.delete(t); state.auto.delete(t); }
+      else state.collapsed.add(t);
       render();
     });
     document.body.setAttribute("data-rendered", "true");
+  }
+
+  // Barrier labels that would overlap go on lanes of their own, above the time ticks,
+  // so two barriers released close together are both readable.
+  function layBarrierLabels() {
+    const axis = document.getElementById("axis");
+    const found = [...axis.querySelectorAll(".barrier-label")];
+    const placed = found.map((el) => ({ el, x: el.getBBox().x, w: el.getBBox().width }))
+      .sort((a, b) => a.x - b.x);
+    const laneEnds = [];
+    placed.forEach((p) => {
+      let lane = laneEnds.findIndex((e) => e + 6 <= p.x);
+      if (lane < 0) { lane = laneEnds.length; laneEnds.push(0); }
+      laneEnds[lane] = p.x + p.w;
+      p.el.setAttribute("y", String(11 + lane * LANE_H));
+    });
+    // The ticks' text goes below the last lane (a lane is LANE_H high, text ~11 px).
+    const extra = laneEnds.length ? laneEnds.length * LANE_H - 9 : 0;
+    axis.setAttribute("height", String(AXIS_H + extra));
+    axis.querySelector("#axis-ticks").setAttribute("transform", `translate(0,${extra})`);
   }
 
   const wrap = document.getElementById("chart-wrap");
@@ -424,7 +462,8 @@ _JS = r"""
   document.getElementById("zoom-fit").onclick = () => { state.zoom = 1; render(); };
   document.getElementById("collapse").onclick = () => {
     types.forEach((_r, t) => state.collapsed.add(t)); render(); };
-  document.getElementById("expand").onclick = () => { state.collapsed.clear(); render(); };
+  document.getElementById("expand").onclick = () => {
+    state.collapsed.clear(); state.auto.clear(); render(); };
   document.getElementById("problems").onchange = (ev) => {
     state.onlyProblems = ev.target.checked; render(); };
   document.getElementById("filter").oninput = (ev) => {
@@ -470,6 +509,12 @@ _TEMPLATE = """<!DOCTYPE html>
     <span><i class="sw" style="background:var(--mn)"></i>on_main</span>
     <span><i class="sw" style="background:var(--cp)"></i>on_complete</span>
     <span><i class="sw" style="background:#f4b6b6;outline:1.5px solid var(--fail)"></i>failed</span>
+    <span data-legend="open"><svg width="16" height="10"><rect class="bar open" x="1" y="1"
+      width="14" height="8" fill="var(--mn)" fill-opacity="0.9"/></svg>never ended
+      (abandoned, or still running)</span>
+    <span data-legend="aborting"><svg width="16" height="10"><rect class="bar" x="1" y="1"
+      width="14" height="8" fill="var(--pf)" fill-opacity="0.45"/></svg>aborting call
+      (a thaw while the group aborts)</span>
     <span><i class="sw" style="background:var(--q)"></i>quiesced (frozen)</span>
     <span>&#9660;| cut</span>
     <span style="color:#7b2cbf">&#9476; cut barrier</span>

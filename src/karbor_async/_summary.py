@@ -7,10 +7,11 @@ from collections.abc import Mapping
 
 import attrs
 
-from karbor_async._node import _Node
+from karbor_async._node import HOOK_BITS, _Node
 from karbor_async._runstate import RunState
 from karbor_async._types import (
     AbortReason,
+    BarrierPolicy,
     Hook,
     OperationKind,
     Resource,
@@ -38,24 +39,38 @@ class RunStatistics:
     """How many hooks of each kind are executing now."""
     hooks_finished: int
     cuts: int
+    """Cuts that returned (a cut whose ``on_prepare_finish`` still runs is not counted)."""
     frozen: int
     """Resources quiesced and not yet thawed."""
     skew: float | None
-    """Spread of the cuts so far, over all groups."""
+    """Spread of the cuts returned so far, over all groups."""
     barriers_released: tuple[str, ...]
     bytes_done: int
+    """The ``done`` of the last progress of every resource that reported a ``total``."""
     bytes_total: int
+    """The sum of those totals (resources that reported none are not in it)."""
     active: tuple[tuple[Resource, Hook, Progress | None], ...]
     """Up to ``limit`` resources with a hook running, and their last progress."""
+    mains_done: int = 0
+    """``on_main`` calls (a protect's copies) that returned."""
+    mains_running: int = 0
+    mains_waiting: int = 0
+    """Resources with an ``on_main`` not started yet (and not failed or skipped)."""
+    reporting: int = 0
+    """Resources whose last progress has a ``total`` (those ``bytes_*`` sum over)."""
+    barriers_pending: tuple[str, ...] = ()
+    """The groups' barriers (``group:cut``, ``group:main``) not released yet."""
 
 
 def statistics(run: RunState, limit: int) -> RunStatistics:
     by_status: dict[ResourceStatus, int] = {}
     running: dict[Hook, int] = {}
     active: list[tuple[Resource, Hook, Progress | None]] = []
-    hooks = cuts = frozen = done = total = 0
+    hooks = cuts = frozen = done = total = reporting = 0
+    mains = [0, 0, 0]  # done, running, waiting
     first: float | None = None
     last: float | None = None
+    cut_bit, main_bit = HOOK_BITS[Hook.PREPARE_FINISH], HOOK_BITS[Hook.MAIN]
     for n in run.nodes:
         by_status[n.status] = by_status.get(n.status, 0) + 1
         hooks += n.hooks_done.bit_count()
@@ -63,21 +78,30 @@ def statistics(run: RunState, limit: int) -> RunStatistics:
             running[n.current] = running.get(n.current, 0) + 1
             if len(active) < limit:
                 active.append((n.resource, n.current, n.last_progress))
-        if n.cut_at is not None:
+        if n.cut_at is not None and n.hooks_done & cut_bit:
             cuts += 1
             first = n.cut_at if first is None else min(first, n.cut_at)
             last = n.cut_at if last is None else max(last, n.cut_at)
         frozen += n.frozen
-        p = n.last_progress
+        if n.main is not None:
+            if n.hooks_done & main_bit:
+                mains[0] += 1
+            elif n.current is Hook.MAIN:
+                mains[1] += 1
+            elif n.status in (ResourceStatus.PENDING, ResourceStatus.RUNNING):
+                mains[2] += 1
+        p = n.data_progress
         if p is not None and p.total:
+            reporting += 1
             total += p.total
             done += p.done or 0
-    released = tuple(
-        f"{g.name}:{b}"
-        for g in run.groups.values()
-        for b, ev in (("cut", g.cut_released), ("main", g.main_released))
-        if ev.is_set()
-    )
+    released: list[str] = []
+    pending: list[str] = []
+    for g in run.groups.values():
+        barriers = {BarrierPolicy.CUT: ("cut", "main"), BarrierPolicy.MAIN: ("main",)}
+        for b in barriers.get(g.policy, ()):
+            ev = g.cut_released if b == "cut" else g.main_released
+            (released if ev.is_set() else pending).append(f"{g.name}:{b}")
     return RunStatistics(
         run_id=run.run_id,
         operation=run.operation,
@@ -89,10 +113,15 @@ def statistics(run: RunState, limit: int) -> RunStatistics:
         cuts=cuts,
         frozen=frozen,
         skew=(last - first) if first is not None and last is not None else None,
-        barriers_released=released,
+        barriers_released=tuple(released),
         bytes_done=done,
         bytes_total=total,
         active=tuple(active),
+        mains_done=mains[0],
+        mains_running=mains[1],
+        mains_waiting=mains[2],
+        reporting=reporting,
+        barriers_pending=tuple(pending),
     )
 
 
@@ -165,7 +194,9 @@ def build_outcome(
         for r in resources.values():
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        if errors:
+        if errors and isinstance(errors[0], RunCancelledError):
+            summary = f"{summary}; {errors[0]}"  # (a cancel, a time limit: not a hook's error)
+        elif errors:
             summary = f"{summary}; first error: {errors[0]}"
     ended_wall = time.time()
     recovered = run.spec.resumed is not None

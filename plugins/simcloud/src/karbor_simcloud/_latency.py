@@ -143,6 +143,25 @@ class LatencyProfile:
             create=Latency.lognormal(0.010, 0.3, cap=0.100),
         )
 
+    @classmethod
+    def real_time(cls) -> LatencyProfile:
+        """The same private cloud at the pace people see (``realistic()`` is it sped up).
+
+        What the CLI's ``realistic`` latency and ``make demo`` use: quiescing a guest
+        takes about half a second (a long tail, capped at 3 s), the array takes a
+        snapshot 50-55 ms after the call (its own jitter is 5 ms), a chunk copies in
+        about 0.2 s through the array's copy slots, a restore creates a resource in
+        about 0.2 s. A protect of the 40-resource demo application lasts 3 to 10 s.
+        """
+        return cls(
+            quiesce=Latency.lognormal(0.5, 0.4, cap=3.0),
+            thaw=Latency.lognormal(0.1, 0.3, cap=0.5),
+            snapshot=Latency.uniform(0.05, 0.055),
+            snapshot_return=Latency.fixed(0.02, jitter=0.02),
+            copy_chunk=Latency.lognormal(0.2, 0.3, cap=1.0),
+            create=Latency.lognormal(0.2, 0.3, cap=1.0),
+        )
+
     @property
     def is_zero(self) -> bool:
         return all(

@@ -209,6 +209,7 @@ async def _copy_chunks(
         existing = set(await ctx.bank.list(DATA_PREFIX))
     digest = hashlib.blake2b(digest_size=16)
     total_chunks = max(1, -(-size // chunk_size))
+    ctx.report_progress(message="waiting for a copy slot")
     async with cloud.storage.copy_slot():
         done = 0
         for index in range(total_chunks):
@@ -221,7 +222,9 @@ async def _copy_chunks(
                 await ctx.bank.put(key, data)
             digest.update(data)
             done += length
-            ctx.report_progress(done / size if size else 1.0, done=done, total=size)
+            ctx.report_progress(
+                done / size if size else 1.0, done=done, total=size, message="copying"
+            )
     return digest.hexdigest()
 
 
@@ -234,7 +237,9 @@ async def _read_chunks(ctx: HookContext, size: int) -> str:
         data = await ctx.bank.get(key)
         digest.update(data)
         done += len(data)
-        ctx.report_progress(done / size if size else 1.0, done=done, total=size)
+        ctx.report_progress(
+            done / size if size else 1.0, done=done, total=size, message="reading back"
+        )
     if done != size:
         raise RestoreError(f"{ctx.resource}: the bank holds {done} bytes, protect saved {size}")
     return digest.hexdigest()
@@ -277,8 +282,10 @@ class _WipeOperation(_SimOperation):
 
     async def on_main(self, ctx: HookContext) -> None:
         await self._enter(ctx)
-        for key in await ctx.bank.list():
+        keys = await ctx.bank.list()
+        for i, key in enumerate(keys):
             await ctx.bank.delete(key)
+            ctx.report_progress((i + 1) / len(keys), message="deleting saved data")
 
 
 # -- project -----------------------------------------------------------------------------
@@ -288,7 +295,9 @@ class _ProjectProtect(_SimOperation):
     async def on_main(self, ctx: HookContext) -> None:
         cloud = await self._enter(ctx)
         project = cloud.project(ctx.resource.id)
+        ctx.report_progress(0.0, message="saving metadata")
         await _put_json(ctx.bank, META_KEY, {"id": project.id, "name": project.name})
+        ctx.report_progress(1.0, message="metadata saved")
 
 
 class _ProjectRestore(_SimOperation):
@@ -297,6 +306,7 @@ class _ProjectRestore(_SimOperation):
         if ctx.restored_id(ctx.resource) is not None:
             return
         target = ctx.parameters.get("target_project") or ctx.resource.id
+        ctx.report_progress(0.0, message=f"mapping to project {target}")
         await ctx.report_restored(cloud.ensure_project(str(target)).id)
 
 
@@ -325,21 +335,26 @@ class _ServerProtect(_SimOperation):
         cloud = await self._enter(ctx)
         if not ctx.parameters.get("quiesce", True):
             return
+        ctx.report_progress(0.0, message="freezing file systems")
         server = await cloud.quiesce(ctx.resource.id, by=process_owner(ctx.run_id))
         ctx.mark_quiesced(server.frozen_at)
         ctx.log.debug("guest_frozen")
+        ctx.report_progress(1.0, message="frozen")
 
     async def on_prepare_finish(self, ctx: HookContext) -> None:
         # Called after every child cut, or to thaw when the run aborts (ctx.aborting):
         # either way the work is the same, thaw, and it is safe if never frozen.
         cloud = await self._enter(ctx)
+        ctx.report_progress(0.0, message="thawing")
         if await cloud.thaw(ctx.resource.id):
             ctx.mark_thawed(cloud.server(ctx.resource.id).thawed_at)
             ctx.log.debug("guest_thawed", aborting=ctx.aborting.value if ctx.aborting else None)
+        ctx.report_progress(1.0, message="thawed")
 
     async def on_main(self, ctx: HookContext) -> None:
         cloud = await self._enter(ctx)
         server = cloud.server(ctx.resource.id)
+        ctx.report_progress(0.0, message="saving metadata")
         await _put_json(
             ctx.bank,
             META_KEY,
@@ -376,6 +391,7 @@ class _ServerRestore(_SimOperation):
             raise RestoreError(f"{ctx.resource}: its image {meta['image_id']} was not restored")
         networks = [ctx.restored_id((NETWORK, n)) or n for n in meta["network_ids"]]
         networks = [n for n in networks if n in cloud.networks]
+        ctx.report_progress(0.0, message=f"creating server ({len(volumes)} volumes)")
         server = await cloud.create_server(
             _target_project(ctx, meta, cloud),
             f"{meta['name']}-restored",
@@ -422,6 +438,7 @@ class _VolumeProtect(_SimOperation):
         previous = str(ctx.saved.get("snapshot_id") or name)
         record = await cloud.storage.find_snapshot(previous)
         if record is None:
+            ctx.report_progress(0.0, message="taking snapshot")
             record = await cloud.storage.snapshot(
                 ctx.resource.id,
                 name=name,
@@ -430,6 +447,7 @@ class _VolumeProtect(_SimOperation):
             )
         ctx.save(snapshot_id=record.id, taken_at=record.taken_at)
         ctx.mark_cut(record.taken_at)
+        ctx.report_progress(1.0, message="snapshot taken")
 
     async def on_main(self, ctx: HookContext) -> None:
         cloud = await self._enter(ctx)
@@ -462,6 +480,7 @@ class _VolumeProtect(_SimOperation):
         cloud = await self._enter(ctx)
         snapshot_id = ctx.saved.get("snapshot_id")
         if snapshot_id and not ctx.parameters.get("keep_snapshot", False):
+            ctx.report_progress(0.0, message="dropping the temporary snapshot")
             await cloud.storage.remove_snapshot(str(snapshot_id))
 
 
@@ -478,6 +497,9 @@ class _DataRestore(_SimOperation):
             raise RestoreError(f"{ctx.resource}: bank data does not match the saved digest")
         project = _target_project(ctx, meta, cloud)
         name = f"{meta['name']}-restored"
+        size = int(meta["size"])
+        kind = "volume" if ctx.resource.type == VOLUME else "image"
+        ctx.report_progress(1.0, done=size, total=size, message=f"creating the {kind}")
         if ctx.resource.type == VOLUME:
             new_id = (
                 await cloud.create_volume(
@@ -579,6 +601,7 @@ class _NetworkProtect(_SimOperation):
     async def on_main(self, ctx: HookContext) -> None:
         cloud = await self._enter(ctx)
         network = cloud.network(ctx.resource.id)
+        ctx.report_progress(0.0, message="saving metadata")
         await _put_json(
             ctx.bank,
             META_KEY,
@@ -597,6 +620,7 @@ class _NetworkRestore(_SimOperation):
         if await _adopt(ctx, cloud):
             return
         meta = await _get_json(ctx.bank, META_KEY)
+        ctx.report_progress(0.0, message="creating the network")
         network = await cloud.create_network(
             _target_project(ctx, meta, cloud),
             f"{meta['name']}-restored",
