@@ -59,6 +59,8 @@ class RunSpec:
     (``_recovery.Marks``); None for a first attempt."""
     started_wall: float | None = None
     """A recovered run: when it first started."""
+    sentinel_thaws: Mapping[ResourceKey, Mapping[str, Any]] = attrs.Factory(dict)
+    """A recovered run: the safety thaws the dead engine's sentinel ran (its journal)."""
 
 
 class RunState:
@@ -108,6 +110,7 @@ class RunState:
             log=self.log,
         )
         self.scrub = self.rec.scrub
+        self.rec.safety = tasks.safety
         self.now: Callable[[], float] = anyio.current_time
         """The engine clock: ``anyio.current_time``, read straight from the loop on asyncio."""
         self.abort_reason: AbortReason | None = None
