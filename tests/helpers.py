@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from karbor_async import BarrierPolicy, Engine, MemoryStore, Plan, Resource, ResourceType, Timeouts
 from karbor_async.testing import Fault, RecordingPlugin, ScriptKey, protectables_for
@@ -72,3 +76,14 @@ def install_plugin(root: Path, name: str, source: str, entry_points: str) -> Pat
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(entry_points)
     return site
+
+
+def need_root(what: str, tools: Iterable[str] = ("mount",)) -> None:
+    """Mounting needs root and mount(8) (and ``tools``): skip without them, except
+    under CI (``KARBOR_REQUIRE_SERVICES=1``), where the test fails instead."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        need = " and ".join((["root"] if os.geteuid() != 0 else []) + missing)
+        if os.environ.get("KARBOR_REQUIRE_SERVICES"):
+            pytest.fail(f"{what} needs {need}, and CI requires this test")
+        pytest.skip(f"{what} needs {need}")

@@ -18,7 +18,7 @@ class ImageProtectable:
     of the loop device it is mounted from); none for a file system not on a loop device."""
 
     resource_type = IMAGE
-    parent_types = (FILESYSTEM,)
+    parent_types: tuple[str, ...] = (FILESYSTEM,)
 
     async def dependents(self, parent: Resource) -> Iterable[Resource]:
         mount = await anyio.to_thread.run_sync(_sys.mount_at, parent.id)
