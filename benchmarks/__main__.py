@@ -51,6 +51,7 @@ from benchmarks._measure import (
 from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
+from benchmarks.fs_protect import fs_section
 from karbor_async import BarrierPolicy, Engine, Plan
 from karbor_simcloud import VOLUME, LatencyProfile, all_protectables, all_protections
 
@@ -908,6 +909,8 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     fanout, hundred = await fanout_section(cfg, workloads)
     log("abort latency section")
     aborts = await abort_latency_section(cfg.abort_ns, cfg.realistic_reps, SEED)
+    log("real file systems section")
+    fs = await fs_section((8,) if cfg.quick else (64, 512), 1 if cfg.quick else 3)
     plots = make_plots(cfg, res, karbor, real)
     shape = workloads[max(ns)].cloud.stats()
     body = [
@@ -935,6 +938,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         *sqlite,
         *fanout,
         *aborts,
+        *fs,
     ]
     return "\n".join(body) + "\n"
 

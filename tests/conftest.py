@@ -73,7 +73,7 @@ def fs_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Once per session: what a killed earlier run of the fs tests left under the test
     temporary root (pytest's ``pytest-of-<user>``): frozen or mounted file systems and
     loop devices of ``kfs-*`` stacks whose test process is gone."""
-    import fsstack
+    from karbor_fs import testing as fsstack
 
     base = tmp_path_factory.getbasetemp().parent
     if os.geteuid() == 0:
@@ -85,8 +85,8 @@ def fs_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def fs_stack(tmp_path: Path, fs_leftovers: Any) -> Iterator[Any]:
     """btrfs on a loop device with an ext4 image in it, loop-attached and mounted
     (root only: skipped without, except under CI). Torn down thawed."""
-    import fsstack
     from helpers import need_root
+    from karbor_fs import testing as fsstack
 
     need_root("a file system on loop devices", ("mount", "losetup", "mkfs.btrfs", "mkfs.ext4"))
     stack = fsstack.build(tmp_path / "kfs-stack")

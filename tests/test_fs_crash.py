@@ -23,11 +23,11 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from fsstack import Stack, loops_under
 from helpers import install_plugin
 from karbor_async import CheckpointStatus, RunStatus, SqliteStore
 from karbor_async.events import EventKind
 from karbor_fs import IMAGE
+from karbor_fs.testing import Stack, loops_under
 from test_fs_plugin import fill, mounted_hashes, writable
 
 TESTS = Path(__file__).resolve().parent

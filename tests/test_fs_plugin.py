@@ -17,7 +17,6 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from fsstack import Stack, loops_under
 from karbor_async import (
     BarrierPolicy,
     CheckpointStatus,
@@ -30,6 +29,7 @@ from karbor_async import (
 )
 from karbor_async.exceptions import PlanError
 from karbor_fs import FILESYSTEM, IMAGE, FsProtection, ImageProtectable, clone_path
+from karbor_fs.testing import Stack, loops_under
 
 
 @pytest.fixture

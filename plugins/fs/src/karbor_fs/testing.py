@@ -1,4 +1,4 @@
-"""Real file systems for the fs plugin's tests: btrfs on a loop device, ext4 inside it.
+"""Real file systems for tests and benchmarks: btrfs on a loop device, ext4 inside it (root).
 
 ``build(root)`` makes ``outer.img`` (btrfs, reflink-capable) on a loop device
 mounted at ``root/outer``, ``outer/inner.img`` (ext4) on a second loop device
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import attrs
+
+__all__ = ["MARK", "Stack", "build", "loops_under", "mounts_under", "sweep", "teardown", "thaw"]
 
 FITHAW = 0xC0045878
 MARK = "kfs-"
