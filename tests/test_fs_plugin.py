@@ -177,9 +177,11 @@ async def test_check_refuses_before_anything_is_frozen(fs_stack: Stack, tmp_path
 
 
 async def test_delete_of_a_cut_never_taken_is_a_no_op(fs_stack: Stack, tmp_path: Path) -> None:
-    """A protect that fails before its cut (here: the freeze itself fails, the file
-    system being frozen already) leaves nothing; its delete finds no clone and succeeds."""
-    await anyio.to_thread.run_sync(subprocess.check_call, ["fsfreeze", "-f", str(fs_stack.mnt)])
+    """A protect that fails before its cut (here: the freeze itself fails, someone else
+    froze the file system) leaves nothing, and leaves the other party's freeze alone;
+    its delete finds no clone and succeeds."""
+    mnt = str(fs_stack.mnt)
+    await anyio.to_thread.run_sync(subprocess.check_call, ["fsfreeze", "-f", mnt])
     try:
         async with engine(fs_stack, tmp_path / "bank") as e:
             run = await e.build_protect(plan(fs_stack, delete_on_failure=True))
@@ -188,5 +190,7 @@ async def test_delete_of_a_cut_never_taken_is_a_no_op(fs_stack: Stack, tmp_path:
             cp = await e.store.get_checkpoint(run.spec.checkpoint_id)
             assert cp.status is CheckpointStatus.DELETED
     finally:
-        await anyio.to_thread.run_sync(subprocess.call, ["fsfreeze", "-u", str(fs_stack.mnt)])
+        # Still frozen (the run did not thaw what it did not freeze): unfreezing works.
+        unfrozen = await anyio.to_thread.run_sync(subprocess.call, ["fsfreeze", "-u", mnt])
+    assert unfrozen == 0
     assert not list(fs_stack.outer.glob(".*.clone"))

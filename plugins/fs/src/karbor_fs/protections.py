@@ -105,11 +105,24 @@ class _FileSystemProtect:
         path = ctx.resource.id
         # Armed before the freeze: if this process dies from here on, the sentinel thaws.
         await ctx.arm_safety_thaw(function="karbor_fs.protections:thaw_mount", args={"path": path})
-        await _thread(_sys.freeze, path)
+        try:
+            await _thread(_sys.freeze, path)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # Someone else froze it: not ours to thaw (the aborting call leaves it).
+            ctx.save(frozen_elsewhere=True)
+            raise RuntimeError(
+                f"{path} is frozen already, by someone else; this run neither froze it nor "
+                "will thaw it"
+            ) from exc
         ctx.log.info("fs_frozen", path=path)
 
     async def on_prepare_finish(self, ctx: HookContext) -> None:
         path = ctx.resource.id
+        if ctx.aborting is not None and ctx.saved.get("frozen_elsewhere"):
+            ctx.log.warning("fs_left_frozen_by_its_owner", path=path)
+            return
         was = await _thread(_sys.thaw, path)
         ctx.log.info("fs_thawed", path=path, was_frozen=was, aborting=bool(ctx.aborting))
 
@@ -180,9 +193,6 @@ class _ImageProtect:
         ctx.save(copied=True, bytes=written, size=size, sha256=manifest["sha256"])
         ctx.save(copy_seconds=seconds)
         await _remove(clone)
-
-    async def on_complete(self, ctx: HookContext) -> None:
-        return None
 
 
 async def _read_extents(
