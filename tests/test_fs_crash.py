@@ -229,8 +229,9 @@ async def _restore(root: Path, checkpoint: str) -> str:
 async def test_kill_mid_restore_is_resumed_without_leaking_a_loop_device(
     fs_stack: Stack, tmp_path: Path
 ) -> None:
-    """Killed while the restore writes the new image: recovery resumes it, writes the
-    same image again, checks it, and no loop device or frozen file system is left."""
+    """Killed while the restore writes the new image (its file exists; its events may not
+    be committed yet): recovery resumes the restore, which writes that same image again,
+    checks it and reports it; no other image, loop device or frozen file system is left."""
     hashes = await anyio.to_thread.run_sync(fill, fs_stack.mnt)
     from fschild import engine, plan
 
@@ -252,6 +253,9 @@ async def test_kill_mid_restore_is_resumed_without_leaking_a_loop_device(
     async with SqliteStore.open(tmp_path / "k.db", lease_seconds=2.0) as store:
         restored = await store.load_restored(outcome.run_id)
     (new_image,) = restored.values()
+    # The image the killed attempt was writing is the one the resumed restore wrote: no
+    # second image, no partial one left beside it.
+    assert [str(p) for p in fs_stack.outer.glob("*.restored-*")] == [new_image]
     await _nothing_left(fs_stack)
     got = await anyio.to_thread.run_sync(mounted_hashes, new_image, tmp_path / "check")
     assert got == hashes
