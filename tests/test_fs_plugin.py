@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
+from helpers import need_root
 from karbor_async import (
     BarrierPolicy,
     CheckpointStatus,
@@ -29,6 +31,7 @@ from karbor_async import (
 )
 from karbor_async.exceptions import PlanError
 from karbor_fs import FILESYSTEM, IMAGE, FsProtection, ImageProtectable, clone_path
+from karbor_fs import testing as fsstack
 from karbor_fs.testing import Stack, loops_under
 
 
@@ -194,3 +197,37 @@ async def test_delete_of_a_cut_never_taken_is_a_no_op(fs_stack: Stack, tmp_path:
         unfrozen = await anyio.to_thread.run_sync(subprocess.call, ["fsfreeze", "-u", mnt])
     assert unfrozen == 0
     assert not list(fs_stack.outer.glob(".*.clone"))
+
+
+def _killed_stack(root: Path) -> None:
+    """A test process that built a stack, froze it and was killed (SIGKILL)."""
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from karbor_fs import _sys, testing\n"
+        "stack = testing.build(Path(sys.argv[1]), outer_mb=160, inner_mb=16)\n"
+        "_sys.freeze(str(stack.mnt))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(root)], check=False, timeout=60)
+    assert done.returncode == -9
+
+
+def test_the_session_sweep_removes_what_a_killed_run_left(
+    tmp_path: Path, fs_leftovers: Any
+) -> None:
+    """A killed test process left its stack mounted, frozen and loop-attached: the sweep
+    thaws, unmounts and detaches it, and leaves a live process's stack alone."""
+    need_root("a file system on loop devices", ("mount", "losetup", "mkfs.btrfs", "mkfs.ext4"))
+    _killed_stack(tmp_path / "kfs-killed")
+    live = fsstack.build(tmp_path / "kfs-live", outer_mb=160, inner_mb=16)
+    try:
+        assert len(loops_under(tmp_path / "kfs-killed")) == 2
+        removed = fsstack.sweep(tmp_path)
+        assert len(removed) == 4  # two mounts, two loop devices
+        assert loops_under(tmp_path / "kfs-killed") == []
+        assert fsstack.mounts_under(tmp_path / "kfs-killed") == []
+        assert len(loops_under(tmp_path / "kfs-live")) == 2  # ours, alive: untouched
+        assert writable(live.mnt)
+    finally:
+        fsstack.teardown(live)
