@@ -51,6 +51,7 @@ from benchmarks._measure import (
 from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
+from benchmarks.fs_protect import fs_section
 from benchmarks.postgres import postgres_section
 from benchmarks.sqlite_plugin import sqlite_plugin_section
 from karbor_async import BarrierPolicy, Engine, Plan
@@ -919,6 +920,8 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     sqlite_plugin = await sqlite_plugin_section(cfg.sqlite_mbs, cfg.sqlite_reps)
     log("PostgreSQL plugin section")
     postgres = await postgres_section(cfg.quick, cfg.realistic_reps)
+    log("real file systems section")
+    fs = await fs_section((8,) if cfg.quick else (64, 512), 1 if cfg.quick else 3)
     plots = make_plots(cfg, res, karbor, real)
     shape = workloads[max(ns)].cloud.stats()
     body = [
@@ -948,6 +951,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         *aborts,
         *sqlite_plugin,
         *postgres,
+        *fs,
     ]
     return "\n".join(body) + "\n"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,3 +70,31 @@ def pg_cluster() -> Iterator[PgCluster]:
     under CI, where it fails."""
     with session_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def fs_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Once per session: what a killed earlier run of the fs tests left under the test
+    temporary root (pytest's ``pytest-of-<user>``): frozen or mounted file systems and
+    loop devices of ``kfs-*`` stacks whose test process is gone."""
+    from karbor_fs import testing as fsstack
+
+    base = tmp_path_factory.getbasetemp().parent
+    if os.geteuid() == 0:
+        return fsstack.sweep(base)
+    return []
+
+
+@pytest.fixture
+def fs_stack(tmp_path: Path, fs_leftovers: Any) -> Iterator[Any]:
+    """btrfs on a loop device with an ext4 image in it, loop-attached and mounted
+    (root only: skipped without, except under CI). Torn down thawed."""
+    from helpers import need_root
+    from karbor_fs import testing as fsstack
+
+    need_root("a file system on loop devices", ("mount", "losetup", "mkfs.btrfs", "mkfs.ext4"))
+    stack = fsstack.build(tmp_path / "kfs-stack")
+    try:
+        yield stack
+    finally:
+        fsstack.teardown(stack)

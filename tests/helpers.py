@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,12 @@ def need_service(reason: str) -> None:
     if os.environ.get("KARBOR_REQUIRE_SERVICES"):
         pytest.fail(f"{reason}, and CI requires this test")
     pytest.skip(reason)
+
+
+def need_root(what: str, tools: Iterable[str] = ("mount",)) -> None:
+    """Mounting needs root and mount(8) (and ``tools``): skip without them, except
+    under CI (``KARBOR_REQUIRE_SERVICES=1``), where the test fails instead."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        need = " and ".join((["root"] if os.geteuid() != 0 else []) + missing)
+        need_service(f"{what} needs {need}")

@@ -7,8 +7,6 @@ defaults, as an operator meets them.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 import structlog
 from typer.testing import CliRunner
 
-from helpers import need_service
+from helpers import need_root
 from karbor_async import SqliteStore
 from karbor_async._cli import EXIT_BAD_INPUT, EXIT_OK, app
 from karbor_async.exceptions import StoreError
@@ -50,16 +48,10 @@ def _cli(root: Path, *args: str, code: int) -> str:
     return " ".join(result.output.split())
 
 
-def _need_root(what: str) -> None:
-    """Mounting needs root and mount(8): skip without them, except under CI."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        need_service(f"{what} needs root and mount(8)")
-
-
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs, nearly full (root only: mounting needs it)."""
-    _need_root("mounting a small tmpfs")
+    need_root("mounting a small tmpfs")
     where = tmp_path / "full"
     where.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
@@ -143,7 +135,7 @@ async def test_sqlite_store_open_removes_a_store_it_failed_to_create(full_disk: 
 def read_only_media(tmp_path: Path) -> Iterator[Path]:
     """A directory holding a healthy store, seen through a read-only bind mount (root
     ignores chmod, so only a read-only mount makes media read-only for it)."""
-    _need_root("a read-only bind mount")
+    need_root("a read-only bind mount")
     source = tmp_path / "source"
     source.mkdir()
     (tmp_path / "plan.toml").write_text(PLAN)

@@ -138,6 +138,7 @@ async def _late_thaw(run: RunState, n: _Node) -> None:
 async def _thawed_late(run: RunState, n: _Node) -> None:
     """Record a thaw that succeeded after its resource was reported ``thaw_failed``."""
     n.thaw_done = True
+    n.disarm_safety()
     _release_late(run, n)
     at = n.thawed_late_at = run.now()
     run.log.warning("thawed_late", resource=ref(n.resource), at=at)

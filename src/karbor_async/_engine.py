@@ -22,6 +22,7 @@ from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._recovery import RecoveryReport, Resume, recover_all
 from karbor_async._registry import PluginRegistry, TypeBinding
+from karbor_async._safety import SafetyThaws, journal_path
 from karbor_async._scheduler import Run, RunSpec
 from karbor_async._stall import StallMonitor
 from karbor_async._tasks import AbandonedHook, EngineTasks
@@ -87,6 +88,11 @@ class Engine:
     held it. A hook that blocked the loop gets a ``LOOP_BLOCKED`` event and is
     charged the time (it may fail with ``HookTimeoutError``); the other hooks'
     limits are pushed back by it.
+
+    ``safety_margin``: a safety thaw armed by a quiescing hook
+    (``ctx.arm_safety_thaw``) is run by the engine's sentinel process when this
+    process dies, or when the resource stays frozen ``safety_margin`` seconds past
+    its quiesce budget (with no budget: on the process's death only).
     """
 
     def __init__(
@@ -106,8 +112,9 @@ class Engine:
         quiet_gc: float = 10.0,
         close_timeout: float = 10.0,
         stall_threshold: float = 0.1,
+        safety_margin: float = 5.0,
     ) -> None:
-        _check_options(close_timeout, stall_threshold)
+        _check_options(close_timeout, stall_threshold, safety_margin)
         self.registry = PluginRegistry(protections, protectables, discover=discover, prefer=prefer)
         self.store: Store = store if store is not None else MemoryStore()
         self.bank: Bank = bank if bank is not None else MemoryBank()
@@ -119,6 +126,7 @@ class Engine:
         self._recovered: anyio.Event | None = None
         self._close_timeout = close_timeout
         self._stall_threshold = stall_threshold
+        self._safety_margin = safety_margin
         self._tasks: EngineTasks | None = None
         self._outer: anyio.abc.TaskGroup | None = None
         self._closing = anyio.Event()
@@ -162,6 +170,7 @@ class Engine:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 tasks = EngineTasks(tg)
+                tasks.safety = SafetyThaws(tg, self._safety_margin, journal_path(self.store))
                 if self._stall_threshold > 0:
                     tasks.monitor = StallMonitor(
                         self._stall_threshold, Run.hook_call_code(), tasks.stalled
@@ -173,6 +182,7 @@ class Engine:
                     tasks.closing = True
                     tg.cancel_scope.cancel()  # runs still executing end cancelled, then thaw
                     await tasks.drain(self._close_timeout, forever=True)
+                    await tasks.safety.aclose()  # it thaws what is still armed (thaw_failed)
                 finally:
                     if tasks.monitor is not None:
                         tasks.monitor.catch_up()  # a stall the last run ended inside of
@@ -466,7 +476,9 @@ def _plan_name(plan: Plan | str) -> str:
     raise TypeError(f"retain and retention take a Plan or a plan's name, not {type(plan).__name__}")
 
 
-def _check_options(close_timeout: float, stall_threshold: float) -> None:
+def _check_options(close_timeout: float, stall_threshold: float, safety_margin: float) -> None:
+    if not safety_margin >= 0:
+        raise ValueError(f"safety_margin must be 0 or more seconds, not {safety_margin!r}")
     if not close_timeout > 0:
         raise ValueError(
             f"close_timeout must be a positive number of seconds, not {close_timeout!r}"
@@ -521,6 +533,7 @@ async def _spec(
         first_seq=resume.first_seq if resume else 0,
         resumed=resume.marks if resume else None,
         started_wall=resume.started_wall if resume else None,
+        sentinel_thaws=resume.sentinel if resume else {},
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -99,6 +99,15 @@ class NodeRun(Protocol):
         self, n: _Node, hook: Hook, what: str, at: float | None, rule: str
     ) -> None: ...
     def arm_budget(self, n: _Node, deadline: float) -> None: ...
+    async def arm_safety_thaw(
+        self,
+        n: _Node,
+        hook: Hook,
+        aborting: bool,
+        command: Sequence[str] | None,
+        function: str | None,
+        args: Mapping[str, Any] | None,
+    ) -> None: ...
 
 
 @attrs.define(eq=False, slots=True)
@@ -204,6 +213,14 @@ class _Node(Slot[_Group]):
     """Why the watcher's TIMEOUT fires, when it is not the plain limit (a held loop)."""
     errors: list[tuple[Hook, AbortReason | None, BaseException]] = attrs.Factory(list)
     """Every failure of the resource, in order (the first is also ``error``)."""
+    safety: Any = None
+    """Its armed safety thaw (``_safety.Armed``), until its thaw is recorded."""
+
+    def disarm_safety(self) -> None:
+        """Its thaw was recorded: the sentinel lets its safety thaw go."""
+        if self.safety is not None:
+            self.safety.disarm()
+            self.safety = None
 
     def cancel_hook(self) -> None:
         """Cancel whatever hook call runs (the engine closing, or an abandoned hook)."""
@@ -289,6 +306,16 @@ class _Node(Slot[_Group]):
         if self.run.operation is not OperationKind.RESTORE:
             raise PluginError(not_restoring(self.resource, self.current, self.run.operation))
         await self.run.report_restored(self, new_id)
+
+    async def arm_safety_thaw(
+        self,
+        hook: Hook,
+        aborting: bool,
+        command: Sequence[str] | None,
+        function: str | None,
+        args: Mapping[str, Any] | None,
+    ) -> None:
+        await self.run.arm_safety_thaw(self, hook, aborting, command, function, args)
 
     def restored_id(self, key: ResourceKey) -> str | None:
         return self.run.restored.get(key)

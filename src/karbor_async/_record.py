@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -17,11 +17,12 @@ import anyio
 from karbor_async._hub import EventHub
 from karbor_async._log import ref
 from karbor_async._node import _Node
+from karbor_async._safety import SafetyThaws
 from karbor_async._scrub import Scrubber
 from karbor_async._timers import Timers
 from karbor_async._types import AbortReason, Hook, OperationKind, ResourceKey, ResourceStatus
 from karbor_async.events import Event, EventKind, Progress
-from karbor_async.exceptions import HookError, ThawFailedError
+from karbor_async.exceptions import HookError, PluginError, ThawFailedError
 from karbor_async.plugin import Bank
 from karbor_async.store import Store
 
@@ -86,6 +87,8 @@ class Recorder:
         self._saved: dict[ResourceKey, dict[str, Any]] = {k: dict(v) for k, v in saved.items()}
         self._own_saved: dict[ResourceKey, dict[str, Any]] = {}
         self.restored: dict[ResourceKey, str] = dict(restored)
+        self.safety: SafetyThaws | None = None
+        """The engine's sentinel (safety thaws of quiescing hooks)."""
 
     @property
     def scrubber(self) -> Scrubber:
@@ -187,6 +190,65 @@ class Recorder:
 
     def arm_budget(self, n: _Node, deadline: float) -> None:
         self.timers.arm_budget(n, deadline)
+
+    # -- the dead-man thaw -------------------------------------------------------------
+    async def arm_safety_thaw(
+        self,
+        n: _Node,
+        hook: Hook,
+        aborting: bool,
+        command: Sequence[str] | None,
+        function: str | None,
+        args: Mapping[str, Any] | None,
+    ) -> None:
+        """A quiescing hook hands its safety thaw to the engine's sentinel (before it freezes)."""
+        if not (
+            self.operation is OperationKind.PROTECT
+            and hook is Hook.PREPARE_BEGIN
+            and n.binding.spec.quiesces
+            and not aborting
+        ):
+            raise PluginError(
+                f"{n.resource} {hook.value}: arm_safety_thaw is for protect's on_prepare_begin "
+                "of a type that quiesces"
+            )
+        safety = self.safety
+        if safety is None:
+            raise RuntimeError("this run has no engine sentinel (it is not run by an Engine)")
+        if n.safety is not None:
+            n.disarm_safety()  # armed again in the same call: the latest thaw stands
+        limit = None if n.budget is None else n.budget + safety.margin
+        n.safety = await safety.arm(
+            run_id=self.run_id,
+            resource=n.resource.key,
+            command=command,
+            function=function,
+            args=args,
+            limit=limit,
+            on_fired=lambda result, at: self.sentinel_fired(n, result, at),
+        )
+
+    def sentinel_fired(self, n: _Node, result: Mapping[str, Any], at: float) -> None:
+        """The sentinel thawed ``n`` while this engine lives (frozen past budget + margin):
+        it is recorded budget-thawed; the engine's own thaw still runs (idempotent)."""
+        n.safety = None
+        ok = bool(result.get("ok"))
+        self.log.error(
+            "safety_thaw_fired", resource=str(n.resource), ok=ok, error=result.get("error")
+        )
+        if not ok or (n.thaw_done and not n.rescued):
+            return  # (a thaw it could not do is not one; a thawed resource stays thawed)
+        n.thawed_early = True
+        n.holding = False  # what cuts after this is crash-consistent
+        self.emit(
+            EventKind.THAWED,
+            n,
+            None,
+            at=self.now(),
+            reason=AbortReason.BUDGET.value,
+            by="sentinel",
+            wall_at=at,
+        )
 
     # -- saved info and restore mapping -----------------------------------------------------
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:

@@ -9,7 +9,7 @@ recovery calls, and builds resumed runs from a :class:`Resume`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 import attrs
@@ -17,6 +17,7 @@ import attrs
 from karbor_async._graph import ResourceGraph
 from karbor_async._log import get_logger
 from karbor_async._plan import Plan
+from karbor_async._safety import forget, journal_path, read_journal
 from karbor_async._types import Hook, OperationKind, ResourceKey
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import LeaseHeldError, RunError
@@ -104,6 +105,8 @@ class Resume:
     marks: Mapping[ResourceKey, Marks] = attrs.Factory(dict)
     started_wall: float | None = None
     """When the run first started (the recovered outcome keeps it)."""
+    sentinel: Mapping[ResourceKey, Mapping[str, Any]] = attrs.Factory(dict)
+    """The safety thaws the dead engine's sentinel ran, per resource (its journal)."""
 
 
 class RecoveryHost(Protocol):
@@ -228,6 +231,10 @@ async def _recover_one(
             lost = _cuts_lost(engine, record, graph, r)
             resumable = not lost
     attempts = {k: a + 1 for k, a in r.attempt.items()}
+    journal = journal_path(engine.store)
+    fired: dict[ResourceKey, dict[str, Any]] = {}
+    if journal is not None:
+        fired = await anyio.to_thread.run_sync(read_journal, journal, record.run_id)
     resume = Resume(
         done_hooks={k: frozenset(v) for k, v in r.done.items()},
         attempts=attempts,
@@ -235,7 +242,24 @@ async def _recover_one(
         first_seq=first_seq,
         marks=r.marks,
         started_wall=record.started_wall,
+        sentinel=fired,
     )
+    outcome = await _resume_or_clean(engine, record, r, plan, graph, resumable, resume, lost)
+    if fired and journal is not None:  # (recorded on the run: the journal lets them go)
+        await anyio.to_thread.run_sync(forget, journal, record.run_id)
+    return outcome
+
+
+async def _resume_or_clean(
+    engine: RecoveryHost,
+    record: RunRecord,
+    r: _Replay,
+    plan: Plan,
+    graph: ResourceGraph,
+    resumable: bool,
+    resume: Resume,
+    lost: dict[ResourceKey, str],
+) -> RunOutcome:
     checkpoint = None if record.operation is OperationKind.PROTECT else record.checkpoint_id
     run = await engine._build(
         record.operation, plan, graph, record.run_id, checkpoint or record.run_id, resume

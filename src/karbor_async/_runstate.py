@@ -60,6 +60,8 @@ class RunSpec:
     (``_recovery.Marks``); None for a first attempt."""
     started_wall: float | None = None
     """A recovered run: when it first started."""
+    sentinel_thaws: Mapping[ResourceKey, Mapping[str, Any]] = attrs.Factory(dict)
+    """A recovered run: the safety thaws the dead engine's sentinel ran (its journal)."""
 
 
 class RunState:
@@ -110,6 +112,7 @@ class RunState:
             plugin_log=_plugin_log.bind(run_id=spec.run_id, operation=spec.operation.value),
         )
         self.scrub = self.rec.scrub
+        self.rec.safety = tasks.safety
         self.now: Callable[[], float] = anyio.current_time
         """The engine clock: ``anyio.current_time``, read straight from the loop on asyncio."""
         self.abort_reason: AbortReason | None = None

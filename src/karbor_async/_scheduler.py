@@ -196,6 +196,7 @@ class Run(RunState):
         started = self.t0 = self.now()
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
         self.rec.emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
+        self._sentinel_thaws()
         await self._cut_intent()
         await self._drive(run_node, self.nodes, self.plan.timeouts.run)
         return await self._finish(started_wall, started)
@@ -274,6 +275,7 @@ class Run(RunState):
             n.status = ResourceStatus.FAILED
             self.rec.emit(EventKind.FAILED, n, Hook.MAIN, error=str(err), reason="cut_lost")
             self.log.error("recovery_cut_lost", resource=str(n.resource), reason=why)
+        self._sentinel_thaws()
         for group in self.groups.values():
             abort_group(self, group, AbortReason.RECOVERY, None)
         thaws: list[_Node] = []
@@ -290,6 +292,37 @@ class Run(RunState):
             outcome, _errors = await self._finish(started_wall, started)
         self.finished = True
         return outcome
+
+    def _sentinel_thaws(self) -> None:
+        """A recovered run: record the safety thaws the dead engine's sentinel ran
+        (``THAWED`` with reason ``sentinel``); recovery's own thaw still follows."""
+        fired = self.spec.sentinel_thaws
+        if not fired:
+            return
+        for n in self.nodes:
+            entry = fired.get(n.resource.key)
+            if entry is None:
+                continue
+            result = entry.get("result") or {}
+            wall = float(entry.get("at", time.time()))
+            at = self.now()
+            if result.get("ok") and n.quiesced_at is not None and n.quiesced_wall is not None:
+                # Its window closed then: on the dead attempt's clock, from the wall clock.
+                at = n.thawed_at = n.quiesced_at + max(0.0, wall - n.quiesced_wall)
+                n.quiesced_wall = None
+                n.window_approximate = True
+            self.log.warning("sentinel_thawed", resource=str(n.resource), ok=result.get("ok"))
+            self.rec.emit(
+                EventKind.THAWED,
+                n,
+                None,
+                at=at,
+                reason="sentinel",
+                ok=bool(result.get("ok")),
+                wall_at=wall,
+                result=dict(result),
+                rescue=not result.get("ok"),
+            )
 
     async def _finish(
         self, started_wall: float, started: float

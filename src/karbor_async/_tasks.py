@@ -24,6 +24,7 @@ import anyio.abc
 import attrs
 
 from karbor_async._log import get_logger, ref
+from karbor_async._safety import SafetyThaws
 from karbor_async._stall import Stall, StallMonitor
 from karbor_async._types import Hook, Resource
 
@@ -111,6 +112,8 @@ class EngineTasks:
         self.runs: set[StallAware] = set()
         """Runs executing now (they hear of stalls)."""
         self.monitor: StallMonitor | None = None
+        self.safety: SafetyThaws | None = None
+        """The engine's dead-man sentinel (started on the first ``arm_safety_thaw``)."""
 
     def stalled(self, stall: Stall) -> None:
         """The monitor settled a stall (loop thread): every running run hears of it."""

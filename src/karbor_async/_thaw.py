@@ -84,6 +84,7 @@ async def thaw(
                     if n.thawed_at is None or n.quiesced_wall is not None:
                         n.thawed_at = _thaw_instant(run, n)  # (a mark is on this clock)
                     run.rec.emit(EventKind.THAWED, n, None, at=n.thawed_at, reason=reason.value)
+                    n.disarm_safety()
                 return
             if not n.quiesces:
                 break  # not retried: nothing of it is frozen

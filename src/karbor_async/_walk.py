@@ -179,6 +179,8 @@ async def _prepare(run: RunState, n: _Node) -> bool:
                 if n.budget is not None:
                     run.timers.arm_budget(n, n.quiesced_at + n.budget)
             run.rec.emit(EventKind.QUIESCED, n, None, at=n.quiesced_at)
+            if n.safety is not None:
+                n.safety.frozen()  # the sentinel's limit (budget + margin) runs from now
     signal_pb(run, n)
     if _ordering.held_at_cut(n):
         barrier = g.cut_released if n.cuts else g.cut_released_rest
@@ -240,6 +242,7 @@ async def _finish_prepare(run: RunState, n: _Node) -> bool:
         if n.thawed_at is None:
             n.thawed_at = run.now()
         run.rec.emit(EventKind.THAWED, n, None, at=n.thawed_at)
+        n.disarm_safety()
     return True
 
 

@@ -16,7 +16,15 @@ engine explicitly. See ``docs/plugins.md``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
@@ -269,6 +277,14 @@ class _HookHandle(Protocol):
     def mark(self, what: str, at: float | None, hook: Hook, aborting: bool) -> None: ...
     async def report_restored(self, new_id: str) -> None: ...
     def restored_id(self, key: ResourceKey) -> str | None: ...
+    async def arm_safety_thaw(
+        self,
+        hook: Hook,
+        aborting: bool,
+        command: Sequence[str] | None,
+        function: str | None,
+        args: Mapping[str, Any] | None,
+    ) -> None: ...
     def neighbours(self, parents: bool) -> tuple[Resource, ...]: ...
     def logger(self, hook: Hook) -> structlog.stdlib.BoundLogger: ...
 
@@ -393,6 +409,33 @@ class HookContext:
         and the quiesce, and now. On a resource that never quiesced it is ignored.
         """
         self._handle.mark("thawed", at, self.hook, self.aborting is not None)
+
+    # -- the dead-man thaw --------------------------------------------------------------
+    async def arm_safety_thaw(
+        self,
+        *,
+        command: Sequence[str] | None = None,
+        function: str | None = None,
+        args: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Register this resource's safety thaw with the engine's sentinel, before freezing.
+
+        Only in protect's ``on_prepare_begin`` of a type that quiesces. Give
+        either ``command`` (an argument list, run with ``/`` as its working
+        directory) or ``function`` (``"package.module:function"``, imported when
+        armed and called with ``**args``, JSON-able). The sentinel, a process of
+        its own, runs it if this process dies while the resource may be frozen,
+        or if the resource stays frozen past its quiesce budget plus the engine's
+        ``safety_margin`` (with no budget: on the process's death only). The
+        engine disarms it when the thaw is recorded. It must be idempotent:
+        recovery still calls the aborting thaw after it. Raises
+        :class:`~karbor_async.exceptions.PluginError` when refused (wrong hook or
+        type) and ``RuntimeError`` when the sentinel cannot arm it: the hook
+        then fails before it froze anything.
+        """
+        await self._handle.arm_safety_thaw(
+            self.hook, self.aborting is not None, command, function, args
+        )
 
     # -- restore ---------------------------------------------------------------------
     async def report_restored(self, new_id: str) -> None:

@@ -472,6 +472,7 @@ class HookRecorder:
     progress_reports: list[tuple[float | None, int | None, int | None, str | None]] = attrs.Factory(
         list
     )
+    safety_thaws: list[dict[str, Any]] = attrs.Factory(list)
 
     def saved_info(self, key: ResourceKey) -> Mapping[str, Any]:
         return self.saved.get(key, {})
@@ -496,6 +497,17 @@ class HookRecorder:
 
     def restored_id(self, key: ResourceKey) -> str | None:
         return self.restored.get(key)
+
+    async def arm_safety_thaw(
+        self,
+        hook: Hook,
+        aborting: bool,
+        command: Any,
+        function: str | None,
+        args: Mapping[str, Any] | None,
+    ) -> None:
+        """Recorded, not armed: ``safety_thaws`` lists what the hook registered."""
+        self.safety_thaws.append({"command": command, "function": function, "args": args})
 
     def neighbours(self, parents: bool) -> tuple[Resource, ...]:
         return self.parents if parents else self.children
