@@ -51,6 +51,7 @@ from benchmarks._measure import (
 from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
+from benchmarks.consistency import consistency_section, run_consistency
 from benchmarks.fs_protect import fs_section
 from benchmarks.postgres import postgres_section
 from benchmarks.sqlite_plugin import sqlite_plugin_section
@@ -80,6 +81,8 @@ class Config:
     out: Path
     sqlite_mbs: tuple[int, ...] = (64, 256)
     sqlite_reps: int = 3
+    consistency_protects: int = 50
+    """Protects of the live two-shard application per barrier and quiesce setting."""
 
 
 def parse(argv: list[str]) -> Config:
@@ -109,6 +112,7 @@ def parse(argv: list[str]) -> Config:
             out=HERE / "quick",
             sqlite_mbs=(4, 16),
             sqlite_reps=2,
+            consistency_protects=5,
         )
     else:
         cfg = Config(
@@ -922,13 +926,20 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     postgres = await postgres_section(cfg.quick, cfg.realistic_reps)
     log("real file systems section")
     fs = await fs_section((8,) if cfg.quick else (64, 512), 1 if cfg.quick else 3)
-    plots = make_plots(cfg, res, karbor, real)
+    log("consistency of restored pairs (the live two-shard application)")
+    suffix = "-quick" if cfg.quick else ""
+    proof, proof_plot = consistency_section(
+        await run_consistency(cfg.consistency_protects), cfg.out, suffix
+    )
+    plots = [*([proof_plot] if proof_plot else []), *make_plots(cfg, res, karbor, real)]
     shape = workloads[max(ns)].cloud.stats()
     body = [
         "# karbor-async benchmarks" + (" (quick smoke run)" if cfg.quick else ""),
         "",
-        "Everything below runs on a **simulated cloud** (`karbor_simcloud`, in-process): "
-        "no real cloud is touched.",
+        "The overhead, skew and scale sections run on a **simulated cloud** "
+        "(`karbor_simcloud`, in-process): no real cloud is touched. The consistency section "
+        "protects a real application (two processes, two SQLite stores) while it writes; the "
+        "plugin sections protect real SQLite and PostgreSQL databases and file systems.",
         "",
         *header,
         f"- mode: {'quick' if cfg.quick else 'full'}; repetitions: {cfg.reps} "
@@ -942,6 +953,7 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
+        *proof,
         *targets_section(cfg, res, karbor, real, hundred),
         *overhead_section(cfg, res),
         *karbor_section(cfg, karbor, res),

@@ -173,3 +173,30 @@ def _copy_store(src: Path, dst: Path) -> None:
     finally:
         source.close()
         target.close()
+
+
+async def test_a_transfer_cut_short_by_a_stop_is_finished_when_the_shards_start(
+    tmp_path: Path,
+) -> None:
+    """A shard killed between a debit and its credit leaves the live pair off; starting
+    again asks B once more for that credit (applied once however often it is asked)."""
+    from karbor_ledger._store import connect, create
+
+    root = tmp_path / "app"
+    root.mkdir()
+    create(root / "a.db")
+    create(root / "b.db")
+    db = connect(root / "a.db")
+    db.execute("UPDATE accounts SET balance = balance - 42 WHERE id = 3")
+    db.execute("INSERT INTO transfers (id, account, amount) VALUES (1, 3, -42)")
+    db.close()
+    assert check_pair(root / "a.db", root / "b.db").off_by == -42
+    for _ in range(2):  # the second start asks again for a credit B already has
+        async with (
+            running_ledger(root, rate=1.0) as app,
+            await anyio.connect_unix(app.a.socket) as stream,
+        ):
+            lines = _Lines(stream)
+            await lines.write("PAUSE")
+            assert await lines.read() == "PAUSED"
+            assert (await app.check()).holds

@@ -33,6 +33,8 @@ class Graph:
     policies: dict[str, BarrierPolicy]
     quiesces: tuple[bool, ...]
     seed: int
+    cuts: tuple[bool, ...] = ()
+    """Which slots take a cut (its on_prepare_finish); under ``cut`` thaws wait for them."""
 
 
 @st.composite
@@ -60,8 +62,9 @@ def graphs(draw: st.DrawFn) -> Graph:
     quiesces = tuple(
         Hook.PREPARE_BEGIN in h and Hook.PREPARE_FINISH in h and draw(st.booleans()) for h in hooks
     )
+    cuts = tuple(Hook.PREPARE_FINISH in h and draw(st.booleans()) for h in hooks)
     return Graph(
-        hooks, tuple(edges), tuple(gate_of), policies, quiesces, draw(st.integers(0, 2**32))
+        hooks, tuple(edges), tuple(gate_of), policies, quiesces, draw(st.integers(0, 2**32)), cuts
     )
 
 
@@ -100,6 +103,33 @@ class Oracle:
         if self.g.policies[gate] is BarrierPolicy.CUT and not self.cut_open(gate):
             return False
         return self.pb_done(i) and all(self.pf_done(c) for c in self.children[i])
+
+    def _reach(self, i: int, up: bool) -> bool:
+        """A quiescing slot among ``i``'s ancestors (``up``) or descendants."""
+        seen: set[int] = set()
+        todo = list(self.parents[i] if up else self.children[i])
+        while todo:
+            j = todo.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            if self.g.quiesces[j]:
+                return True
+            todo.extend(self.parents[j] if up else self.children[j])
+        return False
+
+    def cuts_before_thaw(self, gate: str) -> list[int]:
+        """Under ``cut``, the cuts a thaw waits for: taken under a quiesce, by a slot that
+        does not quiesce and has nothing quiescing below it."""
+        return [
+            i
+            for i in self.members(gate)
+            if self.g.cuts
+            and self.g.cuts[i]
+            and not self.g.quiesces[i]
+            and self._reach(i, up=True)
+            and not self._reach(i, up=False)
+        ]
 
     def members(self, gate: str) -> list[int]:
         return [i for i, x in enumerate(self.g.gate_of) if x == gate]
@@ -142,6 +172,9 @@ class Oracle:
             assert all(self.pf_done(c) for c in self.children[i]), "a parent cut before a child"
             if policy is BarrierPolicy.CUT:
                 assert self.cut_open(gate), "a cut before the cut barrier"
+                if self.g.quiesces[i]:
+                    waiting = [c for c in self.cuts_before_thaw(gate) if not self.pf_done(c)]
+                    assert not waiting, f"thaw of {i} before the cuts of {waiting}"
         elif hook is Hook.MAIN:
             assert self.pf_done(i)
             if policy is not BarrierPolicy.NONE:
@@ -154,7 +187,9 @@ class Oracle:
 
 def drive(g: Graph) -> tuple[Ordering, Oracle, int]:
     rng = random.Random(g.seed)
-    order = Ordering(g.hooks, g.edges, g.gate_of, dict(g.policies), quiesces=g.quiesces)
+    order = Ordering(
+        g.hooks, g.edges, g.gate_of, dict(g.policies), quiesces=g.quiesces, cuts=g.cuts
+    )
     oracle = Oracle(g)
     running: dict[int, tuple[Hook, AbortReason | None]] = {}
     steps = 0
@@ -248,7 +283,9 @@ def test_only_allowed_starts_and_every_run_ends(g: Graph) -> None:
 def test_without_faults_every_hook_runs_once(g: Graph) -> None:
     """On success every hook of every resource runs exactly once, the barriers open in
     order (cut before main), and nothing is thawed."""
-    order = Ordering(g.hooks, g.edges, g.gate_of, dict(g.policies), quiesces=g.quiesces)
+    order = Ordering(
+        g.hooks, g.edges, g.gate_of, dict(g.policies), quiesces=g.quiesces, cuts=g.cuts
+    )
     oracle = Oracle(g)
     rng = random.Random(g.seed)
     running: list[tuple[int, Hook]] = []

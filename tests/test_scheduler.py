@@ -97,6 +97,40 @@ async def test_cut_barrier_releases_cuts_after_every_quiesce() -> None:
         await verify(engine, plugin, outcome, await graph_of(engine, plan))
 
 
+async def test_under_cut_no_server_thaws_before_every_cut_of_its_group() -> None:
+    """Quiesce everything, cut, then thaw: a server whose own volume was cut fast still
+    waits for the slow cut of another server's volume, so no application of the group
+    runs again while a store of the group is still to be cut (a transfer from one shard
+    to another could otherwise land in the later cut and not the earlier one)."""
+    delays = {(sk("v2"), PF): 0.2}
+    engine, plugin, plan = setup(
+        [("s1", "v1"), ("s2", "v2")], ["s1", "s2"], barrier=BarrierPolicy.CUT, delays=delays
+    )
+    async with engine:
+        outcome = await engine.protect(plan)
+    (slow_cut,) = plugin.calls(key("v2"), PF)
+    assert slow_cut.end is not None
+    for server in ("s1", "s2"):
+        (thaw,) = plugin.calls(key(server), PF)
+        assert thaw.start >= slow_cut.end, f"{server} thawed before v2 was cut"
+    assert outcome.resources[key("s1")].quiesce_window is not None
+    assert outcome.resources[key("s1")].quiesce_window >= 0.2  # the price: the slowest cut
+
+
+async def test_under_main_a_server_thaws_after_its_own_cuts_only() -> None:
+    """Barrier `main` keeps Karbor's edges for thaws: a server thaws once its own volumes
+    are cut, whatever another server's volume does."""
+    delays = {(sk("v2"), PF): 0.2}
+    engine, plugin, plan = setup(
+        [("s1", "v1"), ("s2", "v2")], ["s1", "s2"], barrier=BarrierPolicy.MAIN, delays=delays
+    )
+    async with engine:
+        await engine.protect(plan)
+    (slow_cut,) = plugin.calls(key("v2"), PF)
+    (thaw,) = plugin.calls(key("s1"), PF)
+    assert slow_cut.end is not None and thaw.start < slow_cut.end
+
+
 async def test_skew_and_quiesce_windows_are_recorded() -> None:
     """Cuts default to the start of on_prepare_finish; windows span quiesce to thaw."""
     engine, _plugin, plan = setup(

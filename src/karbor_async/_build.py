@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 
 from karbor_async._node import HOOK_BITS, HookFn, _Group, _Node
-from karbor_async._ordering import limit_order, link
+from karbor_async._ordering import hold_thaws, limit_order, link
 from karbor_async._plan import Plan
 from karbor_async._record import Recorder
 from karbor_async._registry import TypeBinding
@@ -93,6 +93,7 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
         node.gate.nodes.append(node)
     link(nodes, spec.graph.edges)
     if op is OperationKind.PROTECT:
+        hold_thaws(nodes, [n.cuts and n.pf is not None for n in nodes], [n.quiesces for n in nodes])
         for i in spec.graph.topological_order():  # parents before children
             node = nodes[i]
             own = (node,) if node.quiesces else ()

@@ -38,12 +38,13 @@ from karbor_async._cli_output import (
     explain_consistency,
     failure_line,
     frozen_when_cancelled,
+    ledger_verdict,
     resource_name,
 )
 from karbor_async._engine import Engine
 from karbor_async._fsbank import FsBank
 from karbor_async._log import configure as configure_logging
-from karbor_async._plan import Plan, Timeouts
+from karbor_async._plan import ConsistencyGroup, Plan, Timeouts
 from karbor_async._planfile import PlanFileError, load_plan_file
 from karbor_async._progress import Display, Notices, follow_run, outcome_tables, phase_table
 from karbor_async._report import write_report
@@ -1751,27 +1752,70 @@ def demo(
         ),
     ] = "realistic",
     plain: PlainOption = False,
+    app_dir: Annotated[
+        Path,
+        typer.Option(
+            "--app-dir",
+            help="Where the live two-shard application keeps its stores and sockets "
+            "(kept between demos; restores go into restored-CHECKPOINT/ inside it).",
+        ),
+    ] = Path("demo-app"),
 ) -> None:
-    """Protect a generated sample application on the SIMULATED cloud, then restore it."""
+    """Protect a live application (two shards writing to SQLite) with a generated sample
+    of the SIMULATED cloud, restore it, and check that the restored stores are consistent."""
     out = _out(plain=plain)
     if resources < 3:
         _exit_with(out, "--resources must be at least 3 (a project, a server, a volume)", 2)
     spec = _guard(out, lambda: SimcloudSpec.parse(f"{resources}:{seed}:{latency}"))
+    ledger = _plugin_module("karbor_ledger", "the sample application", "ledger")
+    _plugin_module("karbor_sqlite", "the SQLite plugin", "sqlite")
     cloud = _guard(out, lambda: _generate_cloud(spec, out, None))
-    _run_async(out, _demo, out, cloud, db, bank, report)
+    _run_async(out, _demo, out, cloud, ledger, app_dir.absolute(), db, bank, report)
 
 
-def demo_plan(cloud: Any) -> Plan:
-    """What ``demo`` protects: the generated application's project, barrier cut."""
+def demo_plan(cloud: Any, app: Any = None) -> Plan:
+    """What ``demo`` protects: the generated application's project and, given the live
+    two-shard application ``app``, its shards as one consistency group; barrier cut."""
+    resources = list(cloud.project_resources())
+    groups = []
+    if app is not None:
+        resources += app.resources()
+        groups.append(ConsistencyGroup("ledger", [r.key for r in app.resources()]))
     return Plan(
         name="sample-app",
-        resources=cloud.project_resources(),
+        resources=resources,
+        groups=groups,
         barrier=BarrierPolicy.CUT,
         timeouts=Timeouts(hook=60, quiesce_budget=5.0),
     )
 
 
-async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Path) -> int:
+def _plugin_module(name: str, what: str, folder: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise CliUsageError(
+            f"{what} ({name}) is not installed; run `make demo` (it installs every package "
+            f"under plugins/) or `pip install -e ./plugins/{folder}`"
+        ) from None
+
+
+async def _demo(
+    out: _Out, cloud: Any, ledger: Any, app_dir: Path, db: Path, bank_dir: Path, report_path: Path
+) -> int:
+    console = out.console
+    async with ledger.running_ledger(app_dir) as app:
+        console.print(
+            f"Started the live application in {app_dir}: shard A ({app.a.db.name}) moves money "
+            f"to shard B ({app.b.db.name}), hundreds of transfers a second."
+        )
+        await anyio.sleep(1.0)  # let it write a while before it is protected
+        return await _demo_protect(out, cloud, ledger, app, db, bank_dir, report_path)
+
+
+async def _demo_protect(
+    out: _Out, cloud: Any, ledger: Any, app: Any, db: Path, bank_dir: Path, report_path: Path
+) -> int:
     console = out.console
     async with _session(out, db, bank_dir, cloud=cloud) as engine:
         earlier = await engine.store.list_checkpoints(limit=10)
@@ -1790,7 +1834,8 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
                 )
             console.print(table)
         await _recover_first(out, engine)
-        plan = demo_plan(cloud)
+        plan = demo_plan(cloud, app)
+        missed_before = (await app.stats())["A"]["missed_while_paused"]
         protect_run = await engine.build_protect(plan)
         console.print(
             f"Protecting {len(protect_run.nodes)} resources "
@@ -1805,11 +1850,17 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
             console.print(table)
         for line in explain_consistency(protected, plan.timeouts.quiesce_budget):
             console.print(f"  {escape(line)}", style="dim", highlight=False)
+        missed = (await app.stats())["A"]["missed_while_paused"] - missed_before
         await _write_report(out, engine, protected.run_id, report_path)
-        restore_run = await engine.build_restore(protected.checkpoint_id)
+        restore_dir = app.root / f"restored-{protected.checkpoint_id}"
+        await anyio.Path(restore_dir).mkdir(parents=True, exist_ok=True)
+        restore_run = await engine.build_restore(
+            protected.checkpoint_id,
+            parameters={ledger.SQLITE: {"target_dir": str(restore_dir)}},
+        )
         console.print(
-            f"Restoring checkpoint {protected.checkpoint_id} into the simulation as restore run "
-            f"{restore_run.run_id}"
+            f"Restoring checkpoint {protected.checkpoint_id} (the simulation, and the shards' "
+            f"stores into {restore_dir}/) as restore run {restore_run.run_id}"
         )
         restored, code = await _drive(out, engine, restore_run)
         if code != EXIT_OK:
@@ -1817,12 +1868,16 @@ async def _demo(out: _Out, cloud: Any, db: Path, bank_dir: Path, report_path: Pa
             return code
         for table in outcome_tables(restored):
             console.print(table)
+        pair = [Path(restored.restored[(ledger.SQLITE, str(spec.db))]) for spec in (app.a, app.b)]
+        invariant = await app.check(*pair)
+        for line in ledger_verdict(invariant, protected, missed):
+            console.print(escape(line), highlight=False)
         console.print(
             f"Restored {len(restored.restored)} resources; the store is {db}, the bank is "
             f"{bank_dir}/, the timeline is {report_path}. Run `make demo` again to see this "
             "checkpoint listed, or try `karbor-async checkpoints list`."
         )
-    return EXIT_OK
+    return EXIT_OK if invariant.holds else EXIT_FAILED
 
 
 # -- the simulated cloud's shared state ----------------------------------------------------

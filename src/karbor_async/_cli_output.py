@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics as stats
 from collections.abc import Sequence
+from typing import Any
 
 from karbor_async._types import BarrierPolicy, Resource, ResourceStatus, RunStatus
 from karbor_async.events import Event, EventKind
@@ -201,4 +202,32 @@ def explain_consistency(outcome: RunOutcome, budget: float | None = None) -> lis
             lines.append(_windows_line(windows, budget))
         lines.append(_mode_line(g))
     lines.append(f"More on each figure: {FIGURES_DOC}")
+    return lines
+
+
+def ledger_verdict(invariant: Any, protected: RunOutcome, missed: int) -> list[str]:
+    """What the demo proved about the live two-shard application: whether the restored
+    stores are consistent, with the figures that say what it cost (``invariant``: a
+    ``karbor_ledger.Invariant`` of the restored pair)."""
+    group = protected.groups.get("ledger")
+    windows = [
+        w
+        for r in protected.resources.values()
+        if r.group == "ledger" and (w := r.quiesce_window) is not None
+    ]
+    lines = [
+        f"Verdict on the restored stores of the live application: {invariant.describe()}",
+        f"  skew between the two stores' cuts: {format_ms(group.skew if group else None)} "
+        "(the barrier cut both while both shards were paused)",
+    ]
+    if windows:
+        lines.append(
+            f"  the application's pause: the longest shard stayed paused {format_ms(max(windows))}"
+            f"; shard A could not make {missed} transfer{'s' if missed != 1 else ''} meanwhile"
+        )
+    lines.append(
+        "  Why it holds: a transfer debits shard A, then credits shard B; the two stores add up "
+        "only if both were cut with no transfer in flight (plugins/ledger/README.md; what the "
+        "barrier buys: benchmarks/RESULTS.md)."
+    )
     return lines

@@ -120,6 +120,8 @@ class _Group(Gate):
     cut_released_rest: anyio.Event = attrs.Factory(anyio.Event)
     """Wakes the others (servers waiting to thaw, images, ...) right after."""
     main_released: anyio.Event = attrs.Factory(anyio.Event)
+    thaw_released: anyio.Event = attrs.Factory(anyio.Event)
+    """Under ``cut``: wakes the thaws once every cut taken under a quiesce is done."""
     abort_error: BaseException | None = None
     abandon_at: float | None = None
     """When the group aborted, plus ``timeouts.abort``: hooks still running then are abandoned."""

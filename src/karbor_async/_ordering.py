@@ -21,7 +21,9 @@ The rules (DESIGN.md section 4):
   of them failed). A slot without an ``on_prepare_begin`` is done with it as
   soon as its parents are (so a wave passes through it in one step).
 - **Barriers.** ``cut``: no ``on_prepare_finish`` of the gate before every
-  ``on_prepare_begin`` of the gate is done. ``main`` and ``cut``: no
+  ``on_prepare_begin`` of the gate is done, and no thaw (the ``on_prepare_finish``
+  of a slot that quiesces) before every cut taken under a quiesce is done
+  (:func:`hold_thaws`): quiesce everything, cut, then thaw. ``main`` and ``cut``: no
   ``on_main`` of the gate before every ``on_prepare_finish`` of the gate is
   done (the driver commits in between: :func:`open_main`).
 - **Aborts.** Once a gate aborts, none of its hooks that has not started
@@ -62,6 +64,9 @@ __all__ = [
     "finish_done",
     "held_at_cut",
     "held_at_main",
+    "held_at_thaw",
+    "hold_thaws",
+    "opened_thaws",
     "interruptible",
     "limit_order",
     "link",
@@ -81,7 +86,10 @@ class Gate:
     """Members whose on_prepare_begin is not yet done (the ``cut`` barrier waits on it)."""
     pending_pf: int = 0
     """Members whose on_prepare_finish is not yet done (the ``main`` barrier waits on it)."""
+    pending_cuts: int = 0
+    """Cuts under a quiesce not yet done (under ``cut``, thaws wait on it: :func:`hold_thaws`)."""
     cut_open: bool = False
+    thaw_open: bool = True
     main_open: bool = False
     aborting: AbortReason | None = None
 
@@ -113,6 +121,10 @@ class Slot(Generic[G]):
     pf_started: bool = attrs.field(default=False, init=False)
     in_cut: bool = attrs.field(default=False, init=False)
     """A non-aborting on_prepare_finish runs: aborts do not interrupt it."""
+    counts_cut: bool = attrs.field(default=False, init=False)
+    """Its on_prepare_finish is a cut its gate's thaws wait for (:func:`hold_thaws`)."""
+    waits_cuts: bool = attrs.field(default=False, init=False)
+    """It quiesces: under ``cut`` its thaw waits for the gate's cuts."""
 
 
 S = TypeVar("S", bound="Slot[Any]")
@@ -141,6 +153,57 @@ def link(slots: Sequence[S], edges: Iterable[tuple[int, int]]) -> None:
         gate = slot.gate
         gate.pending_pb += 1
         gate.pending_pf += 1
+
+
+def hold_thaws(slots: Sequence[S], cuts: Sequence[bool], quiesces: Sequence[bool]) -> None:
+    """Under ``cut``, make each quiescing slot's thaw wait for its gate's cuts.
+
+    The cuts counted are those of slots that cut, do not quiesce, have a quiescing
+    ancestor (so they are taken under a quiesce) and no quiescing descendant. The
+    last condition keeps it free of cycles: such a cut's ``on_prepare_finish`` waits
+    only for its descendants' (none of which is a thaw) and the ``cut`` barrier,
+    never for a thaw. Call after :func:`link`.
+    """
+    if not any(s.gate.policy is BarrierPolicy.CUT for s in slots):
+        return
+    index = {id(s): i for i, s in enumerate(slots)}
+    above = _reaches(slots, index, quiesces, up=True)
+    below = _reaches(slots, index, quiesces, up=False)
+    for i, s in enumerate(slots):
+        g = s.gate
+        if g.policy is not BarrierPolicy.CUT:
+            continue
+        if quiesces[i]:
+            s.waits_cuts = True
+        elif cuts[i] and above[i] and not below[i]:
+            s.counts_cut = True
+            g.pending_cuts += 1
+            g.thaw_open = False
+
+
+def _reaches(
+    slots: Sequence[S], index: dict[int, int], quiesces: Sequence[bool], *, up: bool
+) -> list[bool]:
+    """For each slot: whether a quiescing slot is among its ancestors (``up``) or its
+    descendants, itself excluded (an iterative walk: graphs are deep and wide)."""
+    found = [False] * len(slots)
+    state = [0] * len(slots)  # 0 new, 1 entered, 2 done
+    for root in range(len(slots)):
+        if state[root]:
+            continue
+        stack = [root]
+        while stack:
+            i = stack[-1]
+            nexts = slots[i].parents if up else slots[i].children
+            if state[i] == 0:
+                state[i] = 1
+                stack.extend(j for x in nexts if state[j := index[id(x)]] == 0)
+                continue
+            stack.pop()
+            if state[i] == 1:
+                state[i] = 2
+                found[i] = any(quiesces[j] or found[j] for x in nexts for j in (index[id(x)],))
+    return found
 
 
 def limit_order(names: Iterable[str], limits: Iterable[str]) -> tuple[str, ...]:
@@ -204,6 +267,10 @@ def finish_done(s: S) -> tuple[Sequence[S], bool]:
         if p.wait_pf == 0:
             woken = [*woken, p]
     g = s.gate
+    if s.counts_cut:
+        g.pending_cuts -= 1
+        if g.pending_cuts == 0:
+            g.thaw_open = True  # (the caller wakes the thaws: see opened_thaws)
     g.pending_pf -= 1
     return woken, g.pending_pf == 0 and g.aborting is None
 
@@ -260,6 +327,16 @@ def held_at_cut(s: Slot[Any]) -> bool:
     """``s``'s on_prepare_finish waits for the gate's ``cut`` barrier."""
     g = s.gate
     return g.policy is BarrierPolicy.CUT and not g.cut_open
+
+
+def held_at_thaw(s: Slot[Any]) -> bool:
+    """``s``'s non-aborting on_prepare_finish (its thaw) waits for its gate's cuts."""
+    return s.waits_cuts and not s.gate.thaw_open
+
+
+def opened_thaws(s: Slot[Any]) -> bool:
+    """``s``'s finish, just counted off, was the last cut its gate's thaws waited for."""
+    return s.counts_cut and s.gate.pending_cuts == 0
 
 
 def held_at_main(s: Slot[Any]) -> bool:
@@ -329,6 +406,7 @@ class Ordering:
         policies: dict[str, BarrierPolicy],
         *,
         quiesces: Sequence[bool] | None = None,
+        cuts: Sequence[bool] | None = None,
     ) -> None:
         self.gates = {name: Gate(name, policy) for name, policy in policies.items()}
         self.slots = [
@@ -342,6 +420,8 @@ class Ordering:
             for i, h in enumerate(hooks)
         ]
         link(self.slots, edges)
+        if cuts is not None:
+            hold_thaws(self.slots, cuts, [s.quiesces for s in self.slots])
         self._members: dict[str, list[_Seq]] = {name: [] for name in self.gates}
         for s in self.slots:
             self._members[s.gate.name].append(s)
@@ -470,6 +550,8 @@ class Ordering:
         self._opened(opened)
         for woken in (woken_pb, woken_pf, woken_cp):
             self._advance_all(woken)
+        if opened_thaws(s):
+            self._advance_all(self._members[s.gate.name])
         for x in opened:
             self._advance_all(self._members[x.gate.name])
 
@@ -486,6 +568,8 @@ class Ordering:
     def _finish_done(self, s: _Seq) -> None:
         woken, last = finish_done(s)
         self._advance_all(woken)
+        if opened_thaws(s):
+            self._advance_all(self._members[s.gate.name])
         if last and open_main(s.gate):
             self.released.append((s.gate.name, "main"))
             self._advance_all(self._members[s.gate.name])
@@ -521,7 +605,7 @@ class Ordering:
                 s.phase = Phase.WAIT_PF
                 self._begin_done(s)
             elif phase is Phase.WAIT_PF:
-                if s.wait_pf or held_at_cut(s):
+                if s.wait_pf or held_at_cut(s) or held_at_thaw(s):
                     return
                 if Hook.PREPARE_FINISH in s.hooks:
                     self.ready[s.index] = (Hook.PREPARE_FINISH, None)

@@ -47,6 +47,8 @@ def signal_pf_edges(n: _Node) -> bool:
     for p in woken:
         if p.ev_pf is not None:
             p.ev_pf.set()
+    if n.counts_cut and _ordering.opened_thaws(n):
+        n.gate.thaw_released.set()
     return last
 
 
@@ -87,6 +89,8 @@ def settle(run: RunState, n: _Node) -> None:
     for p in woken_pf:
         if p.ev_pf is not None:
             p.ev_pf.set()
+    if n.counts_cut and _ordering.opened_thaws(n):
+        n.gate.thaw_released.set()
     for p in woken_cp:
         if p.ev_cp is not None:
             p.ev_cp.set()

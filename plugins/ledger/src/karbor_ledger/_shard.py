@@ -108,8 +108,9 @@ class Shard:
                 tg.start_soon(listener.serve, self._serve)
                 if cfg.role == "a":
                     assert cfg.peer is not None
-                    peer = await _connect_retrying(cfg.peer)
-                    tg.start_soon(self._transfer_loop, _Lines(peer))
+                    peer = _Lines(await _connect_retrying(cfg.peer))
+                    await self._finish_last_transfer(peer)
+                    tg.start_soon(self._transfer_loop, peer)
                 if ready is not None:
                     await ready()
         finally:
@@ -147,6 +148,26 @@ class Shard:
                 await self._transfer(peer, next_id)
             await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
+    async def _finish_last_transfer(self, peer: _Lines) -> None:
+        """A shard stopped (even killed) between a debit and its credit left the pair
+        inconsistent: on start, ask B again for the last transfer's credit (B applies a
+        credit once, so a credit it already has changes nothing)."""
+        db = self._db
+        assert db is not None
+
+        def last() -> tuple[int, int] | None:
+            row = db.execute(
+                "SELECT id, -amount FROM transfers ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            return None if row is None else (int(row[0]), int(row[1]))
+
+        found = await anyio.to_thread.run_sync(last, limiter=self._limiter)
+        if found is not None:
+            tid, amount = found
+            await peer.write(f"CREDIT {tid} {tid % ACCOUNTS} {amount}")
+            if await peer.read() != f"OK {tid}":
+                raise RuntimeError(f"shard B refused to finish transfer {tid}")
+
     def _last_transfer_id(self) -> int:
         assert self._db is not None
         return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM transfers").fetchone()[0])
@@ -167,7 +188,7 @@ class Shard:
                 ]
             )
             await anyio.sleep(self.config.gap)  # half-done: debited, not yet credited
-            await peer.write(f"CREDIT {tid} {self._random.randrange(ACCOUNTS)} {amount}")
+            await peer.write(f"CREDIT {tid} {tid % ACCOUNTS} {amount}")
             answer = await peer.read()
             if answer != f"OK {tid}":
                 raise RuntimeError(f"shard B answered {answer!r} to the credit of {tid}")
@@ -177,15 +198,27 @@ class Shard:
             self._idle.set()
 
     async def _credit(self, tid: int, account: int, amount: int) -> None:
-        await self._write(
-            [
-                ("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account)),
-                (
+        """Apply a transfer's credit once: a credit B already has changes nothing."""
+        db = self._db
+        assert db is not None
+
+        def apply() -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                new = db.execute(
                     "INSERT OR IGNORE INTO transfers (id, account, amount) VALUES (?, ?, ?)",
                     (tid, account, amount),
-                ),
-            ]
-        )
+                ).rowcount
+                if new:
+                    db.execute(
+                        "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account)
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await anyio.to_thread.run_sync(apply, limiter=self._limiter)
         self.transfers += 1
 
     # -- the socket ---------------------------------------------------------------------
