@@ -671,7 +671,7 @@ async def _recovered_clean(root: Path, cluster: PgCluster, checkpoint: str) -> N
     and nothing is left: no session of ours on the server, no file."""
     done = await _cli(root, "recover", "--secrets-file", "secrets.toml", "--json")
     assert done.returncode == 1, done.stdout + done.stderr
-    listed = await _cli(root, "checkpoints", "list", "--json")
+    listed = await _cli(root, "checkpoints", "list", "--all", "--json")
     statuses = {c["id"]: c["status"] for c in json.loads(listed.stdout)["checkpoints"]}
     runs = json.loads((await _cli(root, "runs", "list", "--json")).stdout)["runs"]
     protect = [r for r in runs if r["run_id"] == checkpoint]
@@ -735,6 +735,6 @@ async def test_killed_during_the_copy_recover_fails_it_and_leaves_nothing(
         return not await anyio.to_thread.run_sync(_pg_dump_processes, mine)
 
     await _until(dump_ended, 10)
-    listed = await _cli(tmp_path, "checkpoints", "list", "--json")
+    listed = await _cli(tmp_path, "checkpoints", "list", "--all", "--json")
     [checkpoint] = [c["id"] for c in json.loads(listed.stdout)["checkpoints"]]
     await _recovered_clean(tmp_path, pg_cluster, checkpoint)

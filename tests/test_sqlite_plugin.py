@@ -344,7 +344,8 @@ def test_the_command_line_protects_and_restores_while_writing(
         assert done.returncode == 0, done.stdout + done.stderr
         assert writer.commits > 0
         time.sleep(0.05)
-    listed = json.loads(_cli(tmp_path, "checkpoints", "list", "--json").stdout)["checkpoints"]
+    listing = _cli(tmp_path, "checkpoints", "list", "--all", "--json")
+    listed = json.loads(listing.stdout)["checkpoints"]
     [checkpoint] = [c["id"] for c in listed]
     cut_max, _count = _saved(tmp_path, checkpoint)[(DB, str(db))]["cut_query_result"]
     target = tmp_path / "restored.db"
@@ -398,7 +399,8 @@ def test_a_protect_killed_during_the_cut_or_the_copy_recovers_to_error_and_clean
         [res] = outcome["resources"]
         assert "its cut lived in the killed process" in (res["error"] or "")
         assert str(db) in outcome["error"]
-    listed = json.loads(_cli(tmp_path, "checkpoints", "list", "--json").stdout)["checkpoints"]
+    listing = _cli(tmp_path, "checkpoints", "list", "--all", "--json")
+    listed = json.loads(listing.stdout)["checkpoints"]
     assert {c["id"]: c["status"] for c in listed} == {outcome["checkpoint_id"]: "deleted"}
     assert list(scratch.iterdir()) == []
     bank = tmp_path / "bank" / outcome["checkpoint_id"]

@@ -30,10 +30,10 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
+from karbor_async._log import get_logger
 from karbor_async._types import ResourceKey
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "read_journal",
 ]
 
-_log = structlog.get_logger("karbor_async.safety")
+_log = get_logger("karbor_async.safety")
 
 JOURNAL_SUFFIX = ".sentinel.jsonl"
 _START_LIMIT = 30.0
