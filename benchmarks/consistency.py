@@ -102,9 +102,9 @@ def consistency_section(
                 "barrier, quiesce",
                 "broken restores",
                 "off by (median [range])",
-                "cut skew (median)",
-                "longest pause (median)",
-                "longest pause (max)",
+                "cut skew, ms (median)",
+                "longest pause, ms (median)",
+                "longest pause, ms (max)",
                 "transfers missed while paused (median)",
             ],
             rows,
@@ -112,7 +112,9 @@ def consistency_section(
         "",
         "Reading it: under `cut` with quiesce, both shards pause before either store is cut, "
         "so no restored pair is broken. Under `none` and `main`, shard A can resume and send a "
-        "credit before B has paused, so B's cut holds a credit whose debit A's lacks. Without "
+        "credit before B has paused, so B's cut holds a credit whose debit A's lacks. Under "
+        "`cut` the shards also stay paused until both stores are cut (thaws wait for the "
+        "group's cuts). Without "
         "quiesce, any barrier cuts transfers in flight. The price of the proof is the pause: "
         "the application stops making transfers for the longest window shown.",
         "",
@@ -157,3 +159,34 @@ def _plot(path: Path, shares: dict[str, float], offs: dict[str, list[int]]) -> s
     fig.savefig(path)
     plt.close(fig)
     return path.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.consistency [--protects N] [--out DIR]``: this section alone,
+    written to ``CONSISTENCY.md`` and ``consistency.png`` in ``--out`` (``benchmarks/``)."""
+    import argparse
+    import shlex
+    import sys
+
+    import anyio
+
+    from benchmarks._report import environment
+    from benchmarks._workload import quiet_logging
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.consistency")
+    ap.add_argument("--protects", type=int, default=50, help="protects per configuration")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_logging()
+    samples = anyio.run(run_consistency, args.protects, backend="asyncio")
+    lines, plot = consistency_section(samples, args.out, "")
+    command = shlex.join(["python", "-m", "benchmarks.consistency", *(argv or sys.argv[1:])])
+    header = environment(command, Path(__file__).resolve().parents[1])
+    picture = [f"![{plot}]({plot})", ""] if plot else []
+    (args.out / "CONSISTENCY.md").write_text("\n".join([*header, "", *picture, *lines]) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
