@@ -18,7 +18,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     shard = sub.add_parser("shard", help="run one shard (prints READY when it serves)")
     shard.add_argument("--role", choices=("a", "b"), required=True)
-    shard.add_argument("--db", type=Path, required=True)
+    store = shard.add_mutually_exclusive_group(required=True)
+    store.add_argument("--db", type=Path, help="an SQLite store (its file)")
+    store.add_argument(
+        "--pg",
+        metavar="URL",
+        help="a PostgreSQL store: postgresql://USER@HOST:PORT/DBNAME (password: PGPASSWORD)",
+    )
     shard.add_argument("--socket", type=Path, required=True)
     shard.add_argument("--peer", type=Path, help="shard B's socket (role a)")
     shard.add_argument("--pause-latency", type=float, default=0.005)
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate,
         gap=args.gap,
         seed=args.seed,
+        pg=args.pg,
     )
 
     async def ready() -> None:

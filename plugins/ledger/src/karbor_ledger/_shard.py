@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,7 +36,8 @@ import anyio.abc
 import attrs
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from karbor_ledger._store import ACCOUNTS, connect, create
+from karbor_ledger._backends import Backend, open_backend
+from karbor_ledger._store import ACCOUNTS
 
 __all__ = ["Shard", "ShardConfig"]
 
@@ -48,7 +48,8 @@ _MAX_LINE = 4096
 class ShardConfig:
     role: str
     """``a`` (makes transfers) or ``b`` (applies credits)."""
-    db: Path
+    db: Path | None
+    """The SQLite store's file (``None`` with ``pg``)."""
     socket: Path
     peer: Path | None = None
     """B's socket (A only)."""
@@ -59,6 +60,9 @@ class ShardConfig:
     gap: float = 0.002
     """A: seconds between a transfer's debit and its credit request."""
     seed: int = 0
+    pg: str | None = None
+    """A PostgreSQL store instead: a libpq URL without the password, which comes from
+    ``PGPASSWORD`` in the shard's environment (never on its command line)."""
 
 
 class _Lines:
@@ -84,8 +88,7 @@ class Shard:
 
     def __init__(self, config: ShardConfig) -> None:
         self.config = config
-        self._db: sqlite3.Connection | None = None
-        self._limiter = anyio.CapacityLimiter(1)
+        self._store: Backend | None = None
         self._pausers = 0
         self._in_flight = False
         self._idle = anyio.Event()
@@ -99,8 +102,7 @@ class Shard:
 
     async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
         cfg = self.config
-        await anyio.to_thread.run_sync(create, cfg.db)
-        self._db = await anyio.to_thread.run_sync(connect, cfg.db)
+        self._store = await open_backend(cfg)
         cfg.socket.unlink(missing_ok=True)
         listener = await anyio.create_unix_listener(cfg.socket)
         try:
@@ -114,30 +116,20 @@ class Shard:
                     await ready()
         finally:
             await listener.aclose()
-            if self._db is not None:
-                self._db.close()
+            if self._store is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._store.close()
 
     # -- the application's own work -----------------------------------------------------
-    async def _write(self, sql_pairs: list[tuple[str, tuple[Any, ...]]]) -> None:
-        db = self._db
-        assert db is not None
-
-        def apply() -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in sql_pairs:
-                    db.execute(sql, args)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-        await anyio.to_thread.run_sync(apply, limiter=self._limiter)
+    @property
+    def store(self) -> Backend:
+        assert self._store is not None
+        return self._store
 
     async def _transfer_loop(self, peer: _Lines) -> None:
         cfg = self.config
         interval = 1.0 / cfg.rate
-        next_id = await anyio.to_thread.run_sync(self._last_transfer_id, limiter=self._limiter)
+        next_id = await self.store.last_id()
         while True:
             started = time.monotonic()
             if self._pausers:
@@ -147,25 +139,13 @@ class Shard:
                 await self._transfer(peer, next_id)
             await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
-    def _last_transfer_id(self) -> int:
-        assert self._db is not None
-        return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM transfers").fetchone()[0])
-
     async def _transfer(self, peer: _Lines, tid: int) -> None:
         account = self._random.randrange(ACCOUNTS)
         amount = self._random.randint(1, 100)
         self._in_flight = True
         self._idle = anyio.Event()
         try:
-            await self._write(
-                [
-                    ("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, account)),
-                    (
-                        "INSERT INTO transfers (id, account, amount) VALUES (?, ?, ?)",
-                        (tid, account, -amount),
-                    ),
-                ]
-            )
+            await self.store.debit(tid, account, amount)
             await anyio.sleep(self.config.gap)  # half-done: debited, not yet credited
             await peer.write(f"CREDIT {tid} {self._random.randrange(ACCOUNTS)} {amount}")
             answer = await peer.read()
@@ -177,15 +157,7 @@ class Shard:
             self._idle.set()
 
     async def _credit(self, tid: int, account: int, amount: int) -> None:
-        await self._write(
-            [
-                ("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account)),
-                (
-                    "INSERT OR IGNORE INTO transfers (id, account, amount) VALUES (?, ?, ?)",
-                    (tid, account, amount),
-                ),
-            ]
-        )
+        await self.store.credit(tid, account, amount)
         self.transfers += 1
 
     # -- the socket ---------------------------------------------------------------------
