@@ -10,7 +10,8 @@ from pathlib import Path
 import anyio
 
 from karbor_ledger._shard import Shard, ShardConfig
-from karbor_ledger._store import check_pair
+from karbor_ledger._store import Invariant, invariant
+from karbor_ledger._stores import read_located
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,9 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--rate", type=float, default=400.0)
     shard.add_argument("--gap", type=float, default=0.002)
     shard.add_argument("--seed", type=int, default=0)
-    check = sub.add_parser("check", help="does a pair of stores keep the invariant?")
-    check.add_argument("a", type=Path)
-    check.add_argument("b", type=Path)
+    check = sub.add_parser(
+        "check",
+        help="does a pair of stores keep the invariant?",
+        description="Each store is an SQLite file's path, a PostgreSQL database "
+        "(postgresql://USER@HOST:PORT/DBNAME, password from PGPASSWORD) or IMAGE:/PATH, "
+        "the SQLite file PATH inside the ext4 image IMAGE (read without mounting it).",
+    )
+    check.add_argument("a", help="shard A's store")
+    check.add_argument("b", help="shard B's store")
     check.add_argument("--json", action="store_true")
     return parser
 
@@ -41,10 +48,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
+
+        async def both() -> Invariant:
+            return invariant(await read_located(args.a), await read_located(args.b))
+
         try:
-            result = check_pair(args.a, args.b)
+            result = anyio.run(both)
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a store that cannot be read (a server, an image): say so
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
         if args.json:
             print(

@@ -44,6 +44,8 @@ __all__ = [
     "SqliteFile",
     "Store",
     "read_file_in_image",
+    "read_located",
+    "read_postgres",
 ]
 
 SQLITE = "SQLite::Database"
@@ -170,23 +172,7 @@ class PostgresDatabase:
         return outcome.restored[(DATABASE, self.dbname)]
 
     async def read(self, where: Restored | None = None) -> Tally:
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            database=str(where or self.dbname),
-            timeout=30,
-        )
-        try:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                total = await conn.fetchval("SELECT COALESCE(SUM(balance), 0) FROM accounts")
-                ids = frozenset(r[0] for r in await conn.fetch("SELECT id FROM transfers"))
-        finally:
-            await conn.close()
-        return Tally(int(total), ids)
+        return await read_postgres(self.url(str(where or self.dbname)), self.password)
 
     async def resolve_secret(self, name: str) -> str | None:
         return self.password if name == self.secret else None
@@ -240,6 +226,33 @@ class FileOnFileSystem:
 
     async def resolve_secret(self, name: str) -> str | None:
         return None
+
+
+async def read_postgres(url: str, password: str | None = None) -> Tally:
+    """Read one PostgreSQL store (``postgresql://USER@HOST:PORT/DBNAME``; no password:
+    ``PGPASSWORD``'s) in one read-only snapshot."""
+    import asyncpg  # (only a PostgreSQL store needs it)
+
+    conn = await asyncpg.connect(url, password=password, timeout=30)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            total = await conn.fetchval("SELECT COALESCE(SUM(balance), 0) FROM accounts")
+            ids = frozenset(r[0] for r in await conn.fetch("SELECT id FROM transfers"))
+    finally:
+        await conn.close()
+    return Tally(int(total), ids)
+
+
+async def read_located(where: str) -> Tally:
+    """Read a store named on a command line: ``postgresql://...`` (a PostgreSQL
+    database), ``IMAGE:/PATH`` (the SQLite file at PATH inside the ext4 image IMAGE, read
+    without mounting it) or a path (an SQLite file)."""
+    if where.startswith(("postgresql://", "postgres://")):
+        return await read_postgres(where)
+    image, sep, inside = where.partition(":/")
+    if sep and await anyio.Path(image).is_file():
+        return await anyio.to_thread.run_sync(read_file_in_image, Path(image), "/" + inside)
+    return await anyio.to_thread.run_sync(read_sqlite, Path(where))
 
 
 def _debugfs_dump(image: Path, inside: str, out: Path) -> bool:
