@@ -225,6 +225,7 @@ async def test_each_kind_of_store_is_found_by_its_own_protectable(tmp_path: Path
     assert await app.resolve_secret("pw") == "s3cret"
     assert app.restore_parameters(tmp_path / "r") == {IMAGE: {"restore_dir": str(tmp_path / "r")}}
     assert app.b.db == tmp_path / "mnt" / "dir" / "b.db"
+    assert ShardSpec("A", tmp_path / "a.db", tmp_path / "a.sock", 0.0).store == sqlite
     with pytest.raises(AttributeError, match="postgres database"):
         _ = app.a.db
 

@@ -25,10 +25,15 @@ SHARD = "Ledger::Shard"
 """The resource type of a shard (quiesces: pause at a safe point; thaw: resume)."""
 
 
+def _as_store(store: Store | Path) -> Store:
+    return SqliteFile(store) if isinstance(store, Path) else store
+
+
 @attrs.frozen
 class ShardSpec:
     name: str
-    store: Store
+    store: Store = attrs.field(converter=_as_store)
+    """The shard's store (a :class:`Path` given here is an SQLite file's)."""
     socket: Path
     pause_latency: float
 
