@@ -1,5 +1,8 @@
 """One shard of the sample application: a process owning one store and a control socket.
 
+The store is an SQLite file (``--db``) or a PostgreSQL database (``--pg``); see
+``_backends.py``. Either way the shard's event loop never blocks on it.
+
 Shard A makes transfers: it debits one of its accounts, yields (the transfer is
 half-done for that while), then asks shard B over B's socket to credit one of
 B's accounts, and waits for B's answer before the next transfer. So the two
