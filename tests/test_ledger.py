@@ -7,6 +7,7 @@ restored pairs are consistent is in ``test_consistency_proof.py``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,29 @@ from pathlib import Path
 import anyio
 import pytest
 
-from karbor_ledger import SHARD, SQLITE, LedgerApp, check_pair, running_ledger
+from helpers import need_service
+from karbor_async import Resource
+from karbor_async.exceptions import PlanError
+from karbor_async.plugin import Protectable
+from karbor_ledger import (
+    ACCOUNTS,
+    DATABASE,
+    FILESYSTEM,
+    IMAGE,
+    OPENING_BALANCE,
+    SHARD,
+    SQLITE,
+    FileOnFileSystem,
+    LedgerApp,
+    PostgresDatabase,
+    ShardDatabaseProtectable,
+    ShardFileSystemProtectable,
+    ShardSpec,
+    ShardStoreProtectable,
+    SqliteFile,
+    check_pair,
+    running_ledger,
+)
 from karbor_ledger._shard import _Lines
 
 
@@ -160,6 +183,96 @@ async def test_killing_the_engine_inside_the_pause_resumes_the_shards_within_a_s
 
 def test_the_types_are_named_as_the_sqlite_plugin_names_its_databases() -> None:
     assert SHARD == "Ledger::Shard" and SQLITE == "SQLite::Database"
+
+
+def test_the_other_store_types_are_named_as_their_plugins_name_them() -> None:
+    karbor_postgres = pytest.importorskip("karbor_postgres")
+    karbor_fs = pytest.importorskip("karbor_fs")
+    assert DATABASE == karbor_postgres.DATABASE
+    assert (FILESYSTEM, IMAGE) == (karbor_fs.FILESYSTEM, karbor_fs.IMAGE)
+
+
+async def test_each_kind_of_store_is_found_by_its_own_protectable(tmp_path: Path) -> None:
+    pg = PostgresDatabase("ledger_a", "127.0.0.1", 5432, "postgres", "s3cret", secret="pw")
+    on_fs = FileOnFileSystem(tmp_path / "mnt", "dir/b.db")
+    sqlite = SqliteFile(tmp_path / "a.db")
+    finders: list[Protectable] = [
+        ShardStoreProtectable(),
+        ShardDatabaseProtectable(),
+        ShardFileSystemProtectable(),
+    ]
+    found = {}
+    for store in (pg, on_fs, sqlite):
+        shard = ShardSpec("A", store, tmp_path / "a.sock", 0.0).resource
+        found[store.kind] = [r for f in finders for r in await f.dependents(shard)]
+    assert [r.key for r in found["sqlite"]] == [(SQLITE, str(tmp_path / "a.db"))]
+    assert [r.key for r in found["postgres"]] == [(DATABASE, "ledger_a")]
+    assert [r.key for r in found["fs"]] == [(FILESYSTEM, str(tmp_path / "mnt"))]
+    # a shard resource of before (no extra['store']) keeps its SQLite store
+    old = Resource(SHARD, "B", extra={"socket": "/x.sock", "db": "/x.db"})
+    assert [r.key for r in await ShardStoreProtectable().dependents(old)] == [(SQLITE, "/x.db")]
+    with pytest.raises(PlanError, match="unknown store kind"):
+        await ShardStoreProtectable().dependents(Resource(SHARD, "C", extra={"store": "nfs"}))
+    # the password is the plan's secret reference, never its value
+    app = LedgerApp(
+        tmp_path,
+        ShardSpec("A", pg, tmp_path / "a.sock", 0.0),
+        ShardSpec("B", on_fs, tmp_path / "b.sock", 0.0),
+    )
+    plan = app.plan(barrier="cut")
+    assert plan.parameters[f"{DATABASE}#ledger_a"]["password"] == "pw"
+    assert "s3cret" not in repr(plan) and "s3cret" not in repr(pg)
+    assert await app.resolve_secret("pw") == "s3cret"
+    assert app.restore_parameters(tmp_path / "r") == {IMAGE: {"restore_dir": str(tmp_path / "r")}}
+    assert app.b.db == tmp_path / "mnt" / "dir" / "b.db"
+    assert ShardSpec("A", tmp_path / "a.db", tmp_path / "a.sock", 0.0).store == sqlite
+    with pytest.raises(AttributeError, match="postgres database"):
+        _ = app.a.db
+
+
+def test_a_store_is_read_out_of_an_ext4_image_with_the_commits_still_in_its_log(
+    tmp_path: Path,
+) -> None:
+    """The file and its write-ahead log come out of the image (debugfs, no mount, no
+    root): the commits not yet checkpointed into the file count."""
+    from karbor_ledger._store import connect, create
+    from karbor_ledger._stores import read_file_in_image
+
+    for tool in ("mkfs.ext4", "debugfs"):
+        if shutil.which(tool) is None:
+            need_service(f"reading a file out of an image needs {tool} (e2fsprogs)")
+    content = tmp_path / "content"
+    (content / "dir").mkdir(parents=True)
+    a, b = content / "dir" / "a.db", tmp_path / "b.db"
+    create(a)
+    create(b)
+    db = connect(a)
+    try:
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the debit stays in a.db-wal
+        db.execute("UPDATE accounts SET balance = balance - 42 WHERE id = 3")
+        db.execute("INSERT INTO transfers (id, account, amount) VALUES (1, 3, -42)")
+        assert (content / "dir" / "a.db-wal").stat().st_size > 0
+        image = tmp_path / "fs.img"
+        with image.open("wb") as f:
+            f.truncate(8 << 20)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", str(content), str(image)],
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        db.close()
+    tally = read_file_in_image(image, "dir/a.db")
+    assert tally.ids == {1} and tally.total == ACCOUNTS * OPENING_BALANCE - 42
+    with pytest.raises(FileNotFoundError, match=r"no store /dir/nothing\.db"):
+        read_file_in_image(image, "dir/nothing.db")
+    done = subprocess.run(
+        [sys.executable, "-m", "karbor_ledger", "check", f"{image}:/dir/a.db", str(b)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and "off by -42" in done.stdout, done.stderr
 
 
 def _copy_store(src: Path, dst: Path) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import anyio
 
 from karbor_ledger._shard import Shard, ShardConfig
-from karbor_ledger._store import check_pair
+from karbor_ledger._store import Invariant, invariant
+from karbor_ledger._stores import read_located
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,16 +19,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     shard = sub.add_parser("shard", help="run one shard (prints READY when it serves)")
     shard.add_argument("--role", choices=("a", "b"), required=True)
-    shard.add_argument("--db", type=Path, required=True)
+    store = shard.add_mutually_exclusive_group(required=True)
+    store.add_argument("--db", type=Path, help="an SQLite store (its file)")
+    store.add_argument(
+        "--pg",
+        metavar="URL",
+        help="a PostgreSQL store: postgresql://USER@HOST:PORT/DBNAME (password: PGPASSWORD)",
+    )
     shard.add_argument("--socket", type=Path, required=True)
     shard.add_argument("--peer", type=Path, help="shard B's socket (role a)")
     shard.add_argument("--pause-latency", type=float, default=0.005)
     shard.add_argument("--rate", type=float, default=400.0)
     shard.add_argument("--gap", type=float, default=0.002)
     shard.add_argument("--seed", type=int, default=0)
-    check = sub.add_parser("check", help="does a pair of stores keep the invariant?")
-    check.add_argument("a", type=Path)
-    check.add_argument("b", type=Path)
+    check = sub.add_parser(
+        "check",
+        help="does a pair of stores keep the invariant?",
+        description="Each store is an SQLite file's path, a PostgreSQL database "
+        "(postgresql://USER@HOST:PORT/DBNAME, password from PGPASSWORD) or IMAGE:/PATH, "
+        "the SQLite file PATH inside the ext4 image IMAGE (read without mounting it).",
+    )
+    check.add_argument("a", help="shard A's store")
+    check.add_argument("b", help="shard B's store")
     check.add_argument("--json", action="store_true")
     return parser
 
@@ -35,10 +48,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
+
+        async def both() -> Invariant:
+            return invariant(await read_located(args.a), await read_located(args.b))
+
         try:
-            result = check_pair(args.a, args.b)
+            result = anyio.run(both)
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a store that cannot be read (a server, an image): say so
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
         if args.json:
             print(
@@ -66,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate,
         gap=args.gap,
         seed=args.seed,
+        pg=args.pg,
     )
 
     async def ready() -> None:

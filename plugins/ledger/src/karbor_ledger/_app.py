@@ -15,23 +15,36 @@ import anyio
 import anyio.abc
 import attrs
 
-from karbor_async import ConsistencyGroup, Plan, Resource
-from karbor_ledger._store import Invariant, check_pair
+from karbor_async import ConsistencyGroup, Plan, Resource, RunOutcome
+from karbor_ledger._store import Invariant, invariant
+from karbor_ledger._stores import SQLITE, Restored, SqliteFile, Store
 
 __all__ = ["SHARD", "SQLITE", "LedgerApp", "ShardSpec", "running_ledger"]
 
 SHARD = "Ledger::Shard"
 """The resource type of a shard (quiesces: pause at a safe point; thaw: resume)."""
-SQLITE = "SQLite::Database"
-"""The resource type of a shard's store (protected by the karbor-async-sqlite plugin)."""
+
+
+def _as_store(store: Store | Path) -> Store:
+    return SqliteFile(store) if isinstance(store, Path) else store
 
 
 @attrs.frozen
 class ShardSpec:
     name: str
-    db: Path
+    store: Store = attrs.field(converter=_as_store)
+    """The shard's store (a :class:`Path` given here is an SQLite file's)."""
     socket: Path
     pause_latency: float
+
+    @property
+    def db(self) -> Path:
+        """The store's file (an SQLite store, on a file system of the host's or in an
+        image); a PostgreSQL store has none."""
+        path = getattr(self.store, "path", None)
+        if isinstance(path, Path):
+            return path
+        raise AttributeError(f"shard {self.name}'s store is a {self.store.kind} database")
 
     @property
     def resource(self) -> Resource:
@@ -39,7 +52,7 @@ class ShardSpec:
             SHARD,
             self.name,
             name=f"ledger shard {self.name}",
-            extra={"socket": str(self.socket), "db": str(self.db)},
+            extra={"socket": str(self.socket), **self.store.extra()},
         )
 
 
@@ -59,10 +72,15 @@ class LedgerApp:
         """A plan protecting both shards (and so their stores) as one consistency group.
 
         ``kw`` goes to :class:`Plan` (``barrier=``, ``timeouts=``...); a
-        ``quiesce=False`` among them sets the shards' parameter instead.
+        ``quiesce=False`` among them sets the shards' parameter instead. The stores'
+        parameters (a PostgreSQL server's address and password reference) are added.
         """
         quiesce = kw.pop("quiesce", True)
-        parameters: dict[str, Mapping[str, Any]] = dict(kw.pop("parameters", {}))
+        parameters: dict[str, Mapping[str, Any]] = {
+            **self.a.store.plan_parameters(),
+            **self.b.store.plan_parameters(),
+            **kw.pop("parameters", {}),
+        }
         parameters.setdefault(SHARD, {"quiesce": quiesce})
         return Plan(
             name=name,
@@ -71,6 +89,27 @@ class LedgerApp:
             parameters=parameters,
             **kw,
         )
+
+    async def resolve_secret(self, name: str) -> str:
+        """The engine's secret resolver for the stores' references (``Engine(secrets=)``)."""
+        for spec in (self.a, self.b):
+            value = await spec.store.resolve_secret(name)
+            if value is not None:
+                return value
+        raise KeyError(f"no ledger store names the secret {name!r}")
+
+    def restore_parameters(self, restore_dir: Path) -> dict[str, dict[str, Any]]:
+        """Restore parameters putting both stores' restored copies in ``restore_dir``
+        (a file store's; a PostgreSQL store is restored into a new database)."""
+        out: dict[str, dict[str, Any]] = {}
+        for spec in (self.a, self.b):
+            for key, values in spec.store.restore_parameters(restore_dir).items():
+                out.setdefault(key, {}).update(values)
+        return out
+
+    async def restored(self, outcome: RunOutcome) -> tuple[Restored, Restored]:
+        """Where the restore run ``outcome`` put A's and B's stores."""
+        return (await self.a.store.restored(outcome), await self.b.store.restored(outcome))
 
     async def stats(self) -> dict[str, dict[str, Any]]:
         """Each shard's counters (``STATS``)."""
@@ -84,9 +123,10 @@ class LedgerApp:
             out[spec.name] = json.loads(data)
         return out
 
-    async def check(self, a_db: Path | None = None, b_db: Path | None = None) -> Invariant:
-        """The invariant over a pair of stores (by default the live ones)."""
-        return await anyio.to_thread.run_sync(check_pair, a_db or self.a.db, b_db or self.b.db)
+    async def check(self, a_db: Restored | None = None, b_db: Restored | None = None) -> Invariant:
+        """The invariant over a pair of stores (by default the live ones): a restored
+        SQLite file, PostgreSQL database (its name) or image, as the store's kind is."""
+        return invariant(await self.a.store.read(a_db), await self.b.store.read(b_db))
 
 
 @asynccontextmanager
@@ -98,20 +138,23 @@ async def running_ledger(
     rate: float = 400.0,
     gap: float = 0.002,
     seed: int = 0,
+    stores: tuple[Store, Store] | None = None,
 ) -> AsyncIterator[LedgerApp]:
-    """Start the application under ``root`` (stores ``a.db``, ``b.db``; sockets beside
-    them), yield it, and stop both shards on the way out.
+    """Start the application under ``root`` (sockets there; by default the stores too,
+    SQLite files ``a.db`` and ``b.db``), yield it, and stop both shards on the way out.
 
+    ``stores`` puts A's and B's stores elsewhere (see ``karbor_ledger._stores``): say
+    A in a :class:`PostgresDatabase` and B in a :class:`FileOnFileSystem`.
     Shard A pauses in ``pause_latency_a`` seconds, B in ``pause_latency_b``: they
     differ by default, as two real services would.
     """
     await anyio.Path(root).mkdir(parents=True, exist_ok=True)
+    store_a, store_b = stores or (SqliteFile(root / "a.db"), SqliteFile(root / "b.db"))
     app = LedgerApp(
         root=root,
-        a=ShardSpec("A", root / "a.db", root / "a.sock", pause_latency_a),
-        b=ShardSpec("B", root / "b.db", root / "b.sock", pause_latency_b),
+        a=ShardSpec("A", store_a, root / "a.sock", pause_latency_a),
+        b=ShardSpec("B", store_b, root / "b.sock", pause_latency_b),
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for spec, extra in (
             (app.b, ["--role", "b"]),
@@ -132,10 +175,11 @@ async def running_ledger(
             ),
         ):
             command = [
-                sys.executable, "-m", "karbor_ledger", "shard", "--db", str(spec.db),
+                sys.executable, "-m", "karbor_ledger", "shard", *spec.store.shard_args(),
                 "--socket", str(spec.socket), "--pause-latency", str(spec.pause_latency),
                 *extra,
             ]  # fmt: skip
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.store.shard_env()}
             process = await anyio.open_process(
                 command, stdout=subprocess.PIPE, stderr=None, env=env, cwd="/"
             )

@@ -1,5 +1,8 @@
 """One shard of the sample application: a process owning one store and a control socket.
 
+The store is an SQLite file (``--db``) or a PostgreSQL database (``--pg``); see
+``_backends.py``. Either way the shard's event loop never blocks on it.
+
 Shard A makes transfers: it debits one of its accounts, yields (the transfer is
 half-done for that while), then asks shard B over B's socket to credit one of
 B's accounts, and waits for B's answer before the next transfer. So the two
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,7 +39,8 @@ import anyio.abc
 import attrs
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from karbor_ledger._store import ACCOUNTS, connect, create
+from karbor_ledger._backends import Backend, open_backend
+from karbor_ledger._store import ACCOUNTS
 
 __all__ = ["Shard", "ShardConfig"]
 
@@ -48,7 +51,8 @@ _MAX_LINE = 4096
 class ShardConfig:
     role: str
     """``a`` (makes transfers) or ``b`` (applies credits)."""
-    db: Path
+    db: Path | None
+    """The SQLite store's file (``None`` with ``pg``)."""
     socket: Path
     peer: Path | None = None
     """B's socket (A only)."""
@@ -59,6 +63,9 @@ class ShardConfig:
     gap: float = 0.002
     """A: seconds between a transfer's debit and its credit request."""
     seed: int = 0
+    pg: str | None = None
+    """A PostgreSQL store instead: a libpq URL without the password, which comes from
+    ``PGPASSWORD`` in the shard's environment (never on its command line)."""
 
 
 class _Lines:
@@ -84,8 +91,7 @@ class Shard:
 
     def __init__(self, config: ShardConfig) -> None:
         self.config = config
-        self._db: sqlite3.Connection | None = None
-        self._limiter = anyio.CapacityLimiter(1)
+        self._store: Backend | None = None
         self._pausers = 0
         self._in_flight = False
         self._idle = anyio.Event()
@@ -99,8 +105,7 @@ class Shard:
 
     async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
         cfg = self.config
-        await anyio.to_thread.run_sync(create, cfg.db)
-        self._db = await anyio.to_thread.run_sync(connect, cfg.db)
+        self._store = await open_backend(cfg)
         cfg.socket.unlink(missing_ok=True)
         listener = await anyio.create_unix_listener(cfg.socket)
         try:
@@ -115,30 +120,31 @@ class Shard:
                     await ready()
         finally:
             await listener.aclose()
-            if self._db is not None:
-                self._db.close()
+            if self._store is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._store.close()
 
     # -- the application's own work -----------------------------------------------------
-    async def _write(self, sql_pairs: list[tuple[str, tuple[Any, ...]]]) -> None:
-        db = self._db
-        assert db is not None
+    @property
+    def store(self) -> Backend:
+        assert self._store is not None
+        return self._store
 
-        def apply() -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in sql_pairs:
-                    db.execute(sql, args)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-        await anyio.to_thread.run_sync(apply, limiter=self._limiter)
+    async def _finish_last_transfer(self, peer: _Lines) -> None:
+        """A shard stopped (even killed) between a debit and its credit left the pair
+        inconsistent: on start, ask B again for the last transfer's credit (B applies a
+        credit once, so a credit it already has changes nothing)."""
+        found = await self.store.last_transfer()
+        if found is not None:
+            tid, amount = found
+            await peer.write(f"CREDIT {tid} {tid % ACCOUNTS} {-amount}")
+            if await peer.read() != f"OK {tid}":
+                raise RuntimeError(f"shard B refused to finish transfer {tid}")
 
     async def _transfer_loop(self, peer: _Lines) -> None:
         cfg = self.config
         interval = 1.0 / cfg.rate
-        next_id = await anyio.to_thread.run_sync(self._last_transfer_id, limiter=self._limiter)
+        next_id = await self.store.last_id()
         while True:
             started = time.monotonic()
             if self._pausers:
@@ -148,45 +154,13 @@ class Shard:
                 await self._transfer(peer, next_id)
             await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
-    async def _finish_last_transfer(self, peer: _Lines) -> None:
-        """A shard stopped (even killed) between a debit and its credit left the pair
-        inconsistent: on start, ask B again for the last transfer's credit (B applies a
-        credit once, so a credit it already has changes nothing)."""
-        db = self._db
-        assert db is not None
-
-        def last() -> tuple[int, int] | None:
-            row = db.execute(
-                "SELECT id, -amount FROM transfers ORDER BY id DESC LIMIT 1"
-            ).fetchone()
-            return None if row is None else (int(row[0]), int(row[1]))
-
-        found = await anyio.to_thread.run_sync(last, limiter=self._limiter)
-        if found is not None:
-            tid, amount = found
-            await peer.write(f"CREDIT {tid} {tid % ACCOUNTS} {amount}")
-            if await peer.read() != f"OK {tid}":
-                raise RuntimeError(f"shard B refused to finish transfer {tid}")
-
-    def _last_transfer_id(self) -> int:
-        assert self._db is not None
-        return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM transfers").fetchone()[0])
-
     async def _transfer(self, peer: _Lines, tid: int) -> None:
         account = self._random.randrange(ACCOUNTS)
         amount = self._random.randint(1, 100)
         self._in_flight = True
         self._idle = anyio.Event()
         try:
-            await self._write(
-                [
-                    ("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, account)),
-                    (
-                        "INSERT INTO transfers (id, account, amount) VALUES (?, ?, ?)",
-                        (tid, account, -amount),
-                    ),
-                ]
-            )
+            await self.store.debit(tid, account, amount)
             await anyio.sleep(self.config.gap)  # half-done: debited, not yet credited
             await peer.write(f"CREDIT {tid} {tid % ACCOUNTS} {amount}")
             answer = await peer.read()
@@ -198,27 +172,7 @@ class Shard:
             self._idle.set()
 
     async def _credit(self, tid: int, account: int, amount: int) -> None:
-        """Apply a transfer's credit once: a credit B already has changes nothing."""
-        db = self._db
-        assert db is not None
-
-        def apply() -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                new = db.execute(
-                    "INSERT OR IGNORE INTO transfers (id, account, amount) VALUES (?, ?, ?)",
-                    (tid, account, amount),
-                ).rowcount
-                if new:
-                    db.execute(
-                        "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account)
-                    )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-        await anyio.to_thread.run_sync(apply, limiter=self._limiter)
+        await self.store.credit(tid, account, amount)
         self.transfers += 1
 
     # -- the socket ---------------------------------------------------------------------

@@ -4,8 +4,11 @@ Shard A's log holds the debits it made, shard B's the credits it applied; a tran
 is whole in a pair of stores when both logs hold its id. The invariant a consistent
 pair keeps: the two stores' balances add up to what they held at the start.
 
-Every function here is synchronous and blocking (``sqlite3``): callers run them in a
-worker thread.
+A store is read into a :class:`Tally` (its balances' sum and its log's ids) and a
+pair of tallies makes an :class:`Invariant`: the same check whatever the store is
+(an SQLite file, a PostgreSQL database, a file inside a file-system image; see
+``_stores.py`` for the last two). Every function here is synchronous and blocking
+(``sqlite3``): callers run them in a worker thread.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["ACCOUNTS", "OPENING_BALANCE", "Invariant", "check_pair", "connect", "create"]
+__all__ = [
+    "ACCOUNTS",
+    "OPENING_BALANCE",
+    "Invariant",
+    "Tally",
+    "check_pair",
+    "connect",
+    "create",
+    "invariant",
+    "read_sqlite",
+]
 
 ACCOUNTS = 16
 """Accounts per shard."""
@@ -89,26 +102,38 @@ class Invariant:
         )
 
 
-def check_pair(a: Path, b: Path) -> Invariant:
-    """Read a pair of stores (read-only) and say whether the invariant holds."""
-    totals: list[int] = []
-    logs: list[set[int]] = []
-    for path in (a, b):
-        if not path.is_file():
-            raise FileNotFoundError(f"no store at {path}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            totals.append(
-                db.execute("SELECT COALESCE(SUM(balance), 0) FROM accounts").fetchone()[0]
-            )
-            logs.append({row[0] for row in db.execute("SELECT id FROM transfers")})
-        finally:
-            db.close()
-    debits, credits = logs
+@attrs.frozen
+class Tally:
+    """What one store holds: the sum of its balances and the ids in its transfer log."""
+
+    total: int
+    ids: frozenset[int]
+
+
+def invariant(a: Tally, b: Tally) -> Invariant:
+    """The invariant over A's and B's tallies."""
     return Invariant(
-        total=sum(totals),
+        total=a.total + b.total,
         expected=2 * ACCOUNTS * OPENING_BALANCE,
-        debits=len(debits),
-        credits=len(credits),
-        half_done=len(debits ^ credits),
+        debits=len(a.ids),
+        credits=len(b.ids),
+        half_done=len(a.ids ^ b.ids),
     )
+
+
+def read_sqlite(path: Path) -> Tally:
+    """Read one SQLite store (read-only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no store at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        total = db.execute("SELECT COALESCE(SUM(balance), 0) FROM accounts").fetchone()[0]
+        ids = frozenset(row[0] for row in db.execute("SELECT id FROM transfers"))
+    finally:
+        db.close()
+    return Tally(int(total), ids)
+
+
+def check_pair(a: Path, b: Path) -> Invariant:
+    """Read a pair of SQLite stores (read-only) and say whether the invariant holds."""
+    return invariant(read_sqlite(a), read_sqlite(b))

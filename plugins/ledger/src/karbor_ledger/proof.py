@@ -1,7 +1,9 @@
 """Protect the running application, restore the checkpoint, check the restored pair.
 
 One function serves the test suite, the benchmark report and the demo, so the
-three measure the same thing the same way.
+three measure the same thing the same way, whatever the stores are: the
+application's stores say where their restore goes and how a restored one is read
+(an SQLite file, a PostgreSQL database, a file in a file-system image).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import anyio
 import attrs
 
 from karbor_async import Engine, RunOutcome
-from karbor_ledger._app import SHARD, SQLITE, LedgerApp
+from karbor_ledger._app import SHARD, LedgerApp
 from karbor_ledger._store import Invariant
+from karbor_ledger._stores import Restored
 
 __all__ = ["ProofSample", "protect_restore_check"]
 
@@ -34,8 +37,9 @@ class ProofSample:
     """Transfers shard A could not make while paused during this protect."""
     protect: RunOutcome
     restore: RunOutcome
-    restored: tuple[Path, Path]
-    """The restored stores of A and B."""
+    restored: tuple[Restored, Restored]
+    """The restored stores of A and B: an SQLite file's path, a PostgreSQL database's
+    name, a file-system image's path."""
 
 
 async def protect_restore_check(
@@ -49,7 +53,8 @@ async def protect_restore_check(
     **plan_kw: Any,
 ) -> ProofSample:
     """Protect ``app`` under ``barrier`` (quiescing the shards or not), restore the
-    checkpoint's stores into ``restore_dir`` and check the restored pair."""
+    checkpoint's stores into ``restore_dir`` (a file store's; a PostgreSQL store into a
+    new database) and check the restored pair."""
     before = (await app.stats())["A"]["missed_while_paused"]
     protected = await engine.protect(
         app.plan(plan_name, barrier=barrier, quiesce=quiesce, **plan_kw)
@@ -57,12 +62,9 @@ async def protect_restore_check(
     missed = (await app.stats())["A"]["missed_while_paused"] - before
     await anyio.Path(restore_dir).mkdir(parents=True, exist_ok=True)
     restored = await engine.restore(
-        protected.checkpoint_id, parameters={SQLITE: {"target_dir": str(restore_dir)}}
+        protected.checkpoint_id, parameters=app.restore_parameters(restore_dir)
     )
-    pair = (
-        Path(restored.restored[(SQLITE, str(app.a.db))]),
-        Path(restored.restored[(SQLITE, str(app.b.db))]),
-    )
+    pair = await app.restored(restored)
     windows = [
         r.thawed_at - r.quiesced_at
         for key, r in protected.resources.items()

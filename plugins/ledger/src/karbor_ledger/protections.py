@@ -1,12 +1,17 @@
-"""The shard's protection plugin (it quiesces) and the protectable that finds its store.
+"""The shard's protection plugin (it quiesces) and the protectables that find its store.
 
-A shard is a root resource that quiesces and takes no cut of its own: its store,
-a dependent of type ``SQLite::Database``, is cut by the SQLite plugin while the
-shard is paused. ``on_prepare_begin`` opens a control connection to the shard,
-asks it to ``PAUSE`` and waits for ``PAUSED``; the pause lasts while that
-connection is open, so ``on_prepare_finish`` (the thaw) says ``RESUME`` and closes
-it, and an engine killed in between leaves nothing paused: its connection ends
-with its process and the shard resumes by itself.
+A shard is a root resource that quiesces and takes no cut of its own: its store
+is its dependent, cut by the store's plugin while the shard is paused. One
+protectable per kind of store finds it (the shard's ``extra['store']`` says which):
+an ``SQLite::Database`` (the SQLite plugin), a ``PostgreSQL::Database`` (the
+PostgreSQL plugin), or the ``Linux::FileSystem`` an SQLite file lives on (the fs
+plugin: frozen, and its image cut by reflink).
+
+``on_prepare_begin`` opens a control connection to the shard, asks it to
+``PAUSE`` and waits for ``PAUSED``; the pause lasts while that connection is
+open, so ``on_prepare_finish`` (the thaw) says ``RESUME`` and closes it, and an
+engine killed in between leaves nothing paused: its connection ends with its
+process and the shard resumes by itself.
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ import anyio.abc
 
 from karbor_async import HookContext, Param, ProtectionPlugin, Resource, ResourceKey, ResourceType
 from karbor_async.exceptions import PlanError
-from karbor_ledger._app import SHARD, SQLITE
+from karbor_ledger._app import SHARD
 from karbor_ledger._shard import _Lines
+from karbor_ledger._stores import DATABASE, FILESYSTEM, SQLITE
 
-__all__ = ["ShardProtection", "ShardStoreProtectable"]
+__all__ = [
+    "ShardDatabaseProtectable",
+    "ShardFileSystemProtectable",
+    "ShardProtection",
+    "ShardStoreProtectable",
+]
 
 
 class _Pause:
@@ -77,7 +88,7 @@ class _ShardOperation:
 
 
 class ShardProtection(ProtectionPlugin):
-    """Quiesces a ledger shard; its store is protected by the SQLite plugin."""
+    """Quiesces a ledger shard; its store is protected by the store's own plugin."""
 
     name = "ledger"
     types: ClassVar[tuple[ResourceType, ...]] = (
@@ -114,17 +125,64 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 
+def _store_kind(parent: Resource) -> str:
+    kind = parent.extra.get("store", "sqlite")  # (no kind: the SQLite file of old)
+    if kind not in ("sqlite", "postgres", "fs"):
+        raise PlanError(f"{parent}: unknown store kind {kind!r} (sqlite, postgres or fs)")
+    return str(kind)
+
+
+def _extra(parent: Resource, key: str) -> str:
+    value = parent.extra.get(key)
+    if not isinstance(value, str) or not value:
+        kind = _store_kind(parent)
+        raise PlanError(f"{parent}: a ledger shard whose store is {kind} needs extra[{key!r}]")
+    return value
+
+
 class ShardStoreProtectable:
-    """A shard depends on its store: one ``SQLite::Database`` resource, its file's path."""
+    """A shard's SQLite store: one ``SQLite::Database`` resource, its file's path
+    (``extra['db']``; the shard's ``extra['store']`` is ``sqlite`` or absent)."""
 
     resource_type: str = SQLITE
     parent_types: tuple[str, ...] = (SHARD,)
 
     async def dependents(self, parent: Resource) -> Iterable[Resource]:
-        db = parent.extra.get("db")
-        if not isinstance(db, str) or not db:
-            raise PlanError(f"{parent}: a ledger shard needs extra['db'], its store's path")
-        return [Resource(SQLITE, db, name=f"store of shard {parent.id}")]
+        if _store_kind(parent) != "sqlite":
+            return []
+        return [Resource(SQLITE, _extra(parent, "db"), name=f"store of shard {parent.id}")]
+
+
+class ShardDatabaseProtectable:
+    """A shard's PostgreSQL store: one ``PostgreSQL::Database`` resource, the database's
+    name (``extra['dbname']``; ``extra['store']`` is ``postgres``). Where the server is
+    and how to log in are the plan's parameters (``PostgreSQL::Database#NAME``)."""
+
+    resource_type: str = DATABASE
+    parent_types: tuple[str, ...] = (SHARD,)
+
+    async def dependents(self, parent: Resource) -> Iterable[Resource]:
+        if _store_kind(parent) != "postgres":
+            return []
+        return [Resource(DATABASE, _extra(parent, "dbname"), name=f"store of shard {parent.id}")]
+
+
+class ShardFileSystemProtectable:
+    """A shard whose SQLite store is a file on a freezable file system depends on that
+    file system: one ``Linux::FileSystem`` resource, its mount point (``extra['mount']``;
+    ``extra['store']`` is ``fs``). The fs plugin's own protectable then finds the image
+    the file system lives in, which is what is cut (by reflink) and copied; the file
+    system is frozen around that cut, inside the shard's pause."""
+
+    resource_type: str = FILESYSTEM
+    parent_types: tuple[str, ...] = (SHARD,)
+
+    async def dependents(self, parent: Resource) -> Iterable[Resource]:
+        if _store_kind(parent) != "fs":
+            return []
+        mount = _extra(parent, "mount")
+        # named by its mount point: two shards on one file system report one resource
+        return [Resource(FILESYSTEM, mount, name=mount)]
 
 
 def _socket(resource: Resource) -> Path:
