@@ -353,6 +353,10 @@ def test_failure_line_of_a_timeout_names_the_engines_error() -> None:
         "exceeded its time limit of 5 s",
     )
     assert failure_line(r) == "T::Disk#d1 on_main: HookTimeoutError: exceeded its time limit of 5 s"
+    # errors are written TYPE#ID now (str(Resource)); the older TYPE:ID above still reads once
+    assert str(r.resource) == "T::Disk#d1"
+    now = r.error.replace("T::Disk:d1", "T::Disk#d1")  # type: ignore[union-attr]
+    assert failure_line(attrs.evolve(r, error=now)) == failure_line(r)
 
 
 # -- 6. errors: plan files, unknown ids, options -------------------------------------------------

@@ -178,6 +178,6 @@ def test_a_hook_that_outlives_close_timeout_is_named_and_the_cli_exits_1(tmp_pat
     _out, err = _finish(proc, timeout=60)
     assert proc.returncode == EXIT_FAILED, err
     assert "abandoned hooks still run after being cancelled" in err
-    assert "a copy (Hostile::Volume:v1 on_main" in err
+    assert "a copy (Hostile::Volume#v1 on_main" in err
     status, resources = _checkpoint_status(tmp_path / "karbor.db")
     assert status == "cancelled" and resources["v1"] == "abandoned"

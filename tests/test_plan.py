@@ -149,7 +149,7 @@ async def test_secret_value_in_plan_is_refused() -> None:
     ("kwargs", "message"),
     [
         ({"resources": []}, "names no resources"),
-        ({"resources": [res("s1"), res("s1")]}, "names OS::Nova::Server:s1 twice"),
+        ({"resources": [res("s1"), res("s1")]}, "names OS::Nova::Server#s1 twice"),
         ({"limits": {VOLUME: 0}}, r"limits\['OS::Cinder::Volume'\] must be a whole number"),
     ],
 )

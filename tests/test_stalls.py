@@ -116,7 +116,7 @@ async def test_stalls_outside_hooks_blame_the_application_or_gc() -> None:
 
 async def test_run_hooks_fails_a_vendor_test_naming_the_blocking_hook() -> None:
     """testing.run_hooks (fail_on_block=True by default) fails naming the hook."""
-    with pytest.raises(LoopBlockedError, match=r"Test::Volume:bad on_main"):
+    with pytest.raises(LoopBlockedError, match=r"Test::Volume#bad on_main"):
         await run_hooks(Blocking(0.3), Resource(TYPE, "bad"), timeouts=Timeouts(hook=5))
     outcome = await run_hooks(
         Blocking(0.3), Resource(TYPE, "bad"), timeouts=Timeouts(hook=5), fail_on_block=False
@@ -126,7 +126,7 @@ async def test_run_hooks_fails_a_vendor_test_naming_the_blocking_hook() -> None:
 
 async def test_no_loop_stalls_names_the_hook(anyio_backend: Any) -> None:
     """no_loop_stalls() around a vendor's own engine use fails naming the hook."""
-    with pytest.raises(LoopBlockedError, match=r"Test::Volume:bad on_main"), no_loop_stalls():
+    with pytest.raises(LoopBlockedError, match=r"Test::Volume#bad on_main"), no_loop_stalls():
         async with Engine([Blocking(0.3)], discover=False) as engine:
             await engine.protect(_plan(5))
 

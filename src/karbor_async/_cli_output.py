@@ -67,7 +67,8 @@ def failure_line(r: ResourceOutcome) -> str:
     kind = qualified.rsplit(".", 1)[-1]
     if not sep or " " in qualified:  # not "module.Type: message": show it as it is
         return f"{name} {hook}: {last}"
-    for prefix in (f"{r.resource} {hook}: ", f"{name} {hook}: "):
+    legacy = f"{r.resource.type}:{r.resource.id}"  # (how errors stored before 0.1 wrote it)
+    for prefix in (f"{name} {hook}: ", f"{legacy} {hook}: "):
         if message.startswith(prefix):
             message = message[len(prefix) :]
             if kind == "HookError":  # the plain wrapper: the rest is "PluginType: message"

@@ -54,7 +54,7 @@ class Resource:
         object.__setattr__(self, "key", (self.type, self.id))
 
     def __str__(self) -> str:
-        return f"{self.type}:{self.id}"
+        return f"{self.type}#{self.id}"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "id": self.id, "name": self.name}
