@@ -229,6 +229,6 @@ def ledger_verdict(invariant: Any, protected: RunOutcome, missed: int) -> list[s
     lines.append(
         "  Why it holds: a transfer debits shard A, then credits shard B; the two stores add up "
         "only if both were cut with no transfer in flight (plugins/ledger/README.md; what the "
-        "barrier buys: benchmarks/RESULTS.md)."
+        "barrier buys: benchmarks/CONSISTENCY.md)."
     )
     return lines

@@ -194,7 +194,7 @@ class EngineTasks:
                 else:
                     until = min(next_log, start + grace)
                 self._changed = anyio.Event()
-                with anyio.move_on_at(until if math.isfinite(until) else math.inf):
+                with anyio.CancelScope(deadline=until if math.isfinite(until) else math.inf):
                     await self._changed.wait()
                 self._changed = None
         return ()

@@ -134,5 +134,5 @@ class Timers:
                 earliest = min(earliest, alarms[0][0])
             self._target = earliest
             self._wake = anyio.Event()
-            with anyio.move_on_at(earliest):
+            with anyio.CancelScope(deadline=earliest):  # (move_on_at exists only from anyio 4.15)
                 await self._wake.wait()
