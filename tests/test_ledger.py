@@ -313,3 +313,20 @@ async def test_a_transfer_cut_short_by_a_stop_is_finished_when_the_shards_start(
             await lines.write("PAUSE")
             assert await lines.read() == "PAUSED"
             assert (await app.check()).holds
+
+
+async def test_a_deep_or_relative_root_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Unix socket's path is limited to 107 bytes: under a deep root the sockets go to
+    a short directory of their own (removed afterwards). A relative root is the
+    caller's, although the shards run in /."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    async with running_ledger(deep) as app:
+        assert app.a.socket.parent != deep and len(os.fsencode(app.a.socket)) <= 100
+        assert (deep / "a.db").is_file() and (await app.stats())["B"]["role"] == "b"
+        sockets = app.a.socket.parent
+    assert not sockets.exists()
+    monkeypatch.chdir(tmp_path)
+    async with running_ledger(Path("rel")) as app:
+        assert app.root == tmp_path / "rel" and (tmp_path / "rel" / "a.db").is_file()

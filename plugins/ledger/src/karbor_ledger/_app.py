@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -129,6 +131,10 @@ class LedgerApp:
         return invariant(await self.a.store.read(a_db), await self.b.store.read(b_db))
 
 
+_MAX_SOCKET_PATH = 100
+"""Bytes; the kernel's limit for a Unix socket's path is 107."""
+
+
 @asynccontextmanager
 async def running_ledger(
     root: Path,
@@ -148,12 +154,17 @@ async def running_ledger(
     Shard A pauses in ``pause_latency_a`` seconds, B in ``pause_latency_b``: they
     differ by default, as two real services would.
     """
+    root = Path(await anyio.Path(root).absolute())  # (the shards run in /)
     await anyio.Path(root).mkdir(parents=True, exist_ok=True)
     store_a, store_b = stores or (SqliteFile(root / "a.db"), SqliteFile(root / "b.db"))
+    sockets = root
+    if len(os.fsencode(root / "a.sock")) > _MAX_SOCKET_PATH:
+        # A Unix socket's path has at most 107 bytes: put them in a short directory.
+        sockets = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="ledger-")))
     app = LedgerApp(
         root=root,
-        a=ShardSpec("A", store_a, root / "a.sock", pause_latency_a),
-        b=ShardSpec("B", store_b, root / "b.sock", pause_latency_b),
+        a=ShardSpec("A", store_a, sockets / "a.sock", pause_latency_a),
+        b=ShardSpec("B", store_b, sockets / "b.sock", pause_latency_b),
     )
     try:
         for spec, extra in (
@@ -198,6 +209,8 @@ async def running_ledger(
                     await process.wait()
                 if process.stdout is not None:
                     await process.stdout.aclose()
+            if sockets != root:
+                await anyio.to_thread.run_sync(shutil.rmtree, sockets, True)
 
 
 async def _ready(process: anyio.abc.Process, spec: ShardSpec) -> None:
