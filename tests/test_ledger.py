@@ -330,3 +330,50 @@ async def test_a_deep_or_relative_root_still_runs(
     monkeypatch.chdir(tmp_path)
     async with running_ledger(Path("rel")) as app:
         assert app.root == tmp_path / "rel" and (tmp_path / "rel" / "a.db").is_file()
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, anyio
+    from pathlib import Path
+    from karbor_ledger import running_ledger
+
+    async def main() -> None:
+        async with running_ledger(Path(sys.argv[1])) as app:
+            print(" ".join(str(p.pid) for p in app.processes), flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_shards_end_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
+    """No orphan shard keeps writing after kill -9 of whoever ran the application (a later
+    start would otherwise have two shards A writing one store)."""
+    holder = await anyio.open_process(
+        [sys.executable, "-c", _HOLDER, str(tmp_path / "app")], stderr=None
+    )
+    assert holder.stdout is not None
+    with anyio.fail_after(30):
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await holder.stdout.receive()
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 2
+    os.kill(holder.pid, signal.SIGKILL)
+    await holder.wait()
+    await holder.stdout.aclose()
+    start = time.monotonic()
+    with anyio.fail_after(5):
+        while any(_alive(p) for p in pids):  # noqa: ASYNC110 - other processes' lives
+            await anyio.sleep(0.02)
+    print(f"shards ended {1000 * (time.monotonic() - start):.0f} ms after their parent")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

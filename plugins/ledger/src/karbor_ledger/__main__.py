@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--rate", type=float, default=400.0)
     shard.add_argument("--gap", type=float, default=0.002)
     shard.add_argument("--seed", type=int, default=0)
+    shard.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when standard input ends (the parent that started it died)",
+    )
     check = sub.add_parser(
         "check",
         help="does a pair of stores keep the invariant?",
@@ -92,8 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     async def ready() -> None:
         print("READY", flush=True)
 
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def until_orphaned() -> None:
+                # The parent holds our stdin: its end (even by kill -9) ends the shard,
+                # so no orphan keeps writing to stores a later start also writes.
+                await anyio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+                tg.cancel_scope.cancel()
+
+            if args.exit_with_parent:
+                tg.start_soon(until_orphaned)
+            await Shard(config).run(ready)
+            tg.cancel_scope.cancel()
+
     try:
-        anyio.run(Shard(config).run, ready)
+        anyio.run(serve)
     except KeyboardInterrupt:
         return 130
     return 0

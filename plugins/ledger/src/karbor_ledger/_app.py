@@ -188,11 +188,16 @@ async def running_ledger(
             command = [
                 sys.executable, "-m", "karbor_ledger", "shard", *spec.store.shard_args(),
                 "--socket", str(spec.socket), "--pause-latency", str(spec.pause_latency),
-                *extra,
+                "--exit-with-parent", *extra,
             ]  # fmt: skip
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.store.shard_env()}
             process = await anyio.open_process(
-                command, stdout=subprocess.PIPE, stderr=None, env=env, cwd="/"
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                env=env,
+                cwd="/",
             )
             app.processes.append(process)
             await _ready(process, spec)
@@ -200,10 +205,14 @@ async def running_ledger(
     finally:
         with anyio.CancelScope(shield=True):
             for process in reversed(app.processes):
-                if process.returncode is None:
-                    process.terminate()
+                if process.stdin is not None:  # the shard's cue to stop (cleanly)
+                    await process.stdin.aclose()
                 with anyio.move_on_after(5):
                     await process.wait()
+                if process.returncode is None:
+                    process.terminate()
+                    with anyio.move_on_after(5):
+                        await process.wait()
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
