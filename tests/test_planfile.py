@@ -165,7 +165,7 @@ def test_file_level_problems(tmp_path: Path) -> None:
     assert "expected .toml, .yaml or .yml" in str(_error(tmp_path, "plan.json", "{}"))
     assert "is empty" in str(_error(tmp_path, "empty.yaml", "\n"))
     twice = _error(tmp_path, "twice.yaml", "name: x\nresources: ['A#1', 'A#1']\n")
-    assert "names A:1 twice" in str(twice)
+    assert "names A#1 twice" in str(twice)
     assert "missing the key 'resources'" in str(_error(tmp_path, "nores.toml", 'name = "x"\n'))
 
 
