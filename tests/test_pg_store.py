@@ -1,0 +1,173 @@
+"""The PostgreSQL store beyond the contract: refusals, secrets, seq numbering, leases.
+
+Each test makes its own database in the session's ``pg_cluster`` (skipped without
+the server, except under CI).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from karbor_async._pg_schema import schema_version, scrub_dsn
+from karbor_async._pg_store import PostgresStore
+from karbor_async._types import OperationKind, RunStatus
+from karbor_async.events import Event, EventKind
+from karbor_async.exceptions import (
+    ForeignFileError,
+    LeaseHeldError,
+    LeaseLostError,
+    NewerSchemaError,
+    StoreError,
+)
+from karbor_async.store import RunRecord
+from pgcluster import PgCluster
+
+
+@pytest.fixture
+def anyio_backend() -> Any:
+    return ("asyncio", {})
+
+
+def _dsn(cluster: PgCluster) -> str:
+    return cluster.dsn(cluster.create_database("pgstore"))
+
+
+def run_record(run_id: str) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        operation=OperationKind.PROTECT,
+        checkpoint_id=run_id,
+        plan={"name": "nightly"},
+        graph={"nodes": [], "edges": []},
+        status=RunStatus.RUNNING,
+        started_wall=time.time(),
+    )
+
+
+def event(run_id: str, seq: int) -> Event:
+    return Event(
+        run_id=run_id,
+        seq=seq,
+        kind=EventKind.STARTED,
+        operation=OperationKind.PROTECT,
+        wall=1.0,
+        mono=2.0,
+        resource=("OS::Nova::Server", "s1"),
+    )
+
+
+async def test_a_database_of_another_application_is_refused_untouched(
+    pg_cluster: PgCluster,
+) -> None:
+    name = pg_cluster.create_database("foreign")
+    pg_cluster.psql("CREATE TABLE invoices (id int)", dbname=name)
+    with pytest.raises(ForeignFileError, match=r"not a karbor-async store.*invoices"):
+        async with PostgresStore.open(pg_cluster.dsn(name), password=pg_cluster.password):
+            pass
+    tables = pg_cluster.psql("SELECT tablename FROM pg_tables WHERE schemaname='public'", name)
+    assert tables.split() == ["invoices"]
+
+
+async def test_a_newer_store_is_refused_untouched(pg_cluster: PgCluster) -> None:
+    dsn = _dsn(pg_cluster)
+    async with PostgresStore.open(dsn, password=pg_cluster.password):
+        pass
+    name = dsn.rsplit("/", 1)[1]
+    newer = schema_version() + 1
+    pg_cluster.psql(f"UPDATE karbor_meta SET value = '{newer}' WHERE key = 'schema_version'", name)
+    with pytest.raises(NewerSchemaError, match=f"version {newer}.*upgrade karbor-async"):
+        async with PostgresStore.open(dsn, password=pg_cluster.password):
+            pass
+
+
+async def test_reopening_keeps_what_was_stored(pg_cluster: PgCluster) -> None:
+    dsn = _dsn(pg_cluster)
+    async with PostgresStore.open(dsn, password=pg_cluster.password) as store:
+        await store.create_run(run_record("cp-1"))
+    async with PostgresStore.open(dsn, password=pg_cluster.password) as store:
+        assert (await store.get_run("cp-1")).status is RunStatus.RUNNING
+
+
+async def test_a_wrong_password_is_one_clear_error_without_the_password(
+    pg_cluster: PgCluster,
+) -> None:
+    dsn = pg_cluster.dsn().replace("postgres@", "postgres:hunter2-secret@")
+    with pytest.raises(StoreError, match="cannot connect to the PostgreSQL store") as info:
+        async with PostgresStore.open(dsn):
+            pass
+    assert "hunter2-secret" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_scrub_dsn_hides_passwords_in_every_form() -> None:
+    assert scrub_dsn("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
+    assert scrub_dsn("host=h password=pw dbname=d") == "host=h password=*** dbname=d"
+    assert (
+        scrub_dsn("postgresql://u@h/db?password=pw&x=1") == "postgresql://u@h/db?password=***&x=1"
+    )
+
+
+async def test_seq_comes_from_the_run_counter_in_commit_order_with_two_writers(
+    pg_cluster: PgCluster,
+) -> None:
+    """Two stores writing one run's events get consecutive seqs, whatever the engine said."""
+    dsn = _dsn(pg_cluster)
+    async with (
+        PostgresStore.open(dsn, password=pg_cluster.password) as a,
+        PostgresStore.open(dsn, password=pg_cluster.password) as b,
+    ):
+        await a.create_run(run_record("cp-1"))
+        for _ in range(5):
+            a.append(event("cp-1", 1))
+            b.append(event("cp-1", 1))
+            await a.commit()
+            await b.commit()
+        seqs = [e.seq for e in await a.read_events("cp-1")]
+        assert seqs == list(range(1, 11))
+        assert await b.last_seq("cp-1") == 10
+
+
+async def test_a_live_owners_run_is_left_to_it(pg_cluster: PgCluster) -> None:
+    """A live owner's run is left alone: acquiring it raises, recovery does not list it."""
+    dsn = _dsn(pg_cluster)
+    async with (
+        PostgresStore.open(dsn, password=pg_cluster.password, owner="otherhost:1:1:a") as old,
+        PostgresStore.open(dsn, password=pg_cluster.password, owner="otherhost:2:2:b") as new,
+    ):
+        await old.create_run(run_record("cp-1"))
+        with pytest.raises(LeaseHeldError, match="held by otherhost:1:1:a"):
+            await new.acquire_lease("cp-1")
+        assert await new.unfinished_runs() == []
+        assert [r.run_id for r, _, _ in await new.held_runs()] == ["cp-1"]
+
+
+async def test_an_expired_lease_is_recovered_and_the_loser_is_fenced(
+    pg_cluster: PgCluster,
+) -> None:
+    dsn = _dsn(pg_cluster)
+    async with (
+        PostgresStore.open(
+            dsn, password=pg_cluster.password, owner="otherhost:1:1:a", auto_renew=False
+        ) as old,
+        PostgresStore.open(dsn, password=pg_cluster.password, owner="otherhost:2:2:b") as new,
+    ):
+        await old.create_run(run_record("cp-1"))
+        await old.renew_lease("cp-1", ttl=0.01)
+        time.sleep(0.05)  # noqa: ASYNC251  (a real wall-clock expiry, 50 ms)
+        assert [r.run_id for r in await new.unfinished_runs()] == ["cp-1"]
+        assert await new.acquire_lease("cp-1") == 2
+        old.append(event("cp-1", 1))
+        with pytest.raises(LeaseLostError, match="cp-1"):
+            await old.commit()
+        assert await new.read_events("cp-1") == []
+        with pytest.raises(LeaseLostError):
+            old.append(event("cp-1", 2))
+
+
+async def test_an_error_of_the_block_comes_out_as_it_was(pg_cluster: PgCluster) -> None:
+    with pytest.raises(KeyError):
+        async with PostgresStore.open(_dsn(pg_cluster), password=pg_cluster.password):
+            raise KeyError("mine")
