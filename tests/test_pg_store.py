@@ -6,10 +6,16 @@ the server, except under CI).
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import anyio
+import attrs
 import pytest
+from anyio.streams.text import TextReceiveStream
 
 from karbor_async._pg_schema import schema_version, scrub_dsn
 from karbor_async._pg_store import PostgresStore
@@ -24,6 +30,8 @@ from karbor_async.exceptions import (
 )
 from karbor_async.store import RunRecord
 from pgcluster import PgCluster
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -171,3 +179,80 @@ async def test_an_error_of_the_block_comes_out_as_it_was(pg_cluster: PgCluster) 
     with pytest.raises(KeyError):
         async with PostgresStore.open(_dsn(pg_cluster), password=pg_cluster.password):
             raise KeyError("mine")
+
+
+# -- live events across processes ------------------------------------------------------
+
+
+def _env(cluster: PgCluster) -> dict[str, str]:
+    paths = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PGPASSWORD": cluster.password, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+async def test_a_subscriber_in_another_process_sees_every_event_live_in_order(
+    pg_cluster: PgCluster,
+) -> None:
+    """The other process prints each event as it is committed here, none missed or twice."""
+    dsn = _dsn(pg_cluster)
+    async with PostgresStore.open(dsn, password=pg_cluster.password) as store:
+        await store.create_run(run_record("cp-1"))
+        store.append(event("cp-1", 1))
+        await store.commit()  # before the subscriber: replayed
+        async with await anyio.open_process(
+            [sys.executable, str(ROOT / "tests" / "pgsubscriber.py"), dsn, "cp-1"],
+            env=_env(pg_cluster),
+        ) as child:
+            assert child.stdout is not None
+            lines = TextReceiveStream(child.stdout)
+            got = ""
+            with anyio.fail_after(30):
+                while "ready" not in got:
+                    got += await lines.receive()
+                for batch in range(5):  # live: five commits of three events
+                    for _ in range(3):
+                        store.append(event("cp-1", 0))
+                    await store.commit()
+                    await anyio.sleep(0.01 * batch)
+                store.append(attrs.evolve(event("cp-1", 0), kind=EventKind.RUN_FINISHED))
+                await store.commit()
+                while "listener" not in got:
+                    got += await lines.receive()
+                assert await child.wait() == 0
+        seqs = [int(line.split()[0]) for line in got.splitlines()[1:-1]]
+        assert seqs == list(range(1, 18))
+        assert got.splitlines()[-2].endswith("run_finished")
+        assert got.splitlines()[-1] == "listener 1"
+
+
+async def test_subscribers_of_one_store_share_one_listen_connection(
+    pg_cluster: PgCluster,
+) -> None:
+    """Two subscribers (two runs) and a replay from seq 2 share the store's one listener."""
+    dsn = _dsn(pg_cluster)
+    async with (
+        PostgresStore.open(dsn, password=pg_cluster.password) as writer,
+        PostgresStore.open(dsn, password=pg_cluster.password) as reader,
+    ):
+        for run_id in ("a", "b"):
+            await writer.create_run(run_record(run_id))
+        got: dict[str, list[int]] = {"a": [], "b": []}
+
+        async def follow(run_id: str, since: int) -> None:
+            async with reader.subscribe(run_id, since) as events:
+                async for e in events:
+                    got[run_id].append(e.seq)
+
+        writer.append(event("a", 0))
+        writer.append(event("a", 0))
+        await writer.commit()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow, "a", 1)
+                tg.start_soon(follow, "b", 0)
+                await anyio.sleep(0.05)
+                for run_id in ("a", "b"):
+                    writer.append(event(run_id, 0))
+                    writer.append(attrs.evolve(event(run_id, 0), kind=EventKind.RUN_FINISHED))
+                await writer.commit()
+        assert got == {"a": [2, 3, 4], "b": [1, 2]}
+        assert reader.listener.connections == 1

@@ -46,6 +46,7 @@ import anyio
 from karbor_async import _pg_ops as ops
 from karbor_async._liveness import owner_name
 from karbor_async._log import get_logger
+from karbor_async._pg_listen import Listener, PgSubscription
 from karbor_async._pg_queries import PgQueries
 from karbor_async._pg_schema import migrate, schema_version, scrub, scrub_dsn
 from karbor_async._sqlite_records import _encode
@@ -103,6 +104,8 @@ class PostgresStore:
         self._lost_now: set[str] = set()
         self._unreported: BaseException | None = None
         self._closed = False
+        self._listener = Listener()
+        self._connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None
         self.commits = 0
         """How many times :meth:`commit` was awaited."""
 
@@ -124,70 +127,15 @@ class PostgresStore:
         :class:`~karbor_async.exceptions.NewerSchemaError`). Leaving the block
         flushes pending writes and releases this store's leases.
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise StoreError("PostgresStore runs on asyncio only (asyncpg)") from None
-        if lease_seconds <= 0:
-            raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
-        asyncpg = _asyncpg()
-        where = scrub_dsn(dsn)
-        try:
-            writer = await asyncpg.connect(dsn, password=password)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreError(
-                f"cannot connect to the PostgreSQL store {where}: {scrub(str(exc), password)}"
-            ) from None
-        try:
-            version = await migrate(writer, where)
-            pool = await asyncpg.create_pool(dsn, password=password, min_size=1, max_size=2)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await writer.close()
-            raise
-        store = cls(
-            where=where,
-            writer=writer,
-            pool=pool,
-            owner=owner or owner_name(),
+        async with _open(
+            cls,
+            dsn,
+            password=password,
+            owner=owner,
             lease_seconds=lease_seconds,
-            secret=password,
-        )
-        _log.info(
-            "pg_store_opened",
-            dsn=where,
-            schema_version=max(version, schema_version()),
-            owner=store._owner,
-        )
-        body_error: BaseException | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(store._write_loop)
-                if auto_renew:
-                    tg.start_soon(store._renew_loop)
-                try:
-                    yield store
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    with anyio.CancelScope(
-                        shield=True, deadline=anyio.current_time() + _CLOSE_TIMEOUT
-                    ):
-                        await store._shutdown()
-                    tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The task group wraps what the caller's block raised; give it back as it was
-            # (the store's own tasks end only by cancellation).
-            if body_error is None or list(group.exceptions) != [body_error]:
-                raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.close()
-                await writer.close()
-            _log.info("pg_store_closed", dsn=where)
-        if body_error is not None:
-            raise body_error
+            auto_renew=auto_renew,
+        ) as store:
+            yield store
 
     @property
     def owner(self) -> str:
@@ -406,6 +354,29 @@ class PostgresStore:
     async def held_runs(self) -> list[tuple[RunRecord, str, float]]:
         return (await self._queries.unfinished_runs(self._owner))[1]
 
+    # -- live events across processes ---------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(self, run_id: str, since: int = 0) -> AsyncIterator[PgSubscription]:
+        """``async with store.subscribe(run_id) as events: async for e in events``: the run's
+        committed lifecycle events with ``seq > since``, live, whichever process writes
+        them (one LISTEN connection per store serves every subscriber); ends after
+        ``RUN_FINISHED``."""
+        self._check_open()
+        if self._connect is None:
+            raise StoreError("this store was not opened with PostgresStore.open")
+        await self._listener.start(self._connect)
+        self._listener.watch(run_id)
+        try:
+            yield PgSubscription(self._listener, self, run_id, since)
+        finally:
+            self._listener.unwatch(run_id)
+
+    @property
+    def listener(self) -> Listener:
+        """The store's LISTEN connection and its counters."""
+        return self._listener
+
     # -- Store protocol: reads ---------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -455,3 +426,80 @@ class PostgresStore:
 
     async def load_progress(self, run_id: str) -> list[Event]:
         return await self._queries.load_progress(run_id)
+
+
+@asynccontextmanager
+async def _open(
+    cls: type[PostgresStore],
+    dsn: str,
+    *,
+    password: str | None,
+    owner: str | None,
+    lease_seconds: float,
+    auto_renew: bool,
+) -> AsyncIterator[PostgresStore]:
+    """``PostgresStore.open``: connect, migrate, run the writer and renewer, close."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise StoreError("PostgresStore runs on asyncio only (asyncpg)") from None
+    if lease_seconds <= 0:
+        raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
+    asyncpg = _asyncpg()
+    where = scrub_dsn(dsn)
+    try:
+        writer = await asyncpg.connect(dsn, password=password)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreError(
+            f"cannot connect to the PostgreSQL store {where}: {scrub(str(exc), password)}"
+        ) from None
+    try:
+        version = await migrate(writer, where)
+        pool = await asyncpg.create_pool(dsn, password=password, min_size=1, max_size=2)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await writer.close()
+        raise
+    store = cls(
+        where=where,
+        writer=writer,
+        pool=pool,
+        owner=owner or owner_name(),
+        lease_seconds=lease_seconds,
+        secret=password,
+    )
+    store._connect = functools.partial(asyncpg.connect, dsn, password=password)
+    _log.info(
+        "pg_store_opened",
+        dsn=where,
+        schema_version=max(version, schema_version()),
+        owner=store._owner,
+    )
+    body_error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store._write_loop)
+            if auto_renew:
+                tg.start_soon(store._renew_loop)
+            try:
+                yield store
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _CLOSE_TIMEOUT):
+                    await store._shutdown()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The task group wraps what the caller's block raised; give it back as it was
+        # (the store's own tasks end only by cancellation).
+        if body_error is None or list(group.exceptions) != [body_error]:
+            raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store._listener.close()
+            await pool.close()
+            await writer.close()
+        _log.info("pg_store_closed", dsn=where)
+    if body_error is not None:
+        raise body_error
