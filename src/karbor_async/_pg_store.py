@@ -52,7 +52,12 @@ from karbor_async._pg_schema import migrate, schema_version, scrub, scrub_dsn
 from karbor_async._sqlite_records import _encode
 from karbor_async._types import ResourceKey, coerce_enum, coerce_optional
 from karbor_async.events import Event, EventKind
-from karbor_async.exceptions import IllegalTransitionError, LeaseLostError, StoreError
+from karbor_async.exceptions import (
+    IllegalTransitionError,
+    LeaseLostError,
+    StoreError,
+    StoreFileError,
+)
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunOutcome, RunRecord
 
 if TYPE_CHECKING:
@@ -450,8 +455,9 @@ async def _open(
     try:
         writer = await asyncpg.connect(dsn, password=password)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise StoreError(
-            f"cannot connect to the PostgreSQL store {where}: {scrub(str(exc), password)}"
+        raise StoreFileError(  # the store cannot be used (nothing was written)
+            f"cannot connect to the PostgreSQL store {where}: {scrub(str(exc), password)}; "
+            "check the URL, the server, and the password (PGPASSFILE or PGPASSWORD)"
         ) from None
     try:
         version = await migrate(writer, where)
