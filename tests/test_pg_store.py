@@ -7,6 +7,7 @@ the server, except under CI).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -256,3 +257,32 @@ async def test_subscribers_of_one_store_share_one_listen_connection(
                 await writer.commit()
         assert got == {"a": [2, 3, 4], "b": [1, 2]}
         assert reader.listener.connections == 1
+
+
+async def test_two_replicas_racing_for_a_dead_engines_run_never_both_take_it(
+    pg_cluster: PgCluster,
+) -> None:
+    """The run's owner is a process of this host that no longer runs; two stores recover
+    at once: one gets the next fencing token, the other is told a live engine holds it."""
+    dsn = _dsn(pg_cluster)
+    dead = f"{socket.gethostname()}:{2**22 + 17}:12345:deadbeef"  # no such pid
+    async with (
+        PostgresStore.open(dsn, password=pg_cluster.password, owner=dead) as gone,
+        PostgresStore.open(dsn, password=pg_cluster.password) as a,
+        PostgresStore.open(dsn, password=pg_cluster.password) as b,
+    ):
+        await gone.create_run(run_record("cp-1"))
+        results: list[object] = []
+
+        async def take(store: PostgresStore) -> None:
+            try:
+                results.append(await store.acquire_lease("cp-1"))
+            except LeaseHeldError as exc:
+                results.append(exc.owner)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, a)
+            tg.start_soon(take, b)
+        assert (a.fencing_token("cp-1"), b.fencing_token("cp-1")).count(2) == 1
+        winner = a if a.fencing_token("cp-1") == 2 else b
+        assert sorted(results, key=str) == sorted([2, winner.owner], key=str)
