@@ -286,3 +286,22 @@ async def test_two_replicas_racing_for_a_dead_engines_run_never_both_take_it(
         assert (a.fencing_token("cp-1"), b.fencing_token("cp-1")).count(2) == 1
         winner = a if a.fencing_token("cp-1") == 2 else b
         assert sorted(results, key=str) == sorted([2, winner.owner], key=str)
+
+
+async def test_held_background_writes_wait_for_the_commit(pg_cluster: PgCluster) -> None:
+    """While the engine holds background writes (something is frozen), an appended event
+    is written by the next commit, not behind it; released, write-behind resumes."""
+    dsn = _dsn(pg_cluster)
+    async with PostgresStore.open(dsn, password=pg_cluster.password) as store:
+        await store.create_run(run_record("cp-1"))
+        store.hold_background_writes(True)
+        store.append(event("cp-1", 1))
+        await anyio.sleep(0.2)
+        assert await store.read_events("cp-1") == []
+        await store.commit()
+        assert [e.seq for e in await store.read_events("cp-1")] == [1]
+        async with store.subscribe("cp-1", since=1) as events:
+            store.append(event("cp-1", 2))
+            store.hold_background_writes(False)  # no commit: written behind, announced
+            with anyio.fail_after(5):
+                assert (await anext(events)).seq == 2

@@ -109,6 +109,8 @@ class PostgresStore:
         self._lost_now: set[str] = set()
         self._unreported: BaseException | None = None
         self._closed = False
+        self._quiet = 0
+        """Holds of background writes (``hold_background_writes``)."""
         self._listener = Listener()
         self._connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None
         self.commits = 0
@@ -157,7 +159,15 @@ class PostgresStore:
             raise LeaseLostError(f"run {run_id!r} is owned by another engine now")
 
     def _poke(self) -> None:
-        self._wake.set()
+        if not self._quiet:
+            self._wake.set()
+
+    def hold_background_writes(self, hold: bool) -> None:
+        """While held, write-behind records wait for the next ``commit()`` (or the release):
+        no background transaction while the engine has anything frozen. Counted."""
+        self._quiet = max(0, self._quiet + (1 if hold else -1))
+        if not self._quiet and self._pending.has_work:
+            self._wake.set()
 
     async def _flush(self) -> None:
         """Write the pending batch (the caller holds the lock)."""
@@ -200,6 +210,8 @@ class PostgresStore:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
+            if self._quiet:
+                continue  # held: the next commit (or the release) writes it
             async with self._lock:
                 try:
                     await self._flush()
