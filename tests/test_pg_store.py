@@ -28,6 +28,7 @@ from karbor_async.exceptions import (
     LeaseLostError,
     NewerSchemaError,
     StoreError,
+    StoreFileError,
 )
 from karbor_async.store import RunRecord
 from pgcluster import PgCluster
@@ -305,3 +306,17 @@ async def test_held_background_writes_wait_for_the_commit(pg_cluster: PgCluster)
             store.hold_background_writes(False)  # no commit: written behind, announced
             with anyio.fail_after(5):
                 assert (await anext(events)).seq == 2
+
+
+async def test_a_role_that_may_not_create_tables_is_one_clear_error(
+    pg_cluster: PgCluster,
+) -> None:
+    name = pg_cluster.create_database("noright")
+    role = f"reader_{name}"  # roles are the cluster's: one of this test's own
+    pg_cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-reader'")
+    pg_cluster.psql("REVOKE CREATE ON SCHEMA public FROM PUBLIC", dbname=name)
+    dsn = pg_cluster.dsn(name).replace(f"{pg_cluster.user}@", f"{role}@")
+    with pytest.raises(StoreFileError, match="cannot be opened: permission denied") as info:
+        async with PostgresStore.open(dsn, password="pw-reader"):
+            pass
+    assert "pw-reader" not in str(info.value)

@@ -474,9 +474,13 @@ async def _open(
     try:
         version = await migrate(writer, where)
         pool = await asyncpg.create_pool(dsn, password=password, min_size=1, max_size=2)
-    except BaseException:
+    except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await writer.close()
+        if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+            raise StoreFileError(  # e.g. no right to create tables in that database
+                f"the PostgreSQL store {where} cannot be opened: {scrub(str(exc), password)}"
+            ) from None
         raise
     store = cls(
         where=where,
