@@ -1,7 +1,9 @@
 """The store contract: every Store implementation passes these (DESIGN.md section 5).
 
-Parametrised over ``MemoryStore`` (asyncio and trio) and ``SqliteStore``
-(asyncio only: aiosqlite). Reads are made after ``commit()``: the SQLite store
+Parametrised over ``MemoryStore`` (asyncio and trio), ``SqliteStore``
+(asyncio only: aiosqlite) and ``PostgresStore`` (asyncio only: asyncpg; a database
+of its own per test in the session's ``pg_cluster``, skipped without the server
+except under CI). Reads are made after ``commit()``: the SQLite store
 reads what is committed, the memory store what was written.
 """
 
@@ -20,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from karbor_async._memory import MemoryStore
+from karbor_async._pg_store import PostgresStore
 from karbor_async._sqlite import SqliteStore
 from karbor_async._types import (
     BarrierPolicy,
@@ -60,7 +63,12 @@ LEGAL: Mapping[CheckpointStatus, frozenset[CheckpointStatus]] = {
     CS.DELETED: frozenset(),
 }
 
-IMPLS = [("memory", "asyncio"), ("memory", "trio"), ("sqlite", "asyncio")]
+IMPLS = [
+    ("memory", "asyncio"),
+    ("memory", "trio"),
+    ("sqlite", "asyncio"),
+    ("postgresql", "asyncio"),
+]
 
 
 @pytest.fixture(params=IMPLS, ids=["-".join(p) for p in IMPLS])
@@ -75,9 +83,16 @@ def anyio_backend(impl: tuple[str, str]) -> Any:
 
 
 @pytest.fixture
-async def store(impl: tuple[str, str], tmp_path: Path) -> AsyncIterator[Store]:
+async def store(
+    impl: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Store]:
     if impl[0] == "memory":
         yield MemoryStore()
+    elif impl[0] == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        dsn = cluster.dsn(cluster.create_database("contract"))
+        async with PostgresStore.open(dsn, password=cluster.password) as pg_store:
+            yield pg_store
     else:
         async with SqliteStore.open(tmp_path / "karbor.db") as sqlite_store:
             yield sqlite_store

@@ -9,6 +9,7 @@ from karbor_async._engine import Engine
 from karbor_async._fsbank import FsBank
 from karbor_async._graph import ResourceGraph
 from karbor_async._memory import MemoryBank, MemoryStore
+from karbor_async._pg_store import PostgresStore
 from karbor_async._plan import ConsistencyGroup, Plan, Timeouts
 from karbor_async._scheduler import Run, RunStatistics
 from karbor_async._sqlite import SqliteStore
@@ -44,6 +45,7 @@ __all__ = [
     "OperationKind",
     "Param",
     "Plan",
+    "PostgresStore",
     "Progress",
     "Protectable",
     "ProtectionPlugin",

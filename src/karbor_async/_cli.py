@@ -44,6 +44,8 @@ from karbor_async._cli_output import (
 from karbor_async._engine import Engine
 from karbor_async._fsbank import FsBank
 from karbor_async._log import configure as configure_logging
+from karbor_async._pg_schema import scrub_dsn
+from karbor_async._pg_store import PostgresStore
 from karbor_async._plan import ConsistencyGroup, Plan, Timeouts
 from karbor_async._planfile import PlanFileError, load_plan_file
 from karbor_async._progress import Display, Notices, follow_run, outcome_tables, phase_table
@@ -250,6 +252,8 @@ SecretsOption = Annotated[
 DEFAULT_DB = Path("karbor.db")
 _SETTINGS: dict[str, float] = {"lease_seconds": 30.0}
 """Global options that reach the store (set by the app's callback)."""
+_STORE_URL: dict[str, str | None] = {"url": None}
+"""``--store``: the PostgreSQL store's URL, when one was chosen over ``--db``."""
 DEFAULT_BANK = Path("bank")
 
 
@@ -537,11 +541,17 @@ def _check_cloud(engine: Engine, types: Sequence[str], cloud: Any) -> None:
 @asynccontextmanager
 async def _store(
     db: Path, *, must_exist: bool, read_only: bool = False
-) -> AsyncIterator[SqliteStore]:
+) -> AsyncIterator[SqliteStore | PostgresStore]:
     """The command's store; one this command created and left with no run in it (a plan
     rejected before anything ran, a failure while creating it) is removed again.
     ``read_only``: a command that only reads, which never writes the file (it works on
-    read-only media)."""
+    read-only media). With ``--store postgresql://...`` the PostgreSQL store instead
+    (``--db`` is then not used)."""
+    url = _STORE_URL.get("url")
+    if url is not None:
+        async with PostgresStore.open(url, lease_seconds=_SETTINGS["lease_seconds"]) as pg:
+            yield pg
+        return
     path = anyio.Path(db)
     exists = await path.exists()
     if must_exist and not exists:
@@ -641,7 +651,9 @@ _CLOSE_TIMEOUT = 10.0
 """How long a command waits, at its end, for abandoned hooks that it cancelled."""
 
 
-async def _exit_leaving(out: _Out, store: SqliteStore, left: Sequence[AbandonedHook]) -> NoReturn:
+async def _exit_leaving(
+    out: _Out, store: SqliteStore | PostgresStore, left: Sequence[AbandonedHook]
+) -> NoReturn:
     """Hooks ignore their cancellation: commit, say what is left running, exit 1 now."""
     try:
         await store.commit()
@@ -825,9 +837,28 @@ def _configure(
             ),
         ),
     ] = 30.0,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            envvar="KARBOR_STORE",
+            help=(
+                "A PostgreSQL checkpoint store shared by several engines "
+                "(postgresql://USER@HOST:PORT/DB; the password from PGPASSFILE or "
+                "PGPASSWORD) instead of the SQLite file of --db."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """The CLI is an application, so it (not the library) configures logging: one
     stderr handler on the ``karbor_async`` logger, console lines or JSON lines."""
+    if store is not None and not store.startswith(("postgresql://", "postgres://")):
+        raise typer.BadParameter(
+            f"a PostgreSQL URL (postgresql://USER@HOST:PORT/DB), not {scrub_dsn(store)!r}; "
+            "a SQLite store is chosen with --db",
+            param_hint="--store",
+        )
+    _STORE_URL["url"] = store
     if not lease_seconds > 0:
         raise typer.BadParameter(
             f"must be a positive number of seconds, not {lease_seconds!r}",
@@ -1179,7 +1210,7 @@ def checkpoints_list(
 
 
 async def _visible_checkpoints(
-    store: SqliteStore,
+    store: SqliteStore | PostgresStore,
     plan: str | None,
     status: CheckpointStatus | None,
     limit: int,
@@ -1526,7 +1557,7 @@ async def _events(out: _Out, run_id: str, since: int, follow: bool, db: Path) ->
     return EXIT_OK
 
 
-async def _owner_gone(store: SqliteStore, run_id: str) -> bool:
+async def _owner_gone(store: SqliteStore | PostgresStore, run_id: str) -> bool:
     """The run is still ``running`` but nobody holds it: its engine died (or let it go)."""
     if (await store.get_run(run_id)).status is not RunStatus.RUNNING:
         return False
@@ -1557,7 +1588,7 @@ async def _recover(out: _Out, db: Path, bank: Path, secrets: CliSecrets, cloud: 
     async with _session(out, db, bank, secrets=secrets, cloud=cloud, must_exist=True) as engine:
         store = engine.store
         unfinished: list[RunRecord] = []
-        if isinstance(store, SqliteStore):
+        if isinstance(store, SqliteStore | PostgresStore):
             unfinished = await store.unfinished_runs()
         types = [str(r["type"]) for run in unfinished for r in run.graph.get("resources", ())]
         _check_cloud(engine, types, cloud)
