@@ -131,6 +131,10 @@ def test_the_demo_explains_each_figure_and_takes_a_latency(cli: Cli) -> None:
         for h in re.findall(r"^#+ (.+)$", (ROOT / doc).read_text(), re.M)
     ]
     assert anchor in headings
+    # the live application was protected, restored and checked, beside the store
+    assert "Verdict on the restored stores of the live application: consistent:" in out
+    assert (cli.root / "demo-app" / "a.db").is_file()
+    assert list((cli.root / "demo-app").glob("restored-*/a.db"))
     bad = cli("demo", "--latency", "warp", code=EXIT_BAD_INPUT)
     assert "expected realistic, zero or slow" in bad.output
 

@@ -427,12 +427,17 @@ class SimcloudSpec:
 
 
 def _simcloud_module() -> Any:
+    return _plugin_module("karbor_simcloud", "the SIMULATED cloud plugins", "simcloud")
+
+
+def _plugin_module(name: str, what: str, folder: str) -> Any:
+    """Import one of the packages under plugins/, or say how to install it."""
     try:
-        return importlib.import_module("karbor_simcloud")
+        return importlib.import_module(name)
     except ImportError:
         raise CliUsageError(
-            "the SIMULATED cloud plugins are not installed; run `make demo` (it installs "
-            "./plugins/simcloud) or `pip install -e ./plugins/simcloud`"
+            f"{what} ({name}) cannot be imported: run `make demo` (it installs every package "
+            f"under plugins/) or `pip install -e ./plugins/{folder}`"
         ) from None
 
 
@@ -1784,13 +1789,14 @@ def demo(
     ] = "realistic",
     plain: PlainOption = False,
     app_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--app-dir",
             help="Where the live two-shard application keeps its stores and sockets "
-            "(kept between demos; restores go into restored-CHECKPOINT/ inside it).",
+            "(kept between demos; restores go into restored-CHECKPOINT/ inside it). "
+            "Default: demo-app/ beside --db.",
         ),
-    ] = Path("demo-app"),
+    ] = None,
 ) -> None:
     """Protect a live application (two shards writing to SQLite) with a generated sample
     of the SIMULATED cloud, restore it, and check that the restored stores are consistent."""
@@ -1798,10 +1804,13 @@ def demo(
     if resources < 3:
         _exit_with(out, "--resources must be at least 3 (a project, a server, a volume)", 2)
     spec = _guard(out, lambda: SimcloudSpec.parse(f"{resources}:{seed}:{latency}"))
-    ledger = _plugin_module("karbor_ledger", "the sample application", "ledger")
-    _plugin_module("karbor_sqlite", "the SQLite plugin", "sqlite")
+    ledger = _guard(
+        out, lambda: _plugin_module("karbor_ledger", "the sample application", "ledger")
+    )
+    _guard(out, lambda: _plugin_module("karbor_sqlite", "the SQLite plugin", "sqlite"))
     cloud = _guard(out, lambda: _generate_cloud(spec, out, None))
-    _run_async(out, _demo, out, cloud, ledger, app_dir.absolute(), db, bank, report)
+    where = app_dir if app_dir is not None else db.parent / "demo-app"  # (beside the store)
+    _run_async(out, _demo, out, cloud, ledger, where.absolute(), db, bank, report)
 
 
 def demo_plan(cloud: Any, app: Any = None) -> Plan:
@@ -1819,16 +1828,6 @@ def demo_plan(cloud: Any, app: Any = None) -> Plan:
         barrier=BarrierPolicy.CUT,
         timeouts=Timeouts(hook=60, quiesce_budget=5.0),
     )
-
-
-def _plugin_module(name: str, what: str, folder: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise CliUsageError(
-            f"{what} ({name}) is not installed; run `make demo` (it installs every package "
-            f"under plugins/) or `pip install -e ./plugins/{folder}`"
-        ) from None
 
 
 async def _demo(
