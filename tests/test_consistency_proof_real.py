@@ -43,10 +43,13 @@ from karbor_ledger import (
 )
 from karbor_ledger.proof import ProofSample, protect_restore_check
 from pgcluster import PgCluster
+from proofchecks import assert_all_consistent, assert_caught
 
 pytest.importorskip("asyncpg")
 karbor_postgres = pytest.importorskip("karbor_postgres")
 karbor_fs = pytest.importorskip("karbor_fs")
+
+_LABEL = " (PostgreSQL + file on a frozen ext4)"
 
 PROTECTS = 30
 
@@ -125,26 +128,11 @@ async def test_every_restored_pair_is_consistent_under_barrier_cut_with_quiesce(
     tmp_path: Path, pg_cluster: PgCluster, shard_db: str, fs_stack: Stack
 ) -> None:
     samples = await _samples(tmp_path, pg_cluster, shard_db, fs_stack, quiesce=True)
-    broken = [s.invariant.describe() for s in samples if not s.invariant.holds]
-    assert broken == []
-    transfers = [s.invariant.debits for s in samples]
-    assert transfers == sorted(transfers) and transfers[-1] > transfers[0]  # it kept writing
-    assert all(s.longest_window is not None for s in samples)
-    print(
-        f"{len(samples)} of {len(samples)} restored pairs (PostgreSQL + file on a frozen "
-        f"ext4) consistent; {transfers[0]}..{transfers[-1]} transfers in the restored stores"
-    )
+    assert_all_consistent(samples, _LABEL)
 
 
 async def test_without_quiesce_a_restored_pair_is_caught_inconsistent(
     tmp_path: Path, pg_cluster: PgCluster, shard_db: str, fs_stack: Stack
 ) -> None:
     samples = await _samples(tmp_path, pg_cluster, shard_db, fs_stack, quiesce=False)
-    broken = [s for s in samples if not s.invariant.holds]
-    print(
-        f"quiesce off (PostgreSQL + file on a frozen ext4): {len(broken)} of {len(samples)} "
-        f"restored pairs inconsistent (catch rate {len(broken) / len(samples):.0%}); off by "
-        f"{sorted(s.invariant.off_by for s in broken)}"
-    )
-    assert broken, "30 protects with quiesce off never caught a transfer in flight"
-    assert all(s.invariant.half_done >= 1 for s in broken)
+    assert_caught(samples, _LABEL)
