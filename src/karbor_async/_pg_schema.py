@@ -16,14 +16,14 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from karbor_async.exceptions import ForeignFileError, NewerSchemaError, StoreFileError
+from karbor_async._schema_meta import MAGIC, stored_version
+from karbor_async.exceptions import ForeignFileError, StoreFileError
 
 if TYPE_CHECKING:
     import asyncpg
 
 __all__ = ["MAGIC", "MIGRATIONS", "migrate", "schema_version", "scrub", "scrub_dsn"]
 
-MAGIC = "karbor-async-store"
 
 _LOCK_KEY = 0x4B415342
 """The advisory lock migrations hold (``"KASB"``, SQLite's application id)."""
@@ -166,18 +166,11 @@ async def migrate(conn: asyncpg.Connection, where: str) -> int:
             meta = {
                 str(k): str(v) for k, v in await conn.fetch("SELECT key, value FROM karbor_meta")
             }
-            if meta.get("magic") != MAGIC or not meta.get("schema_version", "").isdigit():
-                raise StoreFileError(
-                    f"{where} has a karbor_meta table that is not a karbor-async store's "
-                    f"({meta!r}); it was left untouched: point the store at a new database"
-                )
-            version = int(meta["schema_version"])
-            if version > schema_version():
-                raise NewerSchemaError(
-                    f"{where} has store schema version {version}, written by a newer "
-                    f"karbor-async; this one reads up to version {schema_version()}. The "
-                    "database was left untouched: upgrade karbor-async to open it"
-                )
+            damaged = StoreFileError(
+                f"{where} has a karbor_meta table that is not a karbor-async store's "
+                f"({meta!r}); it was left untouched: point the store at a new database"
+            )
+            version = stored_version(where, meta, schema_version(), "database", damaged)
         for step in MIGRATIONS[version:]:
             for statement in step:
                 await conn.execute(statement)

@@ -20,10 +20,10 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
+from karbor_async._schema_meta import MAGIC, stored_version
 from karbor_async.exceptions import (
     CorruptStoreError,
     ForeignFileError,
-    NewerSchemaError,
     StoreFileError,
 )
 
@@ -39,7 +39,6 @@ __all__ = [
 APPLICATION_ID = 0x4B415342
 """``PRAGMA application_id`` of a karbor-async store (``"KASB"``)."""
 
-MAGIC = "karbor-async-store"
 """``meta.magic``: says the file is ours even if the header field were lost."""
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -278,18 +277,11 @@ def _inspect(conn: sqlite3.Connection, path: Path, *, check: bool) -> int:
             "it was left untouched: restore it from a copy or move it aside"
         )
     meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-    if meta.get("magic") != MAGIC or not meta.get("schema_version", "").isdigit():
-        raise CorruptStoreError(
-            f"{path} is marked as a karbor-async store but its meta table is damaged "
-            f"({meta!r}); it was left untouched: restore it from a copy or move it aside"
-        )
-    version = int(meta["schema_version"])
-    if version > schema_version():
-        raise NewerSchemaError(
-            f"{path} has store schema version {version}, written by a newer karbor-async; "
-            f"this one reads up to version {schema_version()}. The file was left untouched: "
-            "upgrade karbor-async to open it"
-        )
+    damaged = CorruptStoreError(
+        f"{path} is marked as a karbor-async store but its meta table is damaged "
+        f"({meta!r}); it was left untouched: restore it from a copy or move it aside"
+    )
+    version = stored_version(str(path), meta, schema_version(), "file", damaged)
     if check:
         problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:

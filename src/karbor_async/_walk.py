@@ -190,7 +190,7 @@ async def _prepare(run: RunState, n: _Node) -> bool:
         n.ev_pf = anyio.Event()
         await n.ev_pf.wait()
         n.ev_pf = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
-    if n.pf is not None and _ordering.held_at_thaw(n):
+    if n.waits_cuts and n.pf is not None and _ordering.held_at_thaw(n):
         await g.thaw_released.wait()  # under cut: thaw once every cut of the group is done
     if g.aborting is not None:
         # Woken just before the abort reached it: cuts not yet started are not started.
