@@ -260,3 +260,23 @@ def test_no_class_is_over_400_lines() -> None:
                 if lines > MAX_CLASS_LINES:
                     big.append(f"{path.relative_to(PACKAGE)}: {node.name} ({lines} lines)")
     assert not big, "classes over 400 lines: " + ", ".join(big)
+
+
+# anyio names newer than the lowest version pyproject.toml declares (anyio>=4.6)
+_NEWER_THAN_DECLARED_ANYIO = (
+    "move_on_at",
+    "fail_at",
+)  # move_on_at: 4.15 (the audit); fail_at its twin
+
+
+def test_the_engine_calls_no_anyio_newer_than_it_declares() -> None:
+    """`anyio>=4.6` must be true: code calling `anyio.move_on_at` failed every run there."""
+    declared = (ROOT / "pyproject.toml").read_text()
+    assert '"anyio>=4.6"' in declared
+    found = [
+        f"{path.relative_to(ROOT)}: anyio.{name}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for name in _NEWER_THAN_DECLARED_ANYIO
+        if f"anyio.{name}(" in path.read_text()
+    ]
+    assert found == []
