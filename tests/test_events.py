@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import attrs
 import pytest
 
 from helpers import VOLUME, res, setup
@@ -16,14 +17,17 @@ from karbor_async import (
     Engine,
     Event,
     EventKind,
+    Hook,
     HookContext,
     MemoryStore,
+    OperationKind,
     Plan,
     ProtectionPlugin,
     Resource,
     ResourceType,
     SqliteStore,
 )
+from karbor_async.events import Progress, new_event
 from karbor_async.testing import MapProtectable
 
 
@@ -299,3 +303,28 @@ async def test_batch_readers_join_late_fall_behind_and_still_get_everything() ->
         assert _lifecycle(results["late"]) == [s for s in stored if s[1] > 3]
         assert caught_up["slow"] > 0  # it did fall off the ring and read back from the store
         assert caught_up["late"] > 0  # its replay came from the store
+
+
+def test_new_event_is_an_ordinary_frozen_event() -> None:
+    """The engine's fast constructor builds exactly what ``Event(...)`` builds."""
+    args = (
+        "run-1",
+        7,
+        EventKind.FINISHED,
+        OperationKind.PROTECT,
+        1.5,
+        2.5,
+        ("OS::Cinder::Volume", "v1"),
+        Hook.MAIN,
+        "g",
+        2,
+        Progress(0.5),
+        3,
+        {"k": "v"},
+    )
+    fast, slow = new_event(*args), Event(*args)
+    assert fast == slow
+    assert attrs.astuple(fast, recurse=False) == attrs.astuple(slow, recurse=False)
+    assert fast.to_json() == slow.to_json()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.seq = 8  # type: ignore[misc]

@@ -1,8 +1,9 @@
-"""The engine holds the cyclic garbage collector off while anything is frozen."""
+"""The engine holds the cyclic garbage collector off for a run (capped), frozen or not."""
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from karbor_async import (
     Resource,
     ResourceType,
 )
+from karbor_async._holds import QuietGc
 from karbor_async.testing import MapProtectable
 
 SERVER = "OS::Nova::Server"
@@ -84,15 +86,33 @@ def gc_enabled() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("gc_enabled")
-async def test_collector_is_held_off_from_freeze_to_thaw() -> None:
+async def test_collector_is_held_off_for_the_run() -> None:
     probe = _Probe()
     engine, plan = _engine(probe)
     async with engine:
         await engine.protect(plan)
-        assert probe.seen["begin", "s1"] is True  # nothing frozen yet
+        assert probe.seen["begin", "s1"] is False  # nothing frozen yet: held for the run
         assert all(probe.seen["finish", f"v{i}"] is False for i in range(3))  # the cuts
         assert probe.seen["finish", "s1"] is False  # the thaw itself: still frozen
-        assert gc.isenabled()  # everything thawed and dispatched: the collector is back
+        assert all(probe.seen["main", f"v{i}"] is False for i in range(3))
+        assert gc.isenabled()  # the run is over: the collector is back
+
+
+@pytest.mark.usefixtures("gc_enabled")
+def test_overlapping_runs_cannot_keep_the_collector_off_for_good() -> None:
+    """A run's hold starts only while the process-wide hold is younger than its cap."""
+    assert QuietGc.take(unless_held_for=0.05)
+    try:
+        assert not gc.isenabled()
+        time.sleep(0.06)
+        assert not QuietGc.take(unless_held_for=0.05)  # held too long already: refused
+        QuietGc.take()  # a freeze's hold is never refused
+        QuietGc.give()
+    finally:
+        QuietGc.give()
+    assert gc.isenabled()
+    assert QuietGc.take(unless_held_for=0.05)  # a fresh hold: granted again
+    QuietGc.give()
 
 
 @pytest.mark.usefixtures("gc_enabled")

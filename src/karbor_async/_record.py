@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from types import MappingProxyType
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,12 +22,15 @@ from karbor_async._safety import SafetyThaws
 from karbor_async._scrub import Scrubber
 from karbor_async._timers import Timers
 from karbor_async._types import AbortReason, Hook, OperationKind, ResourceKey, ResourceStatus
-from karbor_async.events import Event, EventKind, Progress
+from karbor_async.events import EventKind, Progress, new_event
 from karbor_async.exceptions import HookError, PluginError, ThawFailedError
 from karbor_async.plugin import Bank
 from karbor_async.store import Store
 
 __all__ = ["Recorder", "format_error", "record_error"]
+
+_NO_DATA: Mapping[str, Any] = MappingProxyType({})
+"""A progress tick's data: none (one shared, read-only, empty mapping)."""
 
 
 def format_error(exc: BaseException) -> str:
@@ -115,8 +119,8 @@ class Recorder:
             attempt = node.attempt
         else:
             resource, group, attempt = None, data.pop("group", None), 1
-        # Positional, in Event's field order: a third cheaper than keywords (a hot path).
-        event = Event(
+        # Every field, positional: half the cost of Event(...) (a hot path).
+        event = new_event(
             self.run_id,
             self.seq,
             kind,
@@ -154,19 +158,20 @@ class Recorder:
         due = now - n.progress_stored_at >= self._PROGRESS_STORE_INTERVAL
         if not live and not due:
             return
-        event = Event(
-            run_id=self.run_id,
-            seq=self.seq,
-            kind=EventKind.PROGRESS,
-            operation=self.operation,
-            wall=time.time(),
-            mono=now,
-            resource=n.resource.key,
-            hook=n.current,
-            group=n.gate.name,
-            attempt=n.attempt,
-            progress=progress,
-            tick=n.ticks,
+        event = new_event(
+            self.run_id,
+            self.seq,
+            EventKind.PROGRESS,
+            self.operation,
+            time.time(),
+            now,
+            n.resource.key,
+            n.current,
+            n.gate.name,
+            n.attempt,
+            progress,
+            n.ticks,
+            _NO_DATA,
         )
         if live:
             assert hub is not None

@@ -233,6 +233,7 @@ class Run(RunState):
         try:
             async with anyio.create_task_group() as tg:
                 self.holds.watching = True
+                self.holds.hold_run()  # no collection for the run (capped: quiet_gc)
                 tg.start_soon(self.timers.watch)
                 if run_limit is not None:
                     tg.start_soon(watchdog, self, run_limit)
