@@ -69,10 +69,12 @@ class Engine:
     references that secret parameters hold. With ``recover`` (the default), the
     first operation first finishes or cleans up what a dead engine left in a
     durable store (see :meth:`recover`). ``quiet_gc`` keeps the cyclic garbage
-    collector's pauses out of quiesce windows and cut waves: it is held off,
-    process-wide, while anything the run quiesced is frozen and while a cut
-    wave is dispatched, for at most ``quiet_gc`` seconds per run (default 10;
-    0 leaves the collector alone, for applications that manage it themselves).
+    collector's pauses out of runs (quiesce windows, cut waves, and the run's
+    time: a large run otherwise spends up to 40% of it in full collections): it
+    is held off, process-wide and counted, from a run's first hook to its last,
+    for at most ``quiet_gc`` seconds per run (default 10), and overlapping runs
+    cannot keep it off much past that; 0 leaves the collector alone, for
+    applications that manage it themselves.
 
     An engine is used inside ``async with Engine(...) as engine:``, which opens
     the engine's own task group in the caller's event loop (asyncio or trio):
