@@ -34,6 +34,7 @@ __all__ = [
     "cancel_probe",
     "deliver_pending",
     "fast_clock",
+    "fast_primitives",
     "hook_call_code",
 ]
 
@@ -47,6 +48,25 @@ def fast_clock() -> Callable[[], float]:
         return asyncio.get_running_loop().time  # the same clock anyio reads on asyncio
     except RuntimeError:  # not on asyncio (trio): keep anyio's own, mock clocks included
         return anyio.current_time
+
+
+def fast_primitives() -> tuple[Callable[[], anyio.Event], Callable[[], anyio.CancelScope]]:
+    """``anyio.Event`` and ``anyio.CancelScope`` without the backend lookup each one makes.
+
+    Both dispatch to the running backend's class on every construction (a sniffio
+    lookup, about 1 us); a run builds one scope and up to three events per resource,
+    so it asks once and builds the backend's classes directly. Whatever cannot be
+    built that way (an anyio that changed) falls back to the public constructors.
+    """
+    event_cls: Callable[[], anyio.Event] = type(anyio.Event())
+    scope_cls: Callable[[], anyio.CancelScope] = type(anyio.CancelScope())
+    try:
+        event, scope = event_cls(), scope_cls()
+    except TypeError:  # pragma: no cover - an anyio whose classes take other arguments
+        return anyio.Event, anyio.CancelScope
+    if not (isinstance(event, anyio.Event) and isinstance(scope, anyio.CancelScope)):
+        return anyio.Event, anyio.CancelScope  # pragma: no cover
+    return event_cls, scope_cls
 
 
 def cancel_probe() -> Callable[[], object] | None:

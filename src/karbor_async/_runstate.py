@@ -138,6 +138,11 @@ class RunState:
         """RUN_FINISHED was emitted: the run is over (late hooks record nothing)."""
         return self.rec.closed
 
+    new_event: Callable[[], anyio.Event] = anyio.Event
+    """Builds the per-node events (``_calls.fast_primitives`` once the run runs)."""
+    new_scope: Callable[[], anyio.CancelScope] = anyio.CancelScope
+    """Builds each node's cancel scope (``_calls.fast_primitives`` once the run runs)."""
+
     def set_clock(self, clock: Callable[[], float]) -> None:
         """One clock for the run and each of its rooms (read on every hook call)."""
         self.now = self.rec.now = self.timers.now = self.holds.now = clock

@@ -34,7 +34,7 @@ import anyio.lowlevel
 from karbor_async._abandon import abandon_due
 from karbor_async._abort import abort_all, abort_group, on_caller_cancel
 from karbor_async._build import build_nodes
-from karbor_async._calls import cancel_probe, fast_clock
+from karbor_async._calls import cancel_probe, fast_clock, fast_primitives
 from karbor_async._calls import hook_call_code as _hook_call_code
 from karbor_async._guards import fire, stalled, watchdog
 from karbor_async._hub import EventHub
@@ -189,6 +189,7 @@ class Run(RunState):
 
     async def _execute_shielded(self) -> tuple[RunOutcome, list[Exception]]:
         self.set_clock(fast_clock())
+        self.new_event, self.new_scope = fast_primitives()
         # Per-event debug logs only when the run's stdlib logger lets debug through
         # (asked once per run): building each line costs microseconds.
         self.rec.log_events = self.log.isEnabledFor(logging.DEBUG)

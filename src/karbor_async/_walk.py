@@ -50,7 +50,7 @@ async def run_node(run: RunState, n: _Node) -> None:
         while True:
             finished = False
             try:
-                with anyio.CancelScope() as scope:
+                with run.new_scope() as scope:
                     n.scope = scope
                     if stage is None:
                         if await _prepare(run, n):
@@ -142,7 +142,7 @@ async def _budget_exceeded(run: RunState, n: _Node) -> Stage | None:
 async def _prepare(run: RunState, n: _Node) -> bool:
     g = n.gate
     if n.wait_pb:
-        n.ev_pb = anyio.Event()
+        n.ev_pb = run.new_event()
         await n.ev_pb.wait()
         n.ev_pb = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
     if g.aborting is not None:
@@ -187,7 +187,7 @@ async def _prepare(run: RunState, n: _Node) -> bool:
         if not barrier.is_set():
             await barrier.wait()
     if n.wait_pf:
-        n.ev_pf = anyio.Event()
+        n.ev_pf = run.new_event()
         await n.ev_pf.wait()
         n.ev_pf = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
     if n.waits_cuts and n.pf is not None and _ordering.held_at_thaw(n):
@@ -263,7 +263,7 @@ async def _main_and_complete(run: RunState, n: _Node) -> None:
             signal_cp(n, failed=True)
             return
     if n.wait_cp:
-        n.ev_cp = anyio.Event()
+        n.ev_cp = run.new_event()
         await n.ev_cp.wait()
         n.ev_cp = None  # set once: let it go (an event with its waiter queue is ~0.8 KB)
         if g.aborting is not None:
