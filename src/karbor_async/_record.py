@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from types import MappingProxyType
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import anyio
