@@ -46,6 +46,11 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
     }
     nodes: list[_Node] = []
     ops_cache: dict[str, tuple[HookFn | None, ...]] = {}
+    # What depends only on the type and its plugin, worked out once per type: the hook
+    # limit, the limiters and, unless some budget names single resources, the budget.
+    per_type: dict[tuple[str, int], tuple[float | None, tuple[anyio.CapacityLimiter, ...]]] = {}
+    budget_by_id = any("#" in k for k in plan.timeouts.quiesce_budget_per_type)
+    budgets: dict[str, float | None] = {}
     for i, res in enumerate(spec.graph.resources):
         binding = spec.bindings[i]
         hooks = ops_cache.get(res.type)
@@ -63,6 +68,21 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
             pf = None if Hook.PREPARE_FINISH in done else pf
             main = None if Hook.MAIN in done else main
             complete = None if Hook.COMPLETE in done else complete
+        typed = per_type.get((res.type, id(binding)))
+        if typed is None:
+            typed = per_type[res.type, id(binding)] = (
+                hook_timeout(plan, binding, res),
+                tuple(
+                    limiters[name]
+                    for name in limit_order((binding.plugin.plugin_name(), res.type), limiters)
+                ),
+            )
+        if budget_by_id:
+            budget = quiesce_budget(plan, res)
+        elif res.type in budgets:
+            budget = budgets[res.type]
+        else:
+            budget = budgets[res.type] = quiesce_budget(plan, res)
         quiesces = op is OperationKind.PROTECT and binding.spec.quiesces and pb is not None
         cuts = op is OperationKind.PROTECT and binding.spec.snapshots
         node = _Node(
@@ -76,16 +96,13 @@ def build_nodes(spec: RunSpec, groups: dict[str, _Group], rec: Recorder) -> list
             pf=pf,
             main=main,
             complete=complete,
-            timeout=hook_timeout(plan, binding, res),
-            budget=quiesce_budget(plan, res),
+            timeout=typed[0],
+            budget=budget,
             quiesces=quiesces,
             cuts=cuts,
             leased=quiesces or (cuts and pf is not None),
-            limiters=tuple(
-                limiters[name]
-                for name in limit_order((binding.plugin.plugin_name(), res.type), limiters)
-            ),
-            attempt=spec.attempts.get(res.key, 1),
+            limiters=typed[1],
+            attempt=spec.attempts.get(res.key, 1) if spec.attempts else 1,
         )
         if spec.resumed is not None:
             _resume(node, spec.resumed.get(res.key), done)

@@ -54,6 +54,10 @@ HookFn = Callable[[Any], Awaitable[None]]
 """A plugin's hook: ``async def on_main(ctx: HookContext) -> None``."""
 
 HOOK_BITS = {Hook.PREPARE_BEGIN: 1, Hook.PREPARE_FINISH: 2, Hook.MAIN: 4, Hook.COMPLETE: 8}
+_HOOKS_OF_BITS = tuple(
+    tuple(h for h, bit in HOOK_BITS.items() if bits & bit) for bits in range(16)
+)
+"""The hooks of each bit set of ``HOOK_BITS``, in protocol order (built once)."""
 _MARK_BITS = {"quiesced": 1, "cut": 2, "thawed": 4}
 
 
@@ -343,7 +347,7 @@ class _Node(Slot[_Group]):
 
     @property
     def hooks_run(self) -> tuple[Hook, ...]:
-        return tuple(h for h, bit in HOOK_BITS.items() if self.hooks_done & bit)
+        return _HOOKS_OF_BITS[self.hooks_done]
 
 
 def not_restoring(resource: Resource, hook: Hook | None, op: OperationKind) -> str:
