@@ -54,9 +54,7 @@ HookFn = Callable[[Any], Awaitable[None]]
 """A plugin's hook: ``async def on_main(ctx: HookContext) -> None``."""
 
 HOOK_BITS = {Hook.PREPARE_BEGIN: 1, Hook.PREPARE_FINISH: 2, Hook.MAIN: 4, Hook.COMPLETE: 8}
-_HOOKS_OF_BITS = tuple(
-    tuple(h for h, bit in HOOK_BITS.items() if bits & bit) for bits in range(16)
-)
+_HOOKS_OF_BITS = tuple(tuple(h for h, bit in HOOK_BITS.items() if bits & bit) for bits in range(16))
 """The hooks of each bit set of ``HOOK_BITS``, in protocol order (built once)."""
 _MARK_BITS = {"quiesced": 1, "cut": 2, "thawed": 4}
 
