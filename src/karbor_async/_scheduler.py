@@ -218,7 +218,7 @@ class Run(RunState):
                 self.rec.emit(EventKind.CUT_INTENT, None, None, group=g.name, resources=keys)
                 emitted = True
         if emitted:
-            await self.store.commit()
+            await self.rec.commit()
 
     async def _drive(
         self,
@@ -335,6 +335,7 @@ class Run(RunState):
         self.outcome_stored = anyio.Event()
         outcome, errors = build_outcome(self, started_wall, started)
         self.rec.emit(EventKind.RUN_FINISHED, None, None, status=outcome.status.value)
+        self.rec.flush()  # (a cut wave's events, if the watcher stopped before it built them)
         self.rec.closed = True  # after run_finished a run emits no lifecycle event
         try:
             await self.store.finish_run(outcome)

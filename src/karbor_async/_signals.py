@@ -38,7 +38,12 @@ def _release_cut(run: RunState, g: _Group) -> None:
         # No collection until every woken resource has taken its first step
         # (its cut begun): the watcher, woken now, runs after all of them.
         run.timers.soon(holds.gc_give)
-    run.rec.emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
+    rec = run.rec
+    if rec.record:
+        # Nor are the wave's events built inside it: the watcher builds them after it.
+        rec.defer()
+        run.timers.soon(rec.flush)
+    rec.emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="cut")
 
 
 def signal_pf_edges(n: _Node) -> bool:
@@ -66,7 +71,7 @@ async def release_main(run: RunState, g: _Group) -> None:
             release(n)
     if run.operation is OperationKind.PROTECT:
         with anyio.CancelScope(shield=True):
-            await run.store.commit()
+            await run.rec.commit()
     if _ordering.open_main(g):
         g.main_released.set()
         run.rec.emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="main")

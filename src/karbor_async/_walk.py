@@ -155,7 +155,7 @@ async def _prepare(run: RunState, n: _Node) -> bool:
             if g.aborting is not None:
                 raise _Aborted
             run.rec.emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
-            await run.store.commit()
+            await run.rec.commit()
             if g.aborting is not None:
                 raise _Aborted
             await deliver_pending(n)
