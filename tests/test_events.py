@@ -328,3 +328,29 @@ def test_new_event_is_an_ordinary_frozen_event() -> None:
     assert fast.to_json() == slow.to_json()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         fast.seq = 8  # type: ignore[misc]
+
+
+def test_a_slot_builder_refuses_what_it_would_skip() -> None:
+    """A field that converts or validates cannot be set through its slot."""
+    from karbor_async._slots import slot_builder
+
+    @attrs.frozen
+    class Checked:
+        n: int = attrs.field(validator=attrs.validators.instance_of(int))
+
+    with pytest.raises(TypeError, match="converts or validates"):
+        slot_builder(Checked)
+
+
+def test_hook_contexts_built_by_the_engine_are_ordinary() -> None:
+    from karbor_async import HookContext, Resource
+    from karbor_async._calls import _new_context
+
+    res = Resource("OS::Cinder::Volume", "v1")
+    handle: Any = object()
+    fast = _new_context(res, Hook.MAIN, {"a": 1}, handle, None, None)
+    slow = HookContext(res, Hook.MAIN, {"a": 1}, handle, None, None)
+    assert repr(fast) == repr(slow)
+    assert attrs.astuple(fast, recurse=False) == attrs.astuple(slow, recurse=False)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.hook = Hook.COMPLETE  # type: ignore[misc]

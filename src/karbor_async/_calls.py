@@ -23,6 +23,7 @@ from karbor_async._node import HOOK_BITS, HookFn, Interrupt, _Abandoned, _Aborte
 from karbor_async._params import resolve_secrets
 from karbor_async._record import format_error
 from karbor_async._runstate import RunState
+from karbor_async._slots import slot_builder
 from karbor_async._types import AbortReason, Hook, ResourceStatus
 from karbor_async.events import EventKind
 from karbor_async.exceptions import HookError
@@ -37,6 +38,9 @@ __all__ = [
     "fast_primitives",
     "hook_call_code",
 ]
+
+_new_context: Callable[..., HookContext] = slot_builder(HookContext)
+"""``HookContext(...)``, every field given: built four times per resource (a hot path)."""
 
 _FATAL = (KeyboardInterrupt, SystemExit)
 """Raised by a hook, these abort the whole run and reach the caller after the thaws."""
@@ -177,7 +181,7 @@ async def call(
     if n.params.secrets:
         params = await resolve_secrets(n.params, run.secrets)
         run.scrub.add(params[k] for k in n.params.secrets)
-    ctx = HookContext(n.resource, hook, params, n, aborting, abort_error)
+    ctx = _new_context(n.resource, hook, params, n, aborting, abort_error)
     now = n.call_start = run.now()
     rec = run.rec
     if not started and rec.record:
