@@ -354,3 +354,79 @@ def test_hook_contexts_built_by_the_engine_are_ordinary() -> None:
     assert attrs.astuple(fast, recurse=False) == attrs.astuple(slow, recurse=False)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         fast.hook = Hook.COMPLETE  # type: ignore[misc]
+
+
+class _WaveProbe:
+    """Cuts that report progress; each copy reads the store's log as it starts."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.seen_at_main: list[list[tuple[EventKind, tuple[str, str] | None]]] = []
+
+    async def on_prepare_finish(self, ctx: HookContext) -> None:
+        if ctx.resource.type == VOLUME and ctx.aborting is None:
+            ctx.report_progress(0.0, message="taking snapshot")
+            ctx.report_progress(1.0, message="snapshot taken")
+
+    async def on_main(self, ctx: HookContext) -> None:
+        events = await self.store.read_events(ctx.run_id)
+        self.seen_at_main.append([(e.kind, e.resource) for e in events])
+
+
+class _WavePlugin(ProtectionPlugin):
+    name = "wave"
+    types: ClassVar[tuple[ResourceType, ...]] = (
+        ResourceType("OS::Nova::Server", quiesces=True, snapshots=False),
+        ResourceType(VOLUME),
+    )
+
+    def __init__(self, probe: _WaveProbe) -> None:
+        self.probe = probe
+
+    def get_protect_operation(self, resource_type: str) -> object:
+        return self.probe
+
+
+async def test_a_cut_waves_events_keep_their_order_and_reach_the_store_before_main() -> None:
+    """A cut wave's events are built after it (issue 19), but nothing else changes: the
+    log is numbered without gaps in the order things happened, each cut's STARTED,
+    progress and FINISHED stay in order, ticks carry the seq before them, subscribers
+    see the store's log, and every cut is stored before the main barrier's commit."""
+    server = Resource("OS::Nova::Server", "s1")
+    volumes = [Resource(VOLUME, f"v{i}") for i in range(20)]
+    store = MemoryStore()
+    probe = _WaveProbe(store)
+    engine = Engine(
+        [_WavePlugin(probe)],
+        [MapProtectable(VOLUME, ["OS::Nova::Server"], {server.key: volumes})],
+        store=store,
+        discover=False,
+    )
+    plan = Plan(name="wave", resources=[server], barrier=BarrierPolicy.CUT)
+    async with engine:
+        run = await engine.build_protect(plan)
+        live: list[Event] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_consume_run, engine, run.run_id, live)
+            await anyio.sleep(0.01)
+            await engine.execute(run)
+    stored = await store.read_events(run.run_id)
+    assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+    assert _lifecycle(live) == [(e.run_id, e.seq, e.kind) for e in stored]
+    monos = [e.mono for e in stored]
+    assert monos == sorted(monos)  # numbered in the order they happened
+    for v in volumes:
+        mine = [e for e in stored if e.resource == v.key][:3]
+        kinds = [(e.kind, e.hook) for e in mine]
+        pf = Hook.PREPARE_FINISH
+        assert kinds == [
+            (EventKind.STARTED, pf),
+            (EventKind.FINISHED, pf),
+            (EventKind.CUT, None),
+        ], (v, kinds)
+        ticks = [e for e in live if e.resource == v.key and e.kind is EventKind.PROGRESS]
+        assert [t.tick for t in ticks] == [1, 2]
+        assert all(t.seq == mine[0].seq for t in ticks)  # the last lifecycle seq before it
+    for seen in probe.seen_at_main:
+        cut = {r for k, r in seen if k is EventKind.CUT}
+        assert cut == {v.key for v in volumes}  # committed before main started

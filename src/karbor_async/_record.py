@@ -29,6 +29,9 @@ from karbor_async.store import Store
 
 __all__ = ["Recorder", "format_error", "record_error"]
 
+_LIFECYCLE, _TICK_LIVE, _TICK_STORED = 0, 1, 2
+"""How an event is handed on: a lifecycle event, or a progress tick live and/or stored."""
+
 _NO_DATA: Mapping[str, Any] = MappingProxyType({})
 """A progress tick's data: none (one shared, read-only, empty mapping)."""
 
@@ -93,7 +96,7 @@ class Recorder:
         self.restored: dict[ResourceKey, str] = dict(restored)
         self.safety: SafetyThaws | None = None
         """The engine's sentinel (safety thaws of quiescing hooks)."""
-        self._deferred: list[tuple[Any, ...]] | None = None
+        self._deferred: list[tuple[tuple[Any, ...], int]] | None = None
         """Events of a cut wave, numbered and stamped, not built yet (see ``defer``)."""
 
     @property
@@ -138,13 +141,19 @@ class Recorder:
         )
         deferred = self._deferred
         if deferred is not None:
-            deferred.append(fields)  # numbered and stamped now, built after the wave
+            deferred.append((fields, _LIFECYCLE))  # numbered and stamped now, built later
             return
-        self._publish(fields)
+        self._publish(fields, _LIFECYCLE)
 
-    def _publish(self, fields: tuple[Any, ...]) -> None:
+    def _publish(self, fields: tuple[Any, ...], how: int) -> None:
         # Every field, positional: half the cost of Event(...) (a hot path).
         event = new_event(*fields)
+        if how != _LIFECYCLE:  # a progress tick: live, stored, or both
+            if how & _TICK_LIVE and self.hub is not None:
+                self.hub.tick(event)
+            if how & _TICK_STORED:
+                self.store.append(event)
+            return
         self.store.append(event)
         if self.hub is not None:
             self.hub.lifecycle(event)
@@ -177,8 +186,8 @@ class Recorder:
         if deferred is None:
             return
         self._deferred = None
-        for fields in deferred:
-            self._publish(fields)
+        for fields, how in deferred:
+            self._publish(fields, how)
 
     async def commit(self) -> None:
         """A commit point: every event emitted so far is in the store, then committed."""
@@ -189,15 +198,15 @@ class Recorder:
         """A plugin reported progress: live to subscribers, stored at most 10 times a second."""
         if not self.record or n.abandoned:
             return
-        if self._deferred is not None:
-            self.flush()  # (a tick carries the seq of the last lifecycle event: keep order)
         hub = self.hub
         live = hub is not None and hub.active
         now = self.now()
         due = now - n.progress_stored_at >= self._PROGRESS_STORE_INTERVAL
         if not live and not due:
             return
-        event = new_event(
+        if due:
+            n.progress_stored_at = now
+        fields = (
             self.run_id,
             self.seq,
             EventKind.PROGRESS,
@@ -212,12 +221,12 @@ class Recorder:
             n.ticks,
             _NO_DATA,
         )
-        if live:
-            assert hub is not None
-            hub.tick(event)
-        if due:
-            n.progress_stored_at = now
-            self.store.append(event)
+        how = (_TICK_LIVE if live else 0) | (_TICK_STORED if due else 0)
+        deferred = self._deferred
+        if deferred is not None:
+            deferred.append((fields, how))  # (in order with the wave's lifecycle events)
+            return
+        self._publish(fields, how)
 
     def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
         """An aborting call's mark broke a rule: warn; the engine's default instant stands."""
