@@ -12,6 +12,7 @@ from typing import Any, Self
 
 import anyio
 import attrs
+import sniffio
 
 from karbor_async._checks import run_checks
 from karbor_async._graph import ResourceGraph, assign_groups, check_types, discover
@@ -171,7 +172,7 @@ class Engine:
         """The engine's task group, shielded: the caller cancels runs through Run.cancel."""
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
-                tasks = EngineTasks(tg)
+                tasks = EngineTasks(tg, native=sniffio.current_async_library() == "asyncio")
                 tasks.safety = SafetyThaws(tg, self._safety_margin, journal_path(self.store))
                 if self._stall_threshold > 0:
                     tasks.monitor = StallMonitor(
@@ -183,6 +184,7 @@ class Engine:
                     await self._closing.wait()
                     tasks.closing = True
                     tg.cancel_scope.cancel()  # runs still executing end cancelled, then thaw
+                    tasks.cancel_walks()  # (the walks that are the loop's own tasks too)
                     await tasks.drain(self._close_timeout, forever=True)
                     await tasks.safety.aclose()  # it thaws what is still armed (thaw_failed)
                 finally:

@@ -241,9 +241,9 @@ class Run(RunState):
                 self.pending = len(nodes)
                 if nodes:
                     self.settled = anyio.Event()
-                    spawn = self.tasks.start_soon
+                    spawn = self.tasks.start_walk
                     for node in nodes:
-                        spawn(walk, self, node)
+                        spawn(node, walk, self, node)
                     await self.settled.wait()
                 tg.cancel_scope.cancel()  # stops the watcher and the watchdog
         finally:

@@ -52,6 +52,8 @@ async def run_node(run: RunState, n: _Node) -> None:
             try:
                 with run.new_scope() as scope:
                     n.scope = scope
+                    if run.tasks.closing:
+                        run.tasks.cancelled_on_entry(scope)
                     if stage is None:
                         if await _prepare(run, n):
                             await _main_and_complete(run, n)
