@@ -185,7 +185,10 @@ async def call(
     now = n.call_start = run.now()
     rec = run.rec
     if not started and rec.record:
-        rec.emit(EventKind.STARTED, n, hook, now, aborting=aborting.value if aborting else None)
+        if aborting is None:
+            rec.emit(EventKind.STARTED, n, hook, now)
+        else:
+            rec.emit(EventKind.STARTED, n, hook, now, aborting=aborting.value)
     timers = run.timers
     if aborting is None and n.timeout is not None:
         timers.arm_hook(n, n.timeout, now)
