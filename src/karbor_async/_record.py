@@ -125,8 +125,6 @@ class Recorder:
             attempt = node.attempt
         else:
             resource, group, attempt = None, data.pop("group", None), 1
-        if not data:
-            data = _NO_DATA  # (most events: one shared, read-only, empty mapping)
         fields = (
             self.run_id,
             self.seq,
@@ -140,7 +138,7 @@ class Recorder:
             attempt,
             None,
             0,
-            data,
+            data if data else _NO_DATA,  # (most events: one shared, read-only, empty mapping)
         )
         deferred = self._deferred
         if deferred is not None:
