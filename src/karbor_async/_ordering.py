@@ -166,9 +166,7 @@ def hold_thaws(slots: Sequence[S], cuts: Sequence[bool], quiesces: Sequence[bool
     """
     if not any(s.gate.policy is BarrierPolicy.CUT for s in slots):
         return
-    index = {id(s): i for i, s in enumerate(slots)}
-    above = _reaches(slots, index, quiesces, up=True)
-    below = _reaches(slots, index, quiesces, up=False)
+    above, below = _quiesced_around(slots, quiesces)
     for i, s in enumerate(slots):
         g = s.gate
         if g.policy is not BarrierPolicy.CUT:
@@ -181,29 +179,29 @@ def hold_thaws(slots: Sequence[S], cuts: Sequence[bool], quiesces: Sequence[bool
             g.thaw_open = False
 
 
-def _reaches(
-    slots: Sequence[S], index: dict[int, int], quiesces: Sequence[bool], *, up: bool
-) -> list[bool]:
-    """For each slot: whether a quiescing slot is among its ancestors (``up``) or its
-    descendants, itself excluded (an iterative walk: graphs are deep and wide)."""
-    found = [False] * len(slots)
-    state = [0] * len(slots)  # 0 new, 1 entered, 2 done
-    for root in range(len(slots)):
-        if state[root]:
-            continue
-        stack = [root]
-        while stack:
-            i = stack[-1]
-            nexts = slots[i].parents if up else slots[i].children
-            if state[i] == 0:
-                state[i] = 1
-                stack.extend(j for x in nexts if state[j := index[id(x)]] == 0)
-                continue
-            stack.pop()
-            if state[i] == 1:
-                state[i] = 2
-                found[i] = any(quiesces[j] or found[j] for x in nexts for j in (index[id(x)],))
-    return found
+def _quiesced_around(slots: Sequence[S], quiesces: Sequence[bool]) -> tuple[list[bool], list[bool]]:
+    """For each slot: whether a quiescing slot is among its ancestors, and among its
+    descendants (itself excluded). One topological order (Kahn's, over the counts the
+    slots already have), then one pass each way: linear, and no recursion (graphs are
+    deep and wide)."""
+    pos = {id(s): i for i, s in enumerate(slots)}
+    kids = [[pos[id(c)] for c in s.children] for s in slots]
+    waiting = [len(s.parents) for s in slots]
+    order = [i for i, w in enumerate(waiting) if not w]
+    for i in order:  # (grows while it is walked: each slot once its parents are in)
+        for j in kids[i]:
+            waiting[j] -= 1
+            if not waiting[j]:
+                order.append(j)
+    above = [False] * len(slots)
+    for i in order:
+        if quiesces[i] or above[i]:
+            for j in kids[i]:
+                above[j] = True
+    below = [False] * len(slots)
+    for i in reversed(order):
+        below[i] = any(quiesces[j] or below[j] for j in kids[i])
+    return above, below
 
 
 def limit_order(names: Iterable[str], limits: Iterable[str]) -> tuple[str, ...]:
