@@ -147,3 +147,49 @@ async def test_a_disabled_collector_stays_disabled() -> None:
     finally:
         if was:
             gc.enable()
+
+
+class _CountingFinder:
+    """A protectable that notes whether the collector was enabled while it listed."""
+
+    def __init__(self, volumes: list[Resource]) -> None:
+        self.resource_type = VOLUME
+        self.parent_types: tuple[str, ...] = (SERVER,)
+        self.volumes = volumes
+        self.seen: list[bool] = []
+
+    async def dependents(self, resource: Resource) -> list[Resource]:
+        self.seen.append(gc.isenabled())
+        return self.volumes
+
+
+@pytest.mark.usefixtures("gc_enabled")
+async def test_building_a_run_holds_the_collector_too() -> None:
+    """Discovery and the run's construction are held like the run (and capped)."""
+    probe = _Probe()
+    listing = _CountingFinder([Resource(VOLUME, "v1")])
+    engine = Engine([_ProbePlugin(probe)], [listing], store=MemoryStore(), discover=False)
+    _unused, plan = _engine(probe)
+    async with engine:
+        run = await engine.build_protect(plan)
+        assert listing.seen == [False]
+        assert gc.isenabled()  # given back once built
+        await engine.execute(run)
+        assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("gc_enabled")
+async def test_a_slow_discovery_gets_the_collector_back_at_the_cap() -> None:
+    class _Slow(_CountingFinder):
+        async def dependents(self, resource: Resource) -> list[Resource]:
+            await anyio.sleep(0.3)
+            return await super().dependents(resource)
+
+    listing = _Slow([Resource(VOLUME, "v1")])
+    engine = Engine(
+        [_ProbePlugin(_Probe())], [listing], store=MemoryStore(), discover=False, quiet_gc=0.1
+    )
+    _unused, plan = _engine(_Probe())
+    async with engine:
+        await engine.build_protect(plan)
+    assert listing.seen == [True]

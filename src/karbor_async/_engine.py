@@ -225,10 +225,11 @@ class Engine:
 
         Nothing is stored and no hook runs until :meth:`Run.execute`.
         """
-        self._open_tasks()
+        tasks = self._open_tasks()
         await self._recover_once()
-        graph = await discover(plan, self.registry)
-        return await self._build(OperationKind.PROTECT, plan, graph, new_run_id(), None)
+        async with tasks.quiet_collector(self._quiet_gc):
+            graph = await discover(plan, self.registry)
+            return await self._build(OperationKind.PROTECT, plan, graph, new_run_id(), None)
 
     async def build_restore(
         self,
@@ -264,7 +265,8 @@ class Engine:
             timeouts=timeouts or plan.timeouts,
         )
         graph = ResourceGraph.from_json(cp.graph)
-        return await self._build(OperationKind.RESTORE, plan, graph, new_run_id(), cp.id)
+        async with self._open_tasks().quiet_collector(self._quiet_gc):
+            return await self._build(OperationKind.RESTORE, plan, graph, new_run_id(), cp.id)
 
     async def build_delete(self, checkpoint_id: str) -> Run:
         """A delete of a checkpoint over its stored graph (any end state but deleted)."""
@@ -284,7 +286,8 @@ class Engine:
             plan, barrier=None, groups=tuple(attrs.evolve(g, barrier=None) for g in plan.groups)
         )
         graph = ResourceGraph.from_json(cp.graph)
-        return await self._build(OperationKind.DELETE, plan, graph, new_run_id(), cp.id)
+        async with self._open_tasks().quiet_collector(self._quiet_gc):
+            return await self._build(OperationKind.DELETE, plan, graph, new_run_id(), cp.id)
 
     async def _build(
         self,

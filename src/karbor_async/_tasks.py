@@ -16,14 +16,16 @@ is not shielded by it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 import attrs
 
+from karbor_async._holds import QuietGc
 from karbor_async._log import get_logger, ref
 from karbor_async._safety import SafetyThaws
 from karbor_async._stall import Stall, StallMonitor
@@ -169,6 +171,37 @@ class EngineTasks:
         """Closing: cancel what every walk runs (its scopes honour their shields)."""
         for owner in list(self._walks.values()):
             owner.cancel_hook()
+
+    @contextlib.asynccontextmanager
+    async def quiet_collector(self, cap: float) -> AsyncIterator[None]:
+        """Hold the cyclic collector off inside the block, for ``cap`` seconds at most
+        (a task of the engine's gives it back then; ``cap <= 0``: left alone). Building a
+        run of 100,000 resources otherwise spends about a third of its time in full
+        collections (the run itself holds it through ``Holds.hold_run``)."""
+        if cap <= 0 or not QuietGc.take(unless_held_for=cap):
+            yield
+            return
+        held = [True]
+        scopes: list[anyio.CancelScope] = []
+
+        def give() -> None:
+            if held[0]:
+                held[0] = False
+                QuietGc.give()
+
+        async def cap_it() -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await anyio.sleep(cap)
+                give()
+
+        self._tg.start_soon(cap_it)
+        try:
+            yield
+        finally:
+            give()
+            for scope in scopes:
+                scope.cancel()
 
     def cancelled_on_entry(self, scope: anyio.CancelScope) -> None:
         """A walk entered ``scope`` while the engine is closing: it is cancelled at once."""
