@@ -200,7 +200,8 @@ class Run(RunState):
         self._sentinel_thaws()
         await self._cut_intent()
         await self._drive(run_node, self.nodes, self.plan.timeouts.run)
-        return await self._finish(started_wall, started)
+        with self.holds.briefly():
+            return await self._finish(started_wall, started)
 
     async def _cut_intent(self) -> None:
         """Before any hook of a protect: commit, per group, the resources that may cut.
