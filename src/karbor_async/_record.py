@@ -22,7 +22,7 @@ from karbor_async._safety import SafetyThaws
 from karbor_async._scrub import Scrubber
 from karbor_async._timers import Timers
 from karbor_async._types import AbortReason, Hook, OperationKind, ResourceKey, ResourceStatus
-from karbor_async.events import EventKind, Progress, new_event
+from karbor_async.events import Event, EventKind, Progress, new_event
 from karbor_async.exceptions import HookError, PluginError, ThawFailedError
 from karbor_async.plugin import Bank
 from karbor_async.store import Store
@@ -116,35 +116,58 @@ class Recorder:
         """Record a lifecycle event (``_mono``: its engine-clock time, if already read)."""
         if not self.record or self.closed:
             return
-        if self.scrub.active:
+        if data and self.scrub.active:
             data = self.scrub.data(data)
-        self.seq += 1
+        seq = self.seq = self.seq + 1
         if node is not None:
             resource: ResourceKey | None = node.resource.key
             group = node.gate.name
             attempt = node.attempt
         else:
             resource, group, attempt = None, data.pop("group", None), 1
-        fields = (
+        mono = self.now() if _mono is None else _mono
+        payload = data if data else _NO_DATA  # (most events: one shared, empty mapping)
+        deferred = self._deferred
+        if deferred is not None:  # numbered and stamped now, built after the wave
+            fields = (
+                self.run_id,
+                seq,
+                kind,
+                self.operation,
+                time.time(),
+                mono,
+                resource,
+                hook,
+                group,
+                attempt,
+                None,
+                0,
+                payload,
+            )
+            deferred.append((fields, _LIFECYCLE))
+            return
+        # Every field, positional, through the slots: half the cost of Event(...).
+        event = new_event(
             self.run_id,
-            self.seq,
+            seq,
             kind,
             self.operation,
             time.time(),
-            self.now() if _mono is None else _mono,
+            mono,
             resource,
             hook,
             group,
             attempt,
             None,
             0,
-            data if data else _NO_DATA,  # (most events: one shared, read-only, empty mapping)
+            payload,
         )
-        deferred = self._deferred
-        if deferred is not None:
-            deferred.append((fields, _LIFECYCLE))  # numbered and stamped now, built later
-            return
-        self._publish(fields, _LIFECYCLE)
+        self.store.append(event)
+        hub = self.hub
+        if hub is not None:
+            hub.lifecycle(event)
+        if self.log_events:
+            self._log_event(event)
 
     def _publish(self, fields: tuple[Any, ...], how: int) -> None:
         # Every field, positional: half the cost of Event(...) (a hot path).
@@ -159,15 +182,18 @@ class Recorder:
         if self.hub is not None:
             self.hub.lifecycle(event)
         if self.log_events:
-            hook = event.hook
-            self.log.debug(
-                event.kind.value,
-                seq=event.seq,
-                resource=f"{event.resource[0]}#{event.resource[1]}" if event.resource else None,
-                hook=hook.value if hook else None,
-                group=event.group,
-                **event.data,
-            )
+            self._log_event(event)
+
+    def _log_event(self, event: Event) -> None:
+        hook = event.hook
+        self.log.debug(
+            event.kind.value,
+            seq=event.seq,
+            resource=f"{event.resource[0]}#{event.resource[1]}" if event.resource else None,
+            hook=hook.value if hook else None,
+            group=event.group,
+            **event.data,
+        )
 
     def defer(self) -> None:
         """A cut wave starts: until :meth:`flush`, events are numbered and stamped when
