@@ -529,10 +529,13 @@ class Issue19:
         return lines
 
     def _karbor_rows(self) -> list[list[str]]:
+        """The largest N Karbor's engine finished, and the first it did not."""
+        done = [k for k in self.karbor if k.finished]
+        undone = [k for k in self.karbor if not k.finished and not k.error.startswith("not run")]
         rows = []
-        for k in self.karbor:
+        for k in [*done[-1:], *undone[:1]]:
             eng = self.res.get(k.n, "engine-cut", Treatment.ON)
-            if not eng or (not k.finished and k.error.startswith("not run")):
+            if not eng:
                 continue
             total = _med([s.seconds + s.build_seconds for s in eng])
             if k.finished:
