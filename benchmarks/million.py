@@ -184,6 +184,13 @@ def _growth(rows: list[dict[str, Any]]) -> list[str]:
             f"the largest step is up to {worst_n:,} ({worst:.2f}x)."
         )
     for phase, key in (("discovery", "build"), ("run", "run")):
+        per_n = ", ".join(
+            f"{r['n']:,}: {r[f'{key}_gc'][2] / r['n'] * 1e6:.1f} + "
+            f"{(r[f'{key}_s'] - r[f'{key}_gc'][2]) / r['n'] * 1e6:.1f}"
+            for r in ok
+        )
+        out.append(f"- {phase}, us/resource inside collections + outside them: {per_n}.")
+    for phase, key in (("discovery", "build"), ("run", "run")):
         gc_lo = lo[f"{key}_gc"][2] / lo[f"{key}_s"] if lo[f"{key}_s"] else math.nan
         gc_hi = hi[f"{key}_gc"][2] / hi[f"{key}_s"] if hi[f"{key}_s"] else math.nan
         no_gc_lo = (lo[f"{key}_s"] - lo[f"{key}_gc"][2]) / lo["n"] * 1e6
@@ -252,6 +259,9 @@ def report(
         if r.get("ok"):
             series_time["discovery (build_protect)"].append((r["n"], r["build_us"]))
             series_time["run (execute)"].append((r["n"], r["run_us"]))
+            series_time.setdefault("discovery without collections", []).append(
+                (r["n"], (r["build_s"] - r["build_gc"][2]) / r["n"] * 1e6)
+            )
             series_time.setdefault("run without collections", []).append(
                 (r["n"], (r["run_s"] - r["run_gc"][2]) / r["n"] * 1e6)
             )
@@ -361,11 +371,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=HERE, help="where MILLION.md, million.png and million.json go"
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rewrite MILLION.md and million.png from --out's million.json",
+    )
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(args_list)
     treatment = Treatment(args.treatment)
     if args.child is not None:
         print(json.dumps(anyio.run(child, args.child, args.seed, treatment, backend="asyncio")))
+        return 0
+    if args.report_only:
+        saved = json.loads((args.out / "million.json").read_text())
+        header = saved.get("header") or [
+            f"- date: {saved['date']}",
+            f"- machine: CPU {saved['cpu']}",
+            f"- commit: {saved['commit']}",
+            f"- command: `{saved['command']}`",
+        ]
+        text, _ = report(saved["rows"], header, Treatment(saved["treatment"]), args.out)
+        (args.out / "MILLION.md").write_text(text)
         return 0
     ns = [int(x) for x in args.ns.split(",") if x.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -384,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu": cpu_model(),
                 "treatment": treatment.value,
                 "command": command,
+                "header": header,
                 "rows": rows,
             },
             indent=1,
