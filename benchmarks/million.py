@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.million", *args_list])
     header = environment(command, HERE.parent)
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    commit = git_commit(HERE.parent)  # before the run: its own outputs are not changes
     t0 = time.perf_counter()
     rows = anyio.run(parent, ns, args.seed, treatment, args.limit, args.out, backend="asyncio")
     header.append(f"- wall time of the whole run: {time.perf_counter() - t0:.0f} s")
@@ -405,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "million.json").write_text(
         json.dumps(
             {
-                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "commit": git_commit(HERE.parent),
+                "date": started,
+                "commit": commit,
                 "cpu": cpu_model(),
                 "treatment": treatment.value,
                 "command": command,
