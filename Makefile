@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick venv clean
+.PHONY: demo test lint bench bench-quick bench-million bench-headline venv clean
 
 venv: $(STAMP)
 
@@ -28,11 +28,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src plugins tests benchmarks
 	$(BIN)/mypy
 
+# The full run (by hand; ~40 minutes on 2 cores) also writes README.md's headline block.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# CI's smoke run: small sizes, both collector treatments, under 2 minutes.
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+# 1,000 to 1,000,000 resources, one run each (not in CI): benchmarks/MILLION.md and million.png.
+bench-million: $(STAMP)
+	$(BIN)/python -m benchmarks.million
+
+# README.md's headline block again from benchmarks/RESULTS.md.
+bench-headline: $(STAMP)
+	$(BIN)/python -m benchmarks.headline
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

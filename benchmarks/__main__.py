@@ -1,10 +1,15 @@
-"""``python -m benchmarks [--quick]``: every comparison of issue 3, side by side, one command.
+"""``python -m benchmarks [--quick]``: every comparison, side by side, one command.
 
 Writes ``RESULTS.md`` and PNG plots (``--out``; ``benchmarks/`` for a full run,
-``benchmarks/quick/`` for ``--quick``, the CI smoke run). Everything runs on the
-SIMULATED cloud of ``karbor_simcloud``. Contenders of one comparison run
-interleaved in one process, repetition after repetition, so that the noise of
-a shared machine hits them alike; ratios are medians of per-repetition ratios.
+``benchmarks/quick/`` for ``--quick``, the CI smoke run); the issue-19 targets
+table comes first. The zero-latency and realistic sections run on the SIMULATED
+cloud of ``karbor_simcloud``. Contenders of one comparison run interleaved in
+one process, repetition after repetition, so that the noise of a shared machine
+hits them alike; ratios are medians of per-repetition ratios. Each comparison
+runs under each collector treatment of ``--treatment`` (``benchmarks/_gc.py``).
+A full run with the default sizes and output also writes the README's headline
+block (``benchmarks/headline.py``); ``make bench-million`` is apart
+(``benchmarks/million.py``).
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
+from benchmarks import headline
+from benchmarks._gc import Treatment, parse_treatments
+from benchmarks._issue19 import Issue19, load_million
 from benchmarks._measure import (
     REALISTIC_COPY_SLOTS,
     REALISTIC_VOLUME_SIZE,
+    SQLITE_CONTENDER,
+    TARGET_CONTENDERS,
     ZERO_LATENCY,
     KarborResult,
+    Overhead,
     RealisticSample,
-    Sample,
     analyse,
     fresh_heap,
     has_subscribe,
@@ -48,11 +58,13 @@ from benchmarks._measure import (
     spread,
     sqlite_store_class,
 )
-from benchmarks._report import environment, fmt_ms, fmt_range_ms, plot_lines, table
+from benchmarks._report import cpu_model, environment, fmt_ms, fmt_range_ms, plot_lines, table
+from benchmarks._taskcost import task_cost_section
 from benchmarks._workload import NoopProtection, Workload, make_plan, quiet_logging
 from benchmarks.abort_latency import abort_latency_section
 from benchmarks.consistency import consistency_section, run_consistency
 from benchmarks.fs_protect import fs_section
+from benchmarks.pg_store import pg_store_section
 from benchmarks.postgres import postgres_section
 from benchmarks.sqlite_plugin import sqlite_plugin_section
 from karbor_async import BarrierPolicy, Engine, Plan
@@ -83,15 +95,40 @@ class Config:
     sqlite_reps: int = 3
     consistency_protects: int = 50
     """Protects of the live two-shard application per barrier and quiesce setting."""
+    treatments: tuple[Treatment, ...] = (Treatment.ON, Treatment.OFF)
+    """Collector treatments every issue-19 comparison runs under (``--treatment``)."""
+    write_readme: bool = False
+    """Write the README's headline block (a full run, default sizes and output)."""
+    million_json: Path = HERE / "million.json"
+    """The last ``make bench-million`` results, for the targets table."""
+
+    @property
+    def target_n(self) -> int | None:
+        """Where the SQLite contender runs: 100,000, or the largest N below it."""
+        ns = [n for n in self.overhead_ns if n <= 100_000]
+        return max(ns) if ns else None
 
 
 def parse(argv: list[str]) -> Config:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (CI; under a minute)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (CI; under 2 minutes)")
     ap.add_argument("--max-n", type=int, default=None, help="skip graphs larger than this")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
     ap.add_argument("--karbor-timeout", type=float, default=None, help="seconds per Karbor run")
     ap.add_argument("--out", type=Path, default=None, help="where RESULTS.md and plots go")
+    ap.add_argument(
+        "--treatment",
+        choices=["on", "off", "both"],
+        default="both",
+        help="collector treatment(s): on (frozen heap, collector enabled), off (disabled "
+        "around each run), both (default)",
+    )
+    ap.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="do not write README.md's headline block (a full run with the default sizes "
+        "and output writes it)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         cfg = Config(
@@ -127,7 +164,7 @@ def parse(argv: list[str]) -> Config:
             baseline_realistic_max=1000,
             karbor_ns=(10, 100, 1000, 10_000),
             karbor_realistic_ns=(10, 100),
-            karbor_timeout=300.0,
+            karbor_timeout=120.0,
             fanout_ns=(1000,),
             abort_ns=(2000, 10_000),
             out=HERE,
@@ -153,6 +190,11 @@ def parse(argv: list[str]) -> Config:
         changes["karbor_timeout"] = args.karbor_timeout
     if args.out is not None:
         changes["out"] = args.out
+    changes["treatments"] = parse_treatments(args.treatment)
+    changes["write_readme"] = (
+        not (cfg.quick or args.no_readme or args.max_n is not None or args.out is not None)
+        and args.treatment == "both"
+    )
     return attrs.evolve(cfg, **changes)
 
 
@@ -163,39 +205,53 @@ def log(msg: str) -> None:
 # -- 1, 2: overhead and cut dispatch skew --------------------------------------------------
 
 
-@attrs.define
-class Overhead:
-    samples: dict[tuple[int, str], list[Sample]] = attrs.field(factory=dict)
-    memory: dict[tuple[int, str], float] = attrs.field(factory=dict)
-    rss: dict[tuple[int, str], float | None] = attrs.field(factory=dict)
+def contenders(cfg: Config, n: int, treatment: Treatment) -> list[str]:
+    """Who runs at ``n`` under ``treatment``: everyone with the collector on below 100,000,
+    issue 19's contenders with it off and from 100,000 up (to keep a full run near 40
+    minutes); the SQLite contender at the discovery-plus-run target's N."""
+    if treatment is Treatment.ON and n < 100_000:
+        names = [name for name in ZERO_LATENCY if name != SQLITE_CONTENDER]
+    else:
+        names = list(TARGET_CONTENDERS)
+    if n == cfg.target_n:
+        names.append(SQLITE_CONTENDER)
+    return names
 
-    def ratio(self, n: int, contender: str, floor: str) -> float:
-        mine, base = self.samples.get((n, contender), []), self.samples.get((n, floor), [])
-        ratios = [a.seconds / b.seconds for a, b in zip(mine, base, strict=False) if b.seconds]
-        return statistics.median(ratios) if ratios else math.nan
+
+def rss_contenders(cfg: Config, n: int, treatment: Treatment) -> list[str]:
+    """Whose peak RSS is probed: issue 19's contenders; with the collector on in a full run
+    below 100,000, everyone but the SQLite contender (its pages are not the engine's)."""
+    if treatment is Treatment.ON and not cfg.quick and n < 100_000:
+        return [name for name in ZERO_LATENCY if name != SQLITE_CONTENDER]
+    return list(TARGET_CONTENDERS)
 
 
 async def run_overhead(cfg: Config, workloads: dict[int, Workload]) -> Overhead:
     result = Overhead()
-    names = list(ZERO_LATENCY)
     for n in cfg.overhead_ns:
         w = workloads[n]
         reps = cfg.big_reps if n >= 100_000 else cfg.reps
-        log(f"overhead N={n}: {reps} repetitions of {len(names)} contenders")
+        lineup = {t: contenders(cfg, n, t) for t in cfg.treatments}
+        total = sum(len(names) for names in lineup.values())
+        log(f"overhead N={n}: {reps} repetitions of {total} contender runs")
         if n < 100_000:
-            for name in names:  # warm-up (imports, caches, allocator), not recorded
-                await measure(name, w)
+            for name in lineup[cfg.treatments[0]]:  # warm-up (imports, caches), not recorded
+                await measure(name, w, cfg.treatments[0])
         for rep in range(reps):
-            order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
-            for name in order:
-                sample = await measure(name, w)
-                result.samples.setdefault((n, name), []).append(sample)
+            for t, names in lineup.items():  # treatments interleaved, repetition by repetition
+                order = names[rep % len(names) :] + names[: rep % len(names)]  # rotated
+                for name in order:
+                    sample = await measure(name, w, t)
+                    result.samples.setdefault((n, name, t), []).append(sample)
         if n in cfg.memory_ns:
-            for name in names:
-                result.memory[(n, name)] = await peak_memory(name, w)
+            for name in lineup.get(Treatment.ON, []):
+                if name != SQLITE_CONTENDER:
+                    result.memory[(n, name)] = await peak_memory(name, w)
         if n in cfg.rss_ns:
-            for name in names:
-                result.rss[(n, name)] = await rss_probe(name, n, SEED, 600.0)
+            for t in cfg.treatments:
+                log(f"peak RSS N={n} ({t.label}): one subprocess per contender")
+                for name in rss_contenders(cfg, n, t):
+                    result.rss[(n, name, t)] = await rss_probe(name, n, SEED, 900.0, t)
     return result
 
 
@@ -205,23 +261,30 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
         "",
         "Four no-op hooks per resource. `engine-*` run `Engine.execute` with a null event "
         "sink (`record_events=False`) and the `karbor_async` logger at WARNING; "
-        "`engine-cut+events` "
-        "records every lifecycle event in the memory store (the default sink). `discovery` is "
-        "`Engine.build_protect` (graph expansion through the protectables, validation), "
-        "timed apart and not in `total`. `x anyio` / `x asyncio`: median over repetitions of "
-        "the ratio to the floor measured in the same repetition. Cut skew: latest minus "
+        "`engine-cut+events` records every lifecycle event in the memory store (the default "
+        f"sink); `{SQLITE_CONTENDER}` records them in an SQLite store on a temporary file "
+        "(at the largest N up to 100,000 only). Every engine runs with its default settings "
+        "otherwise (`quiet_gc` included). `discovery` is `Engine.build_protect` (graph "
+        "expansion through the protectables, validation), timed apart and not in `total`. "
+        "`collector`: the treatment of the run (`benchmarks/_gc.py`; *collector on*: "
+        f"{Treatment.ON.description}; *collector off*: {Treatment.OFF.description}); with it "
+        "off, and from 100,000 up, only issue 19's contenders run. `x anyio` / `x asyncio`: "
+        "median over repetitions of the ratio to the floor measured in the same repetition "
+        "under the same treatment. Cut skew: latest minus "
         "earliest cut instant over the volumes; instants come from the engine's own cut "
         "stamps (`ResourceOutcome.cut_at`, engine clock) for `engine-*`, from "
         "`loop.time()`/`anyio.current_time()` at the start of the floors' prepare_finish, and "
         "from the call instant for `one-at-a-time`. Peak memory: tracemalloc peak during one "
-        "separate run, per resource (N <= 10,000: tracemalloc slows large runs tenfold); peak "
-        "RSS: growth of `ru_maxrss` over the RSS before the run, one run in a fresh subprocess "
-        "(`benchmarks/_memprobe.py`), per resource (large N only: pages and arenas make it "
-        "coarse).",
+        "separate run, per resource (collector on; N <= 10,000: tracemalloc slows large runs "
+        "tenfold); peak RSS: growth of `VmHWM` over the RSS before the run, one run in a "
+        "fresh subprocess (`benchmarks/_memprobe.py`), per resource (large N only: pages and "
+        "arenas make it coarse). `collections`: the collector's collections during the "
+        "measured call (discovery included), median, with the full ones and their time.",
         "",
     ]
     headers = [
         "N",
+        "collector",
         "contender",
         "total ms median [min-max]",
         "us/hook",
@@ -231,32 +294,41 @@ def overhead_section(cfg: Config, res: Overhead) -> list[str]:
         "peak KB/resource",
         "peak RSS KB/resource",
         "discovery ms",
+        "collections (full) / gc ms",
     ]
     rows = []
     for n in cfg.overhead_ns:
-        for name in ZERO_LATENCY:
-            samples = res.samples.get((n, name), [])
-            if not samples:
-                continue
-            secs = [s.seconds for s in samples]
-            skews = [s.skew for s in samples if s.skew is not None]
-            mem = res.memory.get((n, name))
-            rss = res.rss.get((n, name))
-            build = [s.build_seconds for s in samples if s.build_seconds]
-            rows.append(
-                [
-                    f"{n:,}",
-                    name,
-                    fmt_range_ms(spread(secs)),
-                    f"{statistics.median(secs) / (4 * n) * 1e6:.2f}",
-                    f"{res.ratio(n, name, 'floor-anyio'):.2f}",
-                    f"{res.ratio(n, name, 'floor-asyncio'):.2f}",
-                    fmt_range_ms(spread(skews), 3),
-                    f"{mem / 1024:.2f}" if mem is not None else "-",
-                    f"{rss:.2f}" if rss is not None else "-",
-                    fmt_ms(statistics.median(build), 1) if build else "-",
-                ]
-            )
+        for t in cfg.treatments:
+            for name in contenders(cfg, n, t):
+                samples = res.get(n, name, t)
+                if not samples:
+                    continue
+                secs = [s.seconds for s in samples]
+                skews = [s.skew for s in samples if s.skew is not None]
+                mem = res.memory.get((n, name)) if t is Treatment.ON else None
+                rss = res.rss.get((n, name, t))
+                build = [s.build_seconds for s in samples if s.build_seconds]
+                gcs = (
+                    f"{statistics.median([s.collections for s in samples]):.0f} "
+                    f"({statistics.median([s.full_collections for s in samples]):.0f}) / "
+                    f"{statistics.median([s.gc_seconds for s in samples]) * 1e3:.0f}"
+                )
+                rows.append(
+                    [
+                        f"{n:,}",
+                        t.value,
+                        name,
+                        fmt_range_ms(spread(secs)),
+                        f"{statistics.median(secs) / (4 * n) * 1e6:.2f}",
+                        f"{res.ratio(n, name, 'floor-anyio', t):.2f}",
+                        f"{res.ratio(n, name, 'floor-asyncio', t):.2f}",
+                        fmt_range_ms(spread(skews), 3),
+                        f"{mem / 1024:.2f}" if mem is not None else "-",
+                        f"{rss.kb_per_resource:.2f}" if rss is not None else "-",
+                        fmt_ms(statistics.median(build), 1) if build else "-",
+                        gcs,
+                    ]
+                )
     return [*lines, *table(headers, rows), ""]
 
 
@@ -313,7 +385,7 @@ def karbor_section(cfg: Config, karbor: list[KarborResult], res: Overhead) -> li
     ]
     rows = []
     for k in karbor:
-        eng = res.samples.get((k.n, "engine-cut"), [])
+        eng = res.get(k.n, "engine-cut")
         eng_total = (
             statistics.median([s.seconds + s.build_seconds for s in eng]) if eng else math.nan
         )
@@ -356,21 +428,30 @@ def karbor_section(cfg: Config, karbor: list[KarborResult], res: Overhead) -> li
 # -- 3: realistic latencies --------------------------------------------------------------------
 
 
-async def run_realistic(cfg: Config) -> dict[tuple[int, str], list[RealisticSample]]:
-    out: dict[tuple[int, str], list[RealisticSample]] = {}
+Realistic = dict[tuple[int, str, Treatment], list[RealisticSample]]
+
+
+async def run_realistic(cfg: Config) -> Realistic:
+    """Per seed: the floor and barrier cut under every treatment; with the collector on,
+    barriers main and none and one hook at a time too."""
+    out: Realistic = {}
     for n in cfg.realistic_ns:
         reps = cfg.big_reps if n >= 10_000 else cfg.realistic_reps
         log(f"realistic N={n}: {reps} repetitions")
         for rep in range(reps):
             seed = SEED + rep
-            sample = await realistic_floor(n, seed)
-            out.setdefault((n, sample.contender), []).append(sample)
-            for barrier in (BarrierPolicy.CUT, BarrierPolicy.MAIN, BarrierPolicy.NONE):
-                sample = await realistic_engine(n, seed, barrier)
-                out.setdefault((n, sample.contender), []).append(sample)
-            if n <= cfg.baseline_realistic_max:
-                sample = await realistic_one_at_a_time(n, seed)
-                out.setdefault((n, sample.contender), []).append(sample)
+            for t in cfg.treatments:
+                samples = [
+                    await realistic_floor(n, seed, t),
+                    await realistic_engine(n, seed, BarrierPolicy.CUT, t),
+                ]
+                if t is Treatment.ON:
+                    samples.append(await realistic_engine(n, seed, BarrierPolicy.MAIN, t))
+                    samples.append(await realistic_engine(n, seed, BarrierPolicy.NONE, t))
+                    if n <= cfg.baseline_realistic_max:
+                        samples.append(await realistic_one_at_a_time(n, seed))
+                for sample in samples:
+                    out.setdefault((n, sample.contender, t), []).append(sample)
     return out
 
 
@@ -380,9 +461,7 @@ def _p(values: list[float]) -> str:
     return f"{fmt_ms(pct(values, 50))} / {fmt_ms(pct(values, 99))} / {fmt_ms(max(values))}"
 
 
-def realistic_section(
-    cfg: Config, real: dict[tuple[int, str], list[RealisticSample]], karbor: list[KarborResult]
-) -> list[str]:
+def realistic_section(cfg: Config, real: Realistic, karbor: list[KarborResult]) -> list[str]:
     prof = LatencyProfile.realistic()
     lines = [
         "## 3. Realistic latencies: skew and quiesce windows from the simulated storage's instants",
@@ -405,11 +484,14 @@ def realistic_section(
         "hook through `karbor_simcloud.direct.DirectRunner`. `floor-realistic` "
         "(`benchmarks/floor_realistic.py`) makes the same cloud's quiesce, snapshot and thaw "
         "calls in Karbor's order from bare asyncio tasks, with no engine: the least skew and "
-        "window share these plugins allow on one event loop.",
+        "window share these plugins allow on one event loop. `collector`: the treatment "
+        "(`benchmarks/_gc.py`), the same for the floor and the engine of a seed; with it off, "
+        "only the floor and barrier cut run.",
         "",
     ]
     headers = [
         "N",
+        "collector",
         "contender",
         "run s",
         "skew ms median [min-max]",
@@ -421,8 +503,8 @@ def realistic_section(
     rows = []
     for n in cfg.realistic_ns:
         names = ("floor-realistic", "engine-cut", "engine-main", "engine-none", "one-at-a-time")
-        for name in names:
-            samples = real.get((n, name), [])
+        for t, name in [(t, name) for t in cfg.treatments for name in names]:
+            samples = real.get((n, name, t), [])
             if not samples:
                 continue
             windows = [w for s in samples for w in s.windows]
@@ -431,6 +513,7 @@ def realistic_section(
             rows.append(
                 [
                     f"{n:,}",
+                    t.value,
                     name,
                     f"{statistics.median([s.seconds for s in samples]):.3f}",
                     fmt_range_ms(spread([s.skew for s in samples])),
@@ -444,11 +527,12 @@ def realistic_section(
             if k.n != n:
                 continue
             if not k.finished:
-                rows.append([f"{n:,}", "karbor-taskflow", k.error, "-", "-", "-", "-", "-"])
+                rows.append([f"{n:,}", "-", "karbor-taskflow", k.error, *["-"] * 5])
             else:
                 rows.append(
                     [
                         f"{n:,}",
+                        "-",
                         "karbor-taskflow",
                         f"{k.total_s:.3f}",
                         fmt_ms(k.skew),
@@ -696,7 +780,7 @@ def targets_section(
     cfg: Config,
     res: Overhead,
     karbor: list[KarborResult],
-    real: dict[tuple[int, str], list[RealisticSample]],
+    real: Realistic,
     fanout: dict[str, float],
 ) -> list[str]:
     rows = []
@@ -713,7 +797,7 @@ def targets_section(
             verdict(ok),
         ]
     )
-    big = res.samples.get((100_000, "engine-cut"), [])
+    big = res.get(100_000, "engine-cut")
     if big:
         total = statistics.median([s.seconds + s.build_seconds for s in big])
         rows.append(
@@ -732,9 +816,10 @@ def targets_section(
     }
     labels = {n: f"{n:,}: {r:.2f}x" for n, r in mem.items()}
     for n in cfg.rss_ns:
-        eng_rss, floor_rss = res.rss.get((n, "engine-cut")), res.rss.get((n, "floor-anyio"))
-        if n not in mem and eng_rss is not None and floor_rss:
-            mem[n] = eng_rss / floor_rss
+        eng_p = res.rss.get((n, "engine-cut", Treatment.ON))
+        floor_p = res.rss.get((n, "floor-anyio", Treatment.ON))
+        if n not in mem and eng_p is not None and floor_p is not None and floor_p.kb_per_resource:
+            mem[n] = eng_p.kb_per_resource / floor_p.kb_per_resource
             labels[n] = f"{n:,}: {mem[n]:.2f}x (RSS)"
     rows.append(
         [
@@ -745,8 +830,8 @@ def targets_section(
     )
     sk = {}
     for n in cfg.overhead_ns:
-        eng = [s.skew for s in res.samples.get((n, "engine-cut"), []) if s.skew is not None]
-        flo = [s.skew for s in res.samples.get((n, "floor-asyncio"), []) if s.skew is not None]
+        eng = [s.skew for s in res.get(n, "engine-cut") if s.skew is not None]
+        flo = [s.skew for s in res.get(n, "floor-asyncio") if s.skew is not None]
         if eng and flo and statistics.median(flo) > 0:
             sk[n] = statistics.median(eng) / statistics.median(flo)
     rows.append(
@@ -757,7 +842,7 @@ def targets_section(
         ]
     )
     k1000 = next((k for k in karbor if k.n == 1000), None)
-    eng1000 = res.samples.get((1000, "engine-cut"), [])
+    eng1000 = res.get(1000, "engine-cut")
     if k1000 is not None and eng1000:
         total = statistics.median([s.seconds + s.build_seconds for s in eng1000])
         if k1000.finished:
@@ -781,7 +866,7 @@ def targets_section(
         rows.append(["500x faster than Karbor's engine at 1,000", "not run in this mode", "n/a"])
     lower = []
     for k in karbor:
-        eng = [s.skew for s in res.samples.get((k.n, "engine-cut"), []) if s.skew is not None]
+        eng = [s.skew for s in res.get(k.n, "engine-cut") if s.skew is not None]
         if k.finished and k.skew is not None and eng:
             lower.append((k.n, statistics.median(eng), k.skew))
     rows.append(
@@ -793,8 +878,8 @@ def targets_section(
     )
     jit = []
     for n in cfg.realistic_ns:
-        samples = real.get((n, "engine-cut"), [])
-        floor = real.get((n, "floor-realistic"), [])
+        samples = real.get((n, "engine-cut", Treatment.ON), [])
+        floor = real.get((n, "floor-realistic", Treatment.ON), [])
         if samples:
             jit.append(
                 (
@@ -812,7 +897,7 @@ def targets_section(
             verdict(all(a <= b for _, a, b, _c in jit) if jit else None),
         ]
     )
-    share = real.get((1000, "engine-cut"), [])
+    share = real.get((1000, "engine-cut", Treatment.ON), [])
     if share:
 
         def p99(samples: list[RealisticSample]) -> tuple[float, float]:
@@ -822,7 +907,7 @@ def targets_section(
             )
 
         thaw, cut = p99(share)
-        floor = real.get((1000, "floor-realistic"), [])
+        floor = real.get((1000, "floor-realistic", Treatment.ON), [])
         f_thaw, f_cut = p99(floor) if floor else (math.nan, math.nan)
         rows.append(
             [
@@ -845,7 +930,7 @@ def targets_section(
             ]
         )
     return [
-        "## Targets of issue 3",
+        "## Targets of issue 3 (earlier; collector on)",
         "",
         *table(["target", "measured", "verdict"], rows),
         "",
@@ -856,28 +941,36 @@ def make_plots(
     cfg: Config,
     res: Overhead,
     karbor: list[KarborResult],
-    real: dict[tuple[int, str], list[RealisticSample]],
+    real: Realistic,
 ) -> list[str]:
     suffix = "-quick" if cfg.quick else ""
+
+    def label(name: str, t: Treatment) -> str:
+        return name if t is Treatment.ON else f"{name} ({t.label})"
+
     overhead: dict[str, list[tuple[int, float]]] = {}
     skew: dict[str, list[tuple[int, float]]] = {}
-    for (n, name), samples in res.samples.items():
-        overhead.setdefault(name, []).append(
+    for (n, name, t), samples in res.samples.items():
+        if name == SQLITE_CONTENDER:
+            continue  # one N only
+        overhead.setdefault(label(name, t), []).append(
             (n, statistics.median([s.seconds for s in samples]) / n * 1e6)
         )
         skews = [s.skew for s in samples if s.skew is not None]
         if skews:
-            skew.setdefault(name, []).append((n, statistics.median(skews) * 1e3))
+            skew.setdefault(label(name, t), []).append((n, statistics.median(skews) * 1e3))
     for k in karbor:
         if k.finished:
             overhead.setdefault("karbor-taskflow (run)", []).append((k.n, k.run_s / k.n * 1e6))
             if k.skew:
                 skew.setdefault("karbor-taskflow", []).append((k.n, k.skew * 1e3))
     realistic: dict[str, list[tuple[int, float]]] = {}
-    for (n, name), rsamples in real.items():
-        realistic.setdefault(f"{name} skew", []).append(
+    for (n, name, t), rsamples in real.items():
+        realistic.setdefault(f"{label(name, t)} skew", []).append(
             (n, statistics.median([s.skew for s in rsamples]) * 1e3)
         )
+        if t is not Treatment.ON:
+            continue
         windows = [w for s in rsamples for w in s.windows]
         if name == "engine-cut" and windows:
             realistic.setdefault("engine-cut quiesce window p99", []).append(
@@ -897,14 +990,30 @@ def make_plots(
             overhead,
         ),
         (f"skew{suffix}.png", "Cut dispatch skew, zero-latency hooks", "skew (ms)", skew),
-        (f"realistic{suffix}.png", "Realistic latencies: skew (storage instants)", "ms", realistic),
+        (
+            f"realistic{suffix}.png",
+            "Realistic latencies: skew (the storage's own clock)",
+            "ms",
+            realistic,
+        ),
     ):
         if plot_lines(cfg.out / fname, title, ylabel, series, note=note):
             made.append(fname)
     return made
 
 
-async def main_async(cfg: Config, header: list[str]) -> str:
+async def _section(name: str, make: Any) -> list[str]:
+    """A section that may fail without losing the rest of the report."""
+    log(f"{name} section")
+    try:
+        lines: list[str] = await make()
+    except Exception as exc:  # report, do not lose the rest of the run
+        return [f"## {name}", "", f"Failed: {type(exc).__name__}: {exc}", ""]
+    return lines
+
+
+async def main_async(cfg: Config, header: list[str]) -> tuple[str, list[str]]:
+    """The report's text, and the README's headline block."""
     quiet_logging()
     t_start = time.perf_counter()
     ns = sorted(set(cfg.overhead_ns) | set(cfg.karbor_ns) | set(cfg.fanout_ns))
@@ -924,8 +1033,11 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     sqlite_plugin = await sqlite_plugin_section(cfg.sqlite_mbs, cfg.sqlite_reps)
     log("PostgreSQL plugin section")
     postgres = await postgres_section(cfg.quick, cfg.realistic_reps)
+    pg_store = await _section("PostgreSQL store", lambda: pg_store_section(cfg.quick))
     log("real file systems section")
     fs = await fs_section((8,) if cfg.quick else (64, 512), 1 if cfg.quick else 3)
+    log("per-task cost section")
+    tasks, _ = await task_cost_section(cfg.quick)
     log("consistency of restored pairs (the live two-shard application)")
     suffix = "-quick" if cfg.quick else ""
     proof, proof_plot = consistency_section(
@@ -933,6 +1045,22 @@ async def main_async(cfg: Config, header: list[str]) -> str:
     )
     plots = [*([proof_plot] if proof_plot else []), *make_plots(cfg, res, karbor, real)]
     shape = workloads[max(ns)].cloud.stats()
+    targets = Issue19(
+        res,
+        real,
+        cfg.overhead_ns,
+        cfg.rss_ns,
+        cfg.realistic_ns,
+        cfg.treatments,
+        cpu_model(),
+        million=load_million(cfg.million_json),
+        karbor=karbor,
+        fanout=hundred,
+    )
+    stamp = ", ".join(
+        line.removeprefix("- ") for line in header if line.startswith(("- date", "- commit"))
+    )
+    head_block = targets.headline(f"{stamp}; CPU {cpu_model()}")
     body = [
         "# karbor-async benchmarks" + (" (quick smoke run)" if cfg.quick else ""),
         "",
@@ -948,8 +1076,14 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         "- workload: `SimCloud.generate(N)`: one project, one network per 200 resources, "
         "servers with 1-4 volumes (5% of volume slots reuse an earlier server's volume) and an "
         f"image each; the graph has exactly N nodes (largest here: {shape}).",
-        "- every run starts from a collected, frozen heap (`gc.collect(); gc.freeze()`); the "
-        "collector stays enabled during runs, for every contender.",
+        "- collector treatments: "
+        + "; ".join(f"*{t.label}*: {t.description}" for t in cfg.treatments)
+        + " (`benchmarks/_gc.py`; every contender of a comparison under the same one).",
+        "",
+        *targets.section(),
+        "### Headline (copied into README.md)",
+        "",
+        *head_block,
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
@@ -963,9 +1097,11 @@ async def main_async(cfg: Config, header: list[str]) -> str:
         *aborts,
         *sqlite_plugin,
         *postgres,
+        *pg_store,
         *fs,
+        *tasks,
     ]
-    return "\n".join(body) + "\n"
+    return "\n".join(body) + "\n", head_block
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -974,10 +1110,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks", *args])
     header = environment(command, HERE.parent)
-    report = anyio.run(main_async, cfg, header, backend="asyncio")
+    report, _block = anyio.run(main_async, cfg, header, backend="asyncio")
     path = cfg.out / "RESULTS.md"
     path.write_text(report)
     log(f"wrote {path}")
+    if cfg.write_readme:
+        readme = HERE.parent / "README.md"
+        headline.write(readme, headline.extract(report))
+        log(f"wrote the headline block of {readme}")
+    else:
+        log("README.md's headline block not written (quick, trimmed or redirected run)")
     return 0
 
 

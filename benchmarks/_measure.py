@@ -2,7 +2,9 @@
 
 Every run starts from a collected, frozen heap (``gc.collect(); gc.freeze()``)
 so that the generated cloud and earlier runs do not weigh on the collector's
-full scans during the run; the same for every contender.
+full scans during the run; the same for every contender. The collector
+treatment during the run (on, or disabled around it) is a parameter
+(:mod:`benchmarks._gc`); each sample records it and the collections seen.
 """
 
 from __future__ import annotations
@@ -26,8 +28,19 @@ import attrs
 
 import karbor_async
 from benchmarks import floor_anyio, floor_asyncio, floor_realistic
+from benchmarks._gc import Treatment, treated
 from benchmarks._workload import NoopProtection, Workload, make_plan
-from karbor_async import BarrierPolicy, Engine, Hook, MemoryBank, MemoryStore, OperationKind
+from karbor_async import (
+    BarrierPolicy,
+    Engine,
+    Hook,
+    MemoryBank,
+    MemoryStore,
+    OperationKind,
+    SqliteStore,
+)
+from karbor_async.events import Event, Progress
+from karbor_async.store import Store
 from karbor_simcloud import (
     VOLUME,
     LatencyProfile,
@@ -43,9 +56,14 @@ __all__ = [
     "realistic_cloud",
     "ZERO_LATENCY",
     "KarborResult",
+    "MemProbe",
     "RealisticSample",
+    "SQLITE_CONTENDER",
+    "TARGET_CONTENDERS",
     "Sample",
     "analyse",
+    "engine_once",
+    "events_bytes",
     "fresh_heap",
     "rss_probe",
     "has_subscribe",
@@ -97,6 +115,12 @@ class Sample:
     seconds: float
     skew: float | None
     build_seconds: float = 0.0
+    treatment: Treatment = Treatment.ON
+    collections: int = 0
+    """Collections (any generation) during the measured call (build and run)."""
+    full_collections: int = 0
+    gc_seconds: float = 0.0
+    """Time spent inside those collections."""
 
 
 def fresh_heap() -> None:
@@ -104,12 +128,16 @@ def fresh_heap() -> None:
     gc.freeze()
 
 
-async def _timed(fn: Callable[[], Awaitable[Sample]]) -> Sample:
-    fresh_heap()
-    try:
-        return await fn()
-    finally:
-        gc.unfreeze()
+async def _timed(fn: Callable[[], Awaitable[Sample]], treatment: Treatment) -> Sample:
+    with treated(treatment) as watch:
+        sample = await fn()
+    return attrs.evolve(
+        sample,
+        treatment=treatment,
+        collections=watch.total,
+        full_collections=watch.full,
+        gc_seconds=watch.seconds,
+    )
 
 
 def _skew(cuts: Sequence[float]) -> float | None:
@@ -126,27 +154,56 @@ async def floor_anyio_run(w: Workload) -> Sample:
     return Sample("floor-anyio", w.n, seconds, _skew(cuts))
 
 
-def engine_runner(barrier: BarrierPolicy, events: bool) -> Callable[[Workload], Awaitable[Sample]]:
-    label = f"engine-{barrier.value}" + ("+events" if events else "")
+@attrs.frozen
+class EngineRun:
+    """One engine run over a workload: its sample, and the store it recorded into."""
 
+    sample: Sample
+    store: Store
+    run_id: str
+
+
+async def engine_once(
+    w: Workload, barrier: BarrierPolicy, events: bool, store: Store | None = None
+) -> EngineRun:
+    """``build_protect`` then ``execute``, timed apart, default settings but the sink.
+
+    The engine is entered before the clock starts: the timings are the run's.
+    """
+    label = f"engine-{barrier.value}" + ("+events" if events else "")
+    if store is not None:
+        label += "/sqlite"
+    store = store if store is not None else MemoryStore()
+    engine = Engine(
+        [NoopProtection()],
+        all_protectables(w.cloud),
+        discover=False,
+        record_events=events,
+        store=store,
+        bank=MemoryBank(),
+    )
+    async with engine:
+        t0 = time.perf_counter()
+        built = await engine.build_protect(make_plan(w.roots, barrier))
+        t1 = time.perf_counter()
+        outcome = await engine.execute(built)
+        t2 = time.perf_counter()
+    sample = Sample(label, w.n, t2 - t1, outcome.skew, build_seconds=t1 - t0)
+    return EngineRun(sample, store, outcome.run_id)
+
+
+def engine_runner(barrier: BarrierPolicy, events: bool) -> Callable[[Workload], Awaitable[Sample]]:
     async def run(w: Workload) -> Sample:
-        engine = Engine(
-            [NoopProtection()],
-            all_protectables(w.cloud),
-            discover=False,
-            record_events=events,
-            store=MemoryStore(),
-            bank=MemoryBank(),
-        )
-        async with engine:  # entered before the clock starts: the timings are the run's
-            t0 = time.perf_counter()
-            built = await engine.build_protect(make_plan(w.roots, barrier))
-            t1 = time.perf_counter()
-            outcome = await engine.execute(built)
-            t2 = time.perf_counter()
-        return Sample(label, w.n, t2 - t1, outcome.skew, build_seconds=t1 - t0)
+        return (await engine_once(w, barrier, events)).sample
 
     return run
+
+
+async def engine_sqlite_run(w: Workload) -> Sample:
+    """Barrier cut, events recorded in an SQLite store on a temporary file (opened untimed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with SqliteStore.open(Path(tmp) / "bench.db") as store:
+            return (await engine_once(w, BarrierPolicy.CUT, True, store)).sample
 
 
 async def one_at_a_time_run(w: Workload) -> Sample:
@@ -162,6 +219,8 @@ async def one_at_a_time_run(w: Workload) -> Sample:
     return Sample("one-at-a-time", w.n, seconds, _skew(cuts))
 
 
+SQLITE_CONTENDER = "engine-cut+events/sqlite"
+
 ZERO_LATENCY: dict[str, Callable[[Workload], Awaitable[Sample]]] = {
     "floor-asyncio": floor_asyncio_run,
     "floor-anyio": floor_anyio_run,
@@ -170,12 +229,16 @@ ZERO_LATENCY: dict[str, Callable[[Workload], Awaitable[Sample]]] = {
     "engine-cut": engine_runner(BarrierPolicy.CUT, False),
     "engine-cut+events": engine_runner(BarrierPolicy.CUT, True),
     "one-at-a-time": one_at_a_time_run,
+    SQLITE_CONTENDER: engine_sqlite_run,
 }
 
+TARGET_CONTENDERS = ("floor-asyncio", "floor-anyio", "engine-cut", "engine-cut+events")
+"""What issue 19's targets compare (the second collector treatment runs only these)."""
 
-async def measure(contender: str, w: Workload) -> Sample:
+
+async def measure(contender: str, w: Workload, treatment: Treatment = Treatment.ON) -> Sample:
     fn = ZERO_LATENCY[contender]
-    return await _timed(lambda: fn(w))
+    return await _timed(lambda: fn(w), treatment)
 
 
 async def peak_memory(contender: str, w: Workload) -> float:
@@ -192,6 +255,97 @@ async def peak_memory(contender: str, w: Workload) -> float:
         tracemalloc.stop()
         gc.unfreeze()
     return (peak - base) / w.n
+
+
+_OWNED = (Event, Progress, dict, list, tuple, float, int)
+
+
+def events_bytes(events: Sequence[Event]) -> int:
+    """Bytes held by stored events: each ``Event`` and what only events hold.
+
+    A walk of ``gc.get_referents`` from every event, counting each object once
+    (``sys.getsizeof``) if it is an event, a progress record, a float, an int
+    (beyond the interpreter's cached small ints), or a dict, list or tuple (whose
+    items are walked too): the resource key tuple is counted, though the engine
+    may share it with the graph. Anything else (strings: run ids, resource ids;
+    enums, types, ``None``, plugin objects) is taken as shared and not counted.
+    An estimate, so the report gives it beside the measured RSS difference
+    between recording events and not.
+    """
+    seen: set[int] = set()
+    total = 0
+    stack: list[object] = list(events)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or not isinstance(obj, _OWNED) or isinstance(obj, bool):
+            continue
+        if isinstance(obj, int) and -5 <= obj <= 256:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return total + sys.getsizeof(list(events))
+
+
+@attrs.frozen
+class MemProbe:
+    """Peak RSS of one run in a fresh subprocess (``benchmarks/_memprobe.py``)."""
+
+    kb_per_resource: float
+    """Growth of the peak RSS over the RSS before the run, per resource."""
+    peak_kb: float
+    """The subprocess's whole peak RSS (interpreter and workload included)."""
+    events: int = 0
+    """Lifecycle events the run stored (engine contenders that record them)."""
+    events_kb_per_resource: float = 0.0
+    """:func:`events_bytes` of those events, per resource."""
+
+
+@attrs.define
+class Overhead:
+    """The zero-latency measurements of one report, by (N, contender, treatment)."""
+
+    samples: dict[tuple[int, str, Treatment], list[Sample]] = attrs.field(factory=dict)
+    """In repetition order: the i-th samples of two contenders ran in the same repetition."""
+    memory: dict[tuple[int, str], float] = attrs.field(factory=dict)
+    """tracemalloc peak bytes per resource (collector on)."""
+    rss: dict[tuple[int, str, Treatment], MemProbe | None] = attrs.field(factory=dict)
+
+    def get(self, n: int, contender: str, treatment: Treatment = Treatment.ON) -> list[Sample]:
+        return self.samples.get((n, contender, treatment), [])
+
+    def ratio(
+        self,
+        n: int,
+        contender: str,
+        floor: str,
+        treatment: Treatment = Treatment.ON,
+        *,
+        with_build: bool = False,
+    ) -> float:
+        """Median over repetitions of contender's seconds / floor's seconds (same repetition).
+
+        ``with_build``: the contender's discovery (``build_protect``) counts too.
+        """
+        mine, base = self.get(n, contender, treatment), self.get(n, floor, treatment)
+        ratios = [
+            (a.seconds + (a.build_seconds if with_build else 0.0)) / b.seconds
+            for a, b in zip(mine, base, strict=False)
+            if b.seconds
+        ]
+        return statistics.median(ratios) if ratios else math.nan
+
+    def skew_ratio(
+        self, n: int, contender: str, floor: str, treatment: Treatment = Treatment.ON
+    ) -> float:
+        """Median over repetitions of the contender's cut skew / the floor's (same repetition)."""
+        mine, base = self.get(n, contender, treatment), self.get(n, floor, treatment)
+        ratios = [
+            a.skew / b.skew
+            for a, b in zip(mine, base, strict=False)
+            if a.skew is not None and b.skew
+        ]
+        return statistics.median(ratios) if ratios else math.nan
 
 
 # -- realistic latencies: instants from the simulated storage -------------------------------
@@ -214,6 +368,7 @@ class RealisticSample:
     """Per server: its thaw starting minus its last volume snapshot call returning."""
     share_cut: tuple[float, ...] = ()
     """Per server: its first volume snapshot call starting minus the moment it could start."""
+    treatment: Treatment = Treatment.ON
 
 
 def realistic_cloud(n: int, seed: int) -> SimCloud:
@@ -274,7 +429,9 @@ def analyse(
     )
 
 
-async def realistic_engine(n: int, seed: int, barrier: BarrierPolicy) -> RealisticSample:
+async def realistic_engine(
+    n: int, seed: int, barrier: BarrierPolicy, treatment: Treatment = Treatment.ON
+) -> RealisticSample:
     cloud = realistic_cloud(n, seed)
     engine = Engine(
         all_protections(cloud), all_protectables(cloud), discover=False, store=MemoryStore()
@@ -285,25 +442,23 @@ async def realistic_engine(n: int, seed: int, barrier: BarrierPolicy) -> Realist
         parameters={"OS::Cinder::Volume": {"chunk_size": REALISTIC_VOLUME_SIZE}},
     )
     async with engine:  # entered (and left) outside the timed protect
-        fresh_heap()
-        try:
+        with treated(treatment):
             t0 = time.perf_counter()
             await engine.protect(plan)
             seconds = time.perf_counter() - t0
-        finally:
-            gc.unfreeze()
-    return analyse(f"engine-{barrier.value}", cloud, seconds, barrier)
+    sample = analyse(f"engine-{barrier.value}", cloud, seconds, barrier)
+    return attrs.evolve(sample, treatment=treatment)
 
 
-async def realistic_floor(n: int, seed: int) -> RealisticSample:
+async def realistic_floor(
+    n: int, seed: int, treatment: Treatment = Treatment.ON
+) -> RealisticSample:
     """The same cloud's quiesce, cut and thaw calls in Karbor's order, no engine."""
     cloud = realistic_cloud(n, seed)
-    fresh_heap()
-    try:
+    with treated(treatment):
         seconds = await floor_realistic.run(cloud)
-    finally:
-        gc.unfreeze()
-    return analyse("floor-realistic", cloud, seconds, BarrierPolicy.CUT)
+    sample = analyse("floor-realistic", cloud, seconds, BarrierPolicy.CUT)
+    return attrs.evolve(sample, treatment=treatment)
 
 
 async def realistic_one_at_a_time(n: int, seed: int) -> RealisticSample:
@@ -386,11 +541,21 @@ async def run_karbor(w: Workload, limit: float, *, realistic: bool = False) -> K
     )
 
 
-async def rss_probe(contender: str, n: int, seed: int, limit: float) -> float | None:
+async def rss_probe(
+    contender: str, n: int, seed: int, limit: float, treatment: Treatment = Treatment.ON
+) -> MemProbe | None:
     """Peak RSS growth per resource (KB) of one run in a fresh subprocess; None on failure."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "benchmarks._memprobe", contender, str(n), str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks._memprobe",
+        contender,
+        str(n),
+        str(seed),
+        treatment.value,
+    ]
     try:
         with anyio.fail_after(limit):
             proc = await anyio.run_process(cmd, env=env, check=False)
@@ -398,8 +563,13 @@ async def rss_probe(contender: str, n: int, seed: int, limit: float) -> float | 
         return None
     if proc.returncode != 0:
         return None
-    value: float = json.loads(proc.stdout)["kb_per_resource"]
-    return value
+    data = json.loads(proc.stdout)
+    return MemProbe(
+        kb_per_resource=float(data["kb_per_resource"]),
+        peak_kb=float(data["peak_kb"]),
+        events=int(data.get("events", 0)),
+        events_kb_per_resource=float(data.get("events_kb_per_resource", 0.0)),
+    )
 
 
 # -- features that arrive later (skipped with a note until they exist) -----------------------

@@ -1,12 +1,15 @@
 """Peak RSS of one zero-latency run, measured in a fresh subprocess (large N).
 
-``python -m benchmarks._memprobe CONTENDER N SEED`` builds the workload, reads
-the resident set size, resets the peak (``clear_refs``), runs the contender once
-and prints one JSON line with the growth of the peak RSS (``VmHWM``) over the
-RSS before the run. The
-workload's own memory is resident before the run, so the growth is what the
-run itself needed. Page and arena granularity make this meaningful only for
-large N; small N use tracemalloc in-process.
+``python -m benchmarks._memprobe CONTENDER N SEED [on|off]`` builds the
+workload, reads the resident set size, resets the peak (``clear_refs``), runs
+the contender once under the collector treatment (``benchmarks/_gc.py``; default
+``on``) and prints one JSON line with the growth of the peak RSS (``VmHWM``)
+over the RSS before the run. The workload's own memory is resident before the
+run, so the growth is what the run itself needed. For an engine contender that
+records events, the line also has how many the store holds and their size
+(``events_bytes``), measured after the peak was read. Page and arena
+granularity make this meaningful only for large N; small N use tracemalloc
+in-process.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import sys
 
 import anyio
 
-from benchmarks._measure import ZERO_LATENCY, fresh_heap
+from benchmarks._gc import Treatment, treated
+from benchmarks._measure import ZERO_LATENCY, engine_once, events_bytes
 from benchmarks._workload import Workload, quiet_logging
+from karbor_async import BarrierPolicy
 
 
 def _status_kb(field: str) -> int:
@@ -43,18 +48,33 @@ def _reset_peak() -> bool:
     return True
 
 
-async def probe(contender: str, n: int, seed: int) -> dict[str, float]:
+async def probe(contender: str, n: int, seed: int, treatment: Treatment) -> dict[str, float]:
     quiet_logging()
     w = await Workload.build(n, seed)
-    fresh_heap()
-    reset = _reset_peak()
-    before = _status_kb("VmRSS")
-    floor = before if reset else max(before, _status_kb("VmHWM"))
-    await ZERO_LATENCY[contender](w)
-    peak = _status_kb("VmHWM")
-    return {"rss_before_kb": before, "peak_kb": peak, "kb_per_resource": max(0, peak - floor) / n}
+    out: dict[str, float] = {}
+    with treated(treatment):
+        reset = _reset_peak()
+        before = _status_kb("VmRSS")
+        floor = before if reset else max(before, _status_kb("VmHWM"))
+        if contender == "engine-cut+events":  # the same run, keeping its store to weigh
+            run = await engine_once(w, BarrierPolicy.CUT, True)
+        else:
+            await ZERO_LATENCY[contender](w)
+            run = None
+        peak = _status_kb("VmHWM")
+    if run is not None:
+        events = await run.store.read_events(run.run_id)
+        out["events"] = len(events)
+        out["events_kb_per_resource"] = events_bytes(events) / 1024 / n
+    return {
+        "rss_before_kb": before,
+        "peak_kb": peak,
+        "kb_per_resource": max(0, peak - floor) / n,
+        **out,
+    }
 
 
 if __name__ == "__main__":
     name, size, seed_arg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    print(json.dumps(anyio.run(probe, name, size, seed_arg, backend="asyncio")))
+    how = Treatment(sys.argv[4]) if len(sys.argv) > 4 else Treatment.ON
+    print(json.dumps(anyio.run(probe, name, size, seed_arg, how, backend="asyncio")))

@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["environment", "fmt_ms", "fmt_range_ms", "plot_lines", "table"]
+__all__ = [
+    "cpu_model",
+    "environment",
+    "fmt_ms",
+    "fmt_range_ms",
+    "git_commit",
+    "plot_lines",
+    "plot_panels",
+    "table",
+]
 
 _PACKAGES = (
     "karbor-async",
@@ -27,7 +36,8 @@ _PACKAGES = (
 )
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what the platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -47,7 +57,7 @@ def _memory_gb() -> str:
     return "unknown"
 
 
-def _git_commit(root: Path) -> str:
+def git_commit(root: Path) -> str:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -69,6 +79,13 @@ def _git_commit(root: Path) -> str:
     return out.stdout.strip() + suffix
 
 
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def environment(command: str, root: Path) -> list[str]:
     """The header: date, machine, versions, the exact command (called before the event loop)."""
     versions = []
@@ -79,12 +96,12 @@ def environment(command: str, root: Path) -> list[str]:
             versions.append(f"{name} (not installed)")
     return [
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} CPUs, {_memory_gb()} RAM, "
+        f"- machine: CPU {cpu_model()}, {os.cpu_count()} CPUs, {_memory_gb()} RAM, "
         f"{platform.system()} {platform.release()}",
-        f"- python: {platform.python_implementation()} {platform.python_version()}, "
-        "event loop: asyncio (anyio backend)",
+        f"- python: {platform.python_implementation()} {platform.python_version()}; "
+        f"anyio {_version('anyio')}; event loop: asyncio (anyio backend)",
         f"- versions: {', '.join(versions)}",
-        f"- commit: {_git_commit(root)}",
+        f"- commit: {git_commit(root)}",
         f"- command: `{command}`",
     ]
 
@@ -137,6 +154,44 @@ def plot_lines(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, alpha=0.7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_panels(
+    path: Path,
+    title: str,
+    panels: Sequence[tuple[str, str, dict[str, list[tuple[int, float]]]]],
+    *,
+    note: str = "",
+) -> bool:
+    """Side-by-side line plots against N (log x, linear y from 0), one per (title, ylabel,
+    series); ``False`` if matplotlib is missing. Linear y shows whether a cost is flat."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), dpi=110)
+    for ax, (sub, ylabel, series) in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
+        for label, points in series.items():
+            pts = sorted((n, y) for n, y in points if y is not None and not math.isnan(y))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("resources in the application graph (N)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(sub)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, alpha=0.7)
     fig.tight_layout()
