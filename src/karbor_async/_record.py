@@ -22,7 +22,7 @@ from karbor_async._scrub import Scrubber
 from karbor_async._timers import Timers
 from karbor_async._types import AbortReason, Hook, OperationKind, ResourceKey, ResourceStatus
 from karbor_async.events import Event, EventKind, Progress
-from karbor_async.exceptions import HookError, PluginError, ThawFailedError
+from karbor_async.exceptions import HookError, LeaseLostError, PluginError, ThawFailedError
 from karbor_async.plugin import Bank
 from karbor_async.store import Store
 
@@ -89,6 +89,9 @@ class Recorder:
         self.restored: dict[ResourceKey, str] = dict(restored)
         self.safety: SafetyThaws | None = None
         """The engine's sentinel (safety thaws of quiescing hooks)."""
+        self.fenced = False
+        """Another engine took the run over (its store refused this one's writes): the
+        log is that engine's now; this one still thaws, and its next commit fails."""
 
     @property
     def scrubber(self) -> Scrubber:
@@ -131,7 +134,10 @@ class Recorder:
             0,
             data,
         )
-        self.store.append(event)
+        try:
+            self.store.append(event)
+        except LeaseLostError:
+            self.fenced = True  # (never mid-thaw: the commit points say so, and abort)
         if self.hub is not None:
             self.hub.lifecycle(event)
         if self.log_events:
@@ -173,7 +179,10 @@ class Recorder:
             hub.tick(event)
         if due:
             n.progress_stored_at = now
-            self.store.append(event)
+            try:
+                self.store.append(event)
+            except LeaseLostError:
+                self.fenced = True
 
     def mark_refused(self, n: _Node, hook: Hook, what: str, at: float | None, rule: str) -> None:
         """An aborting call's mark broke a rule: warn; the engine's default instant stands."""
