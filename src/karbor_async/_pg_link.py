@@ -62,7 +62,10 @@ def connection_lost(exc: BaseException, conn: Any = None) -> bool:
             return bool(conn.is_closed())
         except Exception:  # (a connection object in a state of its own)
             return False
-    return type(exc).__name__ == "ConnectionDoesNotExistError"
+    name = type(exc).__name__  # (a pooled connection: closed under the caller)
+    return name == "ConnectionDoesNotExistError" or (
+        name == "InterfaceError" and "closed" in str(exc)
+    )
 
 
 class Link:
@@ -208,26 +211,32 @@ class WriterConnection:
 
     async def identify(self) -> None:
         assert self._conn is not None
-        row = await self._conn.fetchrow(
-            "SELECT pid, backend_start::text, pg_postmaster_start_time()::text"
-            " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        )
-        self._ident = None if row is None else (int(row[0]), str(row[1]), str(row[2]))
+        self._ident = await _identity(self._conn)
 
     async def _connection(self) -> asyncpg.Connection:
         conn = self._conn
-        if conn is None or conn.is_closed():
-            if conn is not None:  # lost while idle (the server restarted, say)
-                self._link.lost(ConnectionError("the writer's connection was closed"))
-            self._conn = None
+        if conn is not None and not conn.is_closed():
+            return conn
+        if conn is not None:  # lost while idle (the server restarted, say)
+            self._link.lost(ConnectionError("the writer's connection was closed"))
+        self._conn = None
+        delay = FIRST_DELAY
+        while True:
             conn = await self._link.connect()
-            self._conn = conn
             try:
-                await self.identify()
+                ident = await _identity(conn)
             except Exception as exc:
-                self._drop(exc)
-                raise
-        return conn
+                lost = connection_lost(exc, conn)
+                conn.terminate()
+                if not lost:
+                    raise
+                self._link.lost(exc)  # (lost again at once: a new outage, a new window)
+                if self._link.expired():
+                    raise self._link.unavailable(exc) from None
+                delay = await self._link.pause(delay)
+                continue
+            self._conn, self._ident = conn, ident
+            return conn
 
     def _drop(self, exc: BaseException) -> None:
         conn, self._conn = self._conn, None
@@ -313,6 +322,15 @@ class WriterConnection:
         conn, self._conn = self._conn, None
         if conn is not None:
             await close_quietly(conn)
+
+
+async def _identity(conn: asyncpg.Connection) -> tuple[int, str, str] | None:
+    """The session: backend pid, its start, the server's start (a pid is reused)."""
+    row = await conn.fetchrow(
+        "SELECT pid, backend_start::text, pg_postmaster_start_time()::text"
+        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    )
+    return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
 
 
 async def _roll_back(tx: Any, conn: asyncpg.Connection) -> None:
