@@ -106,13 +106,15 @@ class Listener:
         while True:
             try:
                 conn = await self._link.connect()
-                await conn.add_listener(CHANNEL, self._notified)
             except StoreError as exc:
                 self._fail(exc)
                 await anyio.sleep(delay)
                 delay = min(MAX_DELAY, delay * 2)
                 continue
+            try:
+                await conn.add_listener(CHANNEL, self._notified)
             except Exception as exc:  # lost again while LISTENing
+                conn.terminate()
                 self._link.lost(exc)
                 await anyio.sleep(delay)
                 delay = min(MAX_DELAY, delay * 2)
