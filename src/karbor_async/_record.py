@@ -137,7 +137,7 @@ class Recorder:
         try:
             self.store.append(event)
         except LeaseLostError:
-            self.fenced = True  # (never mid-thaw: the commit points say so, and abort)
+            self.fenced = True  # (its log is the new owner's; the next commit aborts)
         if self.hub is not None:
             self.hub.lifecycle(event)
         if self.log_events:

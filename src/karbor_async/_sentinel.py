@@ -24,7 +24,8 @@ A resource still armed when its limit passes is thawed and reported
 (``{"fired": id, "at", "result"}``); end-of-file on stdin (the engine closed
 it, or died) thaws every resource still armed, in the order they were armed,
 and the sentinel exits. Each firing appends ``{run, resource, at, result}`` to
-the journal given at arm time (beside the store), flushed and synced.
+the journal given at arm time (beside the store's file, or this host's journal of a
+store without one), flushed and synced.
 
 Only the standard library is used here, and nothing is imported after the
 arm; each thaw is bounded (``THAW_LIMIT`` seconds). The shipper is started only
