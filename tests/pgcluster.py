@@ -121,6 +121,42 @@ class PgCluster:
         out = self.psql("SELECT datname FROM pg_database WHERE NOT datistemplate")
         return set(out.split())
 
+    def terminate(self, dbname: str) -> int:
+        """End every session connected to ``dbname`` (``pg_terminate_backend``), as an
+        administrator or a failing network would; returns how many."""
+        return int(
+            self.psql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                f" WHERE datname = '{dbname}' AND pid <> pg_backend_pid()"
+            )
+        )
+
+    # Only for a cluster of a test's own (``private_cluster``), never the session's.
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl stop -m MODE``): every session ends."""
+        done = _as_server(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", mode)
+        if done.returncode != 0:
+            _fail("pg_ctl stop", done)
+
+    def start(self) -> None:
+        """Start the stopped server again on its port, with the options it had."""
+        done = _as_server(
+            str(self.bindir / "pg_ctl"),
+            "start",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            _options(self.port, self.root),
+        )
+        if done.returncode != 0:
+            _fail("pg_ctl start", done, self.root / "server.log")
+
 
 def unavailable() -> str | None:
     """Why no cluster can be started here (one line), or None when one can."""
@@ -189,6 +225,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _options(port: int, root: Path) -> str:
+    return (
+        f"-p {port} -k {root / 'sock'} -c listen_addresses=127.0.0.1 "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        "-c max_connections=100"
+    )
+
+
 def _fail(what: str, done: subprocess.CompletedProcess[str], log: Path | None = None) -> None:
     tail = ""
     if log is not None and log.exists():
@@ -234,11 +278,7 @@ def session_cluster() -> Iterator[PgCluster]:
         log = root / "server.log"
         for attempt in range(5):
             port = _free_port()
-            options = (
-                f"-p {port} -k {root / 'sock'} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=100"
-            )
+            options = _options(port, root)
             done = _as_server(
                 str(PG_BIN / "pg_ctl"),
                 "start",

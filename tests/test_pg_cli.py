@@ -36,7 +36,7 @@ def test_a_store_that_cannot_be_reached_is_one_line_without_the_password(
     cli = Cli(tmp_path)
     cli.env["COLUMNS"] = "1000"  # one line, not one wrapped by the terminal's width
     url = pg_cluster.dsn().replace("postgres@", "postgres:not-the-Password@")
-    result = cli("--store", url, "checkpoints", "list", code=EXIT_BAD_INPUT)
+    result = cli("checkpoints", "list", code=EXIT_BAD_INPUT, KARBOR_STORE=url)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert "cannot connect to the PostgreSQL store" in lines[0]

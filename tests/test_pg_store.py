@@ -6,6 +6,7 @@ the server, except under CI).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -18,6 +19,8 @@ import attrs
 import pytest
 from anyio.streams.text import TextReceiveStream
 
+from helpers import SERVER, TYPES
+from karbor_async import Engine, Plan, Resource, Timeouts
 from karbor_async._pg_schema import schema_version, scrub_dsn
 from karbor_async._pg_store import PostgresStore
 from karbor_async._types import OperationKind, RunStatus
@@ -31,6 +34,7 @@ from karbor_async.exceptions import (
     StoreFileError,
 )
 from karbor_async.store import RunRecord
+from karbor_async.testing import RecordingPlugin, protectables_for
 from pgcluster import PgCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,7 +221,7 @@ async def test_a_subscriber_in_another_process_sees_every_event_live_in_order(
                     await anyio.sleep(0.01 * batch)
                 store.append(attrs.evolve(event("cp-1", 0), kind=EventKind.RUN_FINISHED))
                 await store.commit()
-                while "listener" not in got:
+                while "listener" not in got or not got.endswith("\n"):
                     got += await lines.receive()
                 assert await child.wait() == 0
         seqs = [int(line.split()[0]) for line in got.splitlines()[1:-1]]
@@ -320,3 +324,129 @@ async def test_a_role_that_may_not_create_tables_is_one_clear_error(
         async with PostgresStore.open(dsn, password="pw-reader"):
             pass
     assert "pw-reader" not in str(info.value)
+
+
+# -- several writers, long run ids, fencing of a whole engine -----------------------------
+
+
+async def test_seqs_are_consecutive_and_in_commit_order_with_four_concurrent_writers(
+    pg_cluster: PgCluster,
+) -> None:
+    """Four stores append to one run at once, 25 commits each: the stored seqs are 1..100,
+    each writer's events keep its order, and a commit that returned before another began
+    holds only lower seqs (commit order)."""
+    dsn = _dsn(pg_cluster)
+    spans: list[tuple[float, float, str]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(PostgresStore.open(dsn, password=pg_cluster.password))
+            for _ in range(4)
+        ]
+        await stores[0].create_run(run_record("cp-1"))
+
+        async def write(w: int, store: PostgresStore) -> None:
+            for i in range(25):
+                mark = f"{w}-{i}"
+                store.append(attrs.evolve(event("cp-1", 0), data={"mark": mark}))
+                began = time.monotonic()
+                await store.commit()
+                spans.append((began, time.monotonic(), mark))
+
+        async with anyio.create_task_group() as tg:
+            for w, store in enumerate(stores):
+                tg.start_soon(write, w, store)
+        events = await stores[0].read_events("cp-1")
+    assert [e.seq for e in events] == list(range(1, 101))
+    seq_of = {e.data["mark"]: e.seq for e in events}
+    for w in range(4):
+        mine = [seq_of[f"{w}-{i}"] for i in range(25)]
+        assert mine == sorted(mine)
+    ordered = 0
+    for _, a_ended, a in spans:
+        for b_began, _, b in spans:
+            if a_ended < b_began:
+                assert seq_of[a] < seq_of[b], (a, b)
+                ordered += 1
+    assert ordered > 1000  # (most pairs were ordered in time: the check has teeth)
+
+
+@pytest.mark.parametrize("length", [900, 5000, 20000])
+async def test_a_notification_fits_postgresqls_limit_whatever_the_run_id(
+    pg_cluster: PgCluster, length: int
+) -> None:
+    """NOTIFY payloads stay under 8,000 bytes for any run id (a long one is announced by its
+    digest), and a subscriber of a run with a long id sees its events live."""
+    asyncpg = pytest.importorskip("asyncpg")
+    dsn = _dsn(pg_cluster)
+    run_id = ("r" * length)[:length]
+    payloads: list[str] = []
+    raw = await asyncpg.connect(dsn, password=pg_cluster.password)
+    await raw.add_listener("karbor_events", lambda *args: payloads.append(args[-1]))
+    try:
+        async with PostgresStore.open(dsn, password=pg_cluster.password) as store:
+            await store.create_run(run_record(run_id))
+            got: list[int] = []
+            with anyio.fail_after(10):
+                async with store.subscribe(run_id) as events:
+                    for _ in range(3):
+                        store.append(event(run_id, 0))
+                        await store.commit()
+                        got.append((await anext(events)).seq)
+        assert got == [1, 2, 3]
+    finally:
+        await raw.close()
+    assert len(payloads) == 3
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    assert all(len(p.encode()) <= 1100 for p in payloads)
+
+
+async def test_an_engine_whose_run_was_taken_over_is_fenced_and_thaws(
+    pg_cluster: PgCluster,
+) -> None:
+    """An engine stalls past its lease (no renewal) while a server is frozen; a replica
+    takes the run over. The stalled engine's next commit is refused (its writes dropped,
+    never the successor's log), its group aborts and thaws, and it stores no outcome."""
+    dsn = _dsn(pg_cluster)
+    parent, child = Resource(SERVER, "s0"), Resource(SERVER, "s1")
+    plugin = RecordingPlugin(TYPES, delays={(f"{SERVER}#s0", "on_prepare_begin"): 0.6})
+    async with (
+        PostgresStore.open(
+            dsn,
+            password=pg_cluster.password,
+            owner="stale:1:1:a",
+            lease_seconds=0.3,
+            auto_renew=False,
+        ) as stale,
+        PostgresStore.open(dsn, password=pg_cluster.password, owner="next:2:2:b") as successor,
+    ):
+        engine = Engine([plugin], protectables_for([(parent, child)]), store=stale, discover=False)
+        plan = Plan(name="app", resources=[parent], barrier="cut", timeouts=Timeouts(hook=30))
+        async with engine:
+            run = await engine.build_protect(plan)
+
+            async def take_over() -> None:
+                while not plugin.calls(hook="on_prepare_begin"):  # noqa: ASYNC110 - the trace
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.35)  # the lease (0.3 s, never renewed) has expired
+                assert await successor.acquire_lease(run.run_id) == 2
+                successor.append(attrs.evolve(event(run.run_id, 0), data={"by": "successor"}))
+                await successor.commit()
+
+            failure: LeaseLostError | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(take_over)
+                try:
+                    await engine.execute(run)
+                except LeaseLostError as exc:
+                    failure = exc
+        assert failure is not None and "owned by another engine now" in str(failure)
+        events = await successor.read_events(run.run_id)
+        record = await successor.get_run(run.run_id)
+    frozen = [e.resource for e in plugin.calls(hook="on_prepare_begin")]
+    assert frozen == [parent.key]
+    assert [(e.resource, e.aborting) for e in plugin.calls(hook="on_prepare_finish")] == [
+        (parent.key, "failure")
+    ]
+    assert record.status is RunStatus.RUNNING and record.outcome is None  # left to it
+    assert events[-1].data == {"by": "successor"}  # the stale engine wrote nothing after
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))

@@ -42,6 +42,7 @@ from karbor_async.exceptions import (
     StoreError,
 )
 from karbor_async.store import (
+    CheckpointRecord,
     CheckpointStatus,
     GroupOutcome,
     ResourceOutcome,
@@ -96,6 +97,28 @@ async def store(
     else:
         async with SqliteStore.open(tmp_path / "karbor.db") as sqlite_store:
             yield sqlite_store
+
+
+@pytest.fixture
+async def durable(
+    impl: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Any, Any]]:
+    """A durable store (SQLite or PostgreSQL; the memory store has no such methods), and a
+    function opening the same store read-only."""
+    if impl[0] == "memory":
+        pytest.skip("the memory store keeps nothing to import into or reopen read-only")
+    if impl[0] == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        dsn = cluster.dsn(cluster.create_database("contract"))
+        async with PostgresStore.open(dsn, password=cluster.password) as pg_store:
+            yield (
+                pg_store,
+                lambda: PostgresStore.open(dsn, password=cluster.password, read_only=True),
+            )
+    else:
+        path = tmp_path / "karbor.db"
+        async with SqliteStore.open(path) as sqlite_store:
+            yield sqlite_store, lambda: SqliteStore.open(path, read_only=True)
 
 
 # -- builders ------------------------------------------------------------------------
@@ -641,33 +664,65 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
         return type(exc)
 
 
-async def _compare(ops: list[tuple[Any, ...]], path: Path) -> None:
+async def _compare(ops: list[tuple[Any, ...]], durable: Store) -> None:
     memory = MemoryStore()
     created: set[str] = set()
     finished: set[str] = set()
+    for op in ops:
+        run_id = f"cp-{op[1]}" if op[0] != "list" else ""
+        if op[0] == "create" and run_id in created:
+            continue
+        if op[0] == "finish" and (run_id in finished or run_id not in created):
+            continue
+        expected = await _apply(memory, op)
+        got = await _apply(durable, op)
+        assert got == expected, op
+        if op[0] == "create":
+            created.add(run_id)
+        if op[0] == "finish" and expected is None:
+            finished.add(run_id)
+    everything = await durable.list_checkpoints(limit=1000)
+    assert everything == await memory.list_checkpoints(limit=1000)
+
+
+async def _compare_sqlite(ops: list[tuple[Any, ...]], path: Path) -> None:
     async with SqliteStore.open(path) as sqlite_store:
-        for op in ops:
-            run_id = f"cp-{op[1]}" if op[0] != "list" else ""
-            if op[0] == "create" and run_id in created:
-                continue
-            if op[0] == "finish" and (run_id in finished or run_id not in created):
-                continue
-            expected = await _apply(memory, op)
-            got = await _apply(sqlite_store, op)
-            assert got == expected, op
-            if op[0] == "create":
-                created.add(run_id)
-            if op[0] == "finish" and expected is None:
-                finished.add(run_id)
-        everything = await sqlite_store.list_checkpoints(limit=1000)
-        assert everything == await memory.list_checkpoints(limit=1000)
+        await _compare(ops, sqlite_store)
 
 
 @given(_OPS)
 def test_sqlite_store_agrees_with_memory_store(ops: list[tuple[Any, ...]]) -> None:
     """Random lifecycles and listings give the same results and errors on both stores."""
     with tempfile.TemporaryDirectory() as tmp:
-        anyio.run(_compare, ops, Path(tmp) / "karbor.db", backend="asyncio")
+        anyio.run(_compare_sqlite, ops, Path(tmp) / "karbor.db", backend="asyncio")
+
+
+_TABLES = (
+    "runs, checkpoints, saved_info, restored, run_seq, events, progress, resource_leases,"
+    " sentinel_firings"
+)
+
+
+async def _compare_postgres(ops: list[tuple[Any, ...]], dsn: str, password: str) -> None:
+    async with PostgresStore.open(dsn, password=password) as pg_store:
+        try:
+            await _compare(ops, pg_store)
+        finally:  # (one database for every example: each starts from an empty store)
+            await pg_store._w.submit(lambda c: c.execute(f"TRUNCATE {_TABLES}"))
+
+
+@pytest.fixture
+def model_dsn(request: pytest.FixtureRequest) -> tuple[str, str]:
+    cluster = request.getfixturevalue("pg_cluster")
+    return cluster.dsn(cluster.create_database("model")), cluster.password
+
+
+@given(ops=_OPS)
+def test_postgres_store_agrees_with_memory_store(
+    model_dsn: tuple[str, str], ops: list[tuple[Any, ...]]
+) -> None:
+    """The same random lifecycles and listings, against PostgreSQL."""
+    anyio.run(_compare_postgres, ops, *model_dsn, backend="asyncio")
 
 
 async def test_resource_leases_are_taken_all_or_none_and_given_back(store: Store) -> None:
@@ -728,3 +783,98 @@ async def test_an_abandoned_resource_stays_leased_after_its_run_ends(store: Stor
     store.release_resource("cp-1", VOLUME.key)  # the abandoned hook ended
     await store.commit()
     await store.create_run(attrs.evolve(run_record("cp-3"), leases=(VOLUME.key,)))
+
+
+# -- what the durable stores add: imports, hook records, read-only opening ---------------
+
+
+def _imported(n: int) -> list[CheckpointRecord]:
+    statuses = [CS.AVAILABLE, CS.ERROR, CS.DELETED]
+    return [
+        CheckpointRecord(
+            id=f"imp-{i:03d}",
+            plan_name=f"plan-{i % 2}",
+            status=statuses[i % 3],
+            created_wall=1_600_000_000.0 + i,
+            plan={"name": f"plan-{i % 2}"},
+            graph={"nodes": [["OS::Nova::Server", f"s{i}"]]},
+        )
+        for i in range(n)
+    ]
+
+
+async def test_import_checkpoints_inserts_them_whole_or_not_at_all(
+    durable: tuple[Any, Any],
+) -> None:
+    """Imported checkpoints list, page and read like stored ones (their protect runs too);
+    an import holding an id already stored is refused whole."""
+    store, _ = durable
+    assert await store.import_checkpoints(_imported(7)) == 7
+    listed = await store.list_checkpoints(plan_name="plan-1", limit=10)
+    assert [c.id for c in listed] == ["imp-005", "imp-003", "imp-001"]
+    assert (await store.get_checkpoint("imp-002")).status is CS.DELETED
+    run = await store.get_run("imp-001")
+    assert (run.operation, run.status) == (OperationKind.PROTECT, RunStatus.FAILED)
+    again = [*_imported(9)[7:], _imported(1)[0]]
+    with pytest.raises(StoreError, match="cannot be imported again"):
+        await store.import_checkpoints(again)
+    assert len(await store.list_checkpoints(limit=100)) == 7
+    with pytest.raises(CheckpointNotFoundError):
+        await store.get_checkpoint("imp-007")
+
+
+async def test_hook_records_follow_the_lifecycle_events(durable: tuple[Any, Any]) -> None:
+    """Per resource, hook and attempt: the status of its latest event, times, the error."""
+    store, _ = durable
+    await store.create_run(run_record("cp-1"))
+    seq = iter(range(1, 100))
+    for e in [
+        event("cp-1", next(seq), EventKind.RUN_STARTED, resource=None, hook=None),
+        event("cp-1", next(seq), resource=SERVER.key, hook=Hook.PREPARE_BEGIN),
+        event("cp-1", next(seq), EventKind.QUIESCED, resource=SERVER.key, hook=Hook.PREPARE_BEGIN),
+        event("cp-1", next(seq), EventKind.FINISHED, resource=SERVER.key, hook=Hook.PREPARE_BEGIN),
+        event("cp-1", next(seq)),
+        event("cp-1", next(seq), EventKind.FAILED, data={"error": "IOError: disk"}),
+        attrs.evolve(event("cp-1", next(seq)), attempt=2),
+        event("cp-1", next(seq), EventKind.SKIPPED, resource=SERVER.key, hook=Hook.COMPLETE),
+    ]:
+        store.append(e)
+    await store.commit()
+    records = await store.load_hook_records("cp-1")
+    summary = [(r.resource, r.hook, r.attempt, r.status.value, r.error) for r in records]
+    assert summary == [
+        (SERVER.key, Hook.PREPARE_BEGIN, 1, "finished", None),
+        (VOLUME.key, Hook.MAIN, 1, "failed", "IOError: disk"),
+        (VOLUME.key, Hook.MAIN, 2, "started", None),
+        (SERVER.key, Hook.COMPLETE, 1, "skipped", None),
+    ]
+    begin = records[0]
+    assert (begin.started_wall, begin.ended_wall) == (1_700_000_002.0, 1_700_000_004.0)
+    assert (begin.first_seq, begin.last_seq, begin.group) == (2, 4, "default")
+    assert records[2].ended_wall is None and records[3].started_wall is None
+    assert await store.load_hook_records("other") == []
+
+
+async def test_a_store_opened_read_only_reads_everything_and_refuses_every_write(
+    durable: tuple[Any, Any],
+) -> None:
+    store, read_only = durable
+    run = run_record("cp-1")
+    await store.create_run(run)
+    store.append(event("cp-1", 1))
+    store.save_info("cp-1", VOLUME.key, {"snap": "s1"})
+    await store.finish_run(outcome(run))
+    async with read_only() as reader:
+        assert (await reader.get_checkpoint("cp-1")).status is CS.AVAILABLE
+        assert [c.id for c in await reader.list_checkpoints()] == ["cp-1"]
+        assert [e.seq for e in await reader.read_events("cp-1")] == [1]
+        assert await reader.load_saved_info("cp-1") == {VOLUME.key: {"snap": "s1"}}
+        assert await reader.unfinished_runs() == []
+        with pytest.raises(StoreError):
+            reader.append(event("cp-1", 2))
+        with pytest.raises(StoreError):
+            await reader.create_run(run_record("cp-2"))
+        with pytest.raises(StoreError):
+            await reader.set_checkpoint_status("cp-1", CS.DELETING)
+    assert (await store.get_checkpoint("cp-1")).status is CS.AVAILABLE
+    assert [r.run_id for r in await store.list_runs()] == ["cp-1"]

@@ -18,9 +18,11 @@ from karbor_async import _ordering
 from karbor_async._log import ref
 from karbor_async._node import Rescue, _Group, _Node
 from karbor_async._params import resolve_secrets
+from karbor_async._record import record_error
 from karbor_async._runstate import RunState
-from karbor_async._types import AbortReason, Hook
+from karbor_async._types import AbortReason, Hook, ResourceStatus
 from karbor_async.events import EventKind
+from karbor_async.exceptions import StoreError
 from karbor_async.plugin import HookContext
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "due_call",
     "on_caller_cancel",
     "only_cancellation",
+    "store_failed",
     "thaw_beside",
 ]
 
@@ -55,6 +58,18 @@ def abort_all(run: RunState, reason: AbortReason) -> None:
         run.abort_reason = reason
     for group in run.groups.values():
         abort_group(run, group, reason, None)
+
+
+def store_failed(run: RunState, g: _Group, n: _Node | None, exc: StoreError) -> None:
+    """A commit point's commit failed (the store lost its server past its reconnect
+    window, or another engine owns the run now): the run cannot promise recovery what
+    it needs, so the group aborts and everything frozen thaws. ``n``, whose quiesce
+    waited for the commit, fails with the store's error (its hook was not called)."""
+    run.log.error("store_commit_failed", group=g.name, error=str(exc))
+    if n is not None:
+        record_error(n, Hook.PREPARE_BEGIN, None, exc)
+        n.status = ResourceStatus.FAILED
+    abort_group(run, g, AbortReason.FAILURE, exc)
 
 
 def abort_group(run: RunState, g: _Group, reason: AbortReason, error: BaseException | None) -> None:

@@ -252,8 +252,13 @@ SecretsOption = Annotated[
 DEFAULT_DB = Path("karbor.db")
 _SETTINGS: dict[str, float] = {"lease_seconds": 30.0}
 """Global options that reach the store (set by the app's callback)."""
-_STORE_URL: dict[str, str | None] = {"url": None}
-"""``--store``: the PostgreSQL store's URL, when one was chosen over ``--db``."""
+_STORE_URL: dict[str, str | None] = {"url": None, "password_secret": None}
+"""``--store``: the PostgreSQL store's URL, when one was chosen over ``--db``, and the
+name of the secret holding its password (``--store-password-secret``)."""
+STORE_PASSWORD_SECRET = "store-password"
+"""The secret the CLI asks its resolver for a PostgreSQL store's password when
+``--store-password-secret`` names none (``KARBOR_SECRET_STORE_PASSWORD``, or
+``store-password`` in the secrets file); absent, libpq's ``PGPASSFILE``/``PGPASSWORD``."""
 DEFAULT_BANK = Path("bank")
 
 
@@ -545,16 +550,20 @@ def _check_cloud(engine: Engine, types: Sequence[str], cloud: Any) -> None:
 
 @asynccontextmanager
 async def _store(
-    db: Path, *, must_exist: bool, read_only: bool = False
+    db: Path, *, must_exist: bool, read_only: bool = False, secrets: CliSecrets | None = None
 ) -> AsyncIterator[SqliteStore | PostgresStore]:
     """The command's store; one this command created and left with no run in it (a plan
     rejected before anything ran, a failure while creating it) is removed again.
     ``read_only``: a command that only reads, which never writes the file (it works on
     read-only media). With ``--store postgresql://...`` the PostgreSQL store instead
-    (``--db`` is then not used)."""
+    (``--db`` is then not used), opened read-only by commands that only read; its
+    password comes from ``secrets`` (:func:`_store_password`)."""
     url = _STORE_URL.get("url")
     if url is not None:
-        async with PostgresStore.open(url, lease_seconds=_SETTINGS["lease_seconds"]) as pg:
+        password = await _store_password(secrets)
+        async with PostgresStore.open(
+            url, password=password, lease_seconds=_SETTINGS["lease_seconds"], read_only=read_only
+        ) as pg:
             yield pg
         return
     path = anyio.Path(db)
@@ -595,6 +604,26 @@ async def _store(
     finally:
         if created and not ran:
             await remove_store_files(db)
+
+
+async def _store_password(secrets: CliSecrets | None) -> str | None:
+    """The PostgreSQL store's password from the CLI's secret resolver: the secret that
+    ``--store-password-secret`` names (it must exist), else ``store-password`` if the
+    resolver has it, else None (libpq's ``PGPASSFILE`` or ``PGPASSWORD``). Commands
+    without ``--secrets-file`` use ``KARBOR_SECRETS_FILE``."""
+    if secrets is None:
+        file = os.environ.get("KARBOR_SECRETS_FILE")
+        secrets = CliSecrets.from_options(Path(file) if file else None)
+    name = _STORE_URL.get("password_secret")
+    if name is not None:
+        try:
+            return await secrets(name)
+        except SecretError as exc:
+            raise SecretError(f"--store-password-secret {name}: {exc}") from None
+    try:
+        return await secrets(STORE_PASSWORD_SECRET)
+    except SecretError:
+        return None
 
 
 def _store_advice(db: Path, exc: sqlite3.Error, created: bool) -> str:
@@ -638,7 +667,13 @@ async def _session(
     stops a hook that swallows its cancellation).
     """
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(_store(db, must_exist=must_exist))
+        store = await stack.enter_async_context(
+            _store(
+                db,
+                must_exist=must_exist,
+                secrets=secrets if isinstance(secrets, CliSecrets) else None,
+            )
+        )
         if cloud is not None:
             stack.enter_context(_simcloud_module().use_cloud(cloud))
         engine = Engine(store=store, bank=FsBank(bank), secrets=secrets, discover=True)
@@ -828,6 +863,7 @@ def _report_outcome(out: _Out, outcome: RunOutcome, code: int) -> None:
 
 @app.callback()
 def _configure(
+    ctx: typer.Context,
     log_level: Annotated[
         str, typer.Option(help="Log level of the engine's structured logs (to stderr).")
     ] = "warning",
@@ -849,8 +885,21 @@ def _configure(
             envvar="KARBOR_STORE",
             help=(
                 "A PostgreSQL checkpoint store shared by several engines "
-                "(postgresql://USER@HOST:PORT/DB; the password from PGPASSFILE or "
-                "PGPASSWORD) instead of the SQLite file of --db."
+                "(postgresql://USER@HOST:PORT/DB) instead of the SQLite file of --db. The "
+                "password: the secret --store-password-secret names (default "
+                "store-password, if there is one), else PGPASSFILE or PGPASSWORD."
+            ),
+        ),
+    ] = None,
+    store_password_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--store-password-secret",
+            envvar="KARBOR_STORE_PASSWORD_SECRET",
+            metavar="NAME",
+            help=(
+                "The secret holding the PostgreSQL store's password, resolved as plans' "
+                "secrets are: KARBOR_SECRET_<NAME> or the secrets file."
             ),
         ),
     ] = None,
@@ -863,7 +912,16 @@ def _configure(
             "a SQLite store is chosen with --db",
             param_hint="--store",
         )
+    if store is not None and scrub_dsn(store) != store and _from_command_line(ctx, "store"):
+        raise typer.BadParameter(
+            f"{scrub_dsn(store)} holds a password, which every user of this machine can "
+            "read in the process list: give it as a secret (--store-password-secret, or "
+            f"KARBOR_SECRET_{STORE_PASSWORD_SECRET.upper().replace('-', '_')}), in PGPASSFILE "
+            "or in PGPASSWORD",
+            param_hint="--store",
+        )
     _STORE_URL["url"] = store
+    _STORE_URL["password_secret"] = store_password_secret
     if not lease_seconds > 0:
         raise typer.BadParameter(
             f"must be a positive number of seconds, not {lease_seconds!r}",
@@ -877,6 +935,12 @@ def _configure(
             param_hint="--log-level",
         )
     configure_logging(level, json=log_json)
+
+
+def _from_command_line(ctx: typer.Context | None, name: str) -> bool:
+    """Whether option ``name`` was given in the arguments (not its environment variable)."""
+    source = None if ctx is None else ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 # -- formatting helpers ------------------------------------------------------------------

@@ -23,7 +23,7 @@ from karbor_async._params import check_secrets, merge_parameters
 from karbor_async._plan import Plan, Timeouts
 from karbor_async._recovery import RecoveryReport, Resume, recover_all
 from karbor_async._registry import PluginRegistry, TypeBinding
-from karbor_async._safety import SafetyThaws, journal_path
+from karbor_async._safety import SafetyThaws, journal_for
 from karbor_async._scheduler import Run, RunSpec
 from karbor_async._stall import StallMonitor
 from karbor_async._tasks import AbandonedHook, EngineTasks
@@ -173,7 +173,7 @@ class Engine:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 tasks = EngineTasks(tg, native=sniffio.current_async_library() == "asyncio")
-                tasks.safety = SafetyThaws(tg, self._safety_margin, journal_path(self.store))
+                tasks.safety = SafetyThaws(tg, self._safety_margin, journal_for(self.store))
                 if self._stall_threshold > 0:
                     tasks.monitor = StallMonitor(
                         self._stall_threshold, Run.hook_call_code(), tasks.stalled

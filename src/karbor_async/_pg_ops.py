@@ -7,8 +7,9 @@ the SQLite store's codecs (``_sqlite_records``): the same JSON and columns.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import attrs
@@ -26,6 +27,7 @@ from karbor_async.exceptions import (
     StoreError,
 )
 from karbor_async.store import (
+    CheckpointRecord,
     CheckpointStatus,
     RunOutcome,
     RunRecord,
@@ -37,8 +39,24 @@ if TYPE_CHECKING:
     import asyncpg
 
 CHANNEL = "karbor_events"
-"""The NOTIFY channel: payload ``"<last committed seq> <run id>"`` (well under 8,000 bytes
-for any run id the engine makes; the rows carry the events)."""
+"""The NOTIFY channel: payload ``"<last committed seq> <run key>"`` (the rows carry the
+events): the run key is the run id, or ``#`` and its SHA-256 for an id too long for
+PostgreSQL's 8,000-byte payload limit (:func:`notify_key`)."""
+
+NOTIFY_LIMIT = 7999
+"""PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more."""
+_KEY_LIMIT = 1000
+"""Run ids longer than this (UTF-8 bytes) are announced by their digest: the payload then
+stays far below :data:`NOTIFY_LIMIT` whatever the id (a seq has at most 20 digits)."""
+
+
+def notify_key(run_id: str) -> str:
+    """How NOTIFY names ``run_id``: itself, or ``#<sha256>`` for an id over 1,000 bytes."""
+    raw = run_id.encode()
+    if len(raw) <= _KEY_LIMIT:
+        return run_id
+    return "#" + hashlib.sha256(raw).hexdigest()
+
 
 _END_STATUS = {
     RunStatus.SUCCEEDED: CheckpointStatus.AVAILABLE,
@@ -67,6 +85,17 @@ class Batch:
         ids.update(k[0] for k in self.restored)
         ids.update(k[0] for k in self.released)
         return ids
+
+    def then(self, later: Batch) -> Batch:
+        """This batch (not written) followed by what was enqueued after it: later records
+        of one key win, events keep their order."""
+        return Batch(
+            events=[*self.events, *later.events],
+            progress={**self.progress, **later.progress},
+            saved={**self.saved, **later.saved},
+            restored={**self.restored, **later.restored},
+            released=self.released | later.released,
+        )
 
     def drop(self, runs: set[str], checkpoints: set[str]) -> None:
         """Forget the writes of runs this store lost (fencing)."""
@@ -108,7 +137,7 @@ async def write_batch(
         )
         first = last - len(events) + 1
         # Delivered at commit, in commit order: listeners read the rows up to ``last``.
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{last} {run_id}")
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{last} {notify_key(run_id)}")
         for i, e in enumerate(events):
             values = _event_row(e)
             rows.append((values[0], first + i, *values[2:]))
@@ -150,6 +179,71 @@ async def write_batch(
             released,
         )
     return lost
+
+
+_IMPORT_RUN_STATUS = {
+    CheckpointStatus.PROTECTING: RunStatus.RUNNING,
+    CheckpointStatus.AVAILABLE: RunStatus.SUCCEEDED,
+    CheckpointStatus.ERROR: RunStatus.FAILED,
+    CheckpointStatus.CANCELLED: RunStatus.CANCELLED,
+}
+
+
+async def import_checkpoints(
+    conn: asyncpg.Connection, records: Sequence[CheckpointRecord], where: str
+) -> int:
+    """Insert finished checkpoints and their protect runs (as ``SqliteStore``'s import)."""
+    runs: list[tuple[object, ...]] = []
+    checkpoints: list[tuple[object, ...]] = []
+    for c in records:
+        o = c.outcome
+        status = o.status if o else _IMPORT_RUN_STATUS.get(c.status, RunStatus.SUCCEEDED)
+        runs.append(
+            (
+                c.id,
+                OperationKind.PROTECT.value,
+                c.id,
+                _encode(c.plan),
+                _encode(c.graph),
+                status.value,
+                c.created_wall,
+                None if o is None else o.ended_wall,
+                None if o is None else _encode(o.to_json()),
+            )
+        )
+        checkpoints.append(
+            (
+                c.id,
+                c.plan_name,
+                c.status.value,
+                c.created_wall,
+                None if o is None else o.ended_wall,
+                None if o is None else len(o.resources),
+                None if o is None else o.skew,
+                None if o is None else bool(o.crash_consistent),
+                None if o is None else o.error,
+            )
+        )
+    try:
+        await conn.executemany(
+            "INSERT INTO runs (run_id, operation, checkpoint_id, plan, graph, status,"
+            " started_wall, ended_wall, outcome) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            runs,
+        )
+        await conn.executemany(
+            "INSERT INTO checkpoints (id, plan_name, status, created_wall, ended_wall,"
+            " resources, skew, crash_consistent, error)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            checkpoints,
+        )
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != "23505":  # unique_violation
+            raise
+        raise StoreError(
+            f"importing checkpoints into {where} failed: {exc}; an id already in the store "
+            "cannot be imported again"
+        ) from None
+    return len(records)
 
 
 async def create_run(

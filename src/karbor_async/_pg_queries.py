@@ -1,4 +1,8 @@
-"""The PostgreSQL store's reads: every query, on the reader pool (committed rows only)."""
+"""The PostgreSQL store's reads: every query, on the reader pool (committed rows only).
+
+Each read goes through :class:`~karbor_async._pg_link.Reads`, which runs it again
+across a lost connection (a read changes nothing).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from karbor_async._sqlite_records import (
     _CHECKPOINT_COLUMNS,
     _EVENT_COLUMNS,
     _RUN_COLUMNS,
+    HookRecord,
     _checkpoint_record,
     _event_from_row,
     _loads_mapping,
@@ -22,9 +27,29 @@ from karbor_async.exceptions import CheckpointNotFoundError
 from karbor_async.store import CheckpointRecord, CheckpointStatus, RunRecord
 
 if TYPE_CHECKING:
-    import asyncpg
+    from karbor_async._pg_link import Reads
 
 _CP_FROM = f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints c JOIN runs r ON r.run_id = c.id"
+
+
+_HOOK_RECORDS = """
+SELECT g.run_id, g.rtype, g.rid, g.hook, g.attempt, g.grp, e.kind AS status,
+       g.started_wall, g.ended_wall,
+       CASE WHEN e.kind IN ('failed', 'thaw_failed') THEN e.data::json ->> 'error' END AS error,
+       g.first_seq, g.last_seq
+FROM (
+    SELECT run_id, rtype, rid, hook, attempt, MAX(grp) AS grp,
+           MIN(CASE WHEN kind = 'started' THEN wall END) AS started_wall,
+           MAX(CASE WHEN kind <> 'started' THEN wall END) AS ended_wall,
+           MIN(seq) AS first_seq, MAX(seq) AS last_seq
+    FROM events
+    WHERE run_id = $1 AND hook IS NOT NULL AND rtype IS NOT NULL
+      AND kind IN ('started', 'finished', 'failed', 'skipped', 'aborted', 'thaw_failed')
+    GROUP BY run_id, rtype, rid, hook, attempt
+) AS g
+JOIN events AS e ON e.run_id = g.run_id AND e.seq = g.last_seq
+ORDER BY g.first_seq
+"""
 
 
 def _row(record: Any) -> Any:
@@ -35,7 +60,7 @@ def _row(record: Any) -> Any:
 class PgQueries:
     """Reads through a pool of connections (one store)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: Reads) -> None:
         self.pool = pool
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -129,6 +154,30 @@ class PgQueries:
     async def last_seq(self, run_id: str) -> int:
         value = await self.pool.fetchval("SELECT seq FROM run_seq WHERE run_id = $1", run_id)
         return 0 if value is None else int(value)
+
+    async def load_hook_records(self, run_id: str) -> list[HookRecord]:
+        """Per hook call and attempt, from the lifecycle events (SQLite's ``hook_records``
+        view, as one query): the status is the kind of the call's latest event."""
+        rows = await self.pool.fetch(_HOOK_RECORDS, run_id)
+        return [HookRecord.from_row(_row(r)) for r in rows]
+
+    async def sentinel_firings(self, run_id: str) -> dict[ResourceKey, dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT rtype, rid, at, why, result, host FROM sentinel_firings WHERE run_id = $1"
+            " ORDER BY at",
+            run_id,
+        )
+        return {
+            (str(r[0]), str(r[1])): {
+                "run": run_id,
+                "resource": [str(r[0]), str(r[1])],
+                "at": float(r[2]),
+                "why": str(r[3]),
+                "result": _loads_mapping(str(r[4])),
+                "host": str(r[5]),
+            }
+            for r in rows
+        }
 
     async def load_progress(self, run_id: str) -> list[Event]:
         rows = await self.pool.fetch(

@@ -22,7 +22,16 @@ from karbor_async.exceptions import ForeignFileError, StoreFileError
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["MAGIC", "MIGRATIONS", "migrate", "schema_version", "scrub", "scrub_dsn"]
+__all__ = [
+    "MAGIC",
+    "MIGRATIONS",
+    "inspect",
+    "migrate",
+    "schema_version",
+    "scrub",
+    "scrub_dsn",
+    "store_id",
+]
 
 
 _LOCK_KEY = 0x4B415342
@@ -111,7 +120,30 @@ _V1: tuple[str, ...] = (
     "CREATE INDEX resource_leases_by_run ON resource_leases (run_id)",
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1]
+_V2: tuple[str, ...] = (
+    # The dead-man sentinel's firings (DESIGN.md guarantee 8), so that recovery by any
+    # replica, on any host, learns that a safety thaw ran: the sentinel journals each
+    # firing on its own host (stdlib only, no server needed to thaw), and its shipper,
+    # or the next engine on that host, copies the journal here (``_pg_journal``).
+    # One row per firing; shipping twice inserts nothing twice.
+    """CREATE TABLE sentinel_firings (
+        run_id TEXT NOT NULL,
+        rtype TEXT NOT NULL,
+        rid TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        why TEXT NOT NULL,
+        result TEXT NOT NULL,
+        host TEXT NOT NULL,
+        shipped_wall DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (run_id, rtype, rid, at)
+    )""",
+    # The store's identity: hosts key their local sentinel journals by it (a DSN is not
+    # one: two hosts may reach one database by different names).
+    "INSERT INTO karbor_meta (key, value) VALUES ('store_id', gen_random_uuid()::text)"
+    " ON CONFLICT (key) DO NOTHING",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2]
 """Step ``i`` migrates version ``i`` to ``i + 1``; the current version is ``len(MIGRATIONS)``."""
 
 
@@ -139,6 +171,32 @@ def scrub(text: str, *secrets: str | None) -> str:
     return out
 
 
+async def inspect(conn: asyncpg.Connection, where: str) -> int:
+    """The store version of the database behind ``conn`` (0: empty, ours to initialise),
+    changing nothing. Raises :class:`ForeignFileError` for another application's
+    database and :class:`NewerSchemaError` for a newer store."""
+    tables = {
+        str(r[0])
+        for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        )
+    }
+    if not tables:
+        return 0
+    if "karbor_meta" not in tables:
+        raise ForeignFileError(
+            f"{where} is not a karbor-async store (it holds tables of another "
+            f"application: {', '.join(sorted(tables)[:5])}); it was left untouched: "
+            "point the store at a database of its own"
+        )
+    meta = {str(k): str(v) for k, v in await conn.fetch("SELECT key, value FROM karbor_meta")}
+    damaged = StoreFileError(
+        f"{where} has a karbor_meta table that is not a karbor-async store's "
+        f"({meta!r}); it was left untouched: point the store at a new database"
+    )
+    return stored_version(where, meta, schema_version(), "database", damaged)
+
+
 async def migrate(conn: asyncpg.Connection, where: str) -> int:
     """Inspect the database behind ``conn`` and migrate it to :func:`schema_version`.
 
@@ -149,28 +207,7 @@ async def migrate(conn: asyncpg.Connection, where: str) -> int:
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-        tables = {
-            str(r[0])
-            for r in await conn.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-            )
-        }
-        version = 0
-        if tables:
-            if "karbor_meta" not in tables:
-                raise ForeignFileError(
-                    f"{where} is not a karbor-async store (it holds tables of another "
-                    f"application: {', '.join(sorted(tables)[:5])}); it was left untouched: "
-                    "point the store at a database of its own"
-                )
-            meta = {
-                str(k): str(v) for k, v in await conn.fetch("SELECT key, value FROM karbor_meta")
-            }
-            damaged = StoreFileError(
-                f"{where} has a karbor_meta table that is not a karbor-async store's "
-                f"({meta!r}); it was left untouched: point the store at a new database"
-            )
-            version = stored_version(where, meta, schema_version(), "database", damaged)
+        version = await inspect(conn, where)
         for step in MIGRATIONS[version:]:
             for statement in step:
                 await conn.execute(statement)
@@ -182,3 +219,9 @@ async def migrate(conn: asyncpg.Connection, where: str) -> int:
                 str(schema_version()),
             )
         return version
+
+
+async def store_id(conn: asyncpg.Connection) -> str:
+    """The store's identity (``karbor_meta.store_id``, made by migration 2)."""
+    value = await conn.fetchval("SELECT value FROM karbor_meta WHERE key = 'store_id'")
+    return "" if value is None else str(value)

@@ -23,7 +23,7 @@ from karbor_async._scrub import Scrubber
 from karbor_async._timers import Timers
 from karbor_async._types import AbortReason, Hook, OperationKind, ResourceKey, ResourceStatus
 from karbor_async.events import Event, EventKind, Progress, new_event
-from karbor_async.exceptions import HookError, PluginError, ThawFailedError
+from karbor_async.exceptions import HookError, LeaseLostError, PluginError, ThawFailedError
 from karbor_async.plugin import Bank
 from karbor_async.store import Store
 
@@ -99,6 +99,9 @@ class Recorder:
         """The engine's sentinel (safety thaws of quiescing hooks)."""
         self._deferred: list[tuple[tuple[Any, ...], int]] | None = None
         """Events of a cut wave, numbered and stamped, not built yet (see ``defer``)."""
+        self.fenced = False
+        """Another engine took the run over (its store refused this one's writes): the
+        log is that engine's now; this one still thaws, and its next commit fails."""
 
     @property
     def scrubber(self) -> Scrubber:
@@ -162,12 +165,18 @@ class Recorder:
             0,
             payload,
         )
-        self.store.append(event)
+        self._append(event)
         hub = self.hub
         if hub is not None:
             hub.lifecycle(event)
         if self.log_events:
             self._log_event(event)
+
+    def _append(self, event: Event) -> None:
+        try:
+            self.store.append(event)
+        except LeaseLostError:
+            self.fenced = True  # (its log is the new owner's; the next commit aborts)
 
     def _publish(self, fields: tuple[Any, ...], how: int) -> None:
         # Every field, positional: half the cost of Event(...) (a hot path).
@@ -176,9 +185,9 @@ class Recorder:
             if how & _TICK_LIVE and self.hub is not None:
                 self.hub.tick(event)
             if how & _TICK_STORED:
-                self.store.append(event)
+                self._append(event)
             return
-        self.store.append(event)
+        self._append(event)
         if self.hub is not None:
             self.hub.lifecycle(event)
         if self.log_events:

@@ -17,7 +17,7 @@ import attrs
 from karbor_async._graph import ResourceGraph
 from karbor_async._log import get_logger
 from karbor_async._plan import Plan
-from karbor_async._safety import forget, journal_path, read_journal
+from karbor_async._safety import forget_firings, recorded_firings
 from karbor_async._types import Hook, OperationKind, ResourceKey
 from karbor_async.events import Event, EventKind
 from karbor_async.exceptions import LeaseHeldError, RunError
@@ -231,10 +231,7 @@ async def _recover_one(
             lost = _cuts_lost(engine, record, graph, r)
             resumable = not lost
     attempts = {k: a + 1 for k, a in r.attempt.items()}
-    journal = journal_path(engine.store)
-    fired: dict[ResourceKey, dict[str, Any]] = {}
-    if journal is not None:
-        fired = await anyio.to_thread.run_sync(read_journal, journal, record.run_id)
+    fired = await recorded_firings(engine.store, record.run_id)
     resume = Resume(
         done_hooks={k: frozenset(v) for k, v in r.done.items()},
         attempts=attempts,
@@ -245,8 +242,8 @@ async def _recover_one(
         sentinel=fired,
     )
     outcome = await _resume_or_clean(engine, record, r, plan, graph, resumable, resume, lost)
-    if fired and journal is not None:  # (recorded on the run: the journal lets them go)
-        await anyio.to_thread.run_sync(forget, journal, record.run_id)
+    if fired:  # (recorded on the run: the journal lets them go)
+        await forget_firings(engine.store, record.run_id)
     return outcome
 
 

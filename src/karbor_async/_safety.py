@@ -12,27 +12,37 @@ only this process holds (pipes are not inherited by other children). Closing
 the engine closes that pipe after every run has ended and thawed, so what the
 sentinel still holds armed then (a ``thaw_failed`` resource) is thawed by it.
 
-Each firing is journaled beside the store (``<store path>.sentinel.jsonl``);
-recovery reads the entries of the runs it recovers (:func:`read_journal`) and
-forgets them once done (:func:`forget`).
+Each firing is journaled where the store says (:func:`journal_for`): beside a
+store that has a file (``<store path>.sentinel.jsonl``), or, for a store without
+one (PostgreSQL), in a file of this host per sentinel, named by the engine's and
+the sentinel's pid and start time, in a directory keyed by the store, which the
+sentinel's *shipper* (a command the store names, started by the sentinel once it
+has thawed what it held) copies into the store, so that recovery by a replica on
+another host learns of it too. Recovery reads the entries of the runs it
+recovers (:func:`recorded_firings`) and forgets them once done
+(:func:`forget_firings`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import anyio
 import anyio.abc
+import anyio.to_thread
+import attrs
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
+from karbor_async._liveness import process_start
 from karbor_async._log import get_logger
 from karbor_async._types import ResourceKey
 
@@ -40,9 +50,13 @@ __all__ = [
     "JOURNAL_SUFFIX",
     "Armed",
     "SafetyThaws",
+    "SentinelJournal",
     "forget",
+    "forget_firings",
+    "journal_for",
     "journal_path",
     "read_journal",
+    "recorded_firings",
 ]
 
 _log = get_logger("karbor_async.safety")
@@ -60,12 +74,77 @@ Fired = Callable[[Mapping[str, Any], float], None]
 """Told when the sentinel fired a resource's safety thaw: (result, wall-clock instant)."""
 
 
+@attrs.frozen
+class SentinelJournal:
+    """Where a sentinel journals its firings: one file (``path``), or a file of its own in
+    ``directory``; ``ship`` (a command) reads ``ship_input`` and the sentinel's journal
+    path on stdin and copies the journal into the store, once the sentinel is done."""
+
+    path: str | None = None
+    directory: str | None = None
+    ship: tuple[str, ...] | None = None
+    ship_input: str | None = attrs.field(default=None, repr=False)
+    """(It may hold the store's password: it goes through pipes only, never argv or logs.)"""
+
+    def file_for(self, sentinel_pid: int) -> str | None:
+        """The journal of the sentinel ``sentinel_pid`` (a child of this process)."""
+        if self.path is not None or self.directory is None:
+            return self.path
+        me = os.getpid()
+        name = (
+            f"{me}.{process_start(me) or 0}.{sentinel_pid}."
+            f"{process_start(sentinel_pid) or 0}{JOURNAL_SUFFIX}"
+        )
+        return os.path.join(self.directory, name)
+
+
+class _JournalStore(Protocol):
+    """A store that keeps the sentinel's firings itself (``PostgresStore``)."""
+
+    def sentinel_journal(self) -> SentinelJournal | None: ...
+
+    async def sentinel_firings(self, run_id: str) -> dict[ResourceKey, dict[str, Any]]: ...
+
+    async def forget_sentinel_firings(self, run_id: str) -> None: ...
+
+
 def journal_path(store: object) -> str | None:
-    """Where the sentinel journals its firings: beside a store that has a file."""
+    """Where the sentinel journals its firings beside a store that has a file."""
     path = getattr(store, "path", None)
     if path is None:
         return None
     return str(path) + JOURNAL_SUFFIX
+
+
+def journal_for(store: object) -> SentinelJournal | None:
+    """Where the engine's sentinel journals firings for ``store`` (None: nowhere, a store
+    that dies with its process)."""
+    own = getattr(store, "sentinel_journal", None)
+    if own is not None:
+        journal: SentinelJournal | None = own()
+        return journal
+    path = journal_path(store)
+    return None if path is None else SentinelJournal(path=path)
+
+
+async def recorded_firings(store: object, run_id: str) -> dict[ResourceKey, dict[str, Any]]:
+    """The firings sentinels journaled for ``run_id`` (the last one per resource)."""
+    if hasattr(store, "sentinel_firings"):
+        return await cast("_JournalStore", store).sentinel_firings(run_id)
+    path = journal_path(store)
+    if path is None:
+        return {}
+    return await anyio.to_thread.run_sync(read_journal, path, run_id)
+
+
+async def forget_firings(store: object, run_id: str) -> None:
+    """Recovery recorded ``run_id``'s firings on the run: the journal lets them go."""
+    if hasattr(store, "forget_sentinel_firings"):
+        await cast("_JournalStore", store).forget_sentinel_firings(run_id)
+        return
+    path = journal_path(store)
+    if path is not None:
+        await anyio.to_thread.run_sync(forget, path, run_id)
 
 
 def read_journal(path: str, run_id: str) -> dict[ResourceKey, dict[str, Any]]:
@@ -162,11 +241,15 @@ def _check_spec(
 class SafetyThaws:
     """The engine's sentinel: started on first arm, closed with the engine."""
 
-    def __init__(self, tg: anyio.abc.TaskGroup, margin: float, journal: str | None) -> None:
+    def __init__(
+        self, tg: anyio.abc.TaskGroup, margin: float, journal: SentinelJournal | None
+    ) -> None:
         self._tg = tg
         self.margin = margin
         """Seconds past a quiesce budget before the sentinel thaws (``Engine(safety_margin=)``)."""
-        self.journal = journal
+        self._journal = journal
+        self.journal: str | None = None
+        """The journal file of this engine's sentinel (known once it runs)."""
         self.pid: int | None = None
         """The sentinel's process id once it runs."""
         self._started: anyio.Event | None = None
@@ -277,6 +360,7 @@ class SafetyThaws:
                 self.pid = int(hello["ready"])
                 send, receive = anyio.create_memory_object_stream[bytes](math.inf)
                 self._send = send
+                await self._prepare_journal()
                 _log.info("sentinel_started", pid=self.pid, journal=self.journal)
                 task_status.started()
                 async with anyio.create_task_group() as tg:
@@ -298,6 +382,19 @@ class SafetyThaws:
                 with anyio.move_on_after(_CLOSE_LIMIT):
                     await proc.aclose()
                 self._done.set()
+
+    async def _prepare_journal(self) -> None:
+        """The sentinel runs: name its journal, make its directory, tell it the shipper."""
+        spec = self._journal
+        if spec is None or self.pid is None:
+            return
+        self.journal = spec.file_for(self.pid)
+        if spec.directory is not None:
+            await anyio.to_thread.run_sync(
+                functools.partial(os.makedirs, spec.directory, mode=0o700, exist_ok=True)
+            )
+        if spec.ship is not None:
+            self.send({"op": "ship", "command": list(spec.ship), "input": spec.ship_input or ""})
 
     async def _read(self, lines: BufferedByteReceiveStream) -> None:
         while True:

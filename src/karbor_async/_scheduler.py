@@ -55,7 +55,7 @@ from karbor_async._types import (
 )
 from karbor_async._walk import recovery_thaw, run_node
 from karbor_async.events import EventKind
-from karbor_async.exceptions import CutLostError, RunError
+from karbor_async.exceptions import CutLostError, RunError, StoreError
 from karbor_async.plugin import Bank, SecretResolver
 from karbor_async.store import RunOutcome, Store
 
@@ -164,12 +164,22 @@ class Run(RunState):
                     on_caller_cancel(self)
                 raise
 
+        store_failure: StoreError | None = None
         async with anyio.create_task_group() as guard_tg:
             guard_tg.start_soon(guard)
             with anyio.CancelScope(shield=True):
-                result.append(await self._execute_shielded())
+                try:
+                    result.append(await self._execute_shielded())
+                except StoreError as exc:  # (before any hook, or storing the outcome)
+                    store_failure = exc
             self.finished = True
             guard_tg.cancel_scope.cancel()
+        if store_failure is not None:
+            store_failure.add_note(
+                f"{self.operation.value} run {self.run_id} has ended (every thaw was called); "
+                "its record in the store is left unfinished, for recovery"
+            )
+            raise store_failure
         if self.caller_cancelled:
             # Everything is thawed and recorded: now let the caller's cancellation through.
             await anyio.lowlevel.checkpoint()

@@ -12,16 +12,24 @@ lines on stdin and answers on stdout:
 - ``{"op": "frozen", "id"}``: the resource is frozen; its ``limit`` (its
   quiesce budget plus the engine's margin, seconds, or ``null``: no limit)
   runs from now;
-- ``{"op": "disarm", "id"}``: its thaw was recorded.
+- ``{"op": "disarm", "id"}``: its thaw was recorded;
+- ``{"op": "ship", "command", "input"}`` (a store without a file beside it, once,
+  before any arm): when the sentinel ends having journaled a firing, it starts
+  ``command`` in a session of its own and writes ``input`` and then a line with
+  its journal's path to its stdin (the store's shipper: it copies the journal
+  into the store, so that recovery on another host learns of the thaw). The
+  input may hold a password: it is never written anywhere else.
 
 A resource still armed when its limit passes is thawed and reported
 (``{"fired": id, "at", "result"}``); end-of-file on stdin (the engine closed
 it, or died) thaws every resource still armed, in the order they were armed,
 and the sentinel exits. Each firing appends ``{run, resource, at, result}`` to
-the journal given at arm time (beside the store), flushed and synced.
+the journal given at arm time (beside the store's file, or this host's journal of a
+store without one), flushed and synced.
 
 Only the standard library is used here, and nothing is imported after the
-arm; each thaw is bounded (``THAW_LIMIT`` seconds).
+arm; each thaw is bounded (``THAW_LIMIT`` seconds). The shipper is started only
+after every thaw (nothing of this process waits for it).
 """
 
 from __future__ import annotations
@@ -129,8 +137,42 @@ def _journal(a: _Armed, at: float, result: dict[str, Any], why: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _SHIPPER.journals.add(a.journal)
     except OSError as exc:
         print(f"karbor sentinel: journal {a.journal}: {exc}", file=sys.stderr)
+
+
+class _Shipper:
+    """The store's shipper, started once the sentinel ends if it journaled a firing."""
+
+    __slots__ = ("command", "input", "journals")
+
+    def __init__(self) -> None:
+        self.command: list[str] | None = None
+        self.input = ""
+        self.journals: set[str] = set()
+
+    def start(self) -> None:
+        if self.command is None or not self.journals:
+            return
+        data = self.input + "\n" + "\n".join(sorted(self.journals)) + "\n"
+        try:
+            proc = subprocess.Popen(  # not waited for: the sentinel's work is done
+                self.command,
+                cwd="/",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            assert proc.stdin is not None
+            proc.stdin.write(data.encode())
+            proc.stdin.close()
+        except OSError as exc:
+            print(f"karbor sentinel: shipper {self.command[:3]}: {exc}", file=sys.stderr)
+
+
+_SHIPPER = _Shipper()
 
 
 def _say(out: Any, msg: dict[str, Any]) -> None:
@@ -165,6 +207,11 @@ def _handle(out: Any, armed: dict[int, _Armed], msg: dict[str, Any]) -> None:
             a.until = time.monotonic() + a.limit
     elif op == "disarm":
         armed.pop(ident, None)
+    elif op == "ship":
+        command = msg.get("command")
+        if isinstance(command, list) and command and all(isinstance(c, str) for c in command):
+            _SHIPPER.command = command
+            _SHIPPER.input = str(msg.get("input") or "")
 
 
 def main() -> None:
@@ -202,6 +249,7 @@ def main() -> None:
     # End of file: the engine closed the pipe or died. Thaw what is still armed.
     for a in list(armed.values()):
         _fire(out, a, "engine_gone")
+    _SHIPPER.start()
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from __future__ import annotations
 import anyio
 
 from karbor_async import _ordering
+from karbor_async._abort import store_failed
 from karbor_async._node import _Group, _Node
 from karbor_async._runstate import RunState
 from karbor_async._types import OperationKind
 from karbor_async.events import EventKind
+from karbor_async.exceptions import StoreError
 
 __all__ = ["release_main", "settle", "signal_cp", "signal_pb", "signal_pf", "signal_pf_edges"]
 
@@ -71,7 +73,11 @@ async def release_main(run: RunState, g: _Group) -> None:
             release(n)
     if run.operation is OperationKind.PROTECT:
         with anyio.CancelScope(shield=True):
-            await run.rec.commit()
+            try:
+                await run.rec.commit()
+            except StoreError as exc:  # (the cuts are not durable: no main wave)
+                store_failed(run, g, None, exc)
+                return
     if _ordering.open_main(g):
         g.main_released.set()
         run.rec.emit(EventKind.BARRIER_RELEASED, None, None, group=g.name, barrier="main")

@@ -20,7 +20,7 @@ from karbor_async._types import (
     RunStatus,
 )
 from karbor_async.events import Progress
-from karbor_async.exceptions import RunCancelledError
+from karbor_async.exceptions import RunCancelledError, StoreError
 from karbor_async.store import GroupOutcome, ResourceOutcome, RunOutcome
 
 __all__ = ["RunStatistics", "build_outcome", "statistics"]
@@ -162,6 +162,9 @@ def build_outcome(
         resources[n.resource.key] = _resource_outcome(run, n)
     groups: dict[str, GroupOutcome] = {}
     for g in run.groups.values():
+        failure = g.abort_error
+        if isinstance(failure, StoreError) and not any(e is failure for e in errors):
+            errors.append(failure)  # (a commit point's commit failed: no resource's error)
         cuts = [n.cut_at for n in g.nodes if n.cut_at is not None]
         groups[g.name] = GroupOutcome(
             name=g.name,

@@ -16,7 +16,7 @@ import anyio
 
 from karbor_async import _ordering
 from karbor_async._abandon import after_abandoned
-from karbor_async._abort import abort_group, check_caller
+from karbor_async._abort import abort_group, check_caller, store_failed
 from karbor_async._calls import call, call_limited, deliver_pending
 from karbor_async._log import ref
 from karbor_async._node import Interrupt, _Abandoned, _Aborted, _Node
@@ -32,6 +32,7 @@ from karbor_async._signals import (
 from karbor_async._thaw import on_cancelled, thaw
 from karbor_async._types import AbortReason, Hook, ResourceStatus
 from karbor_async.events import EventKind
+from karbor_async.exceptions import StoreError
 
 __all__ = ["recovery_thaw", "run_node"]
 
@@ -157,7 +158,11 @@ async def _prepare(run: RunState, n: _Node) -> bool:
             if g.aborting is not None:
                 raise _Aborted
             run.rec.emit(EventKind.STARTED, n, Hook.PREPARE_BEGIN)
-            await run.rec.commit()
+            try:
+                await run.rec.commit()
+            except StoreError as exc:
+                store_failed(run, g, n, exc)
+                raise _Aborted from None
             if g.aborting is not None:
                 raise _Aborted
             await deliver_pending(n)

@@ -43,6 +43,7 @@ __all__ = [
     "StoreBusyError",
     "StoreError",
     "StoreFileError",
+    "StoreUnavailableError",
     "ThawFailedError",
 ]
 
@@ -146,6 +147,12 @@ class ResourceBusyError(StoreError):
 class StoreBusyError(StoreError):
     """The store stayed locked by another process past its busy timeout: nothing was
     written by this step; retry after that process's transaction ends."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store's server could not be reached again within its reconnect window after a
+    lost connection: what was not written is kept and written once it is back (a run
+    that needed it ends failed, everything thawed, and is left to recovery)."""
 
 
 class CheckpointBusyError(StoreError):
