@@ -26,6 +26,7 @@ from benchmarks._measure import (
     KarborResult,
     Overhead,
     RealisticSample,
+    Sample,
 )
 from benchmarks._report import fmt_ms, table
 
@@ -56,6 +57,10 @@ def load_million(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data
+
+
+def _run_collections(s: Sample) -> int:
+    return s.collections if s.run_collections is None else s.run_collections
 
 
 def _x(r: float) -> str:
@@ -330,8 +335,13 @@ class Issue19:
 
     def collections_note(self) -> str:
         """Which treatment the engine really ran under: collections seen during the runs."""
+        details, verdict = self._collections()
+        return f"{details} {verdict}" if details else ""
+
+    def _collections(self) -> tuple[str, str]:
+        """(the collections of engine and anyio floor per N, what they say), or empty."""
         if Treatment.ON not in self.treatments:
-            return ""
+            return ("", "")
         parts = []
         for n in self.anyio_ns or list(self.overhead_ns):
             eng = self.res.get(n, "engine-cut+events", Treatment.ON)
@@ -341,20 +351,23 @@ class Issue19:
             parts.append(
                 f"{n:,}: engine {_med([s.collections for s in eng]):.0f} "
                 f"({_med([s.full_collections for s in eng]):.0f} full, "
-                f"{_med([s.gc_seconds for s in eng]) * 1e3:.0f} ms), anyio floor "
+                f"{_med([s.gc_seconds for s in eng]) * 1e3:.0f} ms; "
+                f"{_med([_run_collections(s) for s in eng]):.0f} in `execute`), anyio floor "
                 f"{_med([s.collections for s in floor]):.0f} "
                 f"({_med([s.full_collections for s in floor]):.0f} full, "
                 f"{_med([s.gc_seconds for s in floor]) * 1e3:.0f} ms)"
             )
         if not parts:
-            return ""
+            return ("", "")
         held = all(
-            _med([s.collections for s in self.res.get(n, "engine-cut+events", Treatment.ON)]) == 0
+            _med([_run_collections(s) for s in self.res.get(n, "engine-cut+events", Treatment.ON)])
+            == 0
             for n in self.anyio_ns
             if self.res.get(n, "engine-cut+events", Treatment.ON)
         )
         verdict = (
-            "The engine held the collector off for its whole run (its default `quiet_gc`): "
+            "The engine held the collector off for its whole run (`execute`; its default "
+            "`quiet_gc`): "
             "under *collector on* it ran against floors that did not, and the *collector off* "
             "column is the like-for-like one."
             if held
@@ -363,9 +376,8 @@ class Issue19:
         )
         return (
             "Collections during the measured call under *collector on* (median of repetitions; "
-            "engine: `build_protect` + `execute`, events recorded): "
-            + "; ".join(parts)
-            + f". {verdict}"
+            "engine: `build_protect` + `execute`, events recorded): " + "; ".join(parts) + ".",
+            verdict,
         )
 
     def section(self) -> list[str]:
@@ -504,9 +516,7 @@ class Issue19:
                     "-",
                 ]
             )
-        million = (
-            self._million(Treatment(self.million.get("treatment", "on"))) if self.million else None
-        )
+        rows += self._million_head_rows()
         lines = [
             HEADLINE_BEGIN,
             "<!-- written by `make bench` from benchmarks/RESULTS.md; "
@@ -520,13 +530,37 @@ class Issue19:
             *table(["measure", Treatment.ON.label, Treatment.OFF.label, "target (issue 19)"], rows),
             "",
         ]
-        if million is not None:
-            lines += [f"1,000,000 resources: {million[0]}; {million[1]}.", ""]
-        note = self.collections_note()
-        if note:
-            lines += [note, ""]
+        verdict = self._collections()[1]
+        if verdict:
+            lines += [verdict, ""]
         lines.append(HEADLINE_END)
         return lines
+
+    def _million_head_rows(self) -> list[list[str]]:
+        """The million run in the headline: its peak RSS, its cost per resource in ratios."""
+        m = self.million
+        if m is None:
+            return []
+        rows = {int(r["n"]): r for r in m.get("rows", []) if r.get("ok")}
+        top = rows.get(1_000_000)
+        if top is None:
+            return []
+        low = rows[min(rows)]
+        growth = " / ".join(
+            _x(top[key] / low[key]) if low[key] else "n/a"
+            for key in ("build_us", "run_us", "kb_per_resource")
+        )
+        cell = f"{float(top['peak_kb']) / GIB:.2f} GiB; {growth}"
+        return [
+            [
+                "1,000,000 resources in one run (`make bench-million`, "
+                f"{m.get('date', '?')}): peak RSS; cost per resource against {int(low['n']):,} "
+                "(discovery / run / RSS)",
+                cell if Treatment(m.get("treatment", "on")) is Treatment.ON else "not run",
+                cell if Treatment(m.get("treatment", "on")) is Treatment.OFF else "not run",
+                f"< {MILLION_RSS_LIMIT_GIB} GiB",
+            ]
+        ]
 
     def _karbor_rows(self) -> list[list[str]]:
         """The largest N Karbor's engine finished, and the first it did not."""

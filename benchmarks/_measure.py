@@ -28,7 +28,7 @@ import attrs
 
 import karbor_async
 from benchmarks import floor_anyio, floor_asyncio, floor_realistic
-from benchmarks._gc import Treatment, treated
+from benchmarks._gc import GcWatch, Treatment, treated
 from benchmarks._workload import NoopProtection, Workload, make_plan
 from karbor_async import (
     BarrierPolicy,
@@ -121,6 +121,9 @@ class Sample:
     full_collections: int = 0
     gc_seconds: float = 0.0
     """Time spent inside those collections."""
+    run_collections: int | None = None
+    """Engines: the collections during ``execute`` alone (the engine's ``quiet_gc`` covers
+    its run, not its discovery); None for contenders with no discovery."""
 
 
 def fresh_heap() -> None:
@@ -185,10 +188,17 @@ async def engine_once(
     async with engine:
         t0 = time.perf_counter()
         built = await engine.build_protect(make_plan(w.roots, barrier))
+        watch = GcWatch()
+        watch.start()
         t1 = time.perf_counter()
-        outcome = await engine.execute(built)
-        t2 = time.perf_counter()
-    sample = Sample(label, w.n, t2 - t1, outcome.skew, build_seconds=t1 - t0)
+        try:
+            outcome = await engine.execute(built)
+            t2 = time.perf_counter()
+        finally:
+            watch.stop()
+    sample = Sample(
+        label, w.n, t2 - t1, outcome.skew, build_seconds=t1 - t0, run_collections=watch.total
+    )
     return EngineRun(sample, store, outcome.run_id)
 
 

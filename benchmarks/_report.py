@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "cpu_model",
@@ -143,10 +144,23 @@ def plot_lines(
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    palette = plt.get_cmap("tab20")  # 20 colours: the even ones, then the odd (lighter) ones
+    colors: dict[str, Any] = {}
     for label, points in series.items():
         pts = sorted((n, y) for n, y in points if y is not None and y > 0 and not math.isnan(y))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            # "X (collector off)" is drawn dashed in the colour of "X".
+            base, off = label.removesuffix(" (collector off)"), label.endswith("(collector off)")
+            k = len(colors) if base not in colors else 0
+            color = colors.setdefault(base, palette((2 * k) % 20 + (2 * k) // 20 % 2))
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=label,
+                color=color,
+                linestyle="--" if off else "-",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("resources in the application graph (N)")
