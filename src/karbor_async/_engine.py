@@ -343,20 +343,22 @@ class Engine:
         A failed or cancelled protect whose plan sets ``delete_on_failure`` is
         deleted (through the plugins' delete operation) before the error is raised.
         """
-        self._open_tasks()
+        tasks = self._open_tasks()
         spec = run.spec
-        record = RunRecord(
-            run_id=spec.run_id,
-            operation=spec.operation,
-            checkpoint_id=spec.checkpoint_id,
-            plan=spec.plan.to_json(),
-            graph=spec.graph.to_json(),
-            status=RunStatus.RUNNING,
-            started_wall=time.time(),
-            leases=tuple(n.resource.key for n in run.nodes if n.leased),
-        )
-        # (A delete run's creation also moves its checkpoint to deleting, compare-and-set.)
-        await _create_run(self.store, record, spec.plan.timeouts.lease_wait)
+        # (The run record holds the whole graph: built with the collector held, as the run.)
+        async with tasks.quiet_collector(self._quiet_gc):
+            record = RunRecord(
+                run_id=spec.run_id,
+                operation=spec.operation,
+                checkpoint_id=spec.checkpoint_id,
+                plan=spec.plan.to_json(),
+                graph=spec.graph.to_json(),
+                status=RunStatus.RUNNING,
+                started_wall=time.time(),
+                leases=tuple(n.resource.key for n in run.nodes if n.leased),
+            )
+            # (A delete run's creation also moves its checkpoint to deleting, compare-and-set.)
+            await _create_run(self.store, record, spec.plan.timeouts.lease_wait)
         if spec.operation is OperationKind.DELETE:
             await _clean_bank(self.bank, spec.checkpoint_id)
         try:

@@ -208,7 +208,8 @@ class Run(RunState):
         self.log.info("run_started", resources=len(self.nodes), groups=len(self.groups))
         self.rec.emit(EventKind.RUN_STARTED, None, None, resources=len(self.nodes))
         self._sentinel_thaws()
-        await self._cut_intent()
+        with self.holds.briefly():  # (its record lists every resource that may cut)
+            await self._cut_intent()
         await self._drive(run_node, self.nodes, self.plan.timeouts.run)
         with self.holds.briefly():
             return await self._finish(started_wall, started)
