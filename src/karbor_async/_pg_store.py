@@ -106,6 +106,9 @@ class PostgresStore:
         """run id -> (fencing token, checkpoint id) of the leases this store holds."""
         self._lost: dict[str, str] = {}
         """Runs another owner took from this store, with their checkpoint ids."""
+        self._fenced: dict[str, tuple[int, str]] = {}
+        """run id -> (fencing token, checkpoint id) of runs whose lease another process
+        owns (a Temporal workflow) and that this store writes for (:meth:`fence`)."""
         self._lost_now: set[str] = set()
         self._unreported: BaseException | None = None
         self._closed = False
@@ -174,7 +177,7 @@ class PostgresStore:
         batch, self._pending = self._pending, ops.Batch()
         if not batch.has_work:
             return
-        held = {r: t for r, (t, _) in self._held.items()}
+        held = {r: t for r, (t, _) in (self._fenced | self._held).items()}
         try:
             async with self._conn.transaction():
                 lost = await ops.write_batch(self._conn, batch, held)
@@ -184,7 +187,7 @@ class PostgresStore:
                 f"{scrub(str(exc), self._secret)}"
             ) from None
         for run_id in lost:
-            self._lost[run_id] = self._held.pop(run_id)[1]
+            self._lost[run_id] = (self._held.pop(run_id, None) or self._fenced.pop(run_id))[1]
             self._lost_now.add(run_id)
             _log.warning("lease_lost", run_id=run_id)
 
@@ -309,7 +312,7 @@ class PostgresStore:
         if outcome.status.value == "running":
             raise IllegalTransitionError(f"run {outcome.run_id!r} cannot finish as running")
         self._check_run(outcome.run_id)
-        held = self._held.get(outcome.run_id)
+        held = self._held.get(outcome.run_id) or self._fenced.pop(outcome.run_id, None)
         token = None if held is None else held[0]
         done = await self._run(lambda c: ops.finish_run(c, outcome, self._owner, token))
         if not done:
@@ -354,6 +357,14 @@ class PostgresStore:
         if lost:
             self._lost[run_id] = self._held.pop(run_id)[1]
             raise LeaseLostError(f"run {run_id!r} is owned by another engine now")
+
+    def fence(self, run_id: str, token: int, checkpoint_id: str) -> None:
+        """Write ``run_id``'s records under ``token``, a lease another process owns (the
+        Temporal workflow that drives the run): a batch whose token moved on is dropped
+        and ``commit()`` raises :class:`LeaseLostError`, as for a lease of this store's.
+        This store neither renews nor releases it."""
+        if run_id not in self._held:
+            self._fenced[run_id] = (token, checkpoint_id)
 
     async def release_lease(self, run_id: str) -> None:
         held = self._held.pop(run_id, None)
