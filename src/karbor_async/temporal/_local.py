@@ -47,7 +47,7 @@ from karbor_async._types import (
     RunStatus,
 )
 from karbor_async.events import Event, EventKind
-from karbor_async.exceptions import ResourceBusyError, RunError, StoreError
+from karbor_async.exceptions import LeaseLostError, ResourceBusyError, RunError, StoreError
 from karbor_async.store import (
     CheckpointRecord,
     CheckpointStatus,
@@ -81,6 +81,8 @@ class RunView:
         self._run_id = run_id
         self._whole = whole
         self.outcome: RunOutcome | None = None
+        self.lost: LeaseLostError | None = None
+        """The run's token moved on: every later write is dropped, commits raise this."""
 
     # -- writes ---------------------------------------------------------------------------
     async def create_run(self, record: RunRecord) -> None:
@@ -89,10 +91,18 @@ class RunView:
     def append(self, event: Event) -> None:
         if not self._whole and event.kind in _RUN_EVENTS:
             return
-        self._inner.append(event)
+        if self.lost is None:
+            try:
+                self._inner.append(event)
+            except LeaseLostError as exc:
+                self.lost = exc  # (the engine learns it at its next commit)
 
     def save_info(self, checkpoint_id: str, key: ResourceKey, info: Mapping[str, Any]) -> None:
-        self._inner.save_info(checkpoint_id, key, info)
+        if self.lost is None:
+            try:
+                self._inner.save_info(checkpoint_id, key, info)
+            except LeaseLostError as exc:
+                self.lost = exc
 
     def record_restored(self, run_id: str, key: ResourceKey, new_id: str) -> None:
         self._inner.record_restored(run_id, key, new_id)
@@ -104,6 +114,8 @@ class RunView:
         self._inner.hold_background_writes(hold)
 
     async def commit(self) -> None:
+        if self.lost is not None:
+            raise self.lost
         await self._inner.commit(run_id=self._run_id)
 
     async def finish_run(self, outcome: RunOutcome) -> None:
@@ -152,6 +164,17 @@ class _Known:
 
     spec: RunSpec
     index: Mapping[ResourceKey, int]
+
+
+def _leaf(group: BaseExceptionGroup[Any], kind: type[LeaseLostError]) -> LeaseLostError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _leaf(exc, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def _place(spec: RunSpec, i: int) -> str:
@@ -204,6 +227,13 @@ class Parts:
 
     # -- the run ----------------------------------------------------------------------------
     async def _known(self, run_id: str, token: int) -> _Known:
+        """The run (cached), once its lease is checked: a stale ``token`` is refused."""
+        current = await _lease.driven(self.store, run_id)
+        if current is None or current[1] != token:
+            raise LeaseLostError(
+                f"run {run_id!r}: fencing token {token} is stale (the run ended, or its "
+                "lease moved on); nothing is written with it"
+            )
         self.store.fence(run_id, token, run_id)
         known = self._cache.get(run_id)
         if known is not None:
@@ -243,6 +273,13 @@ class Parts:
             await run.execute()
         except RunError:
             pass  # (its outcome is the part's result; the finish tells the run's)
+        except BaseExceptionGroup as group:
+            lost = _leaf(group, LeaseLostError)
+            if lost is None:
+                raise
+            raise lost from None  # the token moved on: the part is refused
+        if view.lost is not None:
+            raise view.lost
         assert view.outcome is not None
         return view.outcome
 
@@ -408,14 +445,11 @@ class Parts:
     ) -> RunOutcome:
         """One outcome from the parts; ``RUN_FINISHED`` and the outcome stored, the
         checkpoint moved to its end state, the lease given back (all under the token)."""
+        record = await self.store.get_run(run_id)
+        if record.outcome is not None:
+            return record.outcome  # a retried finish: already stored
         known = await self._known(run_id, token)
         spec = known.spec
-        try:
-            record = await self.store.get_run(run_id)
-        except Exception:  # (the stored outcome is what is returned when there is one)
-            record = None
-        if record is not None and record.outcome is not None:
-            return record.outcome  # a retried finish: already stored
         view = RunView(self.store, run_id, whole=True)
         run = self._run(spec, view)
         for name, how in sorted(notes.items()):
