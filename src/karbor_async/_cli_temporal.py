@@ -55,17 +55,14 @@ async def protect(
     """Start the protect on Temporal, wait for it, report it as a local protect does."""
     temporal = _sdk(out)
     client = await _client(out, address, namespace)
-    options = temporal.Options(heartbeat_timeout=heartbeat)
+    options = temporal.Options(heartbeat_timeout=heartbeat, compensate_wait=heartbeat)
     backend = temporal.TemporalBackend(client, task_queue=task_queue, options=options)
     run_id = await backend.start_protect(plan)
     out.note(
         f"Protecting plan {plan.name!r} as checkpoint {run_id} on Temporal "
         f"(workflow {temporal.workflow_id(run_id)}, task queue {task_queue})"
     )
-    try:
-        outcome = await _wait(backend, run_id)
-    except RunError as exc:
-        outcome = exc.outcome
+    outcome = await _wait(backend, run_id)
     code = cli._code_of(outcome)
     cli._report_outcome(out, outcome, code)
     if code == cli.EXIT_OK:
@@ -87,6 +84,8 @@ async def _wait(backend: Any, run_id: str) -> Any:
         tg.start_soon(on_signal)
         try:
             return await backend.outcome(run_id)
+        except RunError as exc:
+            return exc.outcome
         finally:
             tg.cancel_scope.cancel()
 

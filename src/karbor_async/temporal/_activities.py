@@ -175,7 +175,11 @@ class Activities:
 
         return await _beating(
             work,
-            lambda: {"progress": _progress_json(node.last_progress), "at": time.time()},
+            lambda: {
+                "resource": key_to_str(key),
+                "progress": _progress_json(node.last_progress),
+                "queue": self.queue,
+            },
         )
 
     @activity.defn(name="karbor-compensate")
