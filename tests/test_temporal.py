@@ -42,6 +42,7 @@ from temporalio.client import Client  # noqa: E402
 from karbor_async.temporal import Options, TemporalBackend, serve  # noqa: E402
 from karbor_async.temporal._local import Parts  # noqa: E402
 
+V3 = ("OS::Cinder::Volume", "v3")
 EDGES = [("p1", "s1"), ("s1", "v1"), ("s1", "v2"), ("p1", "s2"), ("s2", "v3"), ("s2", "v1")]
 
 
@@ -76,9 +77,7 @@ async def on_temporal(
 
 
 def _plan(barrier: BarrierPolicy = BarrierPolicy.CUT, **kw: Any) -> Plan:
-    return Plan(
-        name="t", resources=[res("p1")], barrier=barrier, timeouts=Timeouts(hook=30), **kw
-    )
+    return Plan(name="t", resources=[res("p1")], barrier=barrier, timeouts=Timeouts(hook=30), **kw)
 
 
 @pytest.mark.parametrize("barrier", list(BarrierPolicy))
@@ -151,7 +150,7 @@ async def test_the_workflow_history_holds_no_secret_value(
     )
     async with on_temporal(
         temporal_server, dsn, pg_cluster, [Leaky()], [], queue="secrets", secrets=resolver
-    ) as (backend, _store, client):
+    ) as (backend, _store, _client):
         run_id = await backend.start_protect(plan)
         with pytest.raises(RunError) as info:
             await backend.outcome(run_id)
@@ -181,9 +180,7 @@ def _history_text(doc: Any) -> str:
     return json.dumps(doc) + "\n".join(parts)
 
 
-async def test_recover_never_resumes_a_run_temporal_drives(
-    dsn: str, pg_cluster: PgCluster
-) -> None:
+async def test_recover_never_resumes_a_run_temporal_drives(dsn: str, pg_cluster: PgCluster) -> None:
     """A run whose lease a workflow owns (``temporal:<workflow id>``) is listed as held by
     recovery of any engine, even once its lease expired, and left alone."""
     from karbor_async._types import OperationKind
@@ -251,9 +248,8 @@ async def test_cancelling_the_workflow_thaws_and_ends_the_run_cancelled(
     ) as (backend, store, _client):
         run_id = await backend.start_protect(_plan())
         with anyio.fail_after(30):
-            while not any(
-                e.hook is Hook.PREPARE_BEGIN and e.resource == key("v3") for e in plugin.trace
-            ):
+            # (the plugin's trace has no event to wait on: poll it)
+            while not any(e.hook is Hook.PREPARE_BEGIN and e.resource == V3 for e in plugin.trace):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         await backend.cancel(run_id)
         with anyio.fail_after(60), pytest.raises(RunError) as info:

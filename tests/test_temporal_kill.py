@@ -46,9 +46,13 @@ resources = [{{ type = "{PROJECT}", id = "prj-0000001" }}]
 hook = 60
 """
 CLI = "from karbor_async._cli import main; main()"
+BEAT = ["--heartbeat-timeout", str(HEARTBEAT)]
+PROTECT = [sys.executable, "-c", CLI, "protect", "plan.toml", "--backend", "temporal"]
 
 
-def _env(root: Path, url: str, password: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def _env(
+    root: Path, url: str, password: str, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KARBOR_")}
     env.update(KARBOR_STORE=url, PGPASSWORD=password, KARBOR_BANK=str(root / "bank"))
     env.update(KARBOR_SIMCLOUD_STATE=str(root / "simcloud"), COLUMNS="200")
@@ -67,8 +71,17 @@ def _workers(
     logs = [(root / f"worker{i}.log").open("w") for i in range(len(each))]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CLI, "worker", "--temporal", address, "--task-queue", queue]
-            + extra,
+            [
+                sys.executable,
+                "-c",
+                CLI,
+                "worker",
+                "--temporal",
+                address,
+                "--task-queue",
+                queue,
+                *extra,
+            ],
             cwd=root,
             env=env,
             stdout=subprocess.PIPE,
@@ -120,9 +133,7 @@ async def _worker_running(client: Client, run_id: str, activity: str, detail: st
 def _start_protect(root: Path, env: dict[str, str], address: str, queue: str) -> Any:
     (root / "plan.toml").write_text(PLAN)
     return subprocess.Popen(
-        [sys.executable, "-c", CLI, "protect", "plan.toml", "--backend", "temporal"]
-        + ["--temporal", address, "--task-queue", queue, "--heartbeat-timeout", str(HEARTBEAT)]
-        + ["--json"],
+        [*PROTECT, "--temporal", address, "--task-queue", queue, *BEAT, "--json"],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -170,7 +181,8 @@ def test_a_worker_killed_during_main_leaves_the_run_to_the_other(
                         fired = {f.resource for f in shared.view().fired if f.hook == "on_main"}
                         desc = await client.get_workflow_handle(f"karbor-{run_id}").describe()
                         hooks = [
-                            x for x in desc.raw_description.pending_activities
+                            x
+                            for x in desc.raw_description.pending_activities
                             if x.activity_type.name == "karbor-hook"
                         ]
                         if fired and len(hooks) == len(fired):
@@ -247,9 +259,7 @@ def test_killing_the_prepare_worker_while_frozen_leaves_nothing_frozen(
     queue = "kill-prepare"
     with _workers(tmp_path, env, temporal_server, queue, [], []) as procs:
         protect = subprocess.Popen(
-            [sys.executable, "-c", CLI, "protect", "plan.toml", "--backend", "temporal"]
-            + ["--temporal", temporal_server, "--task-queue", queue]
-            + ["--heartbeat-timeout", str(HEARTBEAT), "--json"],
+            [*PROTECT, "--temporal", temporal_server, "--task-queue", queue, *BEAT, "--json"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -262,7 +272,7 @@ def test_killing_the_prepare_worker_while_frozen_leaves_nothing_frozen(
             run_id = await _run_id(client, queue)
             pid = await _worker_running(client, run_id, "karbor-prepare")
             with anyio.fail_after(30):
-                while not frozen.exists():
+                while not frozen.exists():  # noqa: ASYNC110  (another process's file)
                     await anyio.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
             return run_id

@@ -263,9 +263,7 @@ BackendOption = Annotated[
 ]
 TemporalOption = Annotated[
     str,
-    typer.Option(
-        "--temporal", envvar="KARBOR_TEMPORAL", help="The Temporal server (HOST:PORT)."
-    ),
+    typer.Option("--temporal", envvar="KARBOR_TEMPORAL", help="The Temporal server (HOST:PORT)."),
 ]
 NamespaceOption = Annotated[
     str,
@@ -1052,8 +1050,8 @@ def protect(
     if backend == "temporal":
         from karbor_async import _cli_temporal
 
-        _cli_temporal.require_shared_store(out)
-        args = (out, plan, temporal, namespace, task_queue, heartbeat_timeout)
+        _require_shared_store(out)
+        args = (_temporal_cli(), out, plan, temporal, namespace, task_queue, heartbeat_timeout)
         _run_async(out, _cli_temporal.protect, *args)
     resolver = _secrets(out, secrets_file)
     cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
@@ -1082,12 +1080,38 @@ def worker(
     from karbor_async import _cli_temporal
 
     out = _out(False, True)
-    _cli_temporal.require_shared_store(out)
+    _require_shared_store(out)
     resolver = _secrets(out, secrets_file)
     db = DEFAULT_DB  # (not used: the store is --store's)
     cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     args = (out, db, bank, resolver, cloud, temporal, namespace, task_queue, max_activities)
-    _run_async(out, _cli_temporal.worker, *args)
+    _run_async(out, _cli_temporal.worker, _temporal_cli(), *args)
+
+
+def _require_shared_store(out: _Out) -> None:
+    if _STORE_URL.get("url") is None:
+        _exit_with(
+            out,
+            "the Temporal backend needs the PostgreSQL store (--store postgresql://... or "
+            "KARBOR_STORE): its workers, on other hosts, cannot share an SQLite file",
+            EXIT_BAD_INPUT,
+        )
+
+
+def _temporal_cli() -> Any:
+    from karbor_async._cli_temporal import Cli
+
+    try:
+        import karbor_async.temporal  # noqa: F401  (the SDK is there, or say how to get it)
+    except ImportError as exc:
+        raise CliUsageError(str(exc)) from None
+    return Cli(
+        session=_session,
+        report=_report_outcome,
+        code_of=_code_of,
+        usage_error=CliUsageError,
+        ok=EXIT_OK,
+    )
 
 
 async def _protect(

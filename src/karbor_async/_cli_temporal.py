@@ -1,60 +1,69 @@
 """The command line's Temporal side: ``protect --backend temporal`` and ``worker``.
 
 Imported only when one of them runs, so the CLI works without the Temporal SDK.
+What it needs of ``_cli`` (the session, the outcome report, the usage error) comes
+in a :class:`Cli` argument: this module does not import ``_cli``, which imports it.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
 import anyio
+import attrs
 
-from karbor_async import _cli as cli
 from karbor_async._plan import Plan
 from karbor_async.exceptions import RunError
 from karbor_async.plugin import SecretResolver
 
-__all__ = ["SQLITE_REFUSED", "protect", "require_shared_store", "worker"]
-
-SQLITE_REFUSED = (
-    "the Temporal backend needs the PostgreSQL store (--store postgresql://... or "
-    "KARBOR_STORE): its workers, on other hosts, cannot share an SQLite file"
-)
+__all__ = ["Cli", "protect", "worker"]
 
 
-def require_shared_store(out: Any) -> None:
-    if cli._STORE_URL.get("url") is None:
-        cli._exit_with(out, SQLITE_REFUSED, cli.EXIT_BAD_INPUT)
+@attrs.frozen
+class Cli:
+    """What the commands use of the command line's own module."""
+
+    session: Callable[..., AbstractAsyncContextManager[Any]]
+    report: Callable[[Any, Any, int], None]
+    code_of: Callable[[Any], int]
+    usage_error: type[Exception]
+    ok: int
 
 
-def _sdk(out: Any) -> Any:
-    try:
-        import karbor_async.temporal as temporal
-    except ImportError as exc:
-        cli._exit_with(out, str(exc), cli.EXIT_BAD_INPUT)
+def _sdk() -> Any:
+    import karbor_async.temporal as temporal  # (ImportError says to install the extra)
+
     return temporal
 
 
-async def _client(out: Any, address: str, namespace: str) -> Any:
+async def _client(cli: Cli, address: str, namespace: str) -> Any:
     from temporalio.client import Client
 
     try:
         return await Client.connect(address, namespace=namespace)
     except RuntimeError as exc:
-        raise cli.CliUsageError(
+        raise cli.usage_error(
             f"cannot reach the Temporal server at {address} (namespace {namespace}): {exc}; "
             "start one (temporal server start-dev) or point --temporal (KARBOR_TEMPORAL) at it"
         ) from None
 
 
 async def protect(
-    out: Any, plan: Plan, address: str, namespace: str, task_queue: str, heartbeat: float
+    cli: Cli,
+    out: Any,
+    plan: Plan,
+    address: str,
+    namespace: str,
+    task_queue: str,
+    heartbeat: float,
 ) -> int:
     """Start the protect on Temporal, wait for it, report it as a local protect does."""
-    temporal = _sdk(out)
-    client = await _client(out, address, namespace)
+    temporal = _sdk()
+    client = await _client(cli, address, namespace)
     options = temporal.Options(heartbeat_timeout=heartbeat, compensate_wait=heartbeat)
     backend = temporal.TemporalBackend(client, task_queue=task_queue, options=options)
     run_id = await backend.start_protect(plan)
@@ -63,9 +72,9 @@ async def protect(
         f"(workflow {temporal.workflow_id(run_id)}, task queue {task_queue})"
     )
     outcome = await _wait(backend, run_id)
-    code = cli._code_of(outcome)
-    cli._report_outcome(out, outcome, code)
-    if code == cli.EXIT_OK:
+    code = cli.code_of(outcome)
+    cli.report(out, outcome, code)
+    if code == cli.ok:
         out.note(f"checkpoint {outcome.checkpoint_id} is available")
     return code
 
@@ -91,6 +100,7 @@ async def _wait(backend: Any, run_id: str) -> Any:
 
 
 async def worker(
+    cli: Cli,
     out: Any,
     db: Any,
     bank: Any,
@@ -102,14 +112,17 @@ async def worker(
     max_activities: int,
 ) -> int:
     """Serve the workflow and its activities until SIGINT or SIGTERM."""
-    temporal = _sdk(out)
-    client = await _client(out, address, namespace)
-    async with cli._session(out, db, bank, secrets=secrets, cloud=cloud) as engine:
-        async with temporal.serve(
-            engine, client, task_queue=task_queue, max_activities=max_activities
-        ) as info:
-            print(f"worker ready on {info.task_queue} (own queue {info.own_queue})", flush=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _sig in signals:
-                    break
-    return cli.EXIT_OK
+    temporal = _sdk()
+    client = await _client(cli, address, namespace)
+    async with AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(
+            cli.session(out, db, bank, secrets=secrets, cloud=cloud)
+        )
+        info = await stack.enter_async_context(
+            temporal.serve(engine, client, task_queue=task_queue, max_activities=max_activities)
+        )
+        print(f"worker ready on {info.task_queue} (own queue {info.own_queue})", flush=True)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _sig in signals:
+                break
+    return cli.ok

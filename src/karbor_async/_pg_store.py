@@ -194,6 +194,13 @@ class PostgresStore:
     async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
         """Flush what is pending, then run ``op`` in its own transaction."""
         self._check_open()
+        # Shielded: a caller cancelled halfway through a transaction would leave the
+        # shared writer connection inside it (every later write then vanishes into it).
+        with anyio.CancelScope(shield=True):
+            result = await self._run_shielded(op)
+        return result
+
+    async def _run_shielded(self, op: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
         async with self._lock:
             await self._flush()
             try:
@@ -287,8 +294,9 @@ class PostgresStore:
         """Return when everything enqueued before this call is committed."""
         self._check_open()
         self.commits += 1
-        async with self._lock:
-            await self._flush()
+        with anyio.CancelScope(shield=True):  # (as ``_run``: never leave a transaction open)
+            async with self._lock:
+                await self._flush()
         if run_id is not None:
             self._check_run(run_id)
         lost, self._lost_now = self._lost_now, set()

@@ -20,4 +20,12 @@ from karbor_async.temporal._client import TemporalBackend, workflow_id
 from karbor_async.temporal._wire import DRIVER_PREFIX, Options
 from karbor_async.temporal._worker import TASK_QUEUE, WorkerInfo, serve
 
-__all__ = ["DRIVER_PREFIX", "TASK_QUEUE", "Options", "TemporalBackend", "WorkerInfo", "serve", "workflow_id"]
+__all__ = [
+    "DRIVER_PREFIX",
+    "TASK_QUEUE",
+    "Options",
+    "TemporalBackend",
+    "WorkerInfo",
+    "serve",
+    "workflow_id",
+]

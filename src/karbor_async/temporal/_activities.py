@@ -11,7 +11,6 @@ resource) is not retried: it fails the activity with the error's class name.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -192,17 +191,13 @@ class Activities:
     @activity.defn(name="karbor-lease")
     async def lease(self, inp: LeaseInput) -> None:
         """Renew the run's lease (every third of it) for as long as the workflow runs."""
-        renewed = 0.0
-        while True:
-            now = time.monotonic()
-            if now - renewed >= inp.seconds / 3:
-                try:
-                    await _lease.renew(self.parts.store, inp.run_id, inp.token, inp.seconds)
-                except LeaseLostError as exc:
-                    raise _refusal(exc) from None
-                renewed = now
-            activity.heartbeat()
-            await anyio.sleep(BEAT)
+
+        async def work() -> None:
+            while True:
+                await _lease.renew(self.parts.store, inp.run_id, inp.token, inp.seconds)
+                await anyio.sleep(inp.seconds / 3)
+
+        await _beating(work, lambda: None)
 
     @activity.defn(name="karbor-finish")
     async def finish(self, inp: FinishInput) -> dict[str, Any]:

@@ -5,10 +5,14 @@ records the run with owner ``temporal:<workflow id>`` and fencing token 1, a
 long-lived activity renews it, every part writes under its token
 (``PostgresStore.fence``) and the finish ends it. The store's own transactions
 (``_pg_ops``) do the work, on the store's writer connection, after its pending
-batch, like every other write of the store.
+batch, like every other write of the store. Each is shielded: an activity is
+cancelled at any await (the lease's, when its workflow ends), and a transaction
+cut off halfway would leave the shared writer connection inside it.
 """
 
 from __future__ import annotations
+
+import anyio
 
 from karbor_async import _pg_ops as ops
 from karbor_async._pg_store import PostgresStore
@@ -21,7 +25,8 @@ __all__ = ["create", "driven", "renew"]
 async def create(store: PostgresStore, record: RunRecord, owner: str, seconds: float) -> int:
     """Record ``record`` (and its checkpoint, its resource leases, all or none) with the run
     lease held by ``owner``; returns the fencing token."""
-    await store._run(lambda c: ops.create_run(c, record, owner, seconds))
+    with anyio.CancelScope(shield=True):
+        await store._run(lambda c: ops.create_run(c, record, owner, seconds))
     return 1
 
 
@@ -37,11 +42,14 @@ async def driven(store: PostgresStore, run_id: str) -> tuple[str, int] | None:
             return None
         return str(row["lease_owner"]), int(row["lease_token"])
 
-    return await store._run(read)
+    with anyio.CancelScope(shield=True):
+        found = await store._run(read)
+    return found
 
 
 async def renew(store: PostgresStore, run_id: str, token: int, seconds: float) -> None:
     """Extend the lease while ``token`` still stands; LeaseLostError once it moved on."""
-    lost = await store._run(lambda c: ops.renew(c, {run_id: token}, seconds))
+    with anyio.CancelScope(shield=True):
+        lost = await store._run(lambda c: ops.renew(c, {run_id: token}, seconds))
     if lost:
         raise LeaseLostError(f"run {run_id!r} is owned by another engine now")

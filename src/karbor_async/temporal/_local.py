@@ -198,9 +198,7 @@ def _slice(
     where = {old: new for new, old in enumerate(keep)}
     graph = ResourceGraph(
         resources=tuple(spec.graph.resources[i] for i in keep),
-        edges=tuple(
-            (where[p], where[c]) for p, c in spec.graph.edges if p in where and c in where
-        ),
+        edges=tuple((where[p], where[c]) for p, c in spec.graph.edges if p in where and c in where),
     )
     group_of = tuple(spec.group_of[i] for i in keep)
     return attrs.evolve(
@@ -345,9 +343,7 @@ class Parts:
                 quiesces=n.quiesces,
                 cuts=n.cuts and n.pf is not None,
                 place=_place(spec, i),
-                limits=list(
-                    limit_order((n.binding.plugin.plugin_name(), n.resource.type), limits)
-                ),
+                limits=list(limit_order((n.binding.plugin.plugin_name(), n.resource.type), limits)),
                 timeout=n.timeout,
             )
             for i, n in enumerate(run.nodes)
@@ -454,7 +450,12 @@ class Parts:
         run = self._run(spec, view)
         for name, how in sorted(notes.items()):
             run.rec.emit(
-                EventKind.GROUP_ABORTING, None, None, group=name, reason="worker_lost", thawed_by=how
+                EventKind.GROUP_ABORTING,
+                None,
+                None,
+                group=name,
+                reason="worker_lost",
+                thawed_by=how,
             )
         outcome = merge_outcome(spec, started_wall, parts, groups, skipped, abort, notes)
         for key in skipped:

@@ -125,7 +125,7 @@ class _Drive:
         )
         self.queue_of[group] = queue
         try:
-            return await workflow.execute_activity(
+            result: GroupResult = await workflow.execute_activity(
                 "karbor-prepare",
                 GroupInput(self.shape.run_id, self.shape.token, group, self.workflow_id),
                 result_type=GroupResult,
@@ -140,6 +140,8 @@ class _Drive:
             if isinstance(exc.cause, asyncio.CancelledError) or self.abort is not None:
                 raise
             workflow.logger.warning("group %s: its prepare worker was lost (%s)", group, exc)
+        else:
+            return result
         try:
             thawed = await workflow.execute_activity(
                 "karbor-compensate",
@@ -229,7 +231,11 @@ class _Drive:
             moved = False
             for i in sorted(o.ready):
                 hook, aborting = o.ready[i]
-                if i in members and aborting is None and hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH):
+                if (
+                    i in members
+                    and aborting is None
+                    and hook in (Hook.PREPARE_BEGIN, Hook.PREPARE_FINISH)
+                ):
                     o.start(i, hook)
                     o.finished(i, hook)
                     moved = True
