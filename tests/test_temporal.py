@@ -279,3 +279,43 @@ def test_protect_on_temporal_with_the_sqlite_store_exits_2(tmp_path: Any) -> Non
     )
     assert result.exit_code == 2, result.output
     assert "PostgreSQL store" in result.output and "SQLite" in result.output
+
+
+async def test_a_cut_that_lives_in_the_process_keeps_its_prepare_activity_open(
+    temporal_server: str, dsn: str, pg_cluster: PgCluster
+) -> None:
+    """A type with ``cut_outlives_process=False`` (an open read transaction): its group's
+    prepare activity signals its result and stays open until that resource's on_main
+    and on_complete ended on the same worker; then the workflow lets it go."""
+    from karbor_async import ResourceType
+
+    types = (*TYPES[:2], ResourceType(VOLUME, cut_outlives_process=False))
+    plugin = RecordingPlugin(types)
+    pairs = [(res(a), res(b)) for a, b in EDGES]
+    async with on_temporal(
+        temporal_server, dsn, pg_cluster, [plugin], protectables_for(pairs), queue="held"
+    ) as (backend, store, _client):
+        run_id = await backend.start_protect(_plan())
+        outcome = await backend.outcome(run_id)
+        history = await backend.handle(run_id).fetch_history()
+        events = await store.read_events(run_id)
+        record = await store.get_run(run_id)
+    assert outcome.status is RunStatus.SUCCEEDED
+    check_run(plugin.trace, ResourceGraph.from_json(record.graph), outcome, QUIESCING, events)
+    kinds = [e.WhichOneof("attributes") for e in history.events]
+    assert "workflow_execution_signaled_event_attributes" in kinds
+    cancel = kinds.index("activity_task_cancel_requested_event_attributes")
+    volume_hooks = {  # scheduled event id of each hook activity of a volume
+        e.event_id
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "karbor-hook"
+        and VOLUME.encode() in e.activity_task_scheduled_event_attributes.input.SerializeToString()
+    }
+    done = [
+        i
+        for i, e in enumerate(history.events)
+        if e.HasField("activity_task_completed_event_attributes")
+        and e.activity_task_completed_event_attributes.scheduled_event_id in volume_hooks
+    ]
+    assert len(done) == 6 and cancel > max(done)  # held until their main and complete ended

@@ -129,13 +129,21 @@ class Activities:
 
         async def work() -> GroupResult:
             resources, group = await self.parts.prepare(run, view)
-            return GroupResult(
+            result = GroupResult(
                 group=inp.group,
                 resources=resources,
                 outcome=group.to_json(),
                 aborted=group.aborted.value if group.aborted is not None else None,
                 queue=self.queue,
             )
+            if inp.hold and result.aborted is None:
+                # A cut lives in this process: say the prepare is done, and stay open
+                # (heartbeating) until the workflow is done with those resources, so that
+                # the loss of this process is seen as the loss of their cuts.
+                handle = activity.client().get_workflow_handle(inp.workflow_id)
+                await handle.signal("prepared", result)
+                await anyio.sleep_forever()  # (the workflow cancels the activity)
+            return result
 
         return await _beating(
             work, lambda: {"queue": self.queue, "frozen": sum(n.frozen for n in run.nodes)}

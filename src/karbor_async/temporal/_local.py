@@ -181,7 +181,7 @@ def _place(spec: RunSpec, i: int) -> str:
     binding = spec.bindings[i]
     if not binding.spec.cut_outlives_process:
         return "process"
-    if getattr(binding.spec, "host_bound", False):
+    if binding.spec.host_bound:
         return "host"
     return "any"
 

@@ -107,6 +107,10 @@ class _Drive:
         """In flight: ("group", index of its first member, None) or ("hook", slot, hook)."""
         self.ran: set[tuple[int, Hook]] = set()
         self.abort: str | None = None
+        self.signalled: dict[str, GroupResult] = {}
+        """Prepare results signalled by activities that stay open (cuts in a process)."""
+        self.holding: dict[str, Any] = {}
+        """Those activities, until their group's process-bound resources are done."""
 
     # -- scheduling ----------------------------------------------------------------------
     def start_groups(self) -> None:
@@ -124,18 +128,31 @@ class _Drive:
             task_queue=self.queue,
         )
         self.queue_of[group] = queue
+        hold = any(self.shape.nodes[i].place == "process" for i in self.members[group])
         try:
-            result: GroupResult = await workflow.execute_activity(
+            handle = workflow.start_activity(
                 "karbor-prepare",
-                GroupInput(self.shape.run_id, self.shape.token, group, self.workflow_id),
+                GroupInput(self.shape.run_id, self.shape.token, group, self.workflow_id, hold),
                 result_type=GroupResult,
                 task_queue=queue,
                 schedule_to_start_timeout=timedelta(seconds=opts.compensate_wait),
                 start_to_close_timeout=_DAY,
                 heartbeat_timeout=timedelta(seconds=opts.heartbeat_timeout),
                 retry_policy=_NOT_RETRIED,
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                cancellation_type=(
+                    workflow.ActivityCancellationType.TRY_CANCEL
+                    if hold
+                    else workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+                ),
             )
+            if hold:
+                # Its result comes by signal; the activity stays open, holding the cuts
+                # that live in its process, until their resources are done (``release``).
+                await workflow.wait_condition(lambda: group in self.signalled or handle.done())
+                if group in self.signalled:
+                    self.holding[group] = handle
+                    return self.signalled[group]
+            result: GroupResult = await handle
         except ActivityError as exc:
             if isinstance(exc.cause, asyncio.CancelledError) or self.abort is not None:
                 raise
@@ -258,6 +275,14 @@ class _Drive:
         else:
             o.failed(i, hook)
 
+    def release(self) -> None:
+        """Let go of each held prepare activity whose process-bound resources are done."""
+        for group, handle in list(self.holding.items()):
+            bound = [i for i in self.members[group] if self.shape.nodes[i].place == "process"]
+            if all(self.ordering.slots[i].phase.value == "done" for i in bound):
+                handle.cancel()
+                del self.holding[group]
+
     def stop(self, reason: str) -> None:
         """The run is cancelled or timed out: nothing more starts, what runs is cancelled
         (a group's prepare thaws in its activity, with the local engine's guarantees)."""
@@ -267,6 +292,9 @@ class _Drive:
         self.ordering.abort(None, AbortReason(reason))
         for task in self.tasks:
             task.cancel()
+        for handle in self.holding.values():
+            handle.cancel()
+        self.holding.clear()
 
     def skipped(self) -> list[str]:
         """Resources whose on_complete did not run because a dependent failed."""
@@ -287,6 +315,12 @@ class RunWorkflow:
 
     def __init__(self) -> None:
         self._drive: _Drive | None = None
+
+    @workflow.signal
+    def prepared(self, result: GroupResult) -> None:
+        """A group's prepare activity that stays open reports its result."""
+        if self._drive is not None:
+            self._drive.signalled[result.group] = result
 
     @workflow.query
     def progress(self) -> dict[str, Any]:
@@ -346,6 +380,8 @@ class RunWorkflow:
             start_to_close_timeout=timedelta(minutes=10),
             retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=_REFUSALS),
         )
+        for handle in d.holding.values():
+            handle.cancel()
         lease.cancel()
         return outcome
 
@@ -374,6 +410,7 @@ class RunWorkflow:
                 return
             for task in sorted(done, key=lambda t: d.tasks[t][1]):
                 d.ended(task)
+            d.release()
 
     async def _settle(self, d: _Drive) -> None:
         """Wait for what was cancelled to end (a prepare activity thaws first)."""
