@@ -31,20 +31,16 @@ async def create(store: PostgresStore, record: RunRecord, owner: str, seconds: f
 
 
 async def driven(store: PostgresStore, run_id: str) -> tuple[str, int] | None:
-    """(owner, token) of a stored run that is still running, or None."""
-
-    async def read(conn: object) -> tuple[str, int] | None:
-        row = await conn.fetchrow(  # type: ignore[attr-defined]
+    """(owner, token) of a stored run that is still running, or None (a committed read on
+    the store's reader pool: it waits neither for the writer nor for its batch)."""
+    with anyio.CancelScope(shield=True):
+        row = await store._queries.pool.fetchrow(
             "SELECT lease_owner, lease_token FROM runs WHERE run_id = $1 AND status = 'running'",
             run_id,
         )
-        if row is None or row["lease_owner"] is None:
-            return None
-        return str(row["lease_owner"]), int(row["lease_token"])
-
-    with anyio.CancelScope(shield=True):
-        found = await store._run(read)
-    return found
+    if row is None or row["lease_owner"] is None:
+        return None
+    return str(row["lease_owner"]), int(row["lease_token"])
 
 
 async def renew(store: PostgresStore, run_id: str, token: int, seconds: float) -> None:
