@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -319,3 +320,55 @@ async def test_a_cut_that_lives_in_the_process_keeps_its_prepare_activity_open(
         and e.activity_task_completed_event_attributes.scheduled_event_id in volume_hooks
     ]
     assert len(done) == 6 and cancel > max(done)  # held until their main and complete ended
+
+
+class _Stuck:
+    """A server whose quiesce then holds the worker's loop past the heartbeat timeout
+    (as a hung driver call would): Temporal takes the prepare activity as lost while
+    the worker is alive, so the workflow's compensation runs there."""
+
+    def __init__(self, thaws: list[str]) -> None:
+        self.thaws = thaws
+
+    async def on_prepare_begin(self, ctx: Any) -> None:
+        ctx.mark_quiesced()
+        time.sleep(6.0)  # noqa: ASYNC251  (the point: the loop, so heartbeats, stop)
+
+    async def on_prepare_finish(self, ctx: Any) -> None:
+        self.thaws.append(ctx.aborting.value if ctx.aborting else "-")
+
+
+async def test_a_prepare_lost_by_a_live_worker_is_compensated_there(
+    temporal_server: str, dsn: str, pg_cluster: PgCluster
+) -> None:
+    """The prepare activity misses its heartbeats (the loop held 6 s, the timeout 2 s):
+    the workflow sends the compensation to that worker's own queue, the worker (alive)
+    takes it and thaws what the committed events say may be frozen, the workflow
+    records ``compensation`` and fails the group (its cuts are not known)."""
+    from karbor_async import ProtectionPlugin, ResourceType
+
+    thaws: list[str] = []
+
+    class StuckPlugin(ProtectionPlugin):
+        name = "stuck"
+        types = (ResourceType(SERVER, quiesces=True, snapshots=False),)
+
+        def get_protect_operation(self, resource_type: str) -> object:
+            return _Stuck(thaws)
+
+    client = await Client.connect(temporal_server)
+    plan = Plan(name="stuck", resources=[res("s1")], timeouts=Timeouts(hook=30))
+    async with PostgresStore.open(dsn, password=pg_cluster.password) as store:
+        engine = Engine([StuckPlugin()], [], store=store, discover=False, stall_threshold=0)
+        async with engine, serve(engine, client, task_queue="stuck"):
+            options = Options(heartbeat_timeout=2, compensate_wait=10)
+            backend = TemporalBackend(client, task_queue="stuck", options=options)
+            with anyio.fail_after(60), pytest.raises(RunError) as info:
+                await backend.protect(plan)
+            events = await store.read_events(info.value.outcome.run_id)
+    lost = [e.data.get("thawed_by") for e in events if e.kind is EventKind.GROUP_ABORTING]
+    assert "compensation" in lost
+    # Thawed: by the prepare itself once the loop ran again (its finish committed, the
+    # compensation then finds nothing frozen), or by the compensation (``recovery``).
+    assert thaws and set(thaws) <= {"-", "recovery"}
+    assert info.value.outcome.status is RunStatus.FAILED
