@@ -1051,8 +1051,16 @@ def protect(
         from karbor_async import _cli_temporal
 
         _require_shared_store(out)
-        args = (_temporal_cli(), out, plan, temporal, namespace, task_queue, heartbeat_timeout)
-        _run_async(out, _cli_temporal.protect, *args)
+        args = (
+            _guard(out, _temporal_cli),
+            out,
+            plan,
+            temporal,
+            namespace,
+            task_queue,
+            heartbeat_timeout,
+        )
+        _run_temporal(out, _cli_temporal.protect, *args)
     resolver = _secrets(out, secrets_file)
     cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _protect, out, plan, db, bank, resolver, cloud, report)
@@ -1085,7 +1093,21 @@ def worker(
     db = DEFAULT_DB  # (not used: the store is --store's)
     cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     args = (out, db, bank, resolver, cloud, temporal, namespace, task_queue, max_activities)
-    _run_async(out, _cli_temporal.worker, _temporal_cli(), *args)
+    _run_temporal(out, _cli_temporal.worker, _guard(out, _temporal_cli), *args)
+
+
+def _run_temporal(out: _Out, func: Callable[..., Awaitable[int]], *args: Any) -> NoReturn:
+    """:func:`_run_async` for the Temporal commands, which end the process with
+    ``os._exit`` once output is flushed: the Temporal SDK's runtime threads outlive the
+    event loop, and letting the interpreter finalize under them can abort it (a fatal
+    ``PyGILState_Release`` error) after the command's work was done and reported."""
+    try:
+        code = _guard(out, lambda: anyio.run(func, *args, backend="asyncio"))
+    except typer.Exit as exc:
+        code = exc.exit_code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _require_shared_store(out: _Out) -> None:

@@ -57,8 +57,8 @@ _REFUSED = (
     IllegalTransitionError,
 )
 """Store errors that are answers, not outages: retrying would get the same one."""
-BEAT = 0.5
-"""Seconds between heartbeats (the issue's bound: at least every second)."""
+BEAT = 0.8
+"""Seconds between heartbeats (at least one a second: liveness, cancellation, progress)."""
 
 
 def _refusal(exc: BaseException) -> ApplicationError:

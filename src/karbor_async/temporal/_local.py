@@ -38,6 +38,7 @@ from karbor_async._plan import Plan
 from karbor_async._recovery import replay
 from karbor_async._runstate import RunSpec
 from karbor_async._scheduler import Run
+from karbor_async._sqlite_records import _loads_mapping
 from karbor_async._types import (
     AbortReason,
     Hook,
@@ -222,6 +223,8 @@ class Parts:
         self.store = store
         self._cache: collections.OrderedDict[str, _Known] = collections.OrderedDict()
         self._size = cache
+        self._memo: dict[str, dict[ResourceKey, tuple[str, dict[str, Any]]]] = {}
+        """Per checkpoint: each resource's saved info as stored text and decoded."""
 
     # -- the run ----------------------------------------------------------------------------
     async def _known(self, run_id: str, token: int) -> _Known:
@@ -244,7 +247,8 @@ class Parts:
         known = _Known(spec, graph.index)
         self._cache[run_id] = known
         while len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+            gone, _known = self._cache.popitem(last=False)
+            self._memo.pop(gone, None)
         return known
 
     async def _spec(
@@ -280,6 +284,25 @@ class Parts:
             raise view.lost
         assert view.outcome is not None
         return view.outcome
+
+    async def _saved(self, checkpoint_id: str) -> dict[ResourceKey, Mapping[str, Any]]:
+        """The checkpoint's saved info as stored now; each entry decoded once per worker
+        while its text is unchanged (a hook activity reads them all: a parent's hooks read
+        their children's, and each decode costs more than the read). Entries are shared
+        between this worker's runs: hooks read saved info, they never change it in place
+        (``ctx.save_info`` replaces it)."""
+        rows = await self.store._queries.pool.fetch(
+            "SELECT rtype, rid, info FROM saved_info WHERE checkpoint_id = $1", checkpoint_id
+        )
+        memo = self._memo.setdefault(checkpoint_id, {})
+        out: dict[ResourceKey, Mapping[str, Any]] = {}
+        for rtype, rid, text in rows:
+            key = (str(rtype), str(rid))
+            hit = memo.get(key)
+            if hit is None or hit[0] != text:
+                hit = memo[key] = (text, _loads_mapping(str(text)))
+            out[key] = hit[1]
+        return out
 
     # -- start --------------------------------------------------------------------------
     async def start(
@@ -388,7 +411,7 @@ class Parts:
         known = await self._known(run_id, token)
         spec = known.spec
         i = known.index[key]
-        saved = await self.store.load_saved_info(spec.checkpoint_id)
+        saved = await self._saved(spec.checkpoint_id)
         sliced = _slice(
             spec,
             [i],
@@ -464,6 +487,7 @@ class Parts:
         run.rec.emit(EventKind.RUN_FINISHED, None, None, status=outcome.status.value)
         await view.finish_run(outcome)
         self._cache.pop(run_id, None)
+        self._memo.pop(run_id, None)
         return outcome
 
 
