@@ -372,3 +372,25 @@ async def test_a_prepare_lost_by_a_live_worker_is_compensated_there(
     # compensation then finds nothing frozen), or by the compensation (``recovery``).
     assert thaws and set(thaws) <= {"-", "recovery"}
     assert info.value.outcome.status is RunStatus.FAILED
+
+
+async def test_the_run_limit_stops_a_run_on_temporal(
+    temporal_server: str, dsn: str, pg_cluster: PgCluster
+) -> None:
+    """``timeouts.run`` is the workflow's: past it, the copies still running are
+    cancelled (their activities, the anyio way) and the run ends failed, saying why."""
+    plugin = RecordingPlugin(TYPES, delays={(VOLUME, Hook.MAIN): 60.0})
+    pairs = [(res(a), res(b)) for a, b in EDGES]
+    plan = Plan(name="t", resources=[res("p1")], timeouts=Timeouts(hook=120, run=3.0))
+    async with on_temporal(
+        temporal_server, dsn, pg_cluster, [plugin], protectables_for(pairs), queue="limit"
+    ) as (backend, store, _client):
+        with anyio.fail_after(60), pytest.raises(RunError) as info:
+            await backend.protect(plan)
+        record = await store.get_run(info.value.outcome.run_id)
+    outcome = info.value.outcome
+    assert outcome.status is RunStatus.FAILED and "time limit" in (outcome.error or "")
+    assert record.status is RunStatus.FAILED
+    mains = [e for e in plugin.trace if e.hook is Hook.MAIN and e.resource[0] == VOLUME]
+    assert mains and all(e.outcome == "cancelled" for e in mains)
+    assert {outcome.resources[key(v)].status.value for v in ("v1", "v2", "v3")} == {"cancelled"}
