@@ -39,6 +39,7 @@ from pgcluster import PgCluster
 
 temporal = pytest.importorskip("karbor_async.temporal")
 from temporalio.client import Client  # noqa: E402
+from temporalio.worker import Replayer  # noqa: E402
 
 from karbor_async.temporal import Options, TemporalBackend, serve  # noqa: E402
 from karbor_async.temporal._local import Parts  # noqa: E402
@@ -87,7 +88,8 @@ async def test_a_plan_runs_on_temporal_under_every_rule(
 ) -> None:
     """Every hook once, Karbor's edges, the group's barrier (``none`` as ``main``), the
     thaw invariant; the run is recorded as a local one is (events numbered, the
-    checkpoint available, RUN_STARTED naming the backend)."""
+    checkpoint available, RUN_STARTED naming the backend); the workflow's history
+    replays deterministically."""
     plugin = RecordingPlugin(TYPES)
     pairs = [(res(a), res(b)) for a, b in EDGES]
     queue = f"rules-{barrier.value}"
@@ -98,6 +100,11 @@ async def test_a_plan_runs_on_temporal_under_every_rule(
         events = await store.read_events(outcome.run_id)
         record = await store.get_run(outcome.run_id)
         cp = await store.get_checkpoint(outcome.run_id)
+        history = await backend.handle(outcome.run_id).fetch_history()
+    # Deterministic: the workflow replays its own history to the same decisions.
+    from karbor_async.temporal._worker import RunWorkflow, _runner
+
+    await Replayer(workflows=[RunWorkflow], workflow_runner=_runner()).replay_workflow(history)
     assert outcome.status is RunStatus.SUCCEEDED
     check_run(plugin.trace, ResourceGraph.from_json(record.graph), outcome, QUIESCING, events)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
