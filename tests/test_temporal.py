@@ -102,7 +102,8 @@ async def test_a_plan_runs_on_temporal_under_every_rule(
         cp = await store.get_checkpoint(outcome.run_id)
         history = await backend.handle(outcome.run_id).fetch_history()
     # Deterministic: the workflow replays its own history to the same decisions.
-    from karbor_async.temporal._worker import RunWorkflow, _runner
+    from karbor_async.temporal._worker import _runner
+    from karbor_async.temporal._workflow import RunWorkflow
 
     await Replayer(workflows=[RunWorkflow], workflow_runner=_runner()).replay_workflow(history)
     assert outcome.status is RunStatus.SUCCEEDED

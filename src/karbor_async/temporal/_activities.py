@@ -32,7 +32,7 @@ from karbor_async.exceptions import (
 )
 from karbor_async.store import key_to_str
 from karbor_async.temporal import _lease
-from karbor_async.temporal._local import Parts
+from karbor_async.temporal._local import Parts, compact
 from karbor_async.temporal._wire import (
     CompensateInput,
     FinishInput,
@@ -178,7 +178,7 @@ class Activities:
             resource = await self.parts.hook(run, view)
             ok = Hook(inp.hook) in resource.hooks_run
             ok = ok and resource.status is ResourceStatus.SUCCEEDED
-            return HookResult(resource=resource.to_json(), ok=ok)
+            return HookResult(resource=compact(resource), ok=ok)
 
         return await _beating(
             work,

@@ -62,7 +62,7 @@ from karbor_async.store import (
 from karbor_async.temporal import _lease
 from karbor_async.temporal._wire import DRIVER_PREFIX, NodeShape, RunShape
 
-__all__ = ["Parts", "RunView", "merge_outcome"]
+__all__ = ["Parts", "RunView", "compact", "merge_outcome"]
 
 _RUN_EVENTS = (EventKind.RUN_STARTED, EventKind.RUN_FINISHED)
 _ALL_HOOKS = frozenset(Hook)
@@ -400,7 +400,7 @@ class Parts:
         """Execute a group's prepare run: its resources' outcomes and the group's."""
         outcome = await self._execute(run, view)
         [group] = outcome.groups.values()
-        return {key_to_str(k): r.to_json() for k, r in outcome.resources.items()}, group
+        return {key_to_str(k): compact(r) for k, r in outcome.resources.items()}, group
 
     # -- one on_main or on_complete -----------------------------------------------------------
     async def hook_run(
@@ -448,7 +448,7 @@ class Parts:
             _slice(spec, keep, done={spec.graph.resources[i].key: later for i in keep}), view
         )
         outcome = await run.abort_after_crash(frozen)
-        return {key_to_str(k): x.to_json() for k, x in outcome.resources.items()}
+        return {key_to_str(k): compact(x) for k, x in outcome.resources.items()}
 
     # -- finish ---------------------------------------------------------------------------
     async def finish(
@@ -507,6 +507,33 @@ async def _create(
             await anyio.sleep(min(0.5, left))
 
 
+_DEFAULTS: dict[str, Any] = {
+    "failed_hook": None,
+    "error": None,
+    "cut_at": None,
+    "quiesced_at": None,
+    "thawed_at": None,
+    "crash_consistent": False,
+    "thawed_early": False,
+    "attempt": 1,
+    "abandoned_hook": None,
+    "thawed_late_at": None,
+    "blocked_loop_s": 0.0,
+    "errors": [],
+    "window_approximate": False,
+}
+
+
+def compact(outcome: ResourceOutcome) -> dict[str, Any]:
+    """A part's outcome of one resource as it travels through Temporal's history: only
+    what differs from the defaults, without the resource and group (the finish has
+    them). Payloads are limited (2 MB each by default): a 1,000-resource group's
+    prepare result is about a tenth of its full JSON this way."""
+    data = outcome.to_json()
+    del data["resource"], data["group"]
+    return {k: v for k, v in data.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
+
+
 def _status_of(parts: Sequence[ResourceOutcome]) -> ResourceStatus:
     for p in parts:
         if p.status is not ResourceStatus.SUCCEEDED:
@@ -530,7 +557,8 @@ def merge_outcome(
     resources: dict[ResourceKey, ResourceOutcome] = {}
     for i, res in enumerate(spec.graph.resources):
         name = key_to_str(res.key)
-        got = [ResourceOutcome.from_json(p) for p in parts.get(name, ())]
+        whole = {"resource": res.to_json(), "group": spec.group_of[i]}
+        got = [ResourceOutcome.from_json({**p, **whole}) for p in parts.get(name, ())]
         group = spec.group_of[i]
         if not got:
             status = ResourceStatus.CANCELLED if cancelled else ResourceStatus.ABORTED
