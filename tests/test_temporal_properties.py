@@ -156,7 +156,11 @@ async def run_on_temporal(s: Scenario, current: _Current, backend: Any, store: A
     events = await store.read_events(outcome.run_id)
     record = await store.get_run(outcome.run_id)
     graph = ResourceGraph.from_json(record.graph)
-    check_run(plugin.trace, graph, outcome, QUIESCING, events)
+    try:
+        check_run(plugin.trace, graph, outcome, QUIESCING, events)
+    except AssertionError as exc:  # (name every call, with its attempt: a retry or not)
+        calls = "\n".join(map(str, plugin.trace))
+        raise AssertionError(f"{exc}\nrun {outcome.run_id}, calls:\n{calls}") from exc
     if not s.faults and s.budget is None:
         assert outcome.status is RunStatus.SUCCEEDED
     assert record.status is outcome.status
