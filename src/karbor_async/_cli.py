@@ -249,6 +249,34 @@ SecretsOption = Annotated[
     ),
 ]
 
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        envvar="KARBOR_BACKEND",
+        help=(
+            "local (this process runs the hooks) or temporal (a Temporal workflow drives "
+            "the run and `karbor-async worker` processes run the hooks; needs --store "
+            "postgresql://...). See docs/temporal.md."
+        ),
+    ),
+]
+TemporalOption = Annotated[
+    str,
+    typer.Option("--temporal", envvar="KARBOR_TEMPORAL", help="The Temporal server (HOST:PORT)."),
+]
+NamespaceOption = Annotated[
+    str,
+    typer.Option("--namespace", envvar="KARBOR_TEMPORAL_NAMESPACE", help="Temporal namespace."),
+]
+TaskQueueOption = Annotated[
+    str,
+    typer.Option(
+        "--task-queue", envvar="KARBOR_TASK_QUEUE", help="The Temporal task queue of the workers."
+    ),
+]
+DEFAULT_TEMPORAL = "127.0.0.1:7233"
+
 DEFAULT_DB = Path("karbor.db")
 _SETTINGS: dict[str, float] = {"lease_seconds": 30.0}
 """Global options that reach the store (set by the app's callback)."""
@@ -726,7 +754,19 @@ async def _recover_first(out: _Out, engine: Engine) -> None:
         out.note(f"left to its engine: {_held_line(held)}")
 
 
+def _held_json(held: Any) -> dict[str, Any]:
+    """A held run in ``recover --json``: ``driver`` is ``temporal`` for a run a Temporal
+    workflow drives (never recovered here), else ``engine``."""
+    driver = "temporal" if str(held.owner).startswith("temporal:") else "engine"
+    return {**held.to_json(), "driver": driver}
+
+
 def _held_line(held: Any) -> str:
+    if str(held.owner).startswith("temporal:"):
+        return (
+            f"{held.operation.value} run {held.run_id} is driven by temporal (workflow "
+            f"{str(held.owner).removeprefix('temporal:')}); recovery leaves it to its workflow"
+        )
     until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.expires))
     return (
         f"{held.operation.value} run {held.run_id} is held by {held.owner} (lease until "
@@ -1054,13 +1094,110 @@ def protect(
     ] = None,
     as_json: JsonOption = False,
     plain: PlainOption = False,
+    backend: BackendOption = "local",
+    temporal: TemporalOption = DEFAULT_TEMPORAL,
+    namespace: NamespaceOption = "default",
+    task_queue: TaskQueueOption = "karbor",
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option(
+            help="With --backend temporal: seconds without a heartbeat after which a "
+            "worker is taken as lost (its copies retried elsewhere, its prepare compensated)."
+        ),
+    ] = 10.0,
 ) -> None:
     """Protect the resources of a plan file into a new checkpoint."""
     out = _out(as_json, plain)
+    if backend not in ("local", "temporal"):
+        _exit_with(out, f"--backend is local or temporal, not {backend!r}", EXIT_BAD_INPUT)
     plan = _guard(out, lambda: load_plan_file(plan_file))
+    if backend == "temporal":
+        from karbor_async import _cli_temporal
+
+        _require_shared_store(out)
+        args = (
+            _guard(out, _temporal_cli),
+            out,
+            plan,
+            temporal,
+            namespace,
+            task_queue,
+            heartbeat_timeout,
+        )
+        _run_temporal(out, _cli_temporal.protect, *args)
     resolver = _secrets(out, secrets_file)
     cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
     _run_async(out, _protect, out, plan, db, bank, resolver, cloud, report)
+
+
+@app.command()
+def worker(
+    bank: BankOption = DEFAULT_BANK,
+    simcloud: SimcloudOption = None,
+    simcloud_state: SimcloudStateOption = None,
+    simcloud_fault: SimcloudFaultOption = None,
+    secrets_file: SecretsOption = None,
+    temporal: TemporalOption = DEFAULT_TEMPORAL,
+    namespace: NamespaceOption = "default",
+    task_queue: TaskQueueOption = "karbor",
+    max_activities: Annotated[
+        int, typer.Option(help="Activities this worker runs at once.")
+    ] = 1000,
+) -> None:
+    """Run a Temporal worker: the hooks of runs started with --backend temporal.
+
+    Needs --store postgresql://... (shared with the workflow's other workers); runs
+    until SIGINT or SIGTERM. See docs/temporal.md.
+    """
+    from karbor_async import _cli_temporal
+
+    out = _out(False, True)
+    _require_shared_store(out)
+    resolver = _secrets(out, secrets_file)
+    db = DEFAULT_DB  # (not used: the store is --store's)
+    cloud = _cloud(out, simcloud, db, simcloud_state, simcloud_fault)
+    args = (out, db, bank, resolver, cloud, temporal, namespace, task_queue, max_activities)
+    _run_temporal(out, _cli_temporal.worker, _guard(out, _temporal_cli), *args)
+
+
+def _run_temporal(out: _Out, func: Callable[..., Awaitable[int]], *args: Any) -> NoReturn:
+    """:func:`_run_async` for the Temporal commands, which end the process with
+    ``os._exit`` once output is flushed: the Temporal SDK's runtime threads outlive the
+    event loop, and letting the interpreter finalize under them can abort it (a fatal
+    ``PyGILState_Release`` error) after the command's work was done and reported."""
+    try:
+        code = _guard(out, lambda: anyio.run(func, *args, backend="asyncio"))
+    except typer.Exit as exc:
+        code = exc.exit_code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _require_shared_store(out: _Out) -> None:
+    if _STORE_URL.get("url") is None:
+        _exit_with(
+            out,
+            "the Temporal backend needs the PostgreSQL store (--store postgresql://... or "
+            "KARBOR_STORE): its workers, on other hosts, cannot share an SQLite file",
+            EXIT_BAD_INPUT,
+        )
+
+
+def _temporal_cli() -> Any:
+    from karbor_async._cli_temporal import Cli
+
+    try:
+        import karbor_async.temporal  # noqa: F401  (the SDK is there, or say how to get it)
+    except ImportError as exc:
+        raise CliUsageError(str(exc)) from None
+    return Cli(
+        session=_session,
+        report=_report_outcome,
+        code_of=_code_of,
+        usage_error=CliUsageError,
+        ok=EXIT_OK,
+    )
 
 
 async def _protect(
@@ -1674,7 +1811,7 @@ async def _recover(out: _Out, db: Path, bank: Path, secrets: CliSecrets, cloud: 
             out.emit(
                 {
                     "recovered": [o.to_json() for o in outcomes],
-                    "held": [h.to_json() for h in report.held],
+                    "held": [_held_json(h) for h in report.held],
                     "exit_code": code,
                 }
             )

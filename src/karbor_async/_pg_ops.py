@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     import asyncpg
 
 CHANNEL = "karbor_events"
+DRIVEN = "temporal:"
+"""The lease owner of a run a Temporal workflow drives (``temporal:<workflow id>``): only
+that workflow renews it, and no engine takes it over, expired or not."""
 """The NOTIFY channel: payload ``"<last committed seq> <run key>"`` (the rows carry the
 events): the run key is the run id, or ``#`` and its SHA-256 for an id too long for
 PostgreSQL's 8,000-byte payload limit (:func:`notify_key`)."""
@@ -444,6 +447,8 @@ async def acquire_lease(
     if RunStatus(row["status"]) is not RunStatus.RUNNING:
         raise IllegalTransitionError(f"run {run_id!r} has ended; there is nothing to recover")
     current, expires = row["lease_owner"], float(row["lease_expires"])
+    if current is not None and current != owner and str(current).startswith(DRIVEN):
+        raise LeaseHeldError(run_id, str(current), expires)  # a workflow drives it: never
     if (
         current is not None
         and current != owner

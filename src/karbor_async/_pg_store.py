@@ -255,8 +255,7 @@ class PostgresStore:
     # -- the writer (``_pg_writer``) ----------------------------------------------------
 
     def hold_background_writes(self, hold: bool) -> None:
-        """While held, write-behind records wait for the next ``commit()`` (or the release):
-        no background transaction while the engine has anything frozen. Counted."""
+        """Held (counted): records wait for the next ``commit()`` or the release."""
         self._w.hold(hold)
 
     # -- Store protocol: writes ----------------------------------------------------------
@@ -330,9 +329,8 @@ class PostgresStore:
         """
         if outcome.status.value == "running":
             raise IllegalTransitionError(f"run {outcome.run_id!r} cannot finish as running")
-        self._w.check_run(outcome.run_id)
-        run_id = outcome.run_id
-        held = self._w.held.get(run_id)
+        self._w.check_run(run_id := outcome.run_id)
+        held = self._w.held.get(run_id) or self._w.fenced.pop(run_id, None)
         token = None if held is None else held[0]
 
         async def finish(conn: asyncpg.Connection) -> bool:
@@ -401,6 +399,10 @@ class PostgresStore:
         if lost:
             self._w.lost[run_id] = self._w.held.pop(run_id)[1]
             raise LeaseLostError(f"run {run_id!r} is owned by another engine now")
+
+    def fence(self, run_id: str, token: int, checkpoint_id: str) -> None:
+        """Write ``run_id`` under ``token``, a lease a Temporal workflow owns (see the writer)."""
+        self._w.fence(run_id, token, checkpoint_id)
 
     async def release_lease(self, run_id: str) -> None:
         held = self._w.held.pop(run_id, None)

@@ -79,6 +79,9 @@ class PgWriter:
         """run id -> (fencing token, checkpoint id) of the leases this store holds."""
         self.lost: dict[str, str] = {}
         """Runs another owner took from this store, with their checkpoint ids."""
+        self.fenced: dict[str, tuple[int, str]] = {}
+        """run id -> (fencing token, checkpoint id) of runs whose lease another process
+        owns (a Temporal workflow) and that this store writes for (``fence``)."""
         self.lost_now: set[str] = set()
         self.unreported: BaseException | None = None
         self.stalled = False
@@ -111,6 +114,18 @@ class PgWriter:
 
     def tokens(self) -> dict[str, int]:
         return {r: t for r, (t, _) in self.held.items()}
+
+    def fence(self, run_id: str, token: int, checkpoint_id: str) -> None:
+        """Write ``run_id``'s records under ``token``, a lease another process owns (the
+        Temporal workflow that drives the run): a batch whose token moved on is dropped
+        and ``commit()`` raises :class:`LeaseLostError`, as for a lease of this store's.
+        This store neither renews nor releases it."""
+        if run_id not in self.held:
+            self.fenced[run_id] = (token, checkpoint_id)
+
+    def write_tokens(self) -> dict[str, int]:
+        """The tokens writes go under: this store's leases and the runs it is fenced to."""
+        return {r: t for r, (t, _) in (self.fenced | self.held).items()}
 
     # -- operations ----------------------------------------------------------------------
 
@@ -148,7 +163,7 @@ class PgWriter:
         batch, self.pending = self.pending, ops.Batch()
         if not batch.has_work:
             return
-        held = self.tokens()
+        held = self.write_tokens()
         try:
             lost = await self._transact(functools.partial(ops.write_batch, batch=batch, held=held))
         except StoreUnavailableError:
@@ -158,7 +173,7 @@ class PgWriter:
             raise StoreError(f"writing to the PostgreSQL store failed: {exc}") from None
         self.events_written += sum(1 for e in batch.events if e.run_id not in lost)
         for run_id in lost:
-            self.lost[run_id] = self.held.pop(run_id)[1]
+            self.lost[run_id] = (self.held.pop(run_id, None) or self.fenced.pop(run_id))[1]
             self.lost_now.add(run_id)
             _log.warning("lease_lost", run_id=run_id)
 

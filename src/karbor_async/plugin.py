@@ -125,6 +125,10 @@ class ResourceType:
     run stops short after such a cut and before its ``on_main`` finished (its group
     aborted, the run was cancelled), its ``on_prepare_finish`` is called once more
     with ``ctx.aborting`` set, so the plugin closes what holds the cut.
+    ``host_bound``: its hooks act on this host (a local file system): with workers
+    on several hosts (the Temporal backend), its ``on_main`` and ``on_complete`` run
+    on the worker that ran its group's prepare. A type with
+    ``cut_outlives_process=False`` is kept on that worker's process anyway.
     """
 
     name: str
@@ -132,6 +136,7 @@ class ResourceType:
     snapshots: bool = True
     parameters: Mapping[str, Param] | None = None
     cut_outlives_process: bool = True
+    host_bound: bool = False
 
 
 class ProtectionPlugin:

@@ -332,9 +332,10 @@ class FsProtection(ProtectionPlugin):
 
     name = "fs"
     types: ClassVar[tuple[ResourceType, ...]] = (
-        ResourceType(FILESYSTEM, quiesces=True, snapshots=False, parameters={}),
+        ResourceType(FILESYSTEM, quiesces=True, snapshots=False, parameters={}, host_bound=True),
         ResourceType(
             IMAGE,
+            host_bound=True,  # (its cut is a reflink clone on this host's file system)
             parameters={
                 "chunk_bytes": Param(int, default=_CHUNK, description="bytes per read"),
                 "restore_dir": Param(str, description="where restore writes the new image"),
