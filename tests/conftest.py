@@ -1,16 +1,23 @@
-"""Shared fixtures: every async test runs on asyncio and on trio (with a virtual clock)."""
+"""Shared fixtures: every async test runs on asyncio and on trio (with a virtual clock).
+
+Tests that need a service, root or a tool the machine may lack are marked ``service``
+(by hand, or here for those taking a fixture of ``helpers.SERVICE_FIXTURES``), so
+that ``-m "not service"`` (``make test-lowest``) leaves them out; ``helpers.uses_service``
+fails an unmarked test that asks for one.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+import helpers
 from pgcluster import PgCluster, session_cluster
 
 settings.register_profile(
@@ -32,6 +39,23 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test taking a service fixture (directly or through another) is marked ``service``."""
+    for item in items:
+        if helpers.SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """The running test, for ``helpers.uses_service``."""
+    helpers.running_test = item
+    try:
+        return (yield)
+    finally:
+        helpers.running_test = None
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -63,13 +87,20 @@ def _keep_library_logging() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
+def pg_session_cluster() -> Iterator[PgCluster]:
+    """The session's cluster behind ``pg_cluster`` (take that one)."""
+    with session_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_cluster(pg_session_cluster: PgCluster) -> PgCluster:
     """A throwaway PostgreSQL 15 cluster for the whole session, shared by every test that
     needs a server (see ``tests/pgcluster.py``: make a database of your own per test with
     ``pg_cluster.create_database()``). Skips without the server binaries or root, except
-    under CI, where it fails."""
-    with session_cluster() as cluster:
-        yield cluster
+    under CI, where it fails. Its tests are marked ``service`` (checked per test)."""
+    helpers.uses_service("the PostgreSQL cluster")
+    return pg_session_cluster
 
 
 @pytest.fixture(scope="session")

@@ -78,17 +78,54 @@ def install_plugin(root: Path, name: str, source: str, entry_points: str) -> Pat
     return site
 
 
+#: Fixtures (in ``tests/conftest.py``) that need a service, root or a tool the machine
+#: may lack: every test whose fixture closure holds one is marked ``service``
+#: automatically (``conftest.pytest_collection_modifyitems``).
+SERVICE_FIXTURES = frozenset({"pg_cluster", "pg_session_cluster", "fs_stack"})
+
+#: The test pytest is running (set by ``tests/conftest.py`` around each test), for
+#: :func:`uses_service`.
+running_test: pytest.Item | None = None
+
+
+def uses_service(what: str) -> None:
+    """Fail the running test unless it is marked ``service``: called before anything
+    here looks for a service, so that a test needing one can never be left in the runs
+    that deselect them (``-m "not service"``, ``make test-lowest``) by mistake."""
+    item = running_test
+    if item is not None and item.get_closest_marker("service") is None:
+        pytest.fail(
+            f"{item.nodeid} uses {what}: mark it @pytest.mark.service, or take one of the"
+            f" fixtures {', '.join(sorted(SERVICE_FIXTURES))} (that marks it), so that runs"
+            " without services leave it out",
+            pytrace=False,
+        )
+
+
 def need_service(reason: str) -> None:
     """Skip the calling test with ``reason``, except under CI (``KARBOR_REQUIRE_SERVICES``
-    set, as ``.ci/run`` does), where a service it needs must be there, so it fails."""
+    set, as ``.ci/run`` does), where a service it needs must be there, so it fails. The
+    test must be marked ``service`` (:func:`uses_service`)."""
+    uses_service(reason)
     if os.environ.get("KARBOR_REQUIRE_SERVICES"):
         pytest.fail(f"{reason}, and CI requires this test")
     pytest.skip(reason)
 
 
+def need_tools(what: str, tools: Iterable[str]) -> None:
+    """``what`` needs the programs ``tools`` on the PATH: skip without them, except under
+    CI, where the test fails. The test must be marked ``service``."""
+    uses_service(what)
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        need_service(f"{what} needs {' and '.join(missing)}")
+
+
 def need_root(what: str, tools: Iterable[str] = ("mount",)) -> None:
     """Mounting needs root and mount(8) (and ``tools``): skip without them, except
-    under CI (``KARBOR_REQUIRE_SERVICES=1``), where the test fails instead."""
+    under CI (``KARBOR_REQUIRE_SERVICES=1``), where the test fails instead. The test
+    must be marked ``service``."""
+    uses_service(what)
     missing = [t for t in tools if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
         need = " and ".join((["root"] if os.geteuid() != 0 else []) + missing)

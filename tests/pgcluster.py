@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL 15 cluster for tests: one per pytest session, shared.
 
-Take the session-scoped ``pg_cluster`` fixture (``tests/conftest.py``); it yields a
+Take the ``pg_cluster`` fixture (``tests/conftest.py``: one cluster a session); it gives a
 :class:`PgCluster`. Any test that needs a real server uses it (the PostgreSQL
 plugin's tests now, a PostgreSQL checkpoint store later): make your own database
 with :meth:`PgCluster.create_database` (a fresh name per test) rather than sharing

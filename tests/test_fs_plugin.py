@@ -213,6 +213,7 @@ def _killed_stack(root: Path) -> None:
     assert done.returncode == -9
 
 
+@pytest.mark.service
 def test_the_session_sweep_removes_what_a_killed_run_left(
     tmp_path: Path, fs_leftovers: Any
 ) -> None:

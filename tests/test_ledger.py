@@ -7,7 +7,6 @@ restored pairs are consistent is in ``test_consistency_proof.py``.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from helpers import need_service
+from helpers import need_tools
 from karbor_async import Resource
 from karbor_async.exceptions import PlanError
 from karbor_async.plugin import Protectable
@@ -230,6 +229,7 @@ async def test_each_kind_of_store_is_found_by_its_own_protectable(tmp_path: Path
         _ = app.a.db
 
 
+@pytest.mark.service
 def test_a_store_is_read_out_of_an_ext4_image_with_the_commits_still_in_its_log(
     tmp_path: Path,
 ) -> None:
@@ -238,9 +238,7 @@ def test_a_store_is_read_out_of_an_ext4_image_with_the_commits_still_in_its_log(
     from karbor_ledger._store import connect, create
     from karbor_ledger._stores import read_file_in_image
 
-    for tool in ("mkfs.ext4", "debugfs"):
-        if shutil.which(tool) is None:
-            need_service(f"reading a file out of an image needs {tool} (e2fsprogs)")
+    need_tools("reading a file out of an image (e2fsprogs)", ("mkfs.ext4", "debugfs"))
     content = tmp_path / "content"
     (content / "dir").mkdir(parents=True)
     a, b = content / "dir" / "a.db", tmp_path / "b.db"

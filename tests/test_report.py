@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from helpers import SERVER, TYPES, VOLUME, res, sk
+from helpers import SERVER, TYPES, VOLUME, need_service, res, sk, uses_service
 from karbor_async import BarrierPolicy, Engine, Hook, MemoryStore, Plan, Resource, Timeouts
 from karbor_async._report import build_timeline, render_timeline
 from karbor_async.exceptions import RunError
@@ -115,12 +114,9 @@ def _browser() -> Iterator[Any]:
     except ImportError:
         missing.append("selenium (pip)")
     if missing:
-        reason = (
+        need_service(
             f"browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
         )
-        if os.environ.get("KARBOR_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = str(chromium)
     profile = tempfile.mkdtemp(prefix="karbor-chromium-")
@@ -147,8 +143,15 @@ def _browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser_session() -> Iterator[Any]:
     yield from _browser()
+
+
+@pytest.fixture
+def browser(browser_session: Any) -> Any:
+    """The module's browser, for a test marked ``service`` (checked for every test)."""
+    uses_service("a headless browser")
+    return browser_session
 
 
 def _open(browser: Any, page: str, tmp_path: Path) -> None:
@@ -168,6 +171,7 @@ def _rows(browser: Any) -> int:
     )
 
 
+@pytest.mark.service
 def test_browser_draws_one_row_per_resource_and_saves_a_screenshot(
     browser: Any, tmp_path: Path
 ) -> None:
@@ -194,6 +198,7 @@ def test_browser_draws_one_row_per_resource_and_saves_a_screenshot(
     assert browser.save_screenshot(str(ARTIFACTS / "timeline.png"))
 
 
+@pytest.mark.service
 def test_browser_stays_usable_at_a_thousand_resources(browser: Any, tmp_path: Path) -> None:
     """1,000 rows: sections of more than 50 rows start collapsed; the filter opens and
     narrows them; expanding shows every row; collapsing types hides them."""
@@ -224,6 +229,7 @@ def test_browser_stays_usable_at_a_thousand_resources(browser: Any, tmp_path: Pa
     assert width > 1400
 
 
+@pytest.mark.service
 def test_browser_opens_a_collapsed_section_on_click(browser: Any, tmp_path: Path) -> None:
     """A section of 50 rows starts open; one of 51 starts collapsed and a click opens it."""
     data, page = _karbor_run(17, 3)  # 17 servers (open), 51 volumes (collapsed)
@@ -257,6 +263,7 @@ def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
     )
 
 
+@pytest.mark.service
 @pytest.mark.parametrize("gap", [0.0, 0.001, 0.015, 0.2])
 def test_browser_barrier_labels_never_overlap(browser: Any, tmp_path: Path, gap: float) -> None:
     """Cut and main barrier labels (two groups' too) do not overlap each other or the time
@@ -280,6 +287,7 @@ def test_browser_barrier_labels_never_overlap(browser: Any, tmp_path: Path, gap:
     assert all(axis["top"] <= b["top"] and b["bottom"] <= axis["bottom"] for b in labels + ticks)
 
 
+@pytest.mark.service
 def test_browser_legend_draws_open_and_aborting_bars_as_the_chart_does(
     browser: Any, tmp_path: Path
 ) -> None:

@@ -107,6 +107,7 @@ def test_an_empty_store_file_is_refused_by_reads_and_initialised_by_a_write(
     assert "app" in _cli(tmp_path, "checkpoints", "list", "--db", str(db), code=EXIT_OK)
 
 
+@pytest.mark.service
 def test_a_full_disk_leaves_no_store_file_behind(tmp_path: Path, full_disk: Path) -> None:
     """A store that cannot be created for want of space: exit 2 naming the path and what to
     do, and the file it began is removed (the CLI, and SqliteStore.open itself)."""
@@ -120,6 +121,7 @@ def test_a_full_disk_leaves_no_store_file_behind(tmp_path: Path, full_disk: Path
     assert sorted(p.name for p in full_disk.iterdir()) == ["fill"]
 
 
+@pytest.mark.service
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_sqlite_store_open_removes_a_store_it_failed_to_create(full_disk: Path) -> None:
     """The library too: a failed creation removes the file it created."""
@@ -158,6 +160,7 @@ def read_only_media(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(media)], check=False)
 
 
+@pytest.mark.service
 def test_read_only_commands_work_on_read_only_media(tmp_path: Path, read_only_media: Path) -> None:
     """A healthy store on read-only media is read, not called corrupt: checkpoints, runs,
     events and the report work; a protect there says the directory is not writable."""

@@ -68,11 +68,12 @@ IMPLS = [
     ("memory", "asyncio"),
     ("memory", "trio"),
     ("sqlite", "asyncio"),
-    ("postgresql", "asyncio"),
+    # the session's pg_cluster, taken by getfixturevalue: marked service by hand
+    pytest.param(("postgresql", "asyncio"), marks=pytest.mark.service),
 ]
 
 
-@pytest.fixture(params=IMPLS, ids=["-".join(p) for p in IMPLS])
+@pytest.fixture(params=IMPLS, ids="-".join)
 def impl(request: pytest.FixtureRequest) -> tuple[str, str]:
     param: tuple[str, str] = request.param
     return param
