@@ -8,6 +8,7 @@ fails an unmarked test that asks for one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Generator, Iterator
@@ -39,6 +40,20 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> None:
+    """Every coroutine test runs under anyio, as ``anyio_mode = "auto"`` would have it:
+    that option exists only from anyio 4.11, and the suite runs on the declared
+    anyio>=4.6 too (``make test-lowest``). Runs before anyio's own hook."""
+    if collector.istestfunction(obj, name):
+        inner = getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
+        marks = getattr(obj, "pytestmark", ())
+        if inspect.iscoroutinefunction(inner) and not any(m.name == "anyio" for m in marks):
+            pytest.mark.anyio(obj)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
