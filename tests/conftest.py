@@ -56,6 +56,20 @@ def pytest_pycollect_makeitem(
             pytest.mark.anyio(obj)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
+    """Each backend's run of a hypothesis test on its own backend: anyio before 4.14
+    wraps the test's inner function once, for the first parametrization, so the trio
+    run of a ``@given`` test ran on asyncio. anyio's hook (after this one) is handed the
+    unwrapped coroutine every time."""
+    handle = getattr(pyfuncitem.obj, "hypothesis", None)
+    if handle is None:
+        return
+    if not hasattr(handle, "karbor_inner_test"):
+        handle.karbor_inner_test = handle.inner_test
+    handle.inner_test = handle.karbor_inner_test
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test taking a service fixture (directly or through another) is marked ``service``."""
     for item in items:

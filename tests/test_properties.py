@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+import sniffio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -176,6 +177,13 @@ async def test_random_graphs_and_faults_keep_the_rules(
     unit = 1.0 if virtual_time else 0.001
     with anyio.fail_after(100_000 * unit):  # a hang is a failure hypothesis can shrink
         await run_scenario(scenario, unit, virtual=virtual_time)
+
+
+@given(n=st.integers(0, 3))
+async def test_each_backend_runs_its_own_examples(n: int, anyio_backend: Any) -> None:
+    """The trio run of a ``@given`` test is on trio (it was not, on anyio before 4.14,
+    without ``tests/conftest.py``'s ``pytest_pyfunc_call``)."""
+    assert sniffio.current_async_library() == anyio_backend[0]
 
 
 @pytest.mark.parametrize("policy", list(BarrierPolicy))
