@@ -377,12 +377,18 @@ def _blockbuster() -> Iterator[None]:
         yield
         return
     try:
-        from blockbuster import blockbuster_ctx
+        from blockbuster import BlockBuster
     except ImportError:  # the [testing] extra is not installed: the stall detector only
         yield
         return
-    with blockbuster_ctx():
+    # not blockbuster_ctx(): before blockbuster 1.5.27 it left its patches on when the
+    # block raised (a stall found), failing every later blocking call in the process
+    buster = BlockBuster()
+    buster.activate()
+    try:
         yield
+    finally:
+        buster.deactivate()
 
 
 @attrs.frozen
