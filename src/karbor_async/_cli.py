@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer._click import exceptions as click  # typer's own click (vendored since 0.20)
+from typer._click import exceptions as click  # typer's own click (vendored since 0.26)
 from typer.core import TyperGroup
 
 from karbor_async._cli_output import (
