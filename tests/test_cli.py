@@ -416,6 +416,7 @@ async def test_the_cli_resolver_feeds_secret_parameters(tmp_path: Path) -> None:
 # -- Ctrl-C ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_run_and_thaws_everything(tmp_path: Path) -> None:
     """SIGINT during a slow protect: exit 3, says so, checkpoint cancelled, nothing frozen."""
     plan = tmp_path / "plan.toml"

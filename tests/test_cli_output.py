@@ -115,6 +115,7 @@ async def test_the_demos_default_latency_makes_its_protect_last_3_to_10_seconds(
     assert not group.crash_consistent  # the quiesce windows stay inside the demo's budget
 
 
+@pytest.mark.slow
 def test_the_demo_explains_each_figure_and_takes_a_latency(cli: Cli) -> None:
     """demo --latency zero: each figure of the summary gets a line of what it means and what
     is good, then a pointer to the docs section, which exists."""

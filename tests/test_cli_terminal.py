@@ -156,6 +156,7 @@ def _shown_and_kept(term: Terminal, message: str, sent: float) -> float:
     return shown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["live", "plain"])
 def test_both_ctrl_c_acknowledgements_show_at_once(tmp_path: Path, mode: str) -> None:
     """On a terminal (live view, and --plain), each Ctrl-C is acknowledged on screen within
@@ -192,6 +193,7 @@ def test_both_ctrl_c_acknowledgements_show_at_once(tmp_path: Path, mode: str) ->
     assert first < 0.5 and second < 0.5
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_copies_says_nothing_was_frozen(tmp_path: Path) -> None:
     """Cancelled while copying (every server long thawed): the CLI says nothing was frozen
     then, not that every frozen resource was thawed; `runs show` says the same."""

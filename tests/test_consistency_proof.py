@@ -48,6 +48,7 @@ async def _samples(tmp_path: Path, *, barrier: str, quiesce: bool) -> list[Proof
     return samples
 
 
+@pytest.mark.slow
 async def test_every_restored_pair_is_consistent_under_barrier_cut_with_quiesce(
     tmp_path: Path,
 ) -> None:
@@ -55,6 +56,7 @@ async def test_every_restored_pair_is_consistent_under_barrier_cut_with_quiesce(
     assert_all_consistent(samples, "")
 
 
+@pytest.mark.slow
 async def test_without_quiesce_a_restored_pair_is_caught_inconsistent(tmp_path: Path) -> None:
     samples = await _samples(tmp_path, barrier="cut", quiesce=False)
     assert_caught(samples, "")

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 sim = pytest.importorskip("karbor_simcloud")
+pytestmark = pytest.mark.slow  # every trial runs and kills CLIs: 5 to 20 s each
 
 N, SEED = 200, 11
 SIM = f"{N}:{SEED}:zero"

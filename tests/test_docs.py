@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(
     r"<!-- (?:readme|docs)-(?:example|module): [\w-]+ -->\s*```python\n(.*?)```", re.DOTALL
@@ -38,6 +40,7 @@ def test_readme_plugin_example_runs(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[-1] == "succeeded 0.0"
 
 
+@pytest.mark.slow
 def test_plugin_guide_examples_run_in_order(tmp_path: Path) -> None:
     """docs/plugins.md's examples build on each other and run as one script."""
     code = "\n\n".join(_examples(ROOT / "docs" / "plugins.md"))

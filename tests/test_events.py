@@ -124,6 +124,7 @@ def _big_engine(n_servers: int, store: Any = None, buffer: int = 256) -> tuple[E
     return engine, Plan(name="big", resources=servers)
 
 
+@pytest.mark.slow
 async def test_stalled_subscriber_loses_only_ticks_and_catches_up(virtual_time: bool) -> None:
     """A subscriber that reads nothing for a 10,000-resource run leaves memory bounded,
     then receives every lifecycle event in order and is told how many ticks it lost."""

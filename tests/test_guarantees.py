@@ -43,6 +43,7 @@ def _slow_thaw_budget(fallback: bool) -> tuple:  # type: ignore[type-arg]
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anyio_backend", ["trio"])  # virtual time: exact instants
 async def test_budget_without_fallback_aborts_before_the_thaw_so_no_cut_starts(
     anyio_backend: object,
@@ -59,6 +60,7 @@ async def test_budget_without_fallback_aborts_before_the_thaw_so_no_cut_starts(
     assert outcome.resources[key("v1")].cut_at is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_budget_with_fallback_a_cut_during_the_thaw_is_crash_consistent(
     anyio_backend: object,
@@ -80,7 +82,10 @@ async def test_budget_with_fallback_a_cut_during_the_thaw_is_crash_consistent(
 # -- failed aborting calls are never lost -------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", [Fault.RAISE, Fault.HANG])
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.RAISE, pytest.param(Fault.HANG, marks=pytest.mark.slow)],  # 2 s on asyncio
+)
 async def test_a_failed_aborting_call_of_a_non_quiescing_resource_is_recorded(
     fault: Fault,
 ) -> None:
@@ -110,6 +115,7 @@ async def test_a_failed_aborting_call_of_a_non_quiescing_resource_is_recorded(
         assert any(isinstance(e, HookTimeoutError) and e.resource.id == "v1" for e in grouped)
 
 
+@pytest.mark.slow
 async def test_errors_keep_every_failure_in_order_and_error_the_first() -> None:
     """A server whose quiesce fails and whose thaws all fail: both failures, in order."""
     engine, _plugin, plan = setup(
@@ -300,6 +306,7 @@ async def test_resources_a_cancelled_run_did_not_finish_are_cancelled_not_skippe
     assert ResourceStatus.SKIPPED not in statuses.values()
 
 
+@pytest.mark.slow
 async def test_a_hanging_protectable_is_named_when_discovery_times_out() -> None:
     """timeouts.discovery: a protectable that never answers is named with its parent."""
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 import karbor_async
 import karbor_async.testing
@@ -109,6 +110,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     return outcome
 
 
+@pytest.mark.slow
 def test_the_guide_plugin_is_protected_restored_and_deleted_by_the_cli(tmp_path: Path) -> None:
     """Installed from the guide, found by entry points: protect (the protectable finds the
     volumes), restore without the protect-and-delete secret, delete with it."""
@@ -154,6 +156,7 @@ def test_the_guide_plugin_is_protected_restored_and_deleted_by_the_cli(tmp_path:
     assert not (tmp_path / "bank" / cp).exists()
 
 
+@pytest.mark.slow
 def test_the_guide_pytest_file_passes_on_asyncio_and_trio(tmp_path: Path) -> None:
     """The guide's conftest.py and test file, run by pytest with anyio's own plugin against
     the installed package: run_hooks and a plain Engine(), each on both backends."""

@@ -189,7 +189,11 @@ async def test_hostile_hook_never_holds_the_run(
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])  # real clocks
 @pytest.mark.parametrize("behaviour", SWALLOWING, ids=lambda b: b.value)
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize(
+    "target",
+    # 1 to 4 s a case: the cut stays in the quick runs, the other targets are slow
+    [t if t == "cut" else pytest.param(t, marks=pytest.mark.slow) for t in TARGETS],
+)
 async def test_a_hook_swallowing_cancellation_is_abandoned_in_time(
     target: str, behaviour: Behaviour
 ) -> None:
@@ -206,6 +210,7 @@ def _engine(plugin: HostilePlugin, store: MemoryStore | None = None) -> Engine:
     )
 
 
+@pytest.mark.slow
 async def test_a_hung_cut_is_abandoned_at_the_run_limit_plus_the_abort_deadline() -> None:
     """run = 2, a cut that never returns (hook limit an hour): execute() returns at 2 + abort."""
     plugin = HostilePlugin({(P, "v1", Hook.PREPARE_FINISH, False): Behaviour.HANG})
@@ -251,6 +256,7 @@ async def test_cancel_returns_within_the_abort_deadline_despite_a_swallowing_cop
         plugin.release = True
 
 
+@pytest.mark.slow
 async def test_the_caller_cancelling_a_hung_cut_gets_control_back_within_abort() -> None:
     """The caller's scope is cancelled while a cut hangs: thawed, recorded, returned."""
     plugin = HostilePlugin({(P, "v1", Hook.PREPARE_FINISH, False): Behaviour.HANG})
@@ -268,6 +274,7 @@ async def test_the_caller_cancelling_a_hung_cut_gets_control_back_within_abort()
         assert cp.outcome.resources[resource("s1").key].thawed_at is not None
 
 
+@pytest.mark.slow
 async def test_a_group_abandons_its_hung_hooks_and_other_groups_go_on() -> None:
     """(b): group A's cut hangs after A aborted; group B's resources still finish."""
 
@@ -302,6 +309,7 @@ async def test_a_group_abandons_its_hung_hooks_and_other_groups_go_on() -> None:
         assert out.groups["a"].aborted is not None and out.groups["b"].aborted is None
 
 
+@pytest.mark.slow
 async def test_an_abandoned_cut_that_returns_later_still_saves_its_snapshot() -> None:
     """A late cut's ctx.save() reaches the checkpoint, so a delete finds the snapshot; until
     the cut ends its volume stays leased to the run that abandoned it."""
@@ -333,6 +341,7 @@ async def test_an_abandoned_cut_that_returns_later_still_saves_its_snapshot() ->
         assert resource("v1").key not in store._leases  # the cut ended: its lease went back
 
 
+@pytest.mark.slow
 async def test_a_thaw_that_succeeds_after_it_was_abandoned_is_recorded_late() -> None:
     """An abandoned thaw makes the resource thaw_failed; its late success sets thawed_late_at."""
     store = MemoryStore()
@@ -400,6 +409,7 @@ async def test_a_hook_keyboard_interrupt_aborts_every_group_and_reaches_the_call
         assert cp.status.value == "error"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])  # real clocks: it spins
 async def test_a_quiesce_that_ignores_cancellation_is_thawed_beside_it_then_again() -> None:
     """s1's on_prepare_begin swallows every cancellation: half the abort deadline after

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import anyio
+import pytest
 
 from helpers import install_plugin
 from karbor_async import SqliteStore
@@ -140,6 +141,7 @@ def test_a_hooks_keyboard_interrupt_is_a_failure_exit_1(tmp_path: Path) -> None:
     assert status == "error" and resources["v1"] == "failed"
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_abandons_a_hung_cut_names_it_and_exits_3(tmp_path: Path) -> None:
     """First Ctrl-C cancels (the cut is not interrupted); the second abandons it at once."""
     proc = _start(tmp_path, {"HOSTILE_V1_ON_PREPARE_FINISH_NORMAL": "hang"})
@@ -166,6 +168,7 @@ def test_ctrl_c_twice_abandons_a_hung_cut_names_it_and_exits_3(tmp_path: Path) -
     assert resources["s1"] in ("cancelled", "aborted")
 
 
+@pytest.mark.slow
 def test_a_hook_that_outlives_close_timeout_is_named_and_the_cli_exits_1(tmp_path: Path) -> None:
     """A copy swallowing every cancellation: the run ends, the CLI commits, names it, exits 1."""
     proc = _start(tmp_path, {"HOSTILE_V1_ON_MAIN_NORMAL": "swallow"})

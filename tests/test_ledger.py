@@ -62,6 +62,7 @@ async def _wait_for(app: LedgerApp, paused: bool, within: float) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow
 async def test_a_pause_stops_transfers_at_a_safe_point_and_resume_restarts_them(
     tmp_path: Path,
 ) -> None:
@@ -90,6 +91,7 @@ async def test_a_pause_stops_transfers_at_a_safe_point_and_resume_restarts_them(
         assert after["A"]["pauses"] == 1 and after["A"]["longest_pause_s"] >= 0.3
 
 
+@pytest.mark.slow
 async def test_a_pause_whose_connection_ends_resumes_at_once(tmp_path: Path) -> None:
     async with running_ledger(tmp_path / "app") as app:
         stream = await anyio.connect_unix(app.a.socket)
@@ -151,6 +153,7 @@ _ENGINE_HOLDING_THE_PAUSE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 async def test_killing_the_engine_inside_the_pause_resumes_the_shards_within_a_second(
     tmp_path: Path,
 ) -> None:
@@ -286,6 +289,7 @@ def _copy_store(src: Path, dst: Path) -> None:
         target.close()
 
 
+@pytest.mark.slow
 async def test_a_transfer_cut_short_by_a_stop_is_finished_when_the_shards_start(
     tmp_path: Path,
 ) -> None:
@@ -313,6 +317,7 @@ async def test_a_transfer_cut_short_by_a_stop_is_finished_when_the_shards_start(
             assert (await app.check()).holds
 
 
+@pytest.mark.slow
 async def test_a_deep_or_relative_root_still_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -346,6 +351,7 @@ _HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 async def test_shards_end_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
     """No orphan shard keeps writing after kill -9 of whoever ran the application (a later
     start would otherwise have two shards A writing one store)."""

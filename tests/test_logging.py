@@ -225,6 +225,7 @@ async def test_debug_off_makes_no_per_event_debug_call(
     assert len(calls) == len([e for e in events if e.is_lifecycle]) > 10
 
 
+@pytest.mark.slow
 def test_cli_log_json_writes_json_lines_on_stderr(tmp_path: Path) -> None:
     """``--log-level debug --log-json``: every engine line is one JSON object on stderr
     (level, logger, time stamp, resources as ``TYPE#ID``); stdout holds only the

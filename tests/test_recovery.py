@@ -202,6 +202,7 @@ S1K, V1K, V2K = f"{SERVER}#s1", f"{VOLUME}#v1", f"{VOLUME}#v2"
 ME = os.getpid()
 
 
+@pytest.mark.slow
 async def test_crash_during_quiesce_thaws_and_cleans_up(tmp_path: Path, journal: Path) -> None:
     """Killed while the server is quiescing: recovery thaws it and deletes the checkpoint."""
     before = await _crash_child(
@@ -222,6 +223,7 @@ async def test_crash_during_quiesce_thaws_and_cleans_up(tmp_path: Path, journal:
         _assert_prefix_kept(before, after)
 
 
+@pytest.mark.slow
 async def test_crash_between_cuts_thaws_and_fails_cleanly(tmp_path: Path, journal: Path) -> None:
     """Killed after one cut of two: the group cannot be consistent, so it is thawed and deleted."""
     before = await _crash_child(
@@ -265,6 +267,7 @@ async def test_crash_during_main_resumes_with_next_attempt(tmp_path: Path, journ
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
 
 
+@pytest.mark.slow
 async def test_a_resumed_protect_that_fails_is_deleted_when_its_plan_says_so(
     tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,6 +294,7 @@ async def test_a_resumed_protect_that_fails_is_deleted_when_its_plan_says_so(
         ]
 
 
+@pytest.mark.slow
 async def test_crash_during_complete_reruns_only_what_was_not_finished(
     tmp_path: Path, journal: Path
 ) -> None:
@@ -310,6 +314,7 @@ async def test_crash_during_complete_reruns_only_what_was_not_finished(
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
 
 
+@pytest.mark.slow
 async def test_crash_during_main_of_a_cut_that_lived_in_the_process_fails_and_cleans_up(
     tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -346,6 +351,7 @@ async def test_crash_during_main_of_a_cut_that_lived_in_the_process_fails_and_cl
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
 
 
+@pytest.mark.slow
 async def test_crash_after_the_copies_of_cuts_in_the_process_resumes(
     tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,6 +372,7 @@ async def test_crash_after_the_copies_of_cuts_in_the_process_resumes(
         assert cp.status is CheckpointStatus.AVAILABLE
 
 
+@pytest.mark.slow
 async def test_crash_during_restore_adopts_instead_of_creating_twice(
     tmp_path: Path, journal: Path
 ) -> None:
@@ -402,6 +409,7 @@ async def test_crash_during_restore_adopts_instead_of_creating_twice(
         _assert_prefix_kept(before, await anyio.to_thread.run_sync(_events, tmp_path / "karbor.db"))
 
 
+@pytest.mark.slow
 async def test_engine_recovers_before_its_first_operation(tmp_path: Path, journal: Path) -> None:
     """With recovery on (the default), a new engine finishes the dead one's run first;
     with it off, the run stays unfinished."""

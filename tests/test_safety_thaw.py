@@ -87,6 +87,7 @@ def _kill_while_frozen(tmp_path: Path, frozen: Path, mode: str) -> float:
     return time.monotonic() - killed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["command", "function"])
 async def test_a_killed_engine_is_thawed_by_its_sentinel_and_recovery_records_it(
     tmp_path: Path, frozen: Path, mode: str
@@ -123,6 +124,7 @@ async def test_a_killed_engine_is_thawed_by_its_sentinel_and_recovery_records_it
     print(f"\nsentinel thaw after SIGKILL ({mode}): {took * 1000:.1f} ms")
 
 
+@pytest.mark.slow
 async def test_a_live_engine_stuck_past_budget_and_margin_is_thawed_and_told(
     frozen: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -139,6 +139,7 @@ plugin = Leaky()
 """
 
 
+@pytest.mark.slow
 def test_the_cli_prints_no_secret(tmp_path: Path) -> None:
     """Through the CLI (secret from KARBOR_SECRET_*): stdout, stderr, --json, report."""
     site = install_plugin(

@@ -117,6 +117,7 @@ def _show(root: Path) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.slow
 async def test_a_server_frozen_by_one_process_is_frozen_for_another(tmp_path: Path) -> None:
     """Process A freezes a server; this process sees it frozen (its quiesce is a no-op),
     thaws it, and A then sees it thawed: one state, atomic across processes."""
@@ -156,6 +157,7 @@ def test_a_process_killed_while_frozen_leaves_the_server_frozen_and_named(tmp_pa
     assert server in text and "holder" in text and "gone (no longer running)" in text
 
 
+@pytest.mark.slow
 def test_a_crashed_protect_leaves_frozen_servers_a_later_process_can_thaw(tmp_path: Path) -> None:
     """The CLI on the shared state: a protect killed during its cuts leaves its servers
     frozen by that run; the state outlives it and the next process thaws them."""
@@ -314,6 +316,7 @@ async def test_the_array_stamps_a_snapshot_on_its_own_clock() -> None:
     assert record.returned_at is not None and record.returned_at - record.requested_at >= 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_two_protects_never_freeze_one_resource() -> None:
     """While one protect holds its servers and volumes, another over them fails before any

@@ -331,6 +331,7 @@ def _saved(root: Path, checkpoint: str) -> dict[Any, Any]:
     return anyio.run(read)
 
 
+@pytest.mark.slow
 def test_the_command_line_protects_and_restores_while_writing(
     tmp_path: Path, scratch: Path
 ) -> None:
@@ -356,6 +357,7 @@ def test_the_command_line_protects_and_restores_while_writing(
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["cut", "copy"])
 def test_a_protect_killed_during_the_cut_or_the_copy_recovers_to_error_and_cleans_up(
     tmp_path: Path, scratch: Path, point: str

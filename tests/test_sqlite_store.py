@@ -657,6 +657,7 @@ async def _read_line(stream: BufferedByteReceiveStream) -> str:
                 return line
 
 
+@pytest.mark.slow
 async def test_committed_rows_survive_sigkill(db: Path) -> None:
     """A child commits, keeps writing behind, and is killed with SIGKILL: a new store on the
     file has every committed row, the log has no gap, and the run is recoverable once the
@@ -687,6 +688,7 @@ async def test_committed_rows_survive_sigkill(db: Path) -> None:
         assert await store.acquire_lease("cp-1") == 2
 
 
+@pytest.mark.slow
 async def test_a_frozen_owner_that_wakes_up_cannot_write(db: Path) -> None:
     """The owner process is stopped (SIGSTOP) past its lease, another engine takes the run
     over, and when the owner resumes its next write fails with LeaseLostError."""

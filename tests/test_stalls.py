@@ -61,6 +61,7 @@ def _plan(limit: float) -> Plan:
     return Plan(name="s", resources=resources, timeouts=Timeouts(hook=limit))
 
 
+@pytest.mark.slow
 async def test_a_hook_holding_the_loop_past_its_limit_fails_and_no_one_else_does() -> None:
     """time.sleep(2) in on_main under a 0.5 s limit: that hook fails with HookTimeoutError
     saying so, a LOOP_BLOCKED event names it and its frame; the ten hooks that only waited
@@ -94,6 +95,7 @@ async def test_a_short_block_within_the_limit_is_named_but_not_failed() -> None:
     assert [e.resource for e in events if e.kind is EventKind.LOOP_BLOCKED] == [(TYPE, "bad")]
 
 
+@pytest.mark.slow
 async def test_stalls_outside_hooks_blame_the_application_or_gc() -> None:
     """The application blocking the loop, or a collection, is named as such, not a hook."""
     seen: list[Stall] = []
