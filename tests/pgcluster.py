@@ -43,7 +43,7 @@ from pathlib import Path
 
 import attrs
 
-from helpers import need_service
+from helpers import need_service, uses_service
 
 __all__ = ["PG_BIN", "PgCluster", "session_cluster", "unavailable"]
 
@@ -242,7 +242,9 @@ def _fail(what: str, done: subprocess.CompletedProcess[str], log: Path | None = 
 
 @contextlib.contextmanager
 def session_cluster() -> Iterator[PgCluster]:
-    """Start a cluster (after removing dead sessions' leftovers); stop and remove it on exit."""
+    """Start a cluster (after removing dead sessions' leftovers); stop and remove it on exit.
+    The test that starts it must be marked ``service`` (``helpers.uses_service``)."""
+    uses_service("a PostgreSQL cluster")
     require()
     base = Path(tempfile.gettempdir())
     _remove_leftovers(base)

@@ -33,7 +33,7 @@ from karbor_async.testing import RecordingPlugin, protectables_for
 from pgcluster import PgCluster, session_cluster
 from test_pg_store import ROOT, _env, event, run_record
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.service]  # clusters of its own too
 
 
 @pytest.fixture

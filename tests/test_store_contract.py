@@ -718,6 +718,7 @@ def model_dsn(request: pytest.FixtureRequest) -> tuple[str, str]:
     return cluster.dsn(cluster.create_database("model")), cluster.password
 
 
+@pytest.mark.service  # the session's pg_cluster, taken by getfixturevalue
 @given(ops=_OPS)
 def test_postgres_store_agrees_with_memory_store(
     model_dsn: tuple[str, str], ops: list[tuple[Any, ...]]
