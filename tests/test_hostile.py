@@ -56,6 +56,7 @@ TARGETS: dict[str, Key] = {
 }
 SWALLOWING = [Behaviour.SWALLOW_1_5, Behaviour.SWALLOW_FOREVER]  # spin: real clocks
 FAST = [b for b in Behaviour if b is not Behaviour.RAISE and b not in SWALLOWING]
+REAL_CLOCK = {Behaviour.HANG, Behaviour.SWALLOW_ONCE}  # of FAST: waits out a limit
 
 
 def _plan() -> Plan:
@@ -178,8 +179,21 @@ async def _scenario(target: str, behaviour: Behaviour, virtual: bool) -> None:
     await _check_invariants(plugin, store, outcome, ended=True)
 
 
-@pytest.mark.parametrize("behaviour", FAST, ids=lambda b: b.value)
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize(
+    ("target", "behaviour"),
+    [
+        pytest.param(
+            target,
+            behaviour,
+            id=f"{target}-{behaviour.value}",
+            # on asyncio these wait on real clocks, half a second a case and 15 s in all:
+            # the cut keeps them in the quick runs, the other targets are slow
+            marks=pytest.mark.slow if behaviour in REAL_CLOCK and target != "cut" else (),
+        )
+        for behaviour in FAST
+        for target in TARGETS
+    ],
+)
 async def test_hostile_hook_never_holds_the_run(
     target: str, behaviour: Behaviour, virtual_time: bool
 ) -> None:
