@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The declared dependency range, tested at its bottom: a virtualenv of its own (LOWEST,
 # made afresh each time) with every runtime dependency of the project (and of the
-# postgres and testing extras) and of plugins/ at its lowest declared version (uv's
+# postgres, temporal and testing extras) and of plugins/ at its lowest declared version (uv's
 # lowest-direct resolution; uv comes from PyPI into the TOOLS virtualenv), the test
 # tools at their latest (constrained to keep those floors), and the tests that are
 # neither slow nor need a service. tests/floors.py prints each floor beside the
@@ -34,7 +34,7 @@ test: $(STAMP)
 LOWEST ?= .venv-lowest
 TOOLS ?= .venv-tools
 UV ?= $(TOOLS)/bin/uv
-LOWEST_EXTRAS := postgres,testing
+LOWEST_EXTRAS := postgres,temporal,testing
 LOWEST_TOOLS := pytest pytest-timeout hypothesis trio
 LOWEST_ARGS ?= -m "not slow and not service" --durations=10
 comma := ,

