@@ -81,6 +81,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
     """The running test, for ``helpers.uses_service``."""
     helpers.running_test = item
+    helpers.unmarked_uses.clear()
     try:
         return (yield)
     finally:
@@ -116,20 +117,31 @@ def _keep_library_logging() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def pg_session_cluster() -> Iterator[PgCluster]:
-    """The session's cluster behind ``pg_cluster`` (take that one)."""
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL 15 cluster for the whole session, shared by every test that
+    needs a server (see ``tests/pgcluster.py``: make a database of your own per test with
+    ``pg_cluster.create_database()``). Skips without the server binaries or root, except
+    under CI, where it fails. Its tests are marked ``service``."""
     with session_cluster() as cluster:
         yield cluster
 
 
-@pytest.fixture
-def pg_cluster(pg_session_cluster: PgCluster) -> PgCluster:
-    """A throwaway PostgreSQL 15 cluster for the whole session, shared by every test that
-    needs a server (see ``tests/pgcluster.py``: make a database of your own per test with
-    ``pg_cluster.create_database()``). Skips without the server binaries or root, except
-    under CI, where it fails. Its tests are marked ``service`` (checked per test)."""
-    helpers.uses_service("the PostgreSQL cluster")
-    return pg_session_cluster
+@pytest.fixture(autouse=True)
+def _services_are_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test not marked ``service`` fails at its end if it used a service
+    (``helpers.uses_service``) or took a fixture of ``helpers.SERVICE_FIXTURES`` by
+    ``getfixturevalue`` (collection marks the tests that name one)."""
+    yield
+    if request.node.get_closest_marker("service") is not None:
+        return
+    used = [*helpers.SERVICE_FIXTURES.intersection(request.fixturenames)]
+    used += helpers.unmarked_uses
+    if used:
+        pytest.fail(
+            f"{request.node.nodeid} uses {', '.join(dict.fromkeys(used))}: mark it"
+            " @pytest.mark.service, so that runs without services leave it out",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

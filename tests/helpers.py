@@ -81,25 +81,24 @@ def install_plugin(root: Path, name: str, source: str, entry_points: str) -> Pat
 #: Fixtures (in ``tests/conftest.py``) that need a service, root or a tool the machine
 #: may lack: every test whose fixture closure holds one is marked ``service``
 #: automatically (``conftest.pytest_collection_modifyitems``).
-SERVICE_FIXTURES = frozenset({"pg_cluster", "pg_session_cluster", "fs_stack", "temporal_server"})
+SERVICE_FIXTURES = frozenset({"pg_cluster", "fs_stack", "temporal_server"})
 
-#: The test pytest is running (set by ``tests/conftest.py`` around each test), for
+#: The test pytest is running, and the services it used without being marked
+#: ``service`` (both kept by ``tests/conftest.py`` around each test), for
 #: :func:`uses_service`.
 running_test: pytest.Item | None = None
+unmarked_uses: list[str] = []
 
 
 def uses_service(what: str) -> None:
-    """Fail the running test unless it is marked ``service``: called before anything
-    here looks for a service, so that a test needing one can never be left in the runs
-    that deselect them (``-m "not service"``, ``make test-lowest``) by mistake."""
+    """Note that the running test uses ``what``: called before anything here looks for
+    a service. Unless the test is marked ``service``, ``tests/conftest.py`` fails it
+    when it ends, so that a test needing a service can never be left in the runs that
+    deselect them (``-m "not service"``, ``make test-lowest``) by mistake. (Failing
+    here, inside a shared fixture's set-up, would fail every later test taking it.)"""
     item = running_test
     if item is not None and item.get_closest_marker("service") is None:
-        pytest.fail(
-            f"{item.nodeid} uses {what}: mark it @pytest.mark.service, or take one of the"
-            f" fixtures {', '.join(sorted(SERVICE_FIXTURES))} (that marks it), so that runs"
-            " without services leave it out",
-            pytrace=False,
-        )
+        unmarked_uses.append(what)
 
 
 def need_service(reason: str) -> None:
