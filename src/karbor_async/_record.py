@@ -130,27 +130,7 @@ class Recorder:
             resource, group, attempt = None, data.pop("group", None), 1
         mono = self.now() if _mono is None else _mono
         payload = data if data else _NO_DATA  # (most events: one shared, empty mapping)
-        deferred = self._deferred
-        if deferred is not None:  # numbered and stamped now, built after the wave
-            fields = (
-                self.run_id,
-                seq,
-                kind,
-                self.operation,
-                time.time(),
-                mono,
-                resource,
-                hook,
-                group,
-                attempt,
-                None,
-                0,
-                payload,
-            )
-            deferred.append((fields, _LIFECYCLE))
-            return
-        # Every field, positional, through the slots: half the cost of Event(...).
-        event = new_event(
+        fields = (
             self.run_id,
             seq,
             kind,
@@ -165,12 +145,11 @@ class Recorder:
             0,
             payload,
         )
-        self._append(event)
-        hub = self.hub
-        if hub is not None:
-            hub.lifecycle(event)
-        if self.log_events:
-            self._log_event(event)
+        deferred = self._deferred
+        if deferred is not None:  # numbered and stamped now, built after the wave
+            deferred.append((fields, _LIFECYCLE))
+        else:
+            self._publish(fields, _LIFECYCLE)
 
     def _append(self, event: Event) -> None:
         try:

@@ -204,8 +204,10 @@ class EngineTasks:
                 scope.cancel()
 
     def cancelled_on_entry(self, scope: anyio.CancelScope) -> None:
-        """A walk entered ``scope`` while the engine is closing: it is cancelled at once."""
-        if self.closing and self._loop is not None:
+        """A walk entered ``scope`` while the engine is closing (the caller checked
+        ``closing``): a walk of the loop's own is cancelled at once (the task group's
+        cancellation reaches the others)."""
+        if self._loop is not None:
             scope.cancel()
 
     def ended(self, owned: Owned) -> None:
